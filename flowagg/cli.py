@@ -1,0 +1,315 @@
+"""The `flowagg` command line (SPEC §8). Every user error is one line and a distinct exit code."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+
+from .clock import EntryIdFactory, SystemClock
+from .config import SETTINGS, Config, load_config
+from .entries import EntryError, parse_entries_text, validate_entry
+from .errors import EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
+from .layout import Layout
+
+F = TypeVar("F", bound=Callable[..., Any])
+ADD_CHUNK_ENTRIES = 1000
+ADD_CHUNK_BYTES = 4 << 20
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"flowagg: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FlowaggError as exc:
+            fail(str(exc), exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def get_config(ctx: click.Context, extra: dict[str, Any] | None = None) -> Config:
+    flags = {"root": ctx.obj["root"], **(extra or {})}
+    return load_config(flags=flags, config_path=ctx.obj["config"])
+
+
+def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
+    if as_json:
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(human(data))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--root", type=click.Path(), help="data root (default ./data, or FLOWAGG_ROOT)")
+@click.option("--config", "config_path", type=click.Path(), help="TOML config file")
+@click.pass_context
+def main(ctx: click.Context, root: str | None, config_path: str | None) -> None:
+    """flowagg: a local aggregation daemon that never loses an acknowledged entry."""
+    ctx.obj = {"root": root, "config": config_path}
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} must look like KEY=VALUE", param_hint="--set")
+        out[key] = value
+    return out
+
+
+@main.command()
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="override a setting")
+@click.option("--batch-size", type=int, help="entries per batch")
+@click.option("--max-age-ms", type=int, help="oldest entry's wait before an age flush")
+@click.pass_context
+@handles_errors
+def run(ctx: click.Context, sets: tuple[str, ...], batch_size: int | None, max_age_ms: int | None):
+    """Run the daemon in the foreground."""
+    from .daemon import Daemon
+
+    flags = _parse_sets(sets)
+    if batch_size is not None:
+        flags["batchSize"] = batch_size
+    if max_age_ms is not None:
+        flags["maxAgeMs"] = max_age_ms
+    config = get_config(ctx, flags)
+    sys.exit(Daemon(config).run())
+
+
+def _read_input(entries: tuple[str, ...], file: str | None) -> list[Any]:
+    try:
+        if entries:
+            items: list[Any] = []
+            for i, text in enumerate(entries, 1):
+                try:
+                    items.extend(parse_entries_text(text.encode()))
+                except EntryError as exc:
+                    raise EntryError(f"argument {i}: {exc}") from None
+            return items
+        if file and file != "-":
+            try:
+                data = Path(file).read_bytes()
+            except OSError as exc:
+                raise FlowaggError(f"cannot read {file}: {exc.strerror}", EXIT_USAGE) from None
+        else:
+            if sys.stdin.isatty() and not file:
+                raise FlowaggError(
+                    "no entries given: pass them as JSON arguments, with --file, or on stdin",
+                    EXIT_USAGE,
+                )
+            data = sys.stdin.buffer.read()
+        return parse_entries_text(data)
+    except EntryError as exc:
+        raise FlowaggError(str(exc), EXIT_USAGE) from None
+
+
+def _chunks(items: list[Any]) -> list[tuple[int, list[Any]]]:
+    chunks: list[tuple[int, list[Any]]] = []
+    start = 0
+    current: list[Any] = []
+    size = 0
+    for i, item in enumerate(items):
+        item_size = len(orjson.dumps(item, default=str)) + 1
+        if current and (len(current) >= ADD_CHUNK_ENTRIES or size + item_size > ADD_CHUNK_BYTES):
+            chunks.append((start, current))
+            start, current, size = i, [], 0
+        current.append(item)
+        size += item_size
+    if current:
+        chunks.append((start, current))
+    return chunks
+
+
+def _spool(layout: Layout, items: list[Any]) -> dict[str, Any]:
+    from .client import write_spool_file
+
+    clock = SystemClock()
+    ids = EntryIdFactory(clock)
+    errors = []
+    for i, item in enumerate(items):
+        try:
+            validate_entry(item, i, now_ms=clock.now_ms(), max_entry_bytes=1 << 30, new_id=ids.new)
+        except EntryError as exc:
+            errors.append({"index": i, "error": str(exc)})
+    if errors:
+        return {"ok": False, "error": "invalid entries; nothing was spooled", "rejected": errors}
+    path = write_spool_file(layout, items)
+    return {"ok": True, "spooled": len(items), "file": str(path)}
+
+
+def _send(layout: Layout, items: list[Any], wait_s: float) -> dict[str, Any]:
+    from .client import Client
+
+    total: dict[str, Any] = {"ok": True, "accepted": 0, "duplicates": 0, "rejected": []}
+    with Client(layout.socket) as client:
+        for start, chunk in _chunks(items):
+            deadline = time.monotonic() + wait_s
+            while True:
+                reply = client.request({"op": "add", "entries": chunk})
+                retry = reply.get("retryAfterMs")
+                if reply.get("ok") or retry is None or time.monotonic() >= deadline:
+                    break
+                time.sleep(retry / 1000)
+            if not reply.get("ok"):
+                raise DaemonError(
+                    f"the daemon refused entries {start}-{start + len(chunk) - 1}:"
+                    f" {reply.get('error')}; {total['accepted']} entries were accepted before"
+                    " this; retry later (entries with an entryId are deduplicated)"
+                )
+            total["accepted"] += reply["accepted"]
+            total["duplicates"] += reply["duplicates"]
+            for r in reply.get("rejected", []):
+                total["rejected"].append({"index": r["index"] + start, "error": r["error"]})
+    return total
+
+
+@main.command()
+@click.argument("entries", nargs=-1)
+@click.option("--file", "file", type=str, help="read entries from a file ('-' for stdin)")
+@click.option("--spool", is_flag=True, help="write a spool file instead of using the socket")
+@click.option("--spool-if-down", is_flag=True, help="spool when no daemon answers")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="seconds to keep retrying while the daemon answers busy",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the reply as JSON")
+@click.pass_context
+@handles_errors
+def add(
+    ctx: click.Context,
+    entries: tuple[str, ...],
+    file: str | None,
+    spool: bool,
+    spool_if_down: bool,
+    wait_s: float,
+    as_json: bool,
+) -> None:
+    """Add entries (JSON object, array or JSON lines) from arguments, --file or stdin."""
+    config = get_config(ctx)
+    layout = Layout(config.root_path)
+    items = _read_input(entries, file)
+    if not items:
+        fail("no entries in the input", EXIT_USAGE)
+    if spool:
+        result = _spool(layout, items)
+    else:
+        try:
+            result = _send(layout, items, wait_s)
+        except NotRunningError:
+            if not spool_if_down:
+                raise
+            result = _spool(layout, items)
+    if not result.get("ok"):
+        for r in result.get("rejected", []):
+            click.echo(f"flowagg: {r['error']}", err=True)
+        fail(result["error"], EXIT_USAGE)
+
+    def human(r: dict[str, Any]) -> str:
+        if "spooled" in r:
+            return f"spooled {r['spooled']} entries to {r['file']}"
+        return (
+            f"accepted {r['accepted']}, duplicates {r['duplicates']}, rejected {len(r['rejected'])}"
+        )
+
+    emit(result, as_json, human)
+    if result.get("rejected"):
+        for r in result["rejected"]:
+            click.echo(f"flowagg: rejected {r['error']}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _daemon_request(ctx: click.Context, payload: dict[str, Any]) -> dict[str, Any]:
+    from .client import request
+
+    config = get_config(ctx)
+    reply = request(Layout(config.root_path), payload)
+    if not reply.get("ok"):
+        raise DaemonError(f"the daemon answered: {reply.get('error')}")
+    return reply
+
+
+def _status_text(s: dict[str, Any]) -> str:
+    b = s["buffered"]
+    c = s["counters"]
+    j = s["journal"]
+    batches = ", ".join(f"{k} {v}" for k, v in sorted(c["batches"].items())) or "none"
+    last = s["lastFlushAt"]
+    lines = [
+        f"flowagg {s['version']} pid {s['pid']} on {s['root']}, up {s['uptimeS']:.0f} s",
+        f"buffered: {b['entries']} entries ({b['bytes']} bytes), {b['inMemory']} in memory",
+        f"accepted {c['accepted']}, duplicates {c['duplicates']}, rejected {c['rejected']},"
+        f" busy {c['busy']}",
+        f"batches: {batches}; last flush at {last if last else 'never'}",
+        f"journal: {j['entries']} entries in {j['syncs']} syncs, {j['segments']} segments",
+        f"failed {s['failed']}, abandoned {s['abandoned']}, errors {s['errors']},"
+        f" inbox {s['spool']['inbox']}",
+    ]
+    if s["flusher"]["stalledError"]:
+        lines.append(f"WARNING: batches cannot be stored: {s['flusher']['stalledError']}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the running daemon's counters and buffer."""
+    reply = _daemon_request(ctx, {"op": "status"})
+    emit(reply, as_json, _status_text)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def flush(ctx: click.Context, as_json: bool) -> None:
+    """Write everything buffered to batch files now."""
+    reply = _daemon_request(ctx, {"op": "flush"})
+    emit(reply, as_json, lambda r: f"flushed {r['entries']} entries in {r['batches']} batches")
+
+
+@main.command("config")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--check", "check_file", type=click.Path(), help="validate a config file and exit")
+@click.pass_context
+@handles_errors
+def config_cmd(ctx: click.Context, as_json: bool, check_file: str | None) -> None:
+    """Print the effective configuration and where each value came from."""
+    if check_file:
+        load_config(flags={"root": ctx.obj["root"]}, config_path=check_file)
+        click.echo(f"{check_file}: ok")
+        return
+    config = get_config(ctx)
+    data = {
+        "configFile": str(config.config_file) if config.config_file else None,
+        "settings": {
+            key: {"value": config.values[key], "source": config.sources[key]} for key in SETTINGS
+        },
+    }
+
+    def human(d: dict[str, Any]) -> str:
+        width = max(len(k) for k in SETTINGS)
+        rows = [f"# config file: {d['configFile'] or 'none'}"]
+        for key, item in d["settings"].items():
+            rows.append(f"{key:<{width}}  {item['value']!s:<14}  {item['source']}")
+        return "\n".join(rows)
+
+    emit(data, as_json, human)

@@ -1,0 +1,91 @@
+"""Talking to a running daemon over its socket, and writing spool files when it is down."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import DaemonError, NotRunningError
+from .fsutil import fsync_dir
+from .layout import Layout
+
+
+class Client:
+    """One connection, many requests (newline-delimited JSON)."""
+
+    def __init__(self, socket_path: Path, *, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(socket_path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise NotRunningError(
+                f"no flowagg daemon answers on {socket_path} ({exc.strerror});"
+                " start it with `flowagg run` or pass --root"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise NotRunningError(
+                f"cannot reach the daemon at {socket_path}: {exc.strerror}"
+            ) from None
+        self._sock = sock
+        self._file = sock.makefile("rb")
+
+    def request(self, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            self._sock.sendall(orjson.dumps(payload) + b"\n")
+            line = self._file.readline()
+        except TimeoutError:
+            raise DaemonError(
+                "the daemon did not answer in time; check `flowagg status` and the log"
+            ) from None
+        except OSError as exc:
+            raise DaemonError(f"connection to the daemon failed: {exc}") from None
+        if not line:
+            raise DaemonError("the daemon closed the connection without a reply; see its log")
+        reply: dict[str, Any] = orjson.loads(line)
+        return reply
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def request(layout: Layout, payload: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
+    with Client(layout.socket, timeout=timeout) as client:
+        return client.request(payload)
+
+
+def write_spool_file(layout: Layout, entries: list[Any], *, name: str | None = None) -> Path:
+    """Drop entries into inbox/ the documented way: write <name>.tmp, fsync, rename, fsync dir.
+
+    The rename is the acknowledgement (SPEC §4.2).
+    """
+    if not layout.inbox.is_dir():
+        raise NotRunningError(
+            f"{layout.inbox} does not exist; start the daemon once to create the data root"
+        )
+    base = name or f"{time.time_ns() // 1_000_000}-{os.getpid()}-{os.urandom(4).hex()}"
+    final = layout.inbox / f"{base}.jsonl"
+    tmp = layout.inbox / f"{base}.jsonl.tmp"
+    data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, final)
+    fsync_dir(layout.inbox)
+    return final

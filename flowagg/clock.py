@@ -1,0 +1,82 @@
+"""Injected time and identifiers, so tests drive time instead of waiting on it."""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int:
+        """Wall-clock milliseconds since the epoch (for timestamps written to files)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never jumps (for ages and timeouts)."""
+        ...
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class FakeClock:
+    """A clock tests move by hand."""
+
+    def __init__(self, now_ms: int = 1_704_067_200_000) -> None:
+        self._now_ms = now_ms
+        self._mono = 1000.0
+
+    def now_ms(self) -> int:
+        return self._now_ms
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, ms: int) -> None:
+        self._now_ms += ms
+        self._mono += ms / 1000.0
+
+
+_B32 = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def _b32(value: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        out.append(_B32[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+class EntryIdFactory:
+    """Sortable unique ids (ULID-like: 48-bit ms time + 80 bits that increase within a ms).
+
+    Within one millisecond the random part is incremented rather than redrawn, so ids issued
+    by one process always sort in issue order, even when the wall clock stalls or steps back.
+    """
+
+    def __init__(self, clock: Clock, rng: random.Random | None = None) -> None:
+        self._clock = clock
+        self._rng = rng or random.Random(int.from_bytes(os.urandom(16), "big"))
+        self._lock = threading.Lock()
+        self._last_ms = -1
+        self._last_rand = 0
+
+    def new(self) -> str:
+        with self._lock:
+            ms = self._clock.now_ms()
+            if ms <= self._last_ms:
+                ms = self._last_ms
+                self._last_rand += 1
+            else:
+                self._last_rand = self._rng.getrandbits(79)
+            self._last_ms = ms
+            return _b32(ms, 10) + _b32(self._last_rand, 16)

@@ -1,0 +1,183 @@
+"""Entry validation and normalisation (SPEC §3).
+
+Every rejection is one line naming the entry index, the field and the rule, so a user can fix
+the input without reading the code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+MIN_TIMESTAMP_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+MAX_FUTURE_MS = 86_400_000
+MAX_METADATA_DEPTH = 8
+FIELDS = ("userId", "action", "timestamp", "metadata", "entryId")
+_ACTION_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_KNOWN_METADATA: dict[str, tuple[type, str]] = {
+    "sessionId": (str, "a string"),
+    "taskId": (str, "a string"),
+    "duration": (int, "an integer number of ms >= 0"),
+}
+
+
+class EntryError(ValueError):
+    """An entry that breaks a rule of §3; str() is the one-line message for the user."""
+
+
+def _show(value: Any) -> str:
+    try:
+        text = orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _depth_exceeds(metadata: dict[str, Any], limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(metadata, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        for child in children:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False
+
+
+def validate_entry(
+    raw: Any,
+    index: int,
+    *,
+    now_ms: int,
+    max_entry_bytes: int,
+    new_id: Callable[[], str],
+) -> tuple[dict[str, Any], bool]:
+    """Return (normalised entry, client_supplied_id) or raise EntryError.
+
+    The normalised entry has its keys in the stored order and always carries an entryId.
+    """
+    where = f"entry {index}"
+    if not isinstance(raw, dict):
+        raise EntryError(f"{where}: must be a JSON object, got {_type_name(raw)}")
+    unknown = [k for k in raw if k not in FIELDS]
+    if unknown:
+        raise EntryError(
+            f"{where}: unknown key {_show(unknown[0])}; allowed keys are {', '.join(FIELDS)}"
+        )
+
+    user = raw.get("userId")
+    if not isinstance(user, str) or not 1 <= len(user) <= 128:
+        got = "missing" if "userId" not in raw else f"got {_show(user)}"
+        raise EntryError(f"{where}: userId: must be a string of 1-128 characters, {got}")
+
+    action = raw.get("action")
+    if not isinstance(action, str) or not _ACTION_RE.fullmatch(action):
+        got = "missing" if "action" not in raw else f"got {_show(action)}"
+        raise EntryError(f"{where}: action: must be 1-64 characters of [A-Za-z0-9_.:-], {got}")
+
+    ts = raw.get("timestamp")
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        got = "missing" if "timestamp" not in raw else f"got {_show(ts)}"
+        raise EntryError(f"{where}: timestamp: must be an integer (ms since epoch), {got}")
+    if ts < MIN_TIMESTAMP_MS:
+        raise EntryError(
+            f"{where}: timestamp: must be on or after 2000-01-01 ({MIN_TIMESTAMP_MS}), got {ts}"
+            " (seconds instead of milliseconds?)"
+        )
+    if ts > now_ms + MAX_FUTURE_MS:
+        raise EntryError(f"{where}: timestamp: must be at most 1 day in the future, got {ts}")
+
+    metadata = raw.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise EntryError(f"{where}: metadata: must be an object, got {_type_name(metadata)}")
+    for key, (kind, rule) in _KNOWN_METADATA.items():
+        if key in metadata:
+            value = metadata[key]
+            bad = isinstance(value, bool) or not isinstance(value, kind)
+            if kind is int and not bad and value < 0:
+                bad = True
+            if bad:
+                raise EntryError(f"{where}: metadata.{key}: must be {rule}, got {_show(value)}")
+    if _depth_exceeds(metadata, MAX_METADATA_DEPTH):
+        raise EntryError(
+            f"{where}: metadata: nested deeper than {MAX_METADATA_DEPTH} levels; flatten it"
+        )
+
+    client_id = "entryId" in raw
+    if client_id:
+        entry_id = raw["entryId"]
+        if not isinstance(entry_id, str) or not 1 <= len(entry_id) <= 128:
+            raise EntryError(
+                f"{where}: entryId: must be a string of 1-128 characters, got {_show(entry_id)}"
+            )
+    else:
+        entry_id = new_id()
+
+    entry = {
+        "userId": user,
+        "action": action,
+        "timestamp": ts,
+        "metadata": metadata,
+        "entryId": entry_id,
+    }
+    try:
+        size = len(orjson.dumps(entry))
+    except orjson.JSONEncodeError as exc:
+        raise EntryError(f"{where}: holds a value JSON cannot carry ({exc}); remove it") from None
+    if size > max_entry_bytes:
+        raise EntryError(
+            f"{where}: is {size} bytes as compact JSON, over maxEntryBytes={max_entry_bytes};"
+            " shrink metadata"
+        )
+    return entry, client_id
+
+
+def parse_entries_text(data: bytes) -> list[Any]:
+    """Parse a JSON object, a JSON array, or JSON lines (used by the spool and `flowagg add`).
+
+    Raises EntryError naming the line of the first syntax error.
+    """
+    stripped = data.strip()
+    if not stripped:
+        return []
+    try:
+        whole = orjson.loads(stripped)
+    except orjson.JSONDecodeError:
+        whole = None
+    else:
+        if isinstance(whole, list):
+            return whole
+        if isinstance(whole, dict):
+            return [whole]
+        raise EntryError(f"input: must be a JSON object, an array or JSON lines, got {whole!r}")
+    items: list[Any] = []
+    for lineno, line in enumerate(stripped.split(b"\n"), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            items.append(orjson.loads(line))
+        except orjson.JSONDecodeError as exc:
+            raise EntryError(f"line {lineno}: not valid JSON ({exc}); fix or remove it") from None
+    return items

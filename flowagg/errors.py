@@ -1,0 +1,41 @@
+"""Exit codes (SPEC §8) and the one-line user errors that carry them."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_DAEMON_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EXIT_ALREADY_RUNNING = 3
+EXIT_ROOT_UNUSABLE = 4
+
+
+class FlowaggError(Exception):
+    """An error a user can cause: one line naming the cause and the fix, plus an exit code."""
+
+    exit_code = EXIT_DAEMON_FAILURE
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(FlowaggError):
+    exit_code = EXIT_USAGE
+
+
+class RootUnusableError(FlowaggError):
+    exit_code = EXIT_ROOT_UNUSABLE
+
+
+class AlreadyRunningError(FlowaggError):
+    exit_code = EXIT_ALREADY_RUNNING
+
+
+class NotRunningError(FlowaggError):
+    exit_code = EXIT_NOT_RUNNING
+
+
+class DaemonError(FlowaggError):
+    exit_code = EXIT_DAEMON_FAILURE

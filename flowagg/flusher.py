@@ -1,0 +1,129 @@
+"""The flusher thread: turns cut batches into files, strictly in order, off the ack path.
+
+Layer 1 of SPEC §6: a batch that cannot be written to aggregated/ is retried inline
+(`immediateRetries`, 50/100/200 ms), then written to recovery/<id>.failed.json. When even
+that fails (disk full), the batch stays queued here, and in the journal, and is retried
+with a capped backoff: never dropped, and no later batch overtakes it (the journal's done
+cursor relies on batches being stored in order).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from .clock import Clock
+from .fsutil import atomic_write, retry_io
+from .layout import Layout
+from .storage import Batch, batch_file_name, encode_batch
+
+log = logging.getLogger("flowagg.flusher")
+
+INLINE_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6)
+STALL_MAX_DELAY_S = 5.0
+
+
+def failed_document(batch_bytes: bytes, *, error: str, now_ms: int, next_retry_ms: int) -> bytes:
+    doc = orjson.loads(batch_bytes)
+    doc.update(
+        {
+            "retryCount": 0,
+            "lastRetryAt": now_ms,
+            "lastError": error,
+            "failedAt": now_ms,
+            "nextRetryAt": next_retry_ms,
+        }
+    )
+    return orjson.dumps(doc)
+
+
+class Flusher:
+    def __init__(
+        self,
+        layout: Layout,
+        clock: Clock,
+        *,
+        immediate_retries: int,
+        retry_base_ms: int,
+        on_stored: Callable[[Batch, Path, float], None],
+        sleep: Callable[[float], bool] | None = None,
+    ) -> None:
+        self.layout = layout
+        self.clock = clock
+        self.immediate_retries = immediate_retries
+        self.retry_base_ms = retry_base_ms
+        self._on_stored = on_stored
+        self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._sleep = sleep or self._stop.wait
+        self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
+        self.stalled_error: str | None = None
+        self.failed_batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, batch: Batch) -> None:
+        self._queue.put(batch)
+
+    def stop(self, *, give_up: bool) -> None:
+        """Finish queued batches; with give_up, abandon a stalled retry (it stays journaled)."""
+        if give_up:
+            self._stop.set()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            started = self.clock.monotonic()
+            path = self._store(batch)
+            if path is None:
+                return  # stopping while the disk refuses every write: the journal keeps it
+            self._on_stored(batch, path, self.clock.monotonic() - started)
+
+    def _store(self, batch: Batch) -> Path | None:
+        stall_delay = 0.05
+        while True:
+            data = encode_batch(batch, timestamp_ms=self.clock.now_ms())
+            target = self.layout.aggregated / batch_file_name(batch.batch_id)
+            delays = INLINE_DELAYS_S[: self.immediate_retries]
+            try:
+                retry_io(functools.partial(atomic_write, target, data), delays, self._sleep)
+                if self.stalled_error:
+                    log.info("batch %s written after a stall; writes work again", batch.batch_id)
+                    self.stalled_error = None
+                return target
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("batch %s could not be written to aggregated/: %s", batch.batch_id, error)
+            now = self.clock.now_ms()
+            failed = self.layout.recovery / f"{batch.batch_id}.failed.json"
+            try:
+                atomic_write(
+                    failed,
+                    failed_document(
+                        data, error=error, now_ms=now, next_retry_ms=now + self.retry_base_ms
+                    ),
+                )
+                self.failed_batches += 1
+                log.warning("batch %s parked in recovery/: %s", batch.batch_id, error)
+                return failed
+            except OSError as exc:
+                self.stalled_error = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "batch %s cannot be stored anywhere (%s); it stays in the journal, retrying",
+                    batch.batch_id,
+                    self.stalled_error,
+                )
+            if self._sleep(stall_delay):
+                return None
+            stall_delay = min(stall_delay * 2, STALL_MAX_DELAY_S)

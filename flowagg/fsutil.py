@@ -1,0 +1,154 @@
+"""Crash-safe file primitives: atomic publish, directory fsync, quarantine.
+
+Every file flowagg publishes goes through `atomic_write`: a temp file in the same directory,
+write, fsync, rename, fsync the directory. A reader sees the whole file or none of it, and a
+temp file left by a crash carries TEMP_MARK so the next start can remove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import orjson
+
+TEMP_MARK = ".flowagg-tmp-"
+FILE_MODE = 0o600
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Publish `data` at `path` whole or not at all."""
+    tmp = path.with_name(f"{TEMP_MARK}{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_stale_temps(dirs: Iterable[Path]) -> list[Path]:
+    """Remove temp files a crashed writer left behind (only flowagg's own, never a client's)."""
+    removed = []
+    for directory in dirs:
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith(TEMP_MARK):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(directory / name)
+                    removed.append(directory / name)
+    return removed
+
+
+def unique_path(directory: Path, name: str) -> Path:
+    candidate = directory / name
+    counter = 1
+    while candidate.exists() or candidate.with_name(candidate.name + ".reason.json").exists():
+        candidate = directory / f"{name}.{counter}"
+        counter += 1
+    return candidate
+
+
+def write_reason(target: Path, reason: dict[str, object]) -> None:
+    atomic_write(
+        target.with_name(target.name + ".reason.json"),
+        orjson.dumps(reason, option=orjson.OPT_INDENT_2),
+    )
+
+
+def quarantine_file(
+    errors_dir: Path, src: Path, *, reason: str, component: str, now_ms: int
+) -> Path:
+    """Move an untrusted file to errors/ with a reason beside it. Never deletes."""
+    target = unique_path(errors_dir, src.name)
+    os.rename(src, target)
+    fsync_dir(errors_dir)
+    if src.parent != errors_dir:
+        fsync_dir(src.parent)
+    write_reason(
+        target,
+        {
+            "file": target.name,
+            "originalPath": str(src),
+            "reason": reason,
+            "component": component,
+            "quarantinedAt": now_ms,
+        },
+    )
+    return target
+
+
+def quarantine_bytes(
+    errors_dir: Path,
+    name: str,
+    data: bytes,
+    *,
+    reason: str,
+    component: str,
+    now_ms: int,
+    extra: dict[str, object] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Store bytes that could not be trusted (a torn record, an invalid spool entry)."""
+    target = errors_dir / name if overwrite else unique_path(errors_dir, name)
+    atomic_write(target, data)
+    write_reason(
+        target,
+        {
+            "file": target.name,
+            "reason": reason,
+            "component": component,
+            "quarantinedAt": now_ms,
+            **(extra or {}),
+        },
+    )
+    return target
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def retry_io(
+    action: Callable[[], None],
+    delays_s: Iterable[float],
+    sleep: Callable[[float], None],
+) -> None:
+    """Run `action`; on OSError sleep through `delays_s` and try again, re-raising the last."""
+    delays = list(delays_s)
+    for attempt in range(len(delays) + 1):
+        try:
+            action()
+            return
+        except OSError:
+            if attempt == len(delays):
+                raise
+            sleep(delays[attempt])

@@ -1,0 +1,134 @@
+"""The data root's layout (SPEC §2) and the checks that decide whether a root is usable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from .errors import RootUnusableError
+
+ROOT_MODE = 0o700
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def journal(self) -> Path:
+        return self.root / "journal"
+
+    @property
+    def journal_spool(self) -> Path:
+        return self.root / "journal" / "spool"
+
+    @property
+    def aggregated(self) -> Path:
+        return self.root / "aggregated"
+
+    @property
+    def recovery(self) -> Path:
+        return self.root / "recovery"
+
+    @property
+    def abandoned(self) -> Path:
+        return self.root / "recovery" / "abandoned"
+
+    @property
+    def errors(self) -> Path:
+        return self.root / "recovery" / "errors"
+
+    @property
+    def health(self) -> Path:
+        return self.root / "health"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.run / "flowagg.lock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.run / "flowagg.pid"
+
+    @property
+    def socket(self) -> Path:
+        return self.run / "flowagg.sock"
+
+    def all_dirs(self) -> list[Path]:
+        return [
+            self.inbox,
+            self.journal,
+            self.journal_spool,
+            self.aggregated,
+            self.recovery,
+            self.abandoned,
+            self.errors,
+            self.health,
+            self.logs,
+            self.run,
+        ]
+
+    def private_dirs(self) -> list[Path]:
+        """Directories whose temp files belong to flowagg (inbox temps belong to clients)."""
+        return [
+            self.journal,
+            self.aggregated,
+            self.recovery,
+            self.abandoned,
+            self.errors,
+            self.health,
+            self.run,
+        ]
+
+    def prepare(self) -> None:
+        """Create the root (0700) and its folders, or raise RootUnusableError (exit 4)."""
+        root = self.root
+        parent = root.parent
+        if not root.exists():
+            if not parent.is_dir():
+                raise RootUnusableError(
+                    f"data root {root}: parent folder {parent} does not exist; create it first"
+                )
+            try:
+                os.mkdir(root, ROOT_MODE)
+            except OSError as exc:
+                raise RootUnusableError(
+                    f"data root {root}: cannot create it ({exc.strerror}); check permissions"
+                ) from None
+        if not root.is_dir():
+            raise RootUnusableError(
+                f"data root {root} is not a directory; point --root at a folder"
+            )
+        st = root.stat()
+        if st.st_uid != os.geteuid():
+            raise RootUnusableError(
+                f"data root {root} is owned by uid {st.st_uid}, not {os.geteuid()};"
+                " run as its owner or choose another --root"
+            )
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise RootUnusableError(f"data root {root} is not writable; fix its permissions")
+        for directory in self.all_dirs():
+            try:
+                directory.mkdir(mode=ROOT_MODE, exist_ok=True)
+            except OSError as exc:
+                raise RootUnusableError(
+                    f"data root {root}: cannot create {directory.name}/ ({exc.strerror});"
+                    " check permissions and free space"
+                ) from None
+            if not directory.is_dir():
+                raise RootUnusableError(
+                    f"data root {root}: {directory} is not a directory; move it away"
+                )

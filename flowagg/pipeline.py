@@ -1,0 +1,496 @@
+"""The ingest pipeline on the event loop: validate → dedupe → journal → buffer → flusher.
+
+Everything here runs on the asyncio loop thread, so the buffer, the dedupe index and the
+counters need no locks. The journal writer and the flusher are threads; their results come
+back through `loop.call_soon_threadsafe`, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import os
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .aggregator import Aggregator, Buffered, FlushPolicy
+from .clock import Clock, EntryIdFactory
+from .config import Config
+from .entries import EntryError, validate_entry
+from .flusher import Flusher
+from .fsutil import is_disk_full, quarantine_file
+from .journal import Append, JournalWriter, Position, ScanResult, read_records
+from .layout import Layout
+from .storage import Batch, CorruptBatch, find_batch, make_batch_id, read_batch
+
+log = logging.getLogger("flowagg.pipeline")
+
+LATENCY_SAMPLES = 2048
+
+
+def percentile(samples: deque[float] | list[float], q: float) -> float | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclasses.dataclass
+class AddResult:
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    retry_after_ms: int | None = None
+
+    def reply(self) -> dict[str, Any]:
+        if self.error is not None:
+            out: dict[str, Any] = {"ok": False, "error": self.error}
+            if self.retry_after_ms is not None:
+                out["retryAfterMs"] = self.retry_after_ms
+            if self.rejected:
+                out["rejected"] = self.rejected
+            return out
+        return {
+            "ok": True,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "rejected": self.rejected,
+        }
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        layout: Layout,
+        clock: Clock,
+        loop: asyncio.AbstractEventLoop,
+        ids: EntryIdFactory,
+    ) -> None:
+        self.config = config
+        self.layout = layout
+        self.clock = clock
+        self.loop = loop
+        self.ids = ids
+        self.aggregator = Aggregator(FlushPolicy.from_config(config))
+        self.dedupe: dict[str, int] = {}
+        self.pending_ids: set[str] = set()
+        self.writer: JournalWriter | None = None
+        self.flusher: Flusher | None = None
+        self.spilled = False
+        self.reader_pos = Position(0, 0)
+        self.done_seq = 0
+        self.counters: Counter[str] = Counter()
+        self.batches_by_trigger: Counter[str] = Counter()
+        self.last_flush_at: int | None = None
+        self.add_latency: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.flush_latency: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.last_journal_error: str | None = None
+        self._batch_waiters: dict[str, asyncio.Future[None]] = {}
+        self._age_timer: asyncio.TimerHandle | None = None
+        self._space_waiters: list[asyncio.Future[None]] = []
+
+    # -- start ------------------------------------------------------------------------------
+    def start(self, scan: ScanResult) -> None:
+        self.dedupe = scan.dedupe
+        self.done_seq = scan.done_seq
+        self.aggregator.last_seq_loaded = scan.done_seq
+        self.aggregator.acknowledge(scan.backlog_entries, scan.backlog_bytes)
+        self.writer = JournalWriter(
+            self.layout.journal,
+            segments=scan.segments,
+            next_seq=scan.next_seq,
+            segment_bytes=self.config.journal_segment_bytes,
+            deliver=lambda results: self.loop.call_soon_threadsafe(self._journal_done, results),
+        )
+        self.writer.start()
+        if scan.backlog is not None:
+            self.reader_pos = scan.backlog
+            self.spilled = True
+            self._skip_published()
+        self.flusher = Flusher(
+            self.layout,
+            self.clock,
+            immediate_retries=self.config.immediate_retries,
+            retry_base_ms=self.config.retry_base_ms,
+            on_stored=lambda b, p, d: self.loop.call_soon_threadsafe(self._batch_stored, b, p, d),
+        )
+        self.flusher.start()
+        self._refill()
+
+    def _skip_published(self) -> None:
+        """Find batches stored after the last durable done record; their entries are done.
+
+        Batch ids follow from the journal (first entry's arrival ms and seq), so each check is
+        one lookup by name. A stored batch found here is trusted only if its entryIds are
+        exactly the next entries of the journal.
+        """
+        assert self.writer is not None
+        skipped = 0
+        pending: deque[tuple[int, int, str]] = deque()  # seq, t, entryId
+        records = read_records(self.layout.journal, self.reader_pos, None)
+        exhausted = False
+
+        def fill(n: int) -> None:
+            nonlocal exhausted
+            while len(pending) < n and not exhausted:
+                record = next(records, None)
+                if record is None:
+                    exhausted = True
+                    return
+                for i, entry in enumerate(record.entries):
+                    seq = record.first_seq + i
+                    if seq > self.aggregator.last_seq_loaded:
+                        pending.append((seq, record.t_ms, entry["entryId"]))
+
+        while True:
+            fill(1)
+            if not pending:
+                break
+            seq, t, _ = pending[0]
+            batch_id = make_batch_id(t, seq)
+            path = find_batch(self.layout, batch_id)
+            if path is None:
+                break
+            try:
+                ids = [e["entryId"] for e in read_batch(path)["entries"]]
+            except (CorruptBatch, OSError, KeyError, TypeError) as exc:
+                quarantine_file(
+                    self.layout.errors,
+                    path,
+                    reason=f"stored batch unreadable ({exc}); rebuilt from the journal",
+                    component="startup",
+                    now_ms=self.clock.now_ms(),
+                )
+                break
+            fill(len(ids))
+            journal_ids = [pending[i][2] for i in range(min(len(ids), len(pending)))]
+            if journal_ids != ids:
+                log.error(
+                    "stored batch %s does not match the journal; leaving it and rebuilding",
+                    batch_id,
+                )
+                quarantine_file(
+                    self.layout.errors,
+                    path,
+                    reason="stored batch does not match the journal entries it is named after",
+                    component="startup",
+                    now_ms=self.clock.now_ms(),
+                )
+                break
+            last_seq = pending[len(ids) - 1][0]
+            for _ in ids:
+                pending.popleft()
+            self.aggregator.last_seq_loaded = last_seq
+            self.aggregator.unflushed_entries -= len(ids)
+            self.done_seq = last_seq
+            self.writer.append_done(last_seq, batch_id)
+            skipped += 1
+            log.info("batch %s was stored before the last stop; not writing it again", batch_id)
+        if skipped:
+            self.counters["batchesFoundAtStart"] += skipped
+
+    # -- intake -----------------------------------------------------------------------------
+    def validate(self, raw_entries: list[Any]) -> tuple[list[tuple[dict[str, Any], bool]], list]:
+        """Check entries against §3: (valid entries with client-id flags, rejections)."""
+        now = self.clock.now_ms()
+        valid: list[tuple[dict[str, Any], bool]] = []
+        rejected: list[dict[str, Any]] = []
+        for index, raw in enumerate(raw_entries):
+            try:
+                valid.append(
+                    validate_entry(
+                        raw,
+                        index,
+                        now_ms=now,
+                        max_entry_bytes=self.config.max_entry_bytes,
+                        new_id=self.ids.new,
+                    )
+                )
+            except EntryError as exc:
+                rejected.append({"index": index, "error": str(exc)})
+        return valid, rejected
+
+    async def add(self, raw_entries: list[Any]) -> AddResult:
+        valid, rejected = self.validate(raw_entries)
+        result = await self.add_valid(valid, wait_for_space=False)
+        if result.error is None:
+            self.counters["rejected"] += len(rejected)
+        result.rejected = rejected
+        return result
+
+    async def add_valid(
+        self,
+        valid: list[tuple[dict[str, Any], bool]],
+        *,
+        src: str | None = None,
+        wait_for_space: bool,
+    ) -> AddResult:
+        """Dedupe, journal (one record, one group commit) and buffer validated entries."""
+        started = self.clock.monotonic()
+        while self.aggregator.is_busy():
+            if not wait_for_space:
+                self.counters["busy"] += 1
+                return AddResult(error="busy", retry_after_ms=self.config.busy_retry_after_ms)
+            await self.wait_for_space()
+        result = AddResult()
+        now = self.clock.now_ms()
+        datas: list[bytes] = []
+        client_idx: list[int] = []
+        ids: list[str] = []
+        seen: set[str] = set()
+        for entry, client_id in valid:
+            entry_id = entry["entryId"]
+            if client_id:
+                if entry_id in self.dedupe or entry_id in self.pending_ids or entry_id in seen:
+                    result.duplicates += 1
+                    continue
+                seen.add(entry_id)
+                client_idx.append(len(datas))
+            datas.append(orjson.dumps(entry))
+            ids.append(entry_id)
+        if not datas and src is None:
+            self.counters["duplicates"] += result.duplicates
+            return result
+        assert self.writer is not None
+        client_ids = [ids[i] for i in client_idx]
+        self.pending_ids.update(client_ids)
+        done: asyncio.Future[BaseException | None] = self.loop.create_future()
+        first_seq = 0
+
+        def durable(error: BaseException | None, after: Position) -> None:
+            self.pending_ids.difference_update(client_ids)
+            if error is None:
+                for entry_id in client_ids:
+                    self.dedupe[entry_id] = now
+                if datas:
+                    self._take_durable(first_seq, now, datas, ids, after)
+            done.set_result(error)
+
+        try:
+            first_seq = self.writer.append_entries(datas, now, client_idx, src, durable)
+        except OSError as exc:
+            self.pending_ids.difference_update(client_ids)
+            return self._journal_failure(exc)
+        error = await done
+        if error is not None:
+            return self._journal_failure(error)
+        self.last_journal_error = None
+        result.accepted = len(datas)
+        self.counters["accepted"] += len(datas)
+        self.counters["duplicates"] += result.duplicates
+        self.add_latency.append(self.clock.monotonic() - started)
+        return result
+
+    def _journal_failure(self, exc: BaseException) -> AddResult:
+        self.last_journal_error = f"{type(exc).__name__}: {exc}"
+        self.counters["journalErrors"] += 1
+        if is_disk_full(exc):
+            return AddResult(error="disk_full", retry_after_ms=1000)
+        code = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "error")
+        return AddResult(error=f"journal_unavailable: {code}", retry_after_ms=1000)
+
+    def _journal_done(self, results: list[tuple[Append, BaseException | None, Position]]) -> None:
+        for append, error, after in results:
+            if append.callback is not None:
+                append.callback(error, after)
+        self._check_triggers()
+
+    def _take_durable(
+        self, first_seq: int, t_ms: int, datas: list[bytes], ids: list[str], after: Position
+    ) -> None:
+        self.aggregator.acknowledge(len(datas), sum(len(d) + 1 for d in datas))
+        if self.spilled or self.aggregator.room() < len(datas):
+            self.spilled = True  # reader_pos still points at the first entry not in memory
+            return
+        arrival = self.clock.monotonic()
+        for i, data in enumerate(datas):
+            self.aggregator.load(Buffered(first_seq + i, t_ms, arrival, data, ids[i]))
+        self.reader_pos = after
+
+    def _refill(self) -> None:
+        """Load entries that wait on disk into the memory window, oldest first."""
+        if not self.spilled or self.writer is None:
+            return
+        room = self.aggregator.room()
+        if room <= 0:
+            return
+        arrival = self.clock.monotonic()
+        caught_up = True
+        for record in read_records(self.layout.journal, self.reader_pos, self.writer.durable):
+            complete = True
+            for i, entry in enumerate(record.entries):
+                seq = record.first_seq + i
+                if seq <= self.aggregator.last_seq_loaded:
+                    continue
+                if room <= 0:
+                    complete = False
+                    break
+                data = orjson.dumps(entry)
+                self.aggregator.load(Buffered(seq, record.t_ms, arrival, data, entry["entryId"]))
+                room -= 1
+            if not complete:
+                caught_up = False
+                break
+            self.reader_pos = record.after
+        if caught_up:
+            self.spilled = False
+        self._check_triggers()
+
+    # -- flushing ---------------------------------------------------------------------------
+    def _check_triggers(self) -> None:
+        for batch in self.aggregator.cut_due(self.clock.monotonic()):
+            self._submit(batch)
+        self._arm_age_timer()
+
+    def _arm_age_timer(self) -> None:
+        if self._age_timer is not None:
+            self._age_timer.cancel()
+            self._age_timer = None
+        deadline = self.aggregator.next_deadline()
+        if deadline is not None:
+            delay = max(0.0, deadline - self.clock.monotonic())
+            self._age_timer = self.loop.call_later(delay, self._check_triggers)
+
+    def _submit(self, batch: Batch) -> asyncio.Future[None]:
+        assert self.flusher is not None
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._batch_waiters[batch.batch_id] = waiter
+        self.flusher.submit(batch)
+        return waiter
+
+    def _batch_stored(self, batch: Batch, path: Path, seconds: float) -> None:
+        self.aggregator.stored(batch)
+        self.done_seq = batch.last_seq
+        assert self.writer is not None
+        self.writer.append_done(batch.last_seq, batch.batch_id)
+        self.batches_by_trigger[batch.trigger] += 1
+        self.last_flush_at = self.clock.now_ms()
+        self.flush_latency.append(seconds)
+        log.info(
+            "batch %s: %d entries, trigger %s -> %s",
+            batch.batch_id,
+            batch.count,
+            batch.trigger,
+            path.parent.name + "/" + path.name,
+        )
+        waiter = self._batch_waiters.pop(batch.batch_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        for fut in self._space_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._space_waiters.clear()
+        self._refill()
+        self._check_triggers()
+
+    async def flush(self, trigger: str = "manual", *, include_disk: bool = True) -> dict[str, int]:
+        """Write everything buffered now; returns once it is stored."""
+        batches = entries = 0
+        while True:
+            cut = self.aggregator.cut_all(trigger)
+            for batch in cut:
+                self._submit(batch)
+            batches += len(cut)
+            entries += sum(b.count for b in cut)
+            pending = list(self._batch_waiters.values())
+            if pending:
+                await asyncio.gather(*pending)
+            self._arm_age_timer()
+            if not (include_disk and self.spilled):
+                break
+            self._refill()
+            if not self.aggregator.window:
+                break
+        return {"batches": batches, "entries": entries}
+
+    async def wait_for_space(self) -> None:
+        """Wait until a batch is stored (the buffer shrinks); for spool intake under pressure."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self._space_waiters.append(fut)
+        await fut
+
+    def expire_dedupe(self) -> int:
+        horizon = self.clock.now_ms() - self.config.dedupe_window_ms
+        expired = 0
+        for entry_id, t in list(self.dedupe.items()):
+            if t >= horizon:
+                break
+            del self.dedupe[entry_id]
+            expired += 1
+        return expired
+
+    def compact_journal(self) -> int:
+        if self.writer is None:
+            return 0
+        horizon = self.clock.now_ms() - self.config.dedupe_window_ms
+        return len(self.writer.compact(self.writer.durable_done_seq, horizon))
+
+    async def shutdown(self) -> None:
+        """Flush what is in memory (the disk backlog stays journaled), then stop the threads."""
+        if self._age_timer is not None:
+            self._age_timer.cancel()
+        stalled = self.flusher is not None and self.flusher.stalled_error is not None
+        if not stalled:
+            await self.flush("shutdown", include_disk=False)
+        if self.flusher is not None:
+            await asyncio.to_thread(self.flusher.stop, give_up=True)
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.stop)
+
+    # -- reporting --------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        agg = self.aggregator
+        writer = self.writer
+        in_memory = len(agg.window)
+        return {
+            "buffered": {
+                "entries": agg.unflushed_entries,
+                "bytes": agg.unflushed_bytes,
+                "inMemory": in_memory,
+                "inFlight": agg.inflight_entries,
+                "onDisk": max(0, agg.unflushed_entries - in_memory - agg.inflight_entries),
+            },
+            "counters": {
+                "accepted": self.counters["accepted"],
+                "duplicates": self.counters["duplicates"],
+                "rejected": self.counters["rejected"],
+                "busy": self.counters["busy"],
+                "journalErrors": self.counters["journalErrors"],
+                "batches": dict(self.batches_by_trigger),
+            },
+            "journal": {
+                "entries": writer.entries_written if writer else 0,
+                "syncs": writer.syncs if writer else 0,
+                "bytes": writer.bytes_written if writer else 0,
+                "segments": len(writer.segments) if writer else 0,
+                "lastError": self.last_journal_error,
+            },
+            "flusher": {
+                "stalledError": self.flusher.stalled_error if self.flusher else None,
+            },
+            "lastFlushAt": self.last_flush_at,
+            "latencyMs": {
+                "addP50": _ms(percentile(self.add_latency, 0.5)),
+                "addP99": _ms(percentile(self.add_latency, 0.99)),
+                "flushP50": _ms(percentile(self.flush_latency, 0.5)),
+                "flushP99": _ms(percentile(self.flush_latency, 0.99)),
+            },
+        }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def count_files(directory: Path, suffix: str | tuple[str, ...]) -> int:
+    try:
+        return sum(1 for n in os.listdir(directory) if n.endswith(suffix) and not n.startswith("."))
+    except FileNotFoundError:
+        return 0

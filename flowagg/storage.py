@@ -1,0 +1,125 @@
+"""Batch files: encoding, atomic publication and lookup by batch id (SPEC §5).
+
+A batch id is `<arrival ms of its first entry>_<journal seq of its first entry>`. It is fixed
+by the journal, not by the moment of writing, so re-creating a batch after a crash yields the
+same id and name: a batch id names one set of entries wherever it lies, and finding it on
+disk is the proof that those entries are stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import BATCH_FORMAT_VERSION
+from .layout import Layout
+
+TRIGGERS = ("size", "age", "threshold", "manual", "shutdown")
+
+
+def make_batch_id(first_arrival_ms: int, first_seq: int) -> str:
+    return f"{first_arrival_ms:013d}_{first_seq:012d}"
+
+
+def batch_file_name(batch_id: str) -> str:
+    return f"batch_{batch_id}.json"
+
+
+@dataclasses.dataclass
+class Batch:
+    batch_id: str
+    trigger: str
+    entries: list[bytes]  # each entry as compact JSON, in arrival order
+    first_seq: int
+    last_seq: int
+    entry_ids: list[str]
+
+    @property
+    def count(self) -> int:
+        return len(self.entries)
+
+
+def entries_array(entries: list[bytes]) -> bytes:
+    return b"[" + b",".join(entries) + b"]"
+
+
+def encode_batch(batch: Batch, *, timestamp_ms: int, recovered: bool = False) -> bytes:
+    array = entries_array(batch.entries)
+    head = orjson.dumps(
+        {
+            "batchId": batch.batch_id,
+            "timestamp": timestamp_ms,
+            "version": BATCH_FORMAT_VERSION,
+            "trigger": batch.trigger,
+        }
+    )
+    tail = orjson.dumps(
+        {
+            "entryCount": len(batch.entries),
+            "entriesSha256": hashlib.sha256(array).hexdigest(),
+            "recovered": recovered,
+        }
+    )
+    return head[:-1] + b',"entries":' + array + b"," + tail[1:]
+
+
+class CorruptBatch(ValueError):
+    pass
+
+
+def decode_batch(data: bytes) -> dict[str, Any]:
+    """Parse a batch file and check its shape, count and checksum."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptBatch(f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CorruptBatch("not a JSON object")
+    for key in ("batchId", "entries", "entryCount", "entriesSha256"):
+        if key not in doc:
+            raise CorruptBatch(f"missing {key}")
+    entries = doc["entries"]
+    if not isinstance(entries, list):
+        raise CorruptBatch("entries is not an array")
+    if doc["entryCount"] != len(entries):
+        raise CorruptBatch(f"entryCount {doc['entryCount']} but {len(entries)} entries")
+    digest = hashlib.sha256(orjson.dumps(entries)).hexdigest()
+    if digest != doc["entriesSha256"]:
+        raise CorruptBatch("entriesSha256 does not match the entries")
+    return doc
+
+
+def read_batch(path: Path) -> dict[str, Any]:
+    return decode_batch(path.read_bytes())
+
+
+def batch_locations(layout: Layout, batch_id: str) -> list[Path]:
+    """Every place a batch with this id may lie once stored."""
+    return [
+        layout.aggregated / batch_file_name(batch_id),
+        layout.recovery / f"{batch_id}.failed.json",
+        layout.abandoned / f"{batch_id}.abandoned.json",
+    ]
+
+
+def find_batch(layout: Layout, batch_id: str) -> Path | None:
+    for path in batch_locations(layout, batch_id):
+        if path.exists():
+            return path
+    return None
+
+
+def iter_batch_files(layout: Layout) -> list[Path]:
+    """All stored batch files, in name order within each folder."""
+    files: list[Path] = []
+    for directory, pattern in (
+        (layout.aggregated, "batch_*.json"),
+        (layout.recovery, "*.failed.json"),
+        (layout.abandoned, "*.abandoned.json"),
+    ):
+        files.extend(sorted(directory.glob(pattern)))
+    return files
