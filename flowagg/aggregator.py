@@ -78,11 +78,12 @@ class Aggregator:
         self.window_bytes += _cost(item)
         return True
 
-    def is_busy(self, extra_entries: int = 0, extra_bytes: int = 0) -> bool:
+    def is_busy(self) -> bool:
+        """At the bound, add answers busy (one request may overshoot it, never more)."""
         p = self.policy
         return (
-            self.unflushed_entries + extra_entries > p.max_buffered_entries
-            or self.unflushed_bytes + extra_bytes > p.max_buffered_bytes
+            self.unflushed_entries >= p.max_buffered_entries
+            or self.unflushed_bytes >= p.max_buffered_bytes
         )
 
     # -- triggers ----------------------------------------------------------------------------

@@ -417,10 +417,12 @@ class Pipeline:
         await fut
 
     def expire_dedupe(self) -> int:
+        """Forget client entryIds older than the window (the dict is in arrival order)."""
         horizon = self.clock.now_ms() - self.config.dedupe_window_ms
         expired = 0
-        for entry_id, t in list(self.dedupe.items()):
-            if t >= horizon:
+        while self.dedupe:
+            entry_id = next(iter(self.dedupe))
+            if self.dedupe[entry_id] >= horizon:
                 break
             del self.dedupe[entry_id]
             expired += 1

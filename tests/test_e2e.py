@@ -1,0 +1,288 @@
+"""End to end: `flowagg run` as a subprocess, driven only through the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from flowagg.layout import Layout
+from flowagg.storage import iter_batch_files, read_batch
+from tests.harness import (
+    DaemonProc,
+    cli,
+    entry,
+    request,
+    start_daemon,
+    stored_entries,
+    stored_id_counts,
+    wait_for,
+)
+
+QUIET = {"maxAgeMs": 3_600_000}
+
+
+def batches(root: Path) -> list[dict[str, Any]]:
+    return [read_batch(p) for p in iter_batch_files(Layout(root))]
+
+
+def add(root: Path, *entries: dict[str, Any]) -> dict[str, Any]:
+    proc = cli(root, "add", "--json", input=orjson.dumps(list(entries)))
+    assert proc.returncode == 0, proc.stderr.decode()
+    reply: dict[str, Any] = orjson.loads(proc.stdout)
+    return reply
+
+
+def status(root: Path) -> dict[str, Any]:
+    proc = cli(root, "status", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    reply: dict[str, Any] = orjson.loads(proc.stdout)
+    return reply
+
+
+def test_size_trigger_then_manual_flush(root: Path, daemons: list[DaemonProc]) -> None:
+    daemons.append(start_daemon(root, {"batchSize": 5, **QUIET}))
+    reply = add(root, *(entry(i) for i in range(12)))
+    assert (reply["accepted"], reply["duplicates"], reply["rejected"]) == (12, 0, [])
+    got = wait_for(lambda: len(batches(root)) == 2 and batches(root))
+    assert [b["trigger"] for b in got] == ["size", "size"]
+    assert [b["entryCount"] for b in got] == [5, 5]
+    assert status(root)["buffered"]["entries"] == 2
+
+    flushed = cli(root, "flush", "--json")
+    assert flushed.returncode == 0
+    assert orjson.loads(flushed.stdout) == {"ok": True, "batches": 1, "entries": 2}
+    got = batches(root)
+    assert [b["trigger"] for b in got] == ["size", "size", "manual"]
+    # Arrival order kept across batches; batch ids unique and sorted like the files.
+    stored = [e["timestamp"] for b in got for e in b["entries"]]
+    assert stored == [entry(i)["timestamp"] for i in range(12)]
+    ids = [b["batchId"] for b in got]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    for b in got:
+        assert b["version"] == "2.0.0" and b["recovered"] is False
+    st = status(root)
+    assert st["counters"]["batches"] == {"size": 2, "manual": 1}
+    assert st["counters"]["accepted"] == 12
+    assert st["lastFlushAt"] is not None
+
+
+def test_age_trigger(root: Path, daemons: list[DaemonProc]) -> None:
+    daemons.append(start_daemon(root, {"maxAgeMs": 150}))
+    add(root, entry(1), entry(2), entry(3))
+    got = wait_for(lambda: batches(root))
+    assert [(b["trigger"], b["entryCount"]) for b in got] == [("age", 3)]
+
+
+def test_threshold_trigger_respects_max_batch_bytes(root: Path, daemons: list[DaemonProc]) -> None:
+    settings = {"batchSize": 1000, "maxBatchBytes": 2048, "flushThreshold": 0.5, **QUIET}
+    daemons.append(start_daemon(root, settings))
+    big = [entry(i, metadata={"note": "x" * 300}) for i in range(9)]
+    add(root, *big)
+    got = wait_for(lambda: len(batches(root)) >= 2 and batches(root))
+    assert {b["trigger"] for b in got} == {"threshold"}
+    for b in got:
+        assert len(orjson.dumps(b["entries"])) <= 2048
+
+
+def test_sigterm_flushes_then_exits_zero(root: Path) -> None:
+    daemon = start_daemon(root, QUIET)
+    add(root, entry(1), entry(2), entry(3))
+    assert daemon.stop(signal.SIGTERM) == 0
+    got = batches(root)
+    assert [(b["trigger"], b["entryCount"]) for b in got] == [("shutdown", 3)]
+    layout = Layout(root)
+    assert not layout.socket.exists() and not layout.pid_file.exists()
+
+
+def test_sigusr1_flushes(root: Path, daemons: list[DaemonProc]) -> None:
+    daemon = start_daemon(root, QUIET)
+    daemons.append(daemon)
+    add(root, entry(1), entry(2))
+    daemon.send(signal.SIGUSR1)
+    got = wait_for(lambda: batches(root))
+    assert [(b["trigger"], b["entryCount"]) for b in got] == [("manual", 2)]
+
+
+def test_second_daemon_is_refused_with_exit_3(root: Path, daemons: list[DaemonProc]) -> None:
+    first = start_daemon(root)
+    daemons.append(first)
+    second = cli(root, "run", timeout=30)
+    assert second.returncode == 3
+    message = second.stderr.decode()
+    assert f"pid {first.proc.pid}" in message and "already running" in message
+    assert request(first.layout.socket, {"op": "ping"}) == {"ok": True}
+
+
+@pytest.mark.parametrize("kind", ["missing-parent", "file"])
+def test_unusable_root_exits_4(tmp_path: Path, kind: str) -> None:
+    if kind == "missing-parent":
+        root = tmp_path / "nope" / "data"
+    else:
+        root = tmp_path / "data"
+        root.write_text("not a folder")
+    proc = cli(root, "run", timeout=30)
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.decode().count("\n") == 1  # one line naming the cause and the fix
+
+
+def test_root_and_socket_are_private(root: Path, daemons: list[DaemonProc]) -> None:
+    daemons.append(start_daemon(root))
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(Layout(root).socket).st_mode) == 0o600
+
+
+def test_no_daemon_means_exit_3(root: Path) -> None:
+    for args in (["status"], ["flush"], ["add", orjson.dumps(entry(1)).decode()]):
+        proc = cli(root, *args)
+        assert proc.returncode == 3, args
+        assert "flowagg run" in proc.stderr.decode()
+
+
+def test_rejected_entries_are_answered_and_exit_2(root: Path, daemons: list[DaemonProc]) -> None:
+    daemons.append(start_daemon(root, QUIET))
+    bad = entry(2, timestamp="2024-01-01")
+    proc = cli(root, "add", "--json", input=orjson.dumps([entry(1), bad]))
+    assert proc.returncode == 2
+    reply = orjson.loads(proc.stdout)
+    assert reply["accepted"] == 1
+    assert reply["rejected"] == [
+        {
+            "index": 1,
+            "error": 'entry 1: timestamp: must be an integer (ms since epoch), got "2024-01-01"',
+        }
+    ]
+    assert status(root)["counters"]["rejected"] == 1
+
+
+def test_unparseable_cli_input_is_a_usage_error(root: Path) -> None:
+    proc = cli(root, "add", input=b'{"userId": "u", "action"')
+    assert proc.returncode == 2
+    assert b"not valid JSON" in proc.stderr
+
+
+def test_entries_from_arguments_file_and_json_lines(
+    root: Path, tmp_path: Path, daemons: list[DaemonProc]
+) -> None:
+    daemons.append(start_daemon(root, QUIET))
+    arg = cli(root, "add", orjson.dumps(entry(1, entryId="a")).decode())
+    assert arg.returncode == 0, arg.stderr
+    lines = tmp_path / "in.jsonl"
+    lines.write_bytes(b"\n".join(orjson.dumps(entry(i, entryId=f"l{i}")) for i in range(3)))
+    from_file = cli(root, "add", "--file", str(lines))
+    assert from_file.returncode == 0, from_file.stderr
+    assert cli(root, "flush").returncode == 0
+    assert set(stored_id_counts(root)) == {"a", "l0", "l1", "l2"}
+
+
+def test_dedupe_survives_restart(root: Path) -> None:
+    daemon = start_daemon(root, QUIET)
+    assert add(root, entry(1, entryId="same"))["accepted"] == 1
+    assert daemon.stop() == 0
+    daemon = start_daemon(root, QUIET)
+    reply = add(root, entry(1, entryId="same"), entry(2, entryId="other"))
+    assert (reply["accepted"], reply["duplicates"]) == (1, 1)
+    assert daemon.stop() == 0
+    assert stored_id_counts(root) == {"same": 1, "other": 1}
+
+
+def test_kill_9_then_restart_replays_the_journal_once(root: Path) -> None:
+    daemon = start_daemon(root, {"batchSize": 4, **QUIET})
+    add(root, *(entry(i, entryId=f"k{i}") for i in range(10)))
+    wait_for(lambda: len(batches(root)) == 2)
+    daemon.kill()
+    daemon = start_daemon(root, {"batchSize": 4, **QUIET})
+    assert cli(root, "flush").returncode == 0
+    assert daemon.stop() == 0
+    assert stored_id_counts(root) == {f"k{i}": 1 for i in range(10)}
+
+
+def test_busy_at_the_buffer_bound(root: Path, daemons: list[DaemonProc]) -> None:
+    settings = {"maxBufferedEntries": 10, "batchSize": 1000, **QUIET}
+    daemons.append(start_daemon(root, settings))
+    sock = Layout(root).socket
+    assert request(sock, {"op": "add", "entries": [entry(i) for i in range(10)]})["accepted"] == 10
+    reply = request(sock, {"op": "add", "entries": [entry(11)]})
+    assert reply["ok"] is False and reply["error"] == "busy" and reply["retryAfterMs"] > 0
+    assert status(root)["counters"]["busy"] == 1
+    assert cli(root, "flush").returncode == 0
+    assert request(sock, {"op": "add", "entries": [entry(11)]})["accepted"] == 1
+
+
+def test_spool_files_dropped_while_down_are_ingested_at_start(root: Path) -> None:
+    daemon = start_daemon(root, QUIET)  # creates the root
+    assert daemon.stop() == 0
+    inbox = Layout(root).inbox
+    (inbox / "b.jsonl.tmp").write_bytes(b"partial, still being written")
+    (inbox / "a.json").write_bytes(orjson.dumps([entry(1, entryId="s1"), entry(2, entryId="s2")]))
+    (inbox / "b.json").write_bytes(orjson.dumps(entry(3, entryId="s3")))
+    spooled = cli(root, "add", "--spool-if-down", orjson.dumps(entry(4, entryId="s4")).decode())
+    assert spooled.returncode == 0 and b"spooled 1" in spooled.stdout
+    daemon = start_daemon(root, QUIET)
+    wait_for(lambda: status(root)["counters"]["accepted"] == 4)
+    assert sorted(p.name for p in inbox.iterdir()) == ["b.jsonl.tmp"]  # a client's temp stays
+    assert daemon.stop() == 0
+    assert stored_id_counts(root) == {"s1": 1, "s2": 1, "s3": 1, "s4": 1}
+    in_order = [e["entryId"] for e in stored_entries(root)]
+    # Name order: the CLI's spool file (named <ms>-...) sorts before a.json, then b.json.
+    assert in_order == ["s4", "s1", "s2", "s3"]
+
+
+def test_spool_keeps_valid_entries_and_quarantines_the_rest(
+    root: Path, daemons: list[DaemonProc]
+) -> None:
+    daemons.append(start_daemon(root, {"spoolRescanMs": 50, **QUIET}))
+    layout = Layout(root)
+    lines = [
+        orjson.dumps(entry(1, entryId="ok1")),
+        orjson.dumps(entry(2, action="has space")),
+        b'{"userId": "u", "truncated',
+        orjson.dumps(entry(3, entryId="ok2", colour="red")),
+        orjson.dumps(entry(4, entryId="ok3")),
+    ]
+    tmp = layout.inbox / "mixed.jsonl.tmp"
+    tmp.write_bytes(b"\n".join(lines) + b"\n")
+    os.rename(tmp, layout.inbox / "mixed.jsonl")
+    wait_for(lambda: status(root)["counters"]["accepted"] == 2)
+    assert cli(root, "flush").returncode == 0
+    assert stored_id_counts(root) == {"ok1": 1, "ok3": 1}
+    rejected = list(layout.errors.glob("*mixed.jsonl.rejected.jsonl"))
+    assert len(rejected) == 1
+    problems = [orjson.loads(line) for line in rejected[0].read_bytes().splitlines()]
+    errors = sorted(p["error"] for p in problems)
+    assert len(errors) == 3
+    assert any("action" in e for e in errors)
+    assert any("unknown key" in e and "colour" in e for e in errors)
+    assert any("line 3" in e and "not valid JSON" in e for e in errors)
+    reason = orjson.loads(Path(str(rejected[0]) + ".reason.json").read_bytes())
+    assert reason["component"] == "spool" and len(reason["errors"]) == 3
+    assert status(root)["counters"]["rejected"] == 3
+    assert not list(layout.inbox.iterdir())
+
+
+def test_unreadable_spool_file_is_quarantined_whole(root: Path, daemons: list[DaemonProc]) -> None:
+    daemons.append(start_daemon(root, {"spoolRescanMs": 50, **QUIET}))
+    layout = Layout(root)
+    (layout.inbox / "broken.json").write_bytes(b'[{"userId": "u",')
+    wait_for(lambda: list(layout.errors.glob("*broken.json")))
+    reason = orjson.loads(next(layout.errors.glob("*broken.json.reason.json")).read_bytes())
+    assert "not valid JSON" in reason["reason"]
+
+
+def test_config_shows_sources(root: Path, tmp_path: Path) -> None:
+    conf = tmp_path / "flowagg.toml"
+    conf.write_text("batchSize = 9\n")
+    proc = cli(root, "--config", str(conf), "config", "--json")
+    assert proc.returncode == 0, proc.stderr
+    settings = orjson.loads(proc.stdout)["settings"]
+    assert settings["batchSize"] == {"value": 9, "source": f"file {conf}"}
+    assert settings["maxAgeMs"]["source"] == "default"
+    assert settings["root"] == {"value": str(root), "source": "flag"}
+    conf.write_text("batchSise = 9\n")
+    bad = cli(root, "--config", str(conf), "config")
+    assert bad.returncode == 2 and b"batchSize" in bad.stderr

@@ -1,0 +1,289 @@
+"""Crash torture: writers with unique entryIds while a real daemon is SIGKILLed at random.
+
+Each socket writer resends a request until the daemon answers it (accepted or duplicate),
+so every entry ends up acknowledged; a spool writer drops files into inbox/ (the rename is
+the acknowledgement). Now and then junk is appended to the journal, as a torn write would
+leave it. At the end the daemon is started once more and flushed, and every batch file is
+read back: the stored entryIds must equal the acknowledged ones, each exactly once.
+
+Run longer with `scripts/torture --kills N --seed S`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import random
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from flowagg.client import write_spool_file
+from flowagg.journal import list_segments
+from flowagg.layout import Layout
+from flowagg.storage import iter_batch_files, read_batch
+from tests.harness import BASE_TS, DaemonProc, request
+
+SETTINGS = {
+    "batchSize": 7,
+    "maxAgeMs": 40,
+    "memoryWindowEntries": 40,
+    "journalSegmentBytes": 16384,
+    "spoolRescanMs": 50,
+}
+
+
+@dataclasses.dataclass
+class TortureResult:
+    kills: int
+    acknowledged: int
+    stored: int
+    lost: list[str]
+    duplicated: list[str]
+    unexpected: list[str]
+    batch_files: int
+    junk_appends: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicated or self.unexpected)
+
+    def summary(self) -> str:
+        return (
+            f"{self.kills} kills, {self.junk_appends} torn tails, {self.acknowledged} acknowledged,"
+            f" {self.stored} stored in {self.batch_files} batch files, lost {len(self.lost)},"
+            f" duplicated {len(self.duplicated)}, unexpected {len(self.unexpected)}"
+            f" ({self.seconds:.1f} s)"
+        )
+
+
+class SocketWriter(threading.Thread):
+    def __init__(self, name: str, sock_path: Path, rng: random.Random, stop: threading.Event):
+        super().__init__(name=name, daemon=True)
+        self.sock_path = sock_path
+        self.rng = rng
+        self.stop_event = stop
+        self.acked: set[str] = set()
+        self.errors: list[str] = []
+        self._n = 0
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+
+    def _connect(self) -> bool:
+        self._close()
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(self.sock_path))
+        except OSError:
+            s.close()
+            return False
+        self._sock, self._file = s, s.makefile("rb")
+        return True
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+                self._sock.close()
+        self._sock = self._file = None
+
+    def _send(self, payload: bytes) -> dict[str, Any] | None:
+        if self._sock is None and not self._connect():
+            return None
+        assert self._sock is not None
+        try:
+            self._sock.sendall(payload)
+            line = self._file.readline()
+        except OSError:
+            self._close()
+            return None
+        if not line:
+            self._close()
+            return None
+        reply: dict[str, Any] = orjson.loads(line)
+        return reply
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            count = self.rng.randint(1, 12)
+            batch = []
+            for _ in range(count):
+                self._n += 1
+                eid = f"{self.name}-{self._n}"
+                batch.append(
+                    {
+                        "userId": self.name,
+                        "action": "torture",
+                        "timestamp": BASE_TS + self._n,
+                        "metadata": {"duration": self._n},
+                        "entryId": eid,
+                    }
+                )
+            payload = orjson.dumps({"op": "add", "entries": batch}) + b"\n"
+            # Resend until answered: an unanswered request may or may not have been journaled,
+            # and the entryIds make the resend safe.
+            while True:
+                reply = self._send(payload)
+                if reply is not None and reply.get("ok"):
+                    if reply["accepted"] + reply["duplicates"] != count:
+                        self.errors.append(f"odd reply {reply}")
+                    self.acked.update(e["entryId"] for e in batch)
+                    break
+                if reply is not None and reply.get("error") not in ("busy", "stopping"):
+                    self.errors.append(f"error reply {reply}")
+                time.sleep(0.005 if reply is None else reply.get("retryAfterMs", 50) / 1000)
+        self._close()
+
+
+class SpoolWriter(threading.Thread):
+    def __init__(self, layout: Layout, rng: random.Random, stop: threading.Event):
+        super().__init__(name="spool", daemon=True)
+        self.layout = layout
+        self.rng = rng
+        self.stop_event = stop
+        self.acked: set[str] = set()
+        self._n = 0
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.rng.uniform(0.005, 0.05)):
+            batch = []
+            for _ in range(self.rng.randint(1, 10)):
+                self._n += 1
+                batch.append(
+                    {
+                        "userId": "spool",
+                        "action": "torture.spool",
+                        "timestamp": BASE_TS + self._n,
+                        "entryId": f"spool-{self._n}",
+                    }
+                )
+            write_spool_file(self.layout, batch)
+            self.acked.update(e["entryId"] for e in batch)
+
+
+def append_junk(layout: Layout, rng: random.Random) -> bool:
+    segments = list_segments(layout.journal)
+    if not segments:
+        return False
+    junk = rng.choice([b"0000", b'deadbeef {"k":"a","q":', rng.randbytes(rng.randint(1, 40))])
+    with segments[-1].open("ab") as fh:
+        fh.write(junk)
+    return True
+
+
+def run_torture(
+    root: Path,
+    *,
+    kills: int,
+    seed: int,
+    writers: int = 3,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> TortureResult:
+    started = time.monotonic()
+    rng = random.Random(seed)
+    layout = Layout(root)
+    log_path = root.parent / "torture-daemon.log"
+    stop = threading.Event()
+
+    first = DaemonProc(root, SETTINGS, log_path=log_path).wait_ready()
+    socket_writers = [
+        SocketWriter(f"w{i}", layout.socket, random.Random(rng.random()), stop)
+        for i in range(writers)
+    ]
+    spool_writer = SpoolWriter(layout, random.Random(rng.random()), stop)
+    for w in [*socket_writers, spool_writer]:
+        w.start()
+    daemon = first
+    junk = 0
+    try:
+        for k in range(kills):
+            if k:
+                daemon = DaemonProc(root, SETTINGS, log_path=log_path)
+                if rng.random() < 0.75:
+                    daemon.wait_ready()
+            # Random instant: during start-up and replay, or while entries and batches flow.
+            time.sleep(rng.uniform(0.0, 0.25))
+            daemon.kill()
+            if rng.random() < 0.1 and append_junk(layout, rng):
+                junk += 1
+            if k % 20 == 0:
+                log(f"kill {k + 1}/{kills} at {time.monotonic() - started:.1f} s")
+        stop.set()
+        # Writers still resending their last request need a daemon to answer it.
+        final = DaemonProc(root, SETTINGS, log_path=log_path).wait_ready()
+        for w in [*socket_writers, spool_writer]:
+            w.join(60)
+            assert not w.is_alive(), f"writer {w.name} did not finish"
+        # The spool is acknowledged by rename alone: wait until the daemon took every file.
+        deadline = time.monotonic() + 60
+        while any(layout.inbox.glob("*.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        reply = request(layout.socket, {"op": "flush"})
+        assert reply.get("ok"), reply
+        code = final.stop(signal.SIGTERM)
+        assert code == 0, f"final daemon exited {code}: {final.log()}"
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            daemon.kill()
+
+    errors = [e for w in socket_writers for e in w.errors]
+    assert not errors, errors[:5]
+    acked = set(spool_writer.acked)
+    for w in socket_writers:
+        acked |= w.acked
+    counts: Counter[str] = Counter()
+    files = iter_batch_files(layout)
+    for path in files:
+        counts.update(e["entryId"] for e in read_batch(path)["entries"])
+    return TortureResult(
+        kills=kills,
+        acknowledged=len(acked),
+        stored=sum(counts.values()),
+        lost=sorted(acked - set(counts)),
+        duplicated=sorted(i for i, c in counts.items() if c > 1),
+        unexpected=sorted(set(counts) - acked),
+        batch_files=len(files),
+        junk_appends=junk,
+        seconds=time.monotonic() - started,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--writers", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the data root for inspection")
+    args = parser.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="flowagg-torture-"))
+    print(f"seed {args.seed}, data root {tmp / 'data'}", flush=True)
+    result = run_torture(
+        tmp / "data",
+        kills=args.kills,
+        seed=args.seed,
+        writers=args.writers,
+        log=lambda m: print(m, flush=True),
+    )
+    print(result.summary())
+    if not args.keep and result.ok:
+        import shutil
+
+        shutil.rmtree(tmp)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
