@@ -110,7 +110,11 @@ class Daemon:
                 f"cannot create the lock file {self.layout.lock_file}: {exc.strerror}"
             ) from None
         self._lock = lock
-        atomic_write(self.layout.pid_file, f"{os.getpid()}\n".encode())
+        try:
+            atomic_write(self.layout.pid_file, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            # A full disk must not stop the daemon (SPEC §2); the pid file only names us.
+            logging.getLogger("flowagg.daemon").warning("cannot write the pid file: %s", exc)
 
     def release(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -397,7 +397,17 @@ class JournalWriter:
                 group, self._queue = self._queue, []
                 if not group and self._stopping:
                     return
-            self._commit(group)
+            try:
+                self._commit(group)
+            except BaseException as exc:
+                # Never leave a waiter hanging: fail this group and every later append.
+                log.critical("journal writer failed: %r", exc)
+                with self._cond:
+                    self._broken = exc if isinstance(exc, OSError) else OSError(str(exc))
+                    group += self._queue
+                    self._queue = []
+                self._deliver([(a, self._broken, self.durable) for a in group])
+                return
 
     def _open_segment(self) -> None:
         if self._fd is not None:
