@@ -161,17 +161,18 @@ class Daemon:
         self._signals = asyncio.Queue()
         for signum, name in SIGNALS.items():
             loop.add_signal_handler(signum, self._signals.put_nowait, name)
-        self.server = SocketServer(
-            self.layout.socket, self.handle_request, max_request_bytes=self.config.max_request_bytes
-        )
-        await self.server.start()
         self.spool = SpoolIntake(
             self.layout,
             self.pipeline,
             rescan_s=self.config.spool_rescan_ms / 1000,
             max_file_bytes=self.config.max_request_bytes,
         )
-        await self.spool.start(result.spool_sources)
+        await self.spool.recover(result.spool_sources)
+        self.server = SocketServer(
+            self.layout.socket, self.handle_request, max_request_bytes=self.config.max_request_bytes
+        )
+        await self.server.start()
+        await self.spool.start()
         maintenance = loop.call_later(MAINTENANCE_INTERVAL_S, self._maintenance)
         log.info("ready in %.3f s; socket %s", time.perf_counter() - started, self.layout.socket)
         notify(f"READY=1\nSTATUS=accepting entries\nMAINPID={os.getpid()}")

@@ -102,9 +102,13 @@ class SpoolIntake:
                 pending.append(name)
         return pending
 
-    async def start(self, journaled_sources: set[str]) -> None:
+    async def recover(self, journaled_sources: set[str]) -> None:
+        """Finish the files a previous run adopted (before the daemon reports ready)."""
         for name in self.recover_adopted(journaled_sources):
             await self._ingest(name)
+
+    async def start(self) -> None:
+        """Watch inbox/ (events plus a periodic rescan) and take what is already there."""
         loop = asyncio.get_running_loop()
         observer = Observer()
         observer.schedule(
