@@ -259,7 +259,7 @@ def _status_text(s: dict[str, Any]) -> str:
         f"batches: {batches}; last flush at {last if last else 'never'}",
         f"journal: {j['entries']} entries in {j['syncs']} syncs, {j['segments']} segments",
         f"failed {s['failed']}, abandoned {s['abandoned']}, errors {s['errors']},"
-        f" inbox {s['spool']['inbox']}",
+        f" inbox {s['queue']['inbox']}",
     ]
     if s["flusher"]["stalledError"]:
         lines.append(f"WARNING: batches cannot be stored: {s['flusher']['stalledError']}")
@@ -313,3 +313,117 @@ def config_cmd(ctx: click.Context, as_json: bool, check_file: str | None) -> Non
         return "\n".join(rows)
 
     emit(data, as_json, human)
+
+
+@main.command()
+@click.option("--abandoned", is_flag=True, help="put abandoned batches back into the retry queue")
+@click.option("--batch", "batch_id", help="with --abandoned: only this batch id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def recover(ctx: click.Context, abandoned: bool, batch_id: str | None, as_json: bool) -> None:
+    """Retry every failed batch now (and, with --abandoned, the abandoned ones)."""
+    if batch_id and not abandoned:
+        fail("--batch only applies with --abandoned", EXIT_USAGE)
+    payload: dict[str, Any] = {"op": "recover", "abandoned": abandoned}
+    if batch_id:
+        payload["batch"] = batch_id
+    reply = _daemon_request(ctx, payload)
+
+    def human(r: dict[str, Any]) -> str:
+        lines = []
+        if "requeued" in r:
+            lines.append(f"requeued {len(r['requeued'])} abandoned batches")
+        lines.append(
+            f"recovered {len(r['recovered'])}, failed again {len(r['failedAgain'])},"
+            f" abandoned {len(r['abandoned'])}, quarantined {len(r['quarantined'])}"
+        )
+        lines += [f"  recovered {b}" for b in r["recovered"]]
+        lines += [f"  abandoned {b}" for b in r["abandoned"]]
+        return "\n".join(lines)
+
+    emit(reply, as_json, human)
+    if reply["failedAgain"] or reply["abandoned"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def health(ctx: click.Context, as_json: bool) -> None:
+    """Show the latest health snapshot; exit 0 healthy, 1 degraded, 2 critical, 3 stale."""
+    from .health import EXIT_BY_STATUS, is_stale, read_latest
+
+    config = get_config(ctx)
+    layout = Layout(config.root_path)
+    snapshot = read_latest(layout)
+    if snapshot is None:
+        raise NotRunningError(
+            f"no health snapshot in {layout.health}; start the daemon with `flowagg run`"
+        )
+    now = SystemClock().now_ms()
+    if is_stale(snapshot, now):
+        age_s = (now - snapshot.get("timestamp", 0)) / 1000
+        raise NotRunningError(
+            f"the last health snapshot is {age_s:.0f} s old (more than 3 intervals);"
+            " the daemon is not running or is stuck: check `flowagg status`"
+        )
+
+    def human(s: dict[str, Any]) -> str:
+        q = s["queue"]
+        sys_h = s["systemHealth"]
+        disk = sys_h["diskSpace"]
+        agg = s["aggregatorHealth"]
+        lines = [
+            f"status: {s['status']} ({s['severity']}) at {s['timestamp']}",
+            *[f"  ! {issue}" for issue in s["issues"]],
+            f"queue: buffered {q['buffered']}, failed {q['failed']}, abandoned {q['abandoned']},"
+            f" errors {q['errors']}, inbox {q['inbox']}",
+            f"batches: {agg['totalOperations']}, success rate {agg['successRate']:.1%},"
+            f" retries {agg['retryCount']}",
+            f"disk: {disk['available'] / 2**30:.1f} GiB free of {disk['total'] / 2**30:.1f} GiB;"
+            f" daemon RSS {sys_h['processRss'] / 2**20:.0f} MiB",
+        ]
+        return "\n".join(lines)
+
+    emit(snapshot, as_json, human)
+    sys.exit(EXIT_BY_STATUS.get(snapshot.get("status", ""), 2))
+
+
+@main.command()
+@click.option("--age", "age", help="remove snapshots and rotated logs older than this (e.g. 7d)")
+@click.option("--dry-run", is_flag=True, help="only list what would be removed")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -> None:
+    """Remove old health snapshots, rotated logs, stale temp files (never abandoned/errors)."""
+    from .cleanup import apply_cleanup, parse_duration_ms, plan_cleanup
+
+    config = get_config(ctx)
+    layout = Layout(config.root_path)
+    age_ms = parse_duration_ms(age) if age else config.cleanup_age_ms
+    plan = plan_cleanup(
+        layout,
+        SystemClock().now_ms(),
+        age_ms=age_ms,
+        retain_batches_ms=config.retain_batches_ms,
+    )
+    freed = 0 if dry_run else apply_cleanup(plan)
+    result = {
+        "ok": True,
+        "dryRun": dry_run,
+        "removed": [{"path": str(r.path), "bytes": r.size, "why": r.why} for r in plan],
+        "bytesFreed": freed if not dry_run else sum(r.size for r in plan),
+    }
+
+    def human(r: dict[str, Any]) -> str:
+        verb = "would remove" if dry_run else "removed"
+        lines = [
+            f"{verb} {item['path']} ({item['bytes']} bytes, {item['why']})" for item in r["removed"]
+        ]
+        lines.append(f"{verb} {len(r['removed'])} files, {r['bytesFreed']} bytes")
+        return "\n".join(lines)
+
+    emit(result, as_json, human)

@@ -49,6 +49,14 @@ SETTINGS: dict[str, Setting] = {
     "busyRetryAfterMs": Setting(200, int, 1, 600_000, "retryAfterMs sent with busy"),
     "immediateRetries": Setting(3, int, 0, 10, "inline attempts before a batch fails"),
     "retryBaseMs": Setting(1_000, int, 1, DAY_MS, "first recovery retry delay"),
+    "retryMaxDelayMs": Setting(300_000, int, 1, 7 * DAY_MS, "cap on a recovery retry delay"),
+    "batchRetryLimit": Setting(5, int, 0, 1000, "failed retries before a batch is abandoned"),
+    "scheduleIntervalMs": Setting(300_000, int, 100, DAY_MS, "recovery loop interval"),
+    "healthCheckIntervalMs": Setting(60_000, int, 100, DAY_MS, "health snapshot interval"),
+    "cleanupAgeMs": Setting(7 * DAY_MS, int, 1000, 3650 * DAY_MS, "age of removable files"),
+    "retainBatchesMs": Setting(
+        0, int, 0, 36500 * DAY_MS, "delete completed batches older than this (0 keeps them)"
+    ),
     "spoolRescanMs": Setting(2_000, int, 10, DAY_MS, "inbox rescan interval (events can be lost)"),
     "journalSegmentBytes": Setting(64 << 20, int, 4096, 1 << 34, "journal segment size"),
     "logMaxBytes": Setting(10 << 20, int, 4096, 1 << 34, "log size before rotation"),

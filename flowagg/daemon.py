@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import logging.handlers
 import os
@@ -18,15 +19,19 @@ import time
 from typing import Any
 
 import filelock
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from . import __version__
+from .cleanup import apply_cleanup, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
 from .config import Config
 from .errors import AlreadyRunningError, RootUnusableError
 from .fsutil import atomic_write, remove_stale_temps
+from .health import SEVERITY, Figures, evaluate, read_latest, system_figures, write_snapshot
 from .journal import JournalVersionError, scan
 from .layout import Layout
 from .pipeline import Pipeline, count_files
+from .recovery import Recovery, RetryPolicy, write_completed
 from .sdnotify import notify
 from .server import SocketServer
 from .spool import SpoolIntake
@@ -34,6 +39,9 @@ from .spool import SpoolIntake
 log = logging.getLogger("flowagg.daemon")
 
 MAINTENANCE_INTERVAL_S = 60.0
+CLEANUP_INTERVAL_S = 86_400.0
+HEALTH_FORMAT_VERSION = 1
+SUCCESS_WINDOW_INTERVALS = 10
 SIGNALS = {
     signal.SIGTERM: "term",
     signal.SIGINT: "int",
@@ -69,6 +77,18 @@ def setup_logging(layout: Layout, config: Config) -> None:
     stderr.setFormatter(formatter)
     root.addHandler(file_handler)
     root.addHandler(stderr)
+    recovery = logging.getLogger("flowagg.recovery")
+    for handler in list(recovery.handlers):
+        recovery.removeHandler(handler)
+        handler.close()
+    recovery_handler = logging.handlers.RotatingFileHandler(
+        layout.logs / "recovery.log",
+        maxBytes=config.log_max_bytes,
+        backupCount=config.log_backups,
+        encoding="utf-8",
+    )
+    recovery_handler.setFormatter(formatter)
+    recovery.addHandler(recovery_handler)
 
 
 class Daemon:
@@ -82,7 +102,18 @@ class Daemon:
         self.config = config
         self.layout = Layout(config.root_path)
         self.clock = clock or SystemClock()
-        self.rng = rng
+        self.rng = rng or random.Random()
+        self.retry_policy = RetryPolicy(
+            base_ms=config.retry_base_ms,
+            max_delay_ms=config.retry_max_delay_ms,
+            limit=config.batch_retry_limit,
+        )
+        self.recovery = Recovery(self.layout, self.clock, self.rng, self.retry_policy)
+        self.health_checks = 0
+        self.cleanup_runs = 0
+        self._abandoned_seen: int | None = None
+        self._recovery_lock: asyncio.Lock | None = None
+        self._scheduler: AsyncIOScheduler | None = None
         self.started_mono = 0.0
         self.pipeline: Pipeline | None = None
         self.server: SocketServer | None = None
@@ -151,7 +182,15 @@ class Daemon:
         except JournalVersionError as exc:
             raise RootUnusableError(str(exc)) from None
         ids = EntryIdFactory(self.clock, self.rng)
-        self.pipeline = Pipeline(self.config, self.layout, self.clock, loop, ids)
+        self.pipeline = Pipeline(
+            self.config,
+            self.layout,
+            self.clock,
+            loop,
+            ids,
+            next_retry_at=lambda now: self.retry_policy.next_retry_at(now, 0, self.rng),
+            store=lambda batch_id, data: write_completed(self.layout, batch_id, data),
+        )
         self.pipeline.start(result)
         log.info(
             "journal: %d segments, %d entries waiting to be flushed",
@@ -173,27 +212,158 @@ class Daemon:
         )
         await self.server.start()
         await self.spool.start()
-        maintenance = loop.call_later(MAINTENANCE_INTERVAL_S, self._maintenance)
+        self._recovery_lock = asyncio.Lock()
+        self._start_scheduler()
         log.info("ready in %.3f s; socket %s", time.perf_counter() - started, self.layout.socket)
         notify(f"READY=1\nSTATUS=accepting entries\nMAINPID={os.getpid()}")
         while not self._stop:
             name = await self._signals.get()
             await getattr(self, f"handle_{name}")()
-        maintenance.cancel()
         return await self._shutdown()
 
-    def _maintenance(self) -> None:
+    def _start_scheduler(self) -> None:
+        scheduler = AsyncIOScheduler(
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
+        )
+        scheduler.add_job(
+            self.scheduled_recovery,
+            "interval",
+            seconds=self.config.schedule_interval_ms / 1000,
+            next_run_time=_utcnow(),
+            id="recovery",
+        )
+        scheduler.add_job(
+            self.write_health,
+            "interval",
+            seconds=self.config.health_check_interval_ms / 1000,
+            next_run_time=_utcnow(),
+            id="health",
+        )
+        scheduler.add_job(self.run_cleanup, "interval", seconds=CLEANUP_INTERVAL_S, id="cleanup")
+        scheduler.add_job(
+            self.maintenance, "interval", seconds=MAINTENANCE_INTERVAL_S, id="maintenance"
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+
+    async def maintenance(self) -> None:
         assert self.pipeline is not None
         self.pipeline.expire_dedupe()
         removed = self.pipeline.compact_journal()
         if removed:
             log.info("journal: removed %d stored segments", removed)
-        asyncio.get_running_loop().call_later(MAINTENANCE_INTERVAL_S, self._maintenance)
+
+    async def scheduled_recovery(self) -> None:
+        await self.recover(force=False)
+
+    async def recover(
+        self, *, force: bool, requeue: bool = False, batch: str | None = None
+    ) -> dict[str, Any]:
+        """One recovery pass in a worker thread, never two at once."""
+        assert self._recovery_lock is not None and self.pipeline is not None
+        async with self._recovery_lock:
+            requeued: list[str] = []
+            if requeue:
+                requeued = await asyncio.to_thread(self.recovery.requeue_abandoned, batch)
+            report = await asyncio.to_thread(self.recovery.run_once, force=force)
+        outcomes = self.pipeline.flusher.outcomes if self.pipeline.flusher else None
+        if outcomes is not None:
+            now = self.clock.monotonic()
+            outcomes.extend([(now, True)] * len(report.recovered))
+            outcomes.extend([(now, False)] * (len(report.retried_failed) + len(report.abandoned)))
+        result = report.as_dict()
+        if requeue:
+            result["requeued"] = requeued
+        return result
+
+    def health_snapshot(self) -> dict[str, Any]:
+        assert self.pipeline is not None
+        st = self.status()
+        flusher = self.pipeline.flusher
+        # Success rate over the last SUCCESS_WINDOW_INTERVALS health intervals, so a bad spell
+        # shows at once and is forgotten once writes have worked for a while.
+        horizon = self.clock.monotonic() - (
+            SUCCESS_WINDOW_INTERVALS * self.config.health_check_interval_ms / 1000
+        )
+        outcomes = [ok for t, ok in (flusher.outcomes if flusher else ()) if t >= horizon]
+        success = sum(outcomes) / len(outcomes) if outcomes else 1.0
+        system = system_figures(self.layout.root)
+        disk = system["diskSpace"]
+        abandoned = st["queue"]["abandoned"]
+        if self._abandoned_seen is None:
+            previous = read_latest(self.layout)
+            self._abandoned_seen = (
+                previous.get("queue", {}).get("abandoned", abandoned) if previous else abandoned
+            )
+        flush_ms = [s * 1000 for s in self.pipeline.flush_latency]
+        figures = Figures(
+            success_rate=success,
+            flush_p99_ms=st["latencyMs"]["flushP99"],
+            memory_percent=system["memoryPercent"],
+            disk_free_fraction=disk["available"] / disk["total"] if disk["total"] else 1.0,
+            abandoned_now=abandoned,
+            abandoned_before=self._abandoned_seen,
+            stalled_error=st["flusher"]["stalledError"],
+        )
+        status, issues = evaluate(figures)
+        return {
+            "formatVersion": HEALTH_FORMAT_VERSION,
+            "timestamp": self.clock.now_ms(),
+            "status": status,
+            "severity": SEVERITY[status],
+            "issues": issues,
+            "intervalMs": self.config.health_check_interval_ms,
+            "daemonHealth": {
+                "uptime": int(st["uptimeS"] * 1000),
+                "isRunning": True,
+                "pid": st["pid"],
+                "scheduledTasksExecuted": self.recovery.runs,
+                "healthChecksPerformed": self.health_checks,
+                "cleanupOperations": self.cleanup_runs,
+            },
+            "aggregatorHealth": {
+                "totalOperations": sum(st["counters"]["batches"].values()),
+                "successRate": round(success, 4),
+                "averageProcessingTime": round(sum(flush_ms) / len(flush_ms), 3) if flush_ms else 0,
+                "maxFlushTime": round(max(flush_ms), 3) if flush_ms else 0,
+                "retryCount": (flusher.inline_retries if flusher else 0)
+                + self.recovery.totals["failedAgain"],
+            },
+            "systemHealth": system,
+            "queue": st["queue"],
+            "latencyMs": st["latencyMs"],
+        }
+
+    async def write_health(self) -> None:
+        snapshot = self.health_snapshot()
+        self.health_checks += 1
+        try:
+            await asyncio.to_thread(write_snapshot, self.layout, snapshot)
+        except OSError as exc:
+            log.error("cannot write the health snapshot: %s", exc)
+            return
+        self._abandoned_seen = snapshot["queue"]["abandoned"]
+        notify(f"STATUS={snapshot['status']}: {'; '.join(snapshot['issues']) or 'ok'}")
+
+    async def run_cleanup(self) -> None:
+        plan = await asyncio.to_thread(
+            plan_cleanup,
+            self.layout,
+            self.clock.now_ms(),
+            age_ms=self.config.cleanup_age_ms,
+            retain_batches_ms=self.config.retain_batches_ms,
+        )
+        freed = await asyncio.to_thread(apply_cleanup, plan)
+        self.cleanup_runs += 1
+        if plan:
+            log.info("cleanup: %d files removed, %d bytes freed", len(plan), freed)
 
     async def _shutdown(self) -> int:
         notify("STOPPING=1\nSTATUS=flushing")
         log.info("stopping: flushing the buffer")
         assert self.pipeline is not None
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
         if self.server is not None:
             await self.server.stop()
         if self.spool is not None:
@@ -237,14 +407,34 @@ class Daemon:
             return {"ok": True, **(await self.pipeline.flush("manual"))}
         if op == "status":
             return {"ok": True, **self.status()}
+        if op == "recover":
+            batch = request.get("batch")
+            if batch is not None and not isinstance(batch, str):
+                return {"ok": False, "error": 'recover: "batch" must be a batch id string'}
+            try:
+                report = await self.recover(
+                    force=True, requeue=bool(request.get("abandoned")), batch=batch
+                )
+            except FileNotFoundError as exc:
+                return {"ok": False, "error": str(exc)}
+            return {"ok": True, **report}
+        if op == "health":
+            return {"ok": True, **self.health_snapshot()}
         return {
             "ok": False,
-            "error": f"unknown op {op!r}; use add, flush, status or ping",
+            "error": f"unknown op {op!r}; use add, flush, recover, status, health or ping",
         }
 
     def status(self) -> dict[str, Any]:
         assert self.pipeline is not None
         spool = self.spool
+        queue = {
+            "buffered": self.pipeline.aggregator.unflushed_entries,
+            "failed": count_files(self.layout.recovery, ".failed.json"),
+            "abandoned": count_files(self.layout.abandoned, ".abandoned.json"),
+            "errors": count_files(self.layout.errors, ".reason.json"),
+            "inbox": count_files(self.layout.inbox, (".json", ".jsonl")),
+        }
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -254,9 +444,14 @@ class Daemon:
             "spool": {
                 "filesIngested": spool.files_ingested if spool else 0,
                 "filesQuarantined": spool.files_quarantined if spool else 0,
-                "inbox": count_files(self.layout.inbox, (".json", ".jsonl")),
             },
-            "failed": count_files(self.layout.recovery, ".failed.json"),
-            "abandoned": count_files(self.layout.abandoned, ".abandoned.json"),
-            "errors": count_files(self.layout.errors, ".reason.json"),
+            "failed": queue["failed"],
+            "abandoned": queue["abandoned"],
+            "errors": queue["errors"],
+            "queue": queue,
+            "recovery": {"runs": self.recovery.runs, **self.recovery.totals},
         }
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)

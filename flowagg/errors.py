@@ -39,3 +39,16 @@ class NotRunningError(FlowaggError):
 
 class DaemonError(FlowaggError):
     exit_code = EXIT_DAEMON_FAILURE
+
+
+class PermanentError(Exception):
+    """A batch failure that retrying cannot fix (an invalid batch, a sink's 4xx)."""
+
+
+def classify(exc: BaseException) -> str:
+    """'permanent' skips the retries and goes straight to abandoned/; else 'transient'.
+
+    Disk errors (ENOSPC, EACCES, EIO, EROFS, ...) are transient: an operator can free space
+    or fix permissions, and the batch must still be there when they do.
+    """
+    return "permanent" if isinstance(exc, PermanentError) else "transient"

@@ -9,19 +9,19 @@ cursor relies on batches being stored in order).
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 
 from .clock import Clock
-from .fsutil import atomic_write, retry_io
+from .fsutil import atomic_write
 from .layout import Layout
-from .storage import Batch, batch_file_name, encode_batch
+from .storage import Batch, encode_batch
 
 log = logging.getLogger("flowagg.flusher")
 
@@ -50,14 +50,16 @@ class Flusher:
         clock: Clock,
         *,
         immediate_retries: int,
-        retry_base_ms: int,
+        next_retry_at: Callable[[int], int],
+        store: Callable[[str, bytes], Path],
         on_stored: Callable[[Batch, Path, float], None],
         sleep: Callable[[float], bool] | None = None,
     ) -> None:
         self.layout = layout
         self.clock = clock
         self.immediate_retries = immediate_retries
-        self.retry_base_ms = retry_base_ms
+        self.next_retry_at = next_retry_at
+        self.store = store
         self._on_stored = on_stored
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -65,6 +67,9 @@ class Flusher:
         self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
         self.stalled_error: str | None = None
         self.failed_batches = 0
+        self.inline_retries = 0
+        # Recent (monotonic time, written to aggregated/?) pairs, for the health success rate.
+        self.outcomes: deque[tuple[float, bool]] = deque(maxlen=1000)
 
     def start(self) -> None:
         self._thread.start()
@@ -90,18 +95,30 @@ class Flusher:
                 return  # stopping while the disk refuses every write: the journal keeps it
             self._on_stored(batch, path, self.clock.monotonic() - started)
 
+    def _write_inline(self, batch_id: str, data: bytes) -> Path:
+        """Layer 1: the first attempt plus `immediateRetries` more, 50/100/200 ms apart."""
+        delays = INLINE_DELAYS_S[: self.immediate_retries]
+        for delay in [*delays, None]:
+            try:
+                return self.store(batch_id, data)
+            except OSError:
+                if delay is None:
+                    raise
+                self.inline_retries += 1
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
     def _store(self, batch: Batch) -> Path | None:
         stall_delay = 0.05
         while True:
             data = encode_batch(batch, timestamp_ms=self.clock.now_ms())
-            target = self.layout.aggregated / batch_file_name(batch.batch_id)
-            delays = INLINE_DELAYS_S[: self.immediate_retries]
             try:
-                retry_io(functools.partial(atomic_write, target, data), delays, self._sleep)
+                written = self._write_inline(batch.batch_id, data)
+                self.outcomes.append((self.clock.monotonic(), True))
                 if self.stalled_error:
                     log.info("batch %s written after a stall; writes work again", batch.batch_id)
                     self.stalled_error = None
-                return target
+                return written
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.error("batch %s could not be written to aggregated/: %s", batch.batch_id, error)
@@ -111,10 +128,11 @@ class Flusher:
                 atomic_write(
                     failed,
                     failed_document(
-                        data, error=error, now_ms=now, next_retry_ms=now + self.retry_base_ms
+                        data, error=error, now_ms=now, next_retry_ms=self.next_retry_at(now)
                     ),
                 )
                 self.failed_batches += 1
+                self.outcomes.append((self.clock.monotonic(), False))
                 log.warning("batch %s parked in recovery/: %s", batch.batch_id, error)
                 return failed
             except OSError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
@@ -135,20 +135,3 @@ def quarantine_bytes(
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def retry_io(
-    action: Callable[[], None],
-    delays_s: Iterable[float],
-    sleep: Callable[[float], None],
-) -> None:
-    """Run `action`; on OSError sleep through `delays_s` and try again, re-raising the last."""
-    delays = list(delays_s)
-    for attempt in range(len(delays) + 1):
-        try:
-            action()
-            return
-        except OSError:
-            if attempt == len(delays):
-                raise
-            sleep(delays[attempt])

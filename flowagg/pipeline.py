@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +73,17 @@ class Pipeline:
         clock: Clock,
         loop: asyncio.AbstractEventLoop,
         ids: EntryIdFactory,
+        *,
+        next_retry_at: Callable[[int], int],
+        store: Callable[[str, bytes], Path],
     ) -> None:
         self.config = config
         self.layout = layout
         self.clock = clock
         self.loop = loop
         self.ids = ids
+        self._next_retry_at = next_retry_at
+        self._store = store
         self.aggregator = Aggregator(FlushPolicy.from_config(config))
         self.dedupe: dict[str, int] = {}
         self.pending_ids: set[str] = set()
@@ -118,7 +124,8 @@ class Pipeline:
             self.layout,
             self.clock,
             immediate_retries=self.config.immediate_retries,
-            retry_base_ms=self.config.retry_base_ms,
+            next_retry_at=self._next_retry_at,
+            store=self._store,
             on_stored=lambda b, p, d: self.loop.call_soon_threadsafe(self._batch_stored, b, p, d),
         )
         self.flusher.start()

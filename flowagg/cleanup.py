@@ -1,0 +1,94 @@
+"""Cleanup (SPEC §6): old health snapshots and rotated logs, stale temp files, and completed
+batches only when `retainBatchesMs` asks for it. Abandoned batches and quarantined files are
+never removed here: a person decides about those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+from .errors import FlowaggError
+from .fsutil import TEMP_MARK
+from .layout import Layout
+
+STALE_TEMP_MS = 3_600_000  # a temp file this old belongs to no write in progress
+_HEALTH_RE = re.compile(r"health-(\d+)\.json")
+_BATCH_RE = re.compile(r"batch_(\d+)_\d+\.json")
+_ROTATED_RE = re.compile(r".+\.log\.\d+")
+_DURATION_RE = re.compile(r"(\d+)(ms|s|m|h|d|w)?")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """'7d', '12h', '30m', '45s', '500ms' or plain milliseconds."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if not match:
+        raise FlowaggError(
+            f"duration {text!r} is not understood; write e.g. 7d, 12h, 30m, 45s or 500ms", 2
+        )
+    return int(match.group(1)) * _UNIT_MS[match.group(2) or "ms"]
+
+
+@dataclasses.dataclass
+class Removal:
+    path: Path
+    size: int
+    why: str
+
+
+def plan_cleanup(
+    layout: Layout, now_ms: int, *, age_ms: int, retain_batches_ms: int
+) -> list[Removal]:
+    out: list[Removal] = []
+
+    def consider(path: Path, born_ms: float, limit_ms: int, why: str) -> None:
+        if now_ms - born_ms > limit_ms:
+            with contextlib.suppress(FileNotFoundError):
+                out.append(Removal(path, path.stat().st_size, why))
+
+    for path in _files(layout.health):
+        m = _HEALTH_RE.fullmatch(path.name)
+        if m:
+            consider(path, int(m.group(1)), age_ms, "health snapshot")
+    for path in _files(layout.logs):
+        if _ROTATED_RE.fullmatch(path.name):
+            consider(path, _mtime_ms(path), age_ms, "rotated log")
+    for directory in layout.private_dirs():
+        for path in _files(directory):
+            if path.name.startswith(TEMP_MARK):
+                consider(path, _mtime_ms(path), STALE_TEMP_MS, "stale temp file")
+    if retain_batches_ms > 0:
+        for path in _files(layout.aggregated):
+            m = _BATCH_RE.fullmatch(path.name)
+            if m:
+                consider(path, int(m.group(1)), retain_batches_ms, "completed batch past retention")
+    return out
+
+
+def apply_cleanup(removals: list[Removal]) -> int:
+    freed = 0
+    for item in removals:
+        try:
+            item.path.unlink()
+        except FileNotFoundError:
+            continue
+        freed += item.size
+    return freed
+
+
+def _files(directory: Path) -> list[Path]:
+    try:
+        return [directory / n for n in sorted(os.listdir(directory))]
+    except FileNotFoundError:
+        return []
+
+
+def _mtime_ms(path: Path) -> float:
+    try:
+        return path.stat().st_mtime * 1000
+    except FileNotFoundError:
+        return float("inf")

@@ -1,0 +1,329 @@
+"""Layer 2 of SPEC §6: the recovery loop over recovery/*.failed.json.
+
+Oldest failures first. A batch is retried when `now >= nextRetryAt` (or at once, when an
+operator asks); a failure sets `nextRetryAt = now + U(0, min(retryMaxDelayMs, retryBaseMs *
+2^retryCount))` (full jitter). After `batchRetryLimit` failed retries, or at once for a
+permanent error, it moves to recovery/abandoned/ with its history.
+
+Every move is write-new-then-delete-old, so a crash can leave one batch id in two places;
+`reconcile` settles that on every run, keeping the copy that was being moved to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .clock import Clock
+from .errors import PermanentError, classify
+from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
+from .layout import Layout
+from .storage import CorruptBatch, batch_file_name, decode_batch
+
+log = logging.getLogger("flowagg.recovery")
+
+FAILED_SUFFIX = ".failed.json"
+ABANDONED_SUFFIX = ".abandoned.json"
+SUPPORTED_MAJOR = 2
+HISTORY_LIMIT = 50
+BATCH_KEYS = (
+    "batchId",
+    "timestamp",
+    "version",
+    "trigger",
+    "entries",
+    "entryCount",
+    "entriesSha256",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    base_ms: int
+    max_delay_ms: int
+    limit: int
+
+    def delay_cap_ms(self, retry_count: int) -> int:
+        return min(self.max_delay_ms, self.base_ms * 2 ** min(retry_count, 62))
+
+    def next_retry_at(self, now_ms: int, retry_count: int, rng: random.Random) -> int:
+        return now_ms + rng.randint(0, self.delay_cap_ms(retry_count))
+
+
+class NewerFormatError(ValueError):
+    """A file written by a newer flowagg: refused, never quarantined or deleted."""
+
+
+def check_version(doc: dict[str, Any], path: Path) -> None:
+    version = str(doc.get("version", "0"))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise CorruptBatch(f"version {version!r} is not a version number") from None
+    if major > SUPPORTED_MAJOR:
+        raise NewerFormatError(
+            f"{path.name} has format version {version}, newer than this flowagg reads"
+            f" ({SUPPORTED_MAJOR}.x); upgrade flowagg to handle it"
+        )
+
+
+def completed_document(doc: dict[str, Any]) -> bytes:
+    """The batch as it goes to aggregated/: the batch keys only, marked recovered."""
+    out = {key: doc[key] for key in BATCH_KEYS if key in doc}
+    out["recovered"] = True
+    return orjson.dumps(out)
+
+
+@dataclasses.dataclass
+class RecoveryReport:
+    recovered: list[str] = dataclasses.field(default_factory=list)
+    retried_failed: list[str] = dataclasses.field(default_factory=list)
+    abandoned: list[str] = dataclasses.field(default_factory=list)
+    quarantined: list[str] = dataclasses.field(default_factory=list)
+    waiting: int = 0
+    reconciled: list[str] = dataclasses.field(default_factory=list)
+    refused: list[str] = dataclasses.field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "recovered": self.recovered,
+            "failedAgain": self.retried_failed,
+            "abandoned": self.abandoned,
+            "quarantined": self.quarantined,
+            "waiting": self.waiting,
+            "reconciled": self.reconciled,
+            "refused": self.refused,
+        }
+
+
+def write_completed(layout: Layout, batch_id: str, data: bytes) -> Path:
+    target = layout.aggregated / batch_file_name(batch_id)
+    atomic_write(target, data)
+    return target
+
+
+class Recovery:
+    def __init__(
+        self,
+        layout: Layout,
+        clock: Clock,
+        rng: random.Random,
+        policy: RetryPolicy,
+        *,
+        store: Callable[[str, bytes], Path] | None = None,
+    ) -> None:
+        self.layout = layout
+        self.clock = clock
+        self.rng = rng
+        self.policy = policy
+        self.store = store or (lambda batch_id, data: write_completed(layout, batch_id, data))
+        self.runs = 0
+        self.totals: dict[str, int] = {"recovered": 0, "failedAgain": 0, "abandoned": 0}
+
+    # -- reading ----------------------------------------------------------------------------
+    def _load(self, path: Path, report: RecoveryReport) -> dict[str, Any] | None:
+        """Parse and verify a recovery file; quarantine it when it cannot be trusted."""
+        try:
+            doc = decode_batch(path.read_bytes())
+            check_version(doc, path)
+            expected = doc["batchId"] + (
+                FAILED_SUFFIX if path.name.endswith(FAILED_SUFFIX) else ABANDONED_SUFFIX
+            )
+            if path.name != expected:
+                raise CorruptBatch(f"file name does not match batchId {doc['batchId']!r}")
+            return doc
+        except NewerFormatError as exc:
+            log.error("%s", exc)
+            report.refused.append(path.name)
+            return None
+        except (CorruptBatch, OSError, TypeError, KeyError, AttributeError) as exc:
+            self._quarantine(path, f"unreadable recovery file: {exc}", report)
+            return None
+
+    def _quarantine(self, path: Path, reason: str, report: RecoveryReport) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            target = quarantine_file(
+                self.layout.errors,
+                path,
+                reason=reason,
+                component="recovery",
+                now_ms=self.clock.now_ms(),
+            )
+            report.quarantined.append(path.name)
+            log.warning("quarantined %s to errors/%s: %s", path.name, target.name, reason)
+
+    def _failed_files(self, report: RecoveryReport) -> list[Path]:
+        paths = []
+        for name in sorted(os.listdir(self.layout.recovery)):
+            path = self.layout.recovery / name
+            if name.startswith((".", TEMP_MARK)) or path.is_dir():
+                continue
+            if name.endswith(FAILED_SUFFIX):
+                paths.append(path)
+            else:
+                self._quarantine(path, "unexpected file in recovery/", report)
+        return paths
+
+    # -- reconcile --------------------------------------------------------------------------
+    def _drop(self, path: Path, why: str, report: RecoveryReport) -> None:
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+        report.reconciled.append(path.name)
+        log.info("batch %s: removed %s (%s)", path.name.split(".")[0], path.name, why)
+
+    def reconcile(
+        self, failed: dict[str, tuple[Path, dict[str, Any]]], report: RecoveryReport
+    ) -> None:
+        """Settle batch ids found in two places after a crash mid-move. Mutates `failed`."""
+        for batch_id in list(failed):
+            path, doc = failed[batch_id]
+            done = self.layout.aggregated / batch_file_name(batch_id)
+            if done.exists():
+                try:
+                    same = decode_batch(done.read_bytes())["entriesSha256"] == doc["entriesSha256"]
+                except (CorruptBatch, OSError):
+                    same = False
+                if same:
+                    self._drop(path, "already in aggregated/", report)
+                    del failed[batch_id]
+                    continue
+            parked = self.layout.abandoned / f"{batch_id}{ABANDONED_SUFFIX}"
+            if parked.exists():
+                other = self._load(parked, report)
+                if other is None or other["entriesSha256"] != doc["entriesSha256"]:
+                    continue
+                if doc.get("requeuedAt", -1) >= other.get("abandonedAt", 0):
+                    self._drop(parked, "requeued", report)
+                else:
+                    self._drop(path, "already abandoned", report)
+                    del failed[batch_id]
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run_once(self, *, force: bool = False) -> RecoveryReport:
+        """One pass. `force` (an operator's `flowagg recover`) ignores nextRetryAt."""
+        self.runs += 1
+        report = RecoveryReport()
+        failed: dict[str, tuple[Path, dict[str, Any]]] = {}
+        for path in self._failed_files(report):
+            doc = self._load(path, report)
+            if doc is not None:
+                failed[doc["batchId"]] = (path, doc)
+        self.reconcile(failed, report)
+        ordered = sorted(failed.values(), key=lambda item: (item[1].get("failedAt", 0), item[0]))
+        for path, doc in ordered:
+            now = self.clock.now_ms()
+            if not force and now < doc.get("nextRetryAt", 0):
+                report.waiting += 1
+                continue
+            self._retry(path, doc, report)
+        for key, items in (
+            ("recovered", report.recovered),
+            ("failedAgain", report.retried_failed),
+            ("abandoned", report.abandoned),
+        ):
+            self.totals[key] += len(items)
+        return report
+
+    def _retry(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> None:
+        batch_id = doc["batchId"]
+        now = self.clock.now_ms()
+        try:
+            self.store(batch_id, completed_document(doc))
+        except (OSError, PermanentError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            kind = classify(exc)
+            doc["retryCount"] = doc.get("retryCount", 0) + 1
+            doc["lastRetryAt"] = now
+            doc["lastError"] = error
+            history = doc.setdefault("history", [])
+            history.append({"at": now, "error": error, "kind": kind})
+            del history[:-HISTORY_LIMIT]
+            if kind == "permanent" or doc["retryCount"] >= self.policy.limit:
+                why = "permanent error" if kind == "permanent" else "retry limit reached"
+                self._abandon(path, doc, why, report)
+                return
+            doc["nextRetryAt"] = self.policy.next_retry_at(now, doc["retryCount"], self.rng)
+            try:
+                atomic_write(path, orjson.dumps(doc))
+            except OSError as write_exc:
+                log.error("batch %s: cannot update its failed file: %s", batch_id, write_exc)
+            report.retried_failed.append(batch_id)
+            log.warning(
+                "batch %s: retry %d failed (%s); next at %d",
+                batch_id,
+                doc["retryCount"],
+                error,
+                doc["nextRetryAt"],
+            )
+            return
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            fsync_dir(path.parent)
+        report.recovered.append(batch_id)
+        log.info("batch %s: recovered into aggregated/", batch_id)
+
+    def _abandon(self, path: Path, doc: dict[str, Any], why: str, report: RecoveryReport) -> None:
+        batch_id = doc["batchId"]
+        doc["abandonedAt"] = self.clock.now_ms()
+        doc["abandonReason"] = why
+        doc.pop("nextRetryAt", None)
+        target = self.layout.abandoned / f"{batch_id}{ABANDONED_SUFFIX}"
+        try:
+            atomic_write(target, orjson.dumps(doc))
+        except OSError as exc:
+            # Cannot park it: keep it failed (with its count) and try again next run.
+            log.error("batch %s: cannot move to abandoned/: %s", batch_id, exc)
+            doc.pop("abandonedAt")
+            doc.pop("abandonReason")
+            doc["nextRetryAt"] = self.clock.now_ms()
+            with contextlib.suppress(OSError):
+                atomic_write(path, orjson.dumps(doc))
+            report.retried_failed.append(batch_id)
+            return
+        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            fsync_dir(path.parent)
+        report.abandoned.append(batch_id)
+        log.error("batch %s: abandoned (%s) after %d retries", batch_id, why, doc["retryCount"])
+
+    # -- operator ---------------------------------------------------------------------------
+    def requeue_abandoned(self, batch_id: str | None = None) -> list[str]:
+        """Put abandoned batches back into the retry queue (all, or one by id)."""
+        report = RecoveryReport()
+        requeued = []
+        if batch_id is not None:
+            names = [f"{batch_id}{ABANDONED_SUFFIX}"]
+            if not (self.layout.abandoned / names[0]).exists():
+                raise FileNotFoundError(f"no abandoned batch {batch_id}")
+        else:
+            names = sorted(
+                n for n in os.listdir(self.layout.abandoned) if n.endswith(ABANDONED_SUFFIX)
+            )
+        for name in names:
+            path = self.layout.abandoned / name
+            doc = self._load(path, report)
+            if doc is None:
+                continue
+            now = self.clock.now_ms()
+            doc.pop("abandonedAt", None)
+            doc.pop("abandonReason", None)
+            doc["retryCount"] = 0
+            doc["requeuedAt"] = now
+            doc["nextRetryAt"] = now
+            doc.setdefault("history", []).append({"at": now, "event": "requeued"})
+            atomic_write(
+                self.layout.recovery / f"{doc['batchId']}{FAILED_SUFFIX}", orjson.dumps(doc)
+            )
+            path.unlink()
+            fsync_dir(path.parent)
+            requeued.append(doc["batchId"])
+            log.info("batch %s: requeued from abandoned/", doc["batchId"])
+        return requeued
