@@ -1,0 +1,91 @@
+"""Health statuses (pure thresholds) and `flowagg health` exit codes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from flowagg.health import Figures, evaluate, write_snapshot
+from flowagg.layout import Layout
+from tests.harness import cli
+
+OK = Figures(
+    success_rate=1.0,
+    flush_p99_ms=3.0,
+    memory_percent=40.0,
+    disk_free_fraction=0.5,
+    abandoned_now=0,
+    abandoned_before=0,
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "words"),
+    [
+        ({}, "healthy", None),
+        ({"success_rate": 0.89}, "degraded", "below 90%"),
+        ({"success_rate": 0.79}, "critical", "below 80%"),
+        ({"flush_p99_ms": 501.0}, "degraded", "over 500 ms"),
+        ({"memory_percent": 81.0}, "degraded", "memory"),
+        ({"disk_free_fraction": 0.09}, "degraded", "disk filling up"),
+        ({"disk_free_fraction": 0.01}, "critical", "disk nearly full"),
+        ({"abandoned_now": 2, "abandoned_before": 1}, "critical", "abandoned"),
+        ({"abandoned_now": 2, "abandoned_before": 2}, "healthy", None),
+        ({"stalled_error": "OSError: [Errno 28]"}, "critical", "cannot be stored"),
+    ],
+)
+def test_thresholds(change: dict, status: str, words: str | None) -> None:
+    got, issues = evaluate(Figures(**{**OK.__dict__, **change}))
+    assert got == status
+    if words is None:
+        assert issues == []
+    else:
+        assert len(issues) == 1 and words in issues[0]
+
+
+def test_critical_outranks_degraded() -> None:
+    status, issues = evaluate(
+        Figures(**{**OK.__dict__, "memory_percent": 95.0, "success_rate": 0.5})
+    )
+    assert status == "critical" and len(issues) == 2
+
+
+def snapshot(status: str, age_ms: int = 0, interval_ms: int = 60_000) -> dict:
+    return {
+        "timestamp": time.time_ns() // 1_000_000 - age_ms,
+        "status": status,
+        "severity": "x",
+        "issues": [] if status == "healthy" else [f"{status} because of a test"],
+        "intervalMs": interval_ms,
+        "queue": {"buffered": 0, "failed": 0, "abandoned": 0, "errors": 0, "inbox": 0},
+        "aggregatorHealth": {"totalOperations": 1, "successRate": 1.0, "retryCount": 0},
+        "systemHealth": {"diskSpace": {"available": 1, "total": 2}, "processRss": 1},
+    }
+
+
+@pytest.mark.parametrize(("status", "code"), [("healthy", 0), ("degraded", 1), ("critical", 2)])
+def test_health_command_exit_codes(tmp_path: Path, status: str, code: int) -> None:
+    layout = Layout(tmp_path / "data")
+    layout.prepare()
+    write_snapshot(layout, snapshot(status))
+    proc = cli(layout.root, "health")
+    assert proc.returncode == code, proc.stderr
+    assert f"status: {status}" in proc.stdout.decode()
+    as_json = cli(layout.root, "health", "--json")
+    assert as_json.returncode == code
+    assert orjson.loads(as_json.stdout)["status"] == status
+
+
+def test_health_command_stale_and_missing(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "data")
+    layout.prepare()
+    missing = cli(layout.root, "health")
+    assert missing.returncode == 3 and b"no health snapshot" in missing.stderr
+    write_snapshot(layout, snapshot("healthy", age_ms=3_100, interval_ms=1_000))
+    stale = cli(layout.root, "health")
+    assert stale.returncode == 3 and b"3 intervals" in stale.stderr
+    write_snapshot(layout, snapshot("healthy", age_ms=2_000, interval_ms=1_000))
+    assert cli(layout.root, "health").returncode == 0

@@ -1,0 +1,212 @@
+"""The recovery loop with an injected clock and rng: schedules, limits, quarantine, moves."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from flowagg.clock import FakeClock
+from flowagg.errors import PermanentError
+from flowagg.layout import Layout
+from flowagg.recovery import Recovery, RetryPolicy, write_completed
+from flowagg.storage import Batch, batch_file_name, encode_batch, read_batch
+
+POLICY = RetryPolicy(base_ms=1000, max_delay_ms=300_000, limit=5)
+
+
+def make_layout(tmp_path: Path) -> Layout:
+    layout = Layout(tmp_path / "data")
+    layout.prepare()
+    return layout
+
+
+def failed_doc(batch_id: str, n: int = 3, **extra: Any) -> dict[str, Any]:
+    entries = [orjson.dumps({"userId": "u", "entryId": f"{batch_id}-{i}"}) for i in range(n)]
+    batch = Batch(batch_id, "size", entries, 1, n, [f"{batch_id}-{i}" for i in range(n)])
+    doc = orjson.loads(encode_batch(batch, timestamp_ms=1_000))
+    doc.update(
+        {"retryCount": 0, "lastRetryAt": 0, "lastError": "x", "failedAt": 0, "nextRetryAt": 0}
+    )
+    doc.update(extra)
+    return doc
+
+
+def put_failed(layout: Layout, doc: dict[str, Any]) -> Path:
+    path = layout.recovery / f"{doc['batchId']}.failed.json"
+    path.write_bytes(orjson.dumps(doc))
+    return path
+
+
+class FlakyStore:
+    """A store that fails while `error` is set, then writes for real."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.error: BaseException | None = OSError(errno.ENOSPC, "No space left on device")
+        self.calls = 0
+
+    def __call__(self, batch_id: str, data: bytes) -> Path:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        return write_completed(self.layout, batch_id, data)
+
+
+def test_delay_cap_doubles_then_caps() -> None:
+    caps = [POLICY.delay_cap_ms(n) for n in range(12)]
+    assert caps[:6] == [1000, 2000, 4000, 8000, 16000, 32000]
+    assert caps[-1] == 300_000 and max(caps) == 300_000
+    assert all(a <= b for a, b in itertools.pairwise(caps))
+
+
+def test_full_jitter_stays_within_bounds_and_varies() -> None:
+    rng = random.Random(1)
+    for count in range(10):
+        cap = POLICY.delay_cap_ms(count)
+        delays = [POLICY.next_retry_at(5000, count, rng) - 5000 for _ in range(200)]
+        assert all(0 <= d <= cap for d in delays)
+        assert len(set(delays)) > 50  # jittered, not a fixed delay
+        assert max(delays) > cap * 0.8 and min(delays) < cap * 0.2
+
+
+def test_schedule_then_abandon_then_requeue(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    clock = FakeClock(now_ms=10_000)
+    store = FlakyStore(layout)
+    recovery = Recovery(layout, clock, random.Random(3), POLICY, store=store)
+    put_failed(layout, failed_doc("b1", nextRetryAt=10_500))
+
+    report = recovery.run_once()
+    assert report.waiting == 1 and store.calls == 0  # not yet due
+    clock.advance(500)
+    for attempt in range(1, POLICY.limit):
+        report = recovery.run_once()
+        assert report.retried_failed == ["b1"]
+        doc = orjson.loads((layout.recovery / "b1.failed.json").read_bytes())
+        assert doc["retryCount"] == attempt
+        assert doc["lastRetryAt"] == clock.now_ms()
+        assert "No space left" in doc["lastError"]
+        delay = doc["nextRetryAt"] - clock.now_ms()
+        assert 0 <= delay <= POLICY.delay_cap_ms(attempt)
+        assert len(doc["history"]) == attempt
+        if delay > 0:
+            calls = store.calls
+            assert recovery.run_once().waiting == 1 and store.calls == calls  # not due yet
+        clock.advance(delay)
+    report = recovery.run_once()
+    assert report.abandoned == ["b1"]
+    assert not (layout.recovery / "b1.failed.json").exists()
+    parked = orjson.loads((layout.abandoned / "b1.abandoned.json").read_bytes())
+    assert parked["retryCount"] == POLICY.limit
+    assert parked["abandonReason"] == "retry limit reached"
+    assert [h["kind"] for h in parked["history"]] == ["transient"] * POLICY.limit
+
+    store.error = None
+    assert recovery.requeue_abandoned("b1") == ["b1"]
+    requeued = orjson.loads((layout.recovery / "b1.failed.json").read_bytes())
+    assert requeued["retryCount"] == 0 and requeued["history"][-1]["event"] == "requeued"
+    assert recovery.run_once().recovered == ["b1"]
+    done = read_batch(layout.aggregated / batch_file_name("b1"))
+    assert done["recovered"] is True and done["entryCount"] == 3
+    assert "retryCount" not in done and "history" not in done
+    assert not list(layout.recovery.glob("*.json")) and not list(layout.abandoned.iterdir())
+
+
+def test_permanent_error_skips_the_retries(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    store = FlakyStore(layout)
+    store.error = PermanentError("sink answered 400: bad batch")
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY, store=store)
+    put_failed(layout, failed_doc("p1"))
+    assert recovery.run_once().abandoned == ["p1"]
+    parked = orjson.loads((layout.abandoned / "p1.abandoned.json").read_bytes())
+    assert parked["abandonReason"] == "permanent error" and parked["retryCount"] == 1
+    assert "bad batch" in parked["lastError"]
+
+
+def test_oldest_failures_first(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    order: list[str] = []
+
+    def store(batch_id: str, data: bytes) -> Path:
+        order.append(batch_id)
+        return write_completed(layout, batch_id, data)
+
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY, store=store)
+    put_failed(layout, failed_doc("a-new", failedAt=300))
+    put_failed(layout, failed_doc("z-old", failedAt=100))
+    put_failed(layout, failed_doc("m-mid", failedAt=200))
+    recovery.run_once()
+    assert order == ["z-old", "m-mid", "a-new"]
+
+
+def test_untrusted_files_are_quarantined_and_the_loop_carries_on(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY)
+    good = put_failed(layout, failed_doc("good"))
+    truncated = put_failed(layout, failed_doc("trunc"))
+    truncated.write_bytes(truncated.read_bytes()[:-25])
+    wrong = failed_doc("sum")
+    wrong["entriesSha256"] = "0" * 64
+    put_failed(layout, wrong)
+    (layout.recovery / "notes.txt").write_text("garbage")
+    (layout.recovery / "shape.failed.json").write_text('["not", "a", "batch"]')
+
+    report = recovery.run_once()
+    assert report.recovered == ["good"] and not good.exists()
+    assert sorted(report.quarantined) == sorted(
+        ["notes.txt", "shape.failed.json", "sum.failed.json", "trunc.failed.json"]
+    )
+    for name in report.quarantined:
+        reason = orjson.loads((layout.errors / f"{name}.reason.json").read_bytes())
+        assert reason["component"] == "recovery" and reason["reason"]
+        assert (layout.errors / name).exists()
+    sum_reason = orjson.loads((layout.errors / "sum.failed.json.reason.json").read_bytes())
+    assert "entriesSha256" in sum_reason["reason"]
+
+
+def test_newer_format_is_refused_and_left_in_place(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY)
+    path = put_failed(layout, failed_doc("future", version="3.0.0"))
+    report = recovery.run_once()
+    assert report.refused == ["future.failed.json"] and path.exists()
+    assert not list(layout.errors.iterdir())
+
+
+@pytest.mark.parametrize("winner", ["abandoned", "requeued"])
+def test_reconcile_a_move_cut_by_a_crash(tmp_path: Path, winner: str) -> None:
+    layout = make_layout(tmp_path)
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY)
+    doc = failed_doc("both", retryCount=5)
+    parked = dict(doc, abandonedAt=1000, abandonReason="retry limit reached")
+    (layout.abandoned / "both.abandoned.json").write_bytes(orjson.dumps(parked))
+    if winner == "requeued":
+        doc.update(retryCount=0, requeuedAt=2000, nextRetryAt=10**15)
+    else:
+        doc.update(nextRetryAt=10**15)
+    put_failed(layout, doc)
+    report = recovery.run_once()
+    remaining = [p.name for p in (*layout.recovery.glob("*.json"), *layout.abandoned.iterdir())]
+    if winner == "requeued":
+        assert remaining == ["both.failed.json"]
+    else:
+        assert remaining == ["both.abandoned.json"]
+    assert len(report.reconciled) == 1
+
+
+def test_failed_copy_of_a_completed_batch_is_dropped(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY)
+    doc = failed_doc("dup")
+    write_completed(layout, "dup", orjson.dumps(dict(doc, recovered=True)))
+    put_failed(layout, doc)
+    report = recovery.run_once()
+    assert report.reconciled == ["dup.failed.json"] and not report.recovered
+    assert not (layout.recovery / "dup.failed.json").exists()
