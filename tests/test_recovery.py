@@ -210,3 +210,20 @@ def test_failed_copy_of_a_completed_batch_is_dropped(tmp_path: Path) -> None:
     report = recovery.run_once()
     assert report.reconciled == ["dup.failed.json"] and not report.recovered
     assert not (layout.recovery / "dup.failed.json").exists()
+
+
+def test_disk_full_on_a_fake_filesystem_then_space_returns(fs: Any) -> None:
+    """pyfakefs: a disk that is really full (set_disk_usage), not a patched call."""
+    layout = Layout(Path("/flowagg/data"))
+    fs.create_dir("/flowagg")
+    layout.prepare()
+    put_failed(layout, failed_doc("full", n=20))
+    used = sum(p.stat().st_size for p in layout.recovery.glob("*.json"))
+    fs.set_disk_usage(used + 200, path="/flowagg")  # room for little more than nothing
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY)
+    report = recovery.run_once(force=True)
+    assert report.retried_failed == ["full"]
+    assert not list(layout.aggregated.iterdir())  # no partial or temp file left behind
+    fs.set_disk_usage(10 * 1024 * 1024, path="/flowagg")
+    assert recovery.run_once(force=True).recovered == ["full"]
+    assert read_batch(layout.aggregated / batch_file_name("full"))["entryCount"] == 20
