@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,15 +11,14 @@ from typing import Any, TypeVar
 import click
 import orjson
 
-from .clock import EntryIdFactory, SystemClock
+from .client import send_entries, spool_entries
+from .clock import SystemClock
 from .config import SETTINGS, Config, load_config
-from .entries import EntryError, parse_entries_text, validate_entry
+from .entries import EntryError, parse_entries_text
 from .errors import EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
 from .layout import Layout
 
 F = TypeVar("F", bound=Callable[..., Any])
-ADD_CHUNK_ENTRIES = 1000
-ADD_CHUNK_BYTES = 4 << 20
 
 
 def fail(message: str, code: int) -> None:
@@ -86,7 +84,7 @@ def run(ctx: click.Context, sets: tuple[str, ...], batch_size: int | None, max_a
     if max_age_ms is not None:
         flags["maxAgeMs"] = max_age_ms
     config = get_config(ctx, flags)
-    sys.exit(Daemon(config).run())
+    sys.exit(Daemon(config, reload_config=lambda: get_config(ctx, flags)).run())
 
 
 def _read_input(entries: tuple[str, ...], file: str | None) -> list[Any]:
@@ -114,66 +112,6 @@ def _read_input(entries: tuple[str, ...], file: str | None) -> list[Any]:
         return parse_entries_text(data)
     except EntryError as exc:
         raise FlowaggError(str(exc), EXIT_USAGE) from None
-
-
-def _chunks(items: list[Any]) -> list[tuple[int, list[Any]]]:
-    chunks: list[tuple[int, list[Any]]] = []
-    start = 0
-    current: list[Any] = []
-    size = 0
-    for i, item in enumerate(items):
-        item_size = len(orjson.dumps(item, default=str)) + 1
-        if current and (len(current) >= ADD_CHUNK_ENTRIES or size + item_size > ADD_CHUNK_BYTES):
-            chunks.append((start, current))
-            start, current, size = i, [], 0
-        current.append(item)
-        size += item_size
-    if current:
-        chunks.append((start, current))
-    return chunks
-
-
-def _spool(layout: Layout, items: list[Any]) -> dict[str, Any]:
-    from .client import write_spool_file
-
-    clock = SystemClock()
-    ids = EntryIdFactory(clock)
-    errors = []
-    for i, item in enumerate(items):
-        try:
-            validate_entry(item, i, now_ms=clock.now_ms(), max_entry_bytes=1 << 30, new_id=ids.new)
-        except EntryError as exc:
-            errors.append({"index": i, "error": str(exc)})
-    if errors:
-        return {"ok": False, "error": "invalid entries; nothing was spooled", "rejected": errors}
-    path = write_spool_file(layout, items)
-    return {"ok": True, "spooled": len(items), "file": str(path)}
-
-
-def _send(layout: Layout, items: list[Any], wait_s: float) -> dict[str, Any]:
-    from .client import Client
-
-    total: dict[str, Any] = {"ok": True, "accepted": 0, "duplicates": 0, "rejected": []}
-    with Client(layout.socket) as client:
-        for start, chunk in _chunks(items):
-            deadline = time.monotonic() + wait_s
-            while True:
-                reply = client.request({"op": "add", "entries": chunk})
-                retry = reply.get("retryAfterMs")
-                if reply.get("ok") or retry is None or time.monotonic() >= deadline:
-                    break
-                time.sleep(retry / 1000)
-            if not reply.get("ok"):
-                raise DaemonError(
-                    f"the daemon refused entries {start}-{start + len(chunk) - 1}:"
-                    f" {reply.get('error')}; {total['accepted']} entries were accepted before"
-                    " this; retry later (entries with an entryId are deduplicated)"
-                )
-            total["accepted"] += reply["accepted"]
-            total["duplicates"] += reply["duplicates"]
-            for r in reply.get("rejected", []):
-                total["rejected"].append({"index": r["index"] + start, "error": r["error"]})
-    return total
 
 
 @main.command()
@@ -208,14 +146,14 @@ def add(
     if not items:
         fail("no entries in the input", EXIT_USAGE)
     if spool:
-        result = _spool(layout, items)
+        result = spool_entries(layout, items)
     else:
         try:
-            result = _send(layout, items, wait_s)
+            result = send_entries(layout, items, wait_s)
         except NotRunningError:
             if not spool_if_down:
                 raise
-            result = _spool(layout, items)
+            result = spool_entries(layout, items)
     if not result.get("ok"):
         for r in result.get("rejected", []):
             click.echo(f"flowagg: {r['error']}", err=True)
@@ -284,6 +222,23 @@ def flush(ctx: click.Context, as_json: bool) -> None:
     """Write everything buffered to batch files now."""
     reply = _daemon_request(ctx, {"op": "flush"})
     emit(reply, as_json, lambda r: f"flushed {r['entries']} entries in {r['batches']} batches")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def reload(ctx: click.Context, as_json: bool) -> None:
+    """Make the daemon re-read its config (like SIGHUP); a bad config is refused."""
+    reply = _daemon_request(ctx, {"op": "reload"})
+
+    def human(r: dict[str, Any]) -> str:
+        text = f"reloaded; changed: {', '.join(r['changed']) or 'nothing'}"
+        if r["needsRestart"]:
+            text += f"; at the next start: {', '.join(r['needsRestart'])}"
+        return text
+
+    emit(reply, as_json, human)
 
 
 @main.command("config")

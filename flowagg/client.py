@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from .clock import EntryIdFactory, SystemClock
+from .entries import EntryError, validate_entry
 from .errors import DaemonError, NotRunningError
 from .fsutil import fsync_dir
 from .layout import Layout
@@ -89,3 +91,65 @@ def write_spool_file(layout: Layout, entries: list[Any], *, name: str | None = N
     os.rename(tmp, final)
     fsync_dir(layout.inbox)
     return final
+
+
+ADD_CHUNK_ENTRIES = 1000
+ADD_CHUNK_BYTES = 4 << 20
+
+
+def _chunks(items: list[Any]) -> list[tuple[int, list[Any]]]:
+    chunks: list[tuple[int, list[Any]]] = []
+    start = 0
+    current: list[Any] = []
+    size = 0
+    for i, item in enumerate(items):
+        item_size = len(orjson.dumps(item, default=str)) + 1
+        if current and (len(current) >= ADD_CHUNK_ENTRIES or size + item_size > ADD_CHUNK_BYTES):
+            chunks.append((start, current))
+            start, current, size = i, [], 0
+        current.append(item)
+        size += item_size
+    if current:
+        chunks.append((start, current))
+    return chunks
+
+
+def spool_entries(layout: Layout, items: list[Any]) -> dict[str, Any]:
+    """Validate locally, then write one spool file; all or nothing."""
+    clock = SystemClock()
+    ids = EntryIdFactory(clock)
+    errors = []
+    for i, item in enumerate(items):
+        try:
+            validate_entry(item, i, now_ms=clock.now_ms(), max_entry_bytes=1 << 30, new_id=ids.new)
+        except EntryError as exc:
+            errors.append({"index": i, "error": str(exc)})
+    if errors:
+        return {"ok": False, "error": "invalid entries; nothing was spooled", "rejected": errors}
+    path = write_spool_file(layout, items)
+    return {"ok": True, "spooled": len(items), "file": str(path)}
+
+
+def send_entries(layout: Layout, items: list[Any], wait_s: float) -> dict[str, Any]:
+    """Send entries in chunks, waiting out `busy` for up to `wait_s` per chunk."""
+    total: dict[str, Any] = {"ok": True, "accepted": 0, "duplicates": 0, "rejected": []}
+    with Client(layout.socket) as client:
+        for start, chunk in _chunks(items):
+            deadline = time.monotonic() + wait_s
+            while True:
+                reply = client.request({"op": "add", "entries": chunk})
+                retry = reply.get("retryAfterMs")
+                if reply.get("ok") or retry is None or time.monotonic() >= deadline:
+                    break
+                time.sleep(retry / 1000)
+            if not reply.get("ok"):
+                raise DaemonError(
+                    f"the daemon refused entries {start}-{start + len(chunk) - 1}:"
+                    f" {reply.get('error')}; {total['accepted']} entries were accepted before"
+                    " this; retry later (entries with an entryId are deduplicated)"
+                )
+            total["accepted"] += reply["accepted"]
+            total["duplicates"] += reply["duplicates"]
+            for r in reply.get("rejected", []):
+                total["rejected"].append({"index": r["index"] + start, "error": r["error"]})
+    return total

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,7 +63,15 @@ SETTINGS: dict[str, Setting] = {
     "logMaxBytes": Setting(10 << 20, int, 4096, 1 << 34, "log size before rotation"),
     "logBackups": Setting(5, int, 0, 1000, "rotated logs kept"),
     "logLevel": Setting("INFO", str, help="DEBUG, INFO, WARNING or ERROR"),
+    "sinkType": Setting("none", str, help="none, http or command (forward every batch)"),
+    "sinkUrl": Setting("", str, help="http sink: URL the batch JSON is POSTed to"),
+    "sinkCommand": Setting("", str, help="command sink: program and arguments (shell words)"),
+    "sinkTimeoutMs": Setting(10_000, int, 1, 3_600_000, "sink call timeout"),
+    "breakerFailures": Setting(5, int, 1, 1_000_000, "consecutive sink failures that open"),
+    "breakerCooldownMs": Setting(30_000, int, 1, DAY_MS, "open breaker's wait before a trial"),
 }
+
+SINK_TYPES = ("none", "http", "command")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -123,7 +132,7 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
             raise ConfigError(f"{key} ({origin}): must be a number, got {raw!r}; fix the value")
         value = float(raw)
     else:
-        if not isinstance(raw, str) or not raw:
+        if not isinstance(raw, str) or (not raw and setting.default):
             raise ConfigError(f"{key} ({origin}): must be a non-empty string, got {raw!r}")
         value = raw
     if setting.minimum is not None and value < setting.minimum:
@@ -136,6 +145,8 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
         )
     if key == "logLevel" and value.upper() not in LOG_LEVELS:
         raise ConfigError(f"logLevel ({origin}): must be one of {', '.join(LOG_LEVELS)}")
+    if key == "sinkType" and value not in SINK_TYPES:
+        raise ConfigError(f"sinkType ({origin}): must be one of {', '.join(SINK_TYPES)}")
     return value
 
 
@@ -210,4 +221,24 @@ def load_config(
         values[key] = _coerce(key, raw, "flag")
         sources[key] = "flag"
     values["logLevel"] = values["logLevel"].upper()
+    _check_sink(values, sources)
     return Config(values=values, sources=sources, config_file=file_path)
+
+
+def _check_sink(values: dict[str, Any], sources: dict[str, str]) -> None:
+    kind = values["sinkType"]
+    if kind == "http" and not re.match(r"https?://", values["sinkUrl"]):
+        raise ConfigError(
+            f"sinkUrl ({sources['sinkUrl']}): sinkType is http, so sinkUrl must be an"
+            f" http:// or https:// URL, got {values['sinkUrl']!r}"
+        )
+    if kind == "command":
+        try:
+            words = shlex.split(values["sinkCommand"])
+        except ValueError as exc:
+            raise ConfigError(f"sinkCommand ({sources['sinkCommand']}): {exc}") from None
+        if not words:
+            raise ConfigError(
+                f"sinkCommand ({sources['sinkCommand']}): sinkType is command, so sinkCommand"
+                " must name a program"
+            )

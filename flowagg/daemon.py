@@ -16,6 +16,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import filelock
@@ -24,8 +25,8 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from . import __version__
 from .cleanup import apply_cleanup, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
-from .config import Config
-from .errors import AlreadyRunningError, RootUnusableError
+from .config import SETTINGS, Config
+from .errors import AlreadyRunningError, ConfigError, RootUnusableError
 from .fsutil import atomic_write, remove_stale_temps
 from .health import SEVERITY, Figures, evaluate, read_latest, system_figures, write_snapshot
 from .journal import JournalVersionError, scan
@@ -34,6 +35,7 @@ from .pipeline import Pipeline, count_files
 from .recovery import Recovery, RetryPolicy, write_completed
 from .sdnotify import notify
 from .server import SocketServer
+from .sink import build_sink, sink_then_store
 from .spool import SpoolIntake
 
 log = logging.getLogger("flowagg.daemon")
@@ -49,6 +51,17 @@ SIGNALS = {
     signal.SIGHUP: "hup",
 }
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+RESTART_ONLY = ("root", "maxRequestBytes", "logMaxBytes", "logBackups")
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    return RetryPolicy(
+        base_ms=config.retry_base_ms,
+        max_delay_ms=config.retry_max_delay_ms,
+        limit=config.batch_retry_limit,
+    )
 
 
 def read_pid(layout: Layout) -> int | None:
@@ -98,17 +111,21 @@ class Daemon:
         *,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        reload_config: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
         self.layout = Layout(config.root_path)
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
-        self.retry_policy = RetryPolicy(
-            base_ms=config.retry_base_ms,
-            max_delay_ms=config.retry_max_delay_ms,
-            limit=config.batch_retry_limit,
+        self._reload_config = reload_config
+        self.retry_policy = retry_policy(config)
+        self.sink = build_sink(config, self.clock)
+        self.store = sink_then_store(
+            lambda: self.sink, lambda batch_id, data: write_completed(self.layout, batch_id, data)
         )
-        self.recovery = Recovery(self.layout, self.clock, self.rng, self.retry_policy)
+        self.recovery = Recovery(
+            self.layout, self.clock, self.rng, self.retry_policy, store=self.store
+        )
         self.health_checks = 0
         self.cleanup_runs = 0
         self._abandoned_seen: int | None = None
@@ -189,7 +206,7 @@ class Daemon:
             loop,
             ids,
             next_retry_at=lambda now: self.retry_policy.next_retry_at(now, 0, self.rng),
-            store=lambda batch_id, data: write_completed(self.layout, batch_id, data),
+            store=self.store,
         )
         self.pipeline.start(result)
         log.info(
@@ -216,10 +233,25 @@ class Daemon:
         self._start_scheduler()
         log.info("ready in %.3f s; socket %s", time.perf_counter() - started, self.layout.socket)
         notify(f"READY=1\nSTATUS=accepting entries\nMAINPID={os.getpid()}")
+        self._start_watchdog(loop)
         while not self._stop:
             name = await self._signals.get()
             await getattr(self, f"handle_{name}")()
         return await self._shutdown()
+
+    def _start_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ping systemd at half of WatchdogSec from the event loop: a stuck loop stops pings."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not usec or (pid and pid != str(os.getpid())):
+            return
+        interval = int(usec) / 2_000_000
+
+        def ping() -> None:
+            notify("WATCHDOG=1")
+            loop.call_later(interval, ping)
+
+        ping()
 
     def _start_scheduler(self) -> None:
         scheduler = AsyncIOScheduler(
@@ -304,6 +336,7 @@ class Daemon:
             abandoned_now=abandoned,
             abandoned_before=self._abandoned_seen,
             stalled_error=st["flusher"]["stalledError"],
+            breaker_state=st["sink"]["state"] if st["sink"] else None,
         )
         status, issues = evaluate(figures)
         return {
@@ -332,6 +365,7 @@ class Daemon:
             "systemHealth": system,
             "queue": st["queue"],
             "latencyMs": st["latencyMs"],
+            "sink": st["sink"],
         }
 
     async def write_health(self) -> None:
@@ -388,7 +422,56 @@ class Daemon:
         log.info("SIGUSR1 flush: %d batches, %d entries", result["batches"], result["entries"])
 
     async def handle_hup(self) -> None:
-        log.warning("SIGHUP: reloading the config is not supported yet; restart to apply changes")
+        self.reload()
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config; apply flush, recovery and sink settings; keep the old on error."""
+        if self._reload_config is None:
+            return {"ok": False, "error": "this daemon was started without a reloadable config"}
+        notify("RELOADING=1")
+        try:
+            new = self._reload_config()
+        except ConfigError as exc:
+            log.error("reload refused, the running config is unchanged: %s", exc)
+            notify("READY=1")
+            return {"ok": False, "error": f"reload refused: {exc}; the running config is unchanged"}
+        old = self.config
+        changed = [k for k in SETTINGS if new.values[k] != old.values[k]]
+        restart = [k for k in changed if k in RESTART_ONLY]
+        values = {k: (old.values[k] if k in RESTART_ONLY else new.values[k]) for k in SETTINGS}
+        sources = {k: (old.sources[k] if k in RESTART_ONLY else new.sources[k]) for k in SETTINGS}
+        merged = Config(values=values, sources=sources, config_file=new.config_file)
+        self.apply_config(merged, [k for k in changed if k not in RESTART_ONLY])
+        if restart:
+            log.warning("reload: %s change only at the next start", ", ".join(restart))
+        log.info("reload: applied %s", ", ".join(changed) or "no changes")
+        notify("READY=1")
+        return {
+            "ok": True,
+            "changed": [k for k in changed if k not in restart],
+            "needsRestart": restart,
+        }
+
+    def apply_config(self, config: Config, changed: list[str]) -> None:
+        self.config = config
+        assert self.pipeline is not None
+        self.pipeline.reconfigure(config)
+        self.retry_policy = retry_policy(config)
+        self.recovery.policy = self.retry_policy
+        if any(k.startswith(("sink", "breaker")) for k in changed):
+            self.sink = build_sink(config, self.clock)
+        if self.spool is not None:
+            self.spool.rescan_s = config.spool_rescan_ms / 1000
+        logging.getLogger("flowagg").setLevel(config.log_level)
+        if self._scheduler is not None:
+            for job, key in (
+                ("recovery", "scheduleIntervalMs"),
+                ("health", "healthCheckIntervalMs"),
+            ):
+                if key in changed:
+                    self._scheduler.reschedule_job(
+                        job, trigger="interval", seconds=config.values[key] / 1000
+                    )
 
     # -- requests ---------------------------------------------------------------------------
     async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -420,9 +503,11 @@ class Daemon:
             return {"ok": True, **report}
         if op == "health":
             return {"ok": True, **self.health_snapshot()}
+        if op == "reload":
+            return self.reload()
         return {
             "ok": False,
-            "error": f"unknown op {op!r}; use add, flush, recover, status, health or ping",
+            "error": f"unknown op {op!r}; use add, flush, recover, status, health, reload or ping",
         }
 
     def status(self) -> dict[str, Any]:
@@ -450,6 +535,7 @@ class Daemon:
             "errors": queue["errors"],
             "queue": queue,
             "recovery": {"runs": self.recovery.runs, **self.recovery.totals},
+            "sink": self.sink.snapshot() if self.sink else None,
         }
 
 

@@ -45,6 +45,14 @@ class PermanentError(Exception):
     """A batch failure that retrying cannot fix (an invalid batch, a sink's 4xx)."""
 
 
+class TransientError(OSError):
+    """A failure worth retrying that is not a file-system error (a sink's 5xx, a timeout)."""
+
+
+class CircuitOpenError(TransientError):
+    """The sink's circuit breaker is open: the batch was not tried, so it costs no retry."""
+
+
 def classify(exc: BaseException) -> str:
     """'permanent' skips the retries and goes straight to abandoned/; else 'transient'.
 

@@ -1,7 +1,8 @@
 """The flusher thread: turns cut batches into files, strictly in order, off the ack path.
 
-Layer 1 of SPEC §6: a batch that cannot be written to aggregated/ is retried inline
-(`immediateRetries`, 50/100/200 ms), then written to recovery/<id>.failed.json. When even
+Layer 1 of SPEC §6: a batch that cannot be completed (written to aggregated/, after the sink
+took it) is retried inline (`immediateRetries`, 50/100/200 ms), then written to
+recovery/<id>.failed.json; a permanent error goes straight to abandoned/. When even
 that fails (disk full), the batch stays queued here, and in the journal, and is retried
 with a capped backoff: never dropped, and no later batch overtakes it (the journal's done
 cursor relies on batches being stored in order).
@@ -19,6 +20,7 @@ from pathlib import Path
 import orjson
 
 from .clock import Clock
+from .errors import PermanentError
 from .fsutil import atomic_write
 from .layout import Layout
 from .storage import Batch, encode_batch
@@ -29,7 +31,10 @@ INLINE_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6)
 STALL_MAX_DELAY_S = 5.0
 
 
-def failed_document(batch_bytes: bytes, *, error: str, now_ms: int, next_retry_ms: int) -> bytes:
+def failed_document(
+    batch_bytes: bytes, *, error: str, now_ms: int, next_retry_ms: int | None
+) -> bytes:
+    """The failed-batch format; without a next retry it is the abandoned format."""
     doc = orjson.loads(batch_bytes)
     doc.update(
         {
@@ -37,9 +42,18 @@ def failed_document(batch_bytes: bytes, *, error: str, now_ms: int, next_retry_m
             "lastRetryAt": now_ms,
             "lastError": error,
             "failedAt": now_ms,
-            "nextRetryAt": next_retry_ms,
         }
     )
+    if next_retry_ms is None:
+        doc.update(
+            {
+                "history": [{"at": now_ms, "error": error, "kind": "permanent"}],
+                "abandonedAt": now_ms,
+                "abandonReason": "permanent error",
+            }
+        )
+    else:
+        doc["nextRetryAt"] = next_retry_ms
     return orjson.dumps(doc)
 
 
@@ -119,22 +133,27 @@ class Flusher:
                     log.info("batch %s written after a stall; writes work again", batch.batch_id)
                     self.stalled_error = None
                 return written
+            except PermanentError as exc:
+                error, permanent = f"{type(exc).__name__}: {exc}", True
+                log.error("batch %s refused for good: %s", batch.batch_id, error)
             except OSError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                log.error("batch %s could not be written to aggregated/: %s", batch.batch_id, error)
+                error, permanent = f"{type(exc).__name__}: {exc}", False
+                log.error("batch %s could not be completed: %s", batch.batch_id, error)
             now = self.clock.now_ms()
-            failed = self.layout.recovery / f"{batch.batch_id}.failed.json"
-            try:
-                atomic_write(
-                    failed,
-                    failed_document(
-                        data, error=error, now_ms=now, next_retry_ms=self.next_retry_at(now)
-                    ),
+            if permanent:
+                target = self.layout.abandoned / f"{batch.batch_id}.abandoned.json"
+                doc = failed_document(data, error=error, now_ms=now, next_retry_ms=None)
+            else:
+                target = self.layout.recovery / f"{batch.batch_id}.failed.json"
+                doc = failed_document(
+                    data, error=error, now_ms=now, next_retry_ms=self.next_retry_at(now)
                 )
+            try:
+                atomic_write(target, doc)
                 self.failed_batches += 1
                 self.outcomes.append((self.clock.monotonic(), False))
-                log.warning("batch %s parked in recovery/: %s", batch.batch_id, error)
-                return failed
+                log.warning("batch %s parked in %s/: %s", batch.batch_id, target.parent.name, error)
+                return target
             except OSError as exc:
                 self.stalled_error = f"{type(exc).__name__}: {exc}"
                 log.error(

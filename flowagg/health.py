@@ -33,6 +33,7 @@ class Figures:
     abandoned_now: int
     abandoned_before: int
     stalled_error: str | None = None
+    breaker_state: str | None = None
 
 
 def evaluate(f: Figures) -> tuple[str, list[str]]:
@@ -55,6 +56,8 @@ def evaluate(f: Figures) -> tuple[str, list[str]]:
         critical.append(f"batches cannot be stored anywhere: {f.stalled_error}")
     if f.flush_p99_ms is not None and f.flush_p99_ms > 500:
         degraded.append(f"flush p99 {f.flush_p99_ms:.0f} ms is over 500 ms")
+    if f.breaker_state in ("open", "half-open"):
+        degraded.append(f"sink circuit breaker is {f.breaker_state}: batches wait in recovery/")
     if f.memory_percent > 80:
         degraded.append(f"system memory {f.memory_percent:.0f}% used (> 80%)")
     status = "critical" if critical else "degraded" if degraded else "healthy"

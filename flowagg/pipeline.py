@@ -131,6 +131,17 @@ class Pipeline:
         self.flusher.start()
         self._refill()
 
+    def reconfigure(self, config: Config) -> None:
+        """Apply reloaded flush settings; the buffer is kept and re-checked at once."""
+        self.config = config
+        self.aggregator.policy = FlushPolicy.from_config(config)
+        if self.flusher is not None:
+            self.flusher.immediate_retries = config.immediate_retries
+        if self.writer is not None:
+            self.writer.segment_bytes = config.journal_segment_bytes
+        self._refill()
+        self._check_triggers()
+
     def _skip_published(self) -> None:
         """Find batches stored after the last durable done record; their entries are done.
 

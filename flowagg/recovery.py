@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from .clock import Clock
-from .errors import PermanentError, classify
+from .errors import CircuitOpenError, PermanentError, classify
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
 from .layout import Layout
 from .storage import CorruptBatch, batch_file_name, decode_batch
@@ -91,6 +91,7 @@ class RecoveryReport:
     waiting: int = 0
     reconciled: list[str] = dataclasses.field(default_factory=list)
     refused: list[str] = dataclasses.field(default_factory=list)
+    circuit_open: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +102,7 @@ class RecoveryReport:
             "waiting": self.waiting,
             "reconciled": self.reconciled,
             "refused": self.refused,
+            "circuitOpen": self.circuit_open,
         }
 
 
@@ -223,7 +225,10 @@ class Recovery:
             if not force and now < doc.get("nextRetryAt", 0):
                 report.waiting += 1
                 continue
-            self._retry(path, doc, report)
+            if not self._retry(path, doc, report):
+                report.waiting += 1
+                report.circuit_open = True
+                break
         for key, items in (
             ("recovered", report.recovered),
             ("failedAgain", report.retried_failed),
@@ -232,11 +237,14 @@ class Recovery:
             self.totals[key] += len(items)
         return report
 
-    def _retry(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> None:
+    def _retry(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> bool:
+        """Try one batch; False when the sink's breaker is open (nothing was tried)."""
         batch_id = doc["batchId"]
         now = self.clock.now_ms()
         try:
             self.store(batch_id, completed_document(doc))
+        except CircuitOpenError:
+            return False
         except (OSError, PermanentError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             kind = classify(exc)
@@ -249,7 +257,7 @@ class Recovery:
             if kind == "permanent" or doc["retryCount"] >= self.policy.limit:
                 why = "permanent error" if kind == "permanent" else "retry limit reached"
                 self._abandon(path, doc, why, report)
-                return
+                return True
             doc["nextRetryAt"] = self.policy.next_retry_at(now, doc["retryCount"], self.rng)
             try:
                 atomic_write(path, orjson.dumps(doc))
@@ -263,12 +271,13 @@ class Recovery:
                 error,
                 doc["nextRetryAt"],
             )
-            return
+            return True
         path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             fsync_dir(path.parent)
         report.recovered.append(batch_id)
         log.info("batch %s: recovered into aggregated/", batch_id)
+        return True
 
     def _abandon(self, path: Path, doc: dict[str, Any], why: str, report: RecoveryReport) -> None:
         batch_id = doc["batchId"]

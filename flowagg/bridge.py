@@ -1,0 +1,93 @@
+"""`scripts/provider-bridge`: the four actions other tools call (SPEC §8).
+
+aggregate          entries on stdin (object, array or JSON lines), like `flowagg add`
+aggregate-status   the daemon's status
+aggregate-force    flush now
+aggregate-recover  retry failed batches now (--abandoned to requeue abandoned ones)
+
+Always one JSON document on stdout, errors included (`{"ok": false, "error": ...}`), and
+the exit codes of `flowagg`. The data root is found exactly as `flowagg` finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import orjson
+
+from .client import request, send_entries, spool_entries
+from .config import load_config
+from .entries import EntryError, parse_entries_text
+from .errors import EXIT_DAEMON_FAILURE, EXIT_OK, EXIT_USAGE, FlowaggError, NotRunningError
+from .layout import Layout
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="provider-bridge", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", help="data root (default ./data, or FLOWAGG_ROOT)")
+    parser.add_argument("--config", help="TOML config file")
+    sub = parser.add_subparsers(dest="action", required=True)
+    agg = sub.add_parser("aggregate", help="add entries read from stdin")
+    agg.add_argument("--spool", action="store_true", help="write a spool file, no socket")
+    agg.add_argument("--spool-if-down", action="store_true", help="spool when no daemon answers")
+    agg.add_argument("--wait", type=float, default=30.0, help="seconds to wait out busy")
+    sub.add_parser("aggregate-status", help="daemon status")
+    sub.add_parser("aggregate-force", help="flush now")
+    rec = sub.add_parser("aggregate-recover", help="retry failed batches now")
+    rec.add_argument("--abandoned", action="store_true", help="also requeue abandoned batches")
+    rec.add_argument("--batch", help="with --abandoned: only this batch id")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    config = load_config(flags={"root": args.root}, config_path=args.config)
+    layout = Layout(config.root_path)
+    if args.action == "aggregate":
+        try:
+            items = parse_entries_text(sys.stdin.buffer.read())
+        except EntryError as exc:
+            raise FlowaggError(str(exc), EXIT_USAGE) from None
+        if not items:
+            raise FlowaggError("no entries on stdin", EXIT_USAGE)
+        if args.spool:
+            result = spool_entries(layout, items)
+        else:
+            try:
+                result = send_entries(layout, items, args.wait)
+            except NotRunningError:
+                if not args.spool_if_down:
+                    raise
+                result = spool_entries(layout, items)
+        failed = not result.get("ok") or bool(result.get("rejected"))
+        return result, EXIT_USAGE if failed else EXIT_OK
+    payload: dict[str, Any] = {
+        "aggregate-status": {"op": "status"},
+        "aggregate-force": {"op": "flush"},
+        "aggregate-recover": {"op": "recover", "abandoned": getattr(args, "abandoned", False)},
+    }[args.action]
+    if getattr(args, "batch", None):
+        payload["batch"] = args.batch
+    reply = request(layout, payload)
+    if not reply.get("ok"):
+        return reply, EXIT_DAEMON_FAILURE
+    if args.action == "aggregate-recover" and (reply["failedAgain"] or reply["abandoned"]):
+        return reply, EXIT_DAEMON_FAILURE
+    return reply, EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result, code = _run(args)
+    except FlowaggError as exc:
+        result, code = {"ok": False, "error": str(exc)}, exc.exit_code
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    if code and "error" in result:
+        sys.stderr.write(f"provider-bridge: {result['error']}\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
