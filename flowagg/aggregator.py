@@ -62,7 +62,7 @@ class Aggregator:
 
     # -- intake ------------------------------------------------------------------------------
     def acknowledge(self, count: int, size: int) -> None:
-        """Count entries made durable (whether they enter the window now or later)."""
+        """Count entries being made durable (negative to take back a failed write)."""
         self.unflushed_entries += count
         self.unflushed_bytes += size
 

@@ -7,6 +7,7 @@ out-of-range values are refused with the key named.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shlex
@@ -131,6 +132,8 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, int | float):
             raise ConfigError(f"{key} ({origin}): must be a number, got {raw!r}; fix the value")
         value = float(raw)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} ({origin}): must be a finite number, got {raw!r}")
     else:
         if not isinstance(raw, str) or (not raw and setting.default):
             raise ConfigError(f"{key} ({origin}): must be a non-empty string, got {raw!r}")

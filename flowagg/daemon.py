@@ -26,6 +26,7 @@ from . import __version__
 from .cleanup import apply_cleanup, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
 from .config import SETTINGS, Config
+from .entries import short_repr
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
 from .fsutil import atomic_write, remove_stale_temps
 from .health import SEVERITY, Figures, evaluate, read_latest, system_figures, write_snapshot
@@ -507,7 +508,8 @@ class Daemon:
             return self.reload()
         return {
             "ok": False,
-            "error": f"unknown op {op!r}; use add, flush, recover, status, health, reload or ping",
+            "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
+            " reload or ping",
         }
 
     def status(self) -> dict[str, Any]:

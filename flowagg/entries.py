@@ -7,6 +7,7 @@ the input without reading the code.
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,11 +29,22 @@ class EntryError(ValueError):
     """An entry that breaks a rule of §3; str() is the one-line message for the user."""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 60
+_REPR.maxother = 60
+
+
+def short_repr(value: Any) -> str:
+    """repr() that stays short and never recurses deeper than a few levels."""
+    return _REPR.repr(value)
+
+
 def _show(value: Any) -> str:
     try:
         text = orjson.dumps(value).decode()
     except (TypeError, orjson.JSONEncodeError):
-        text = repr(value)
+        text = short_repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -170,9 +182,11 @@ def parse_entries_text(data: bytes) -> list[Any]:
             return whole
         if isinstance(whole, dict):
             return [whole]
-        raise EntryError(f"input: must be a JSON object, an array or JSON lines, got {whole!r}")
+        raise EntryError(
+            f"input: must be a JSON object, an array or JSON lines, got {short_repr(whole)}"
+        )
     items: list[Any] = []
-    for lineno, line in enumerate(stripped.split(b"\n"), 1):
+    for lineno, line in enumerate(data.split(b"\n"), 1):
         line = line.strip()
         if not line:
             continue

@@ -210,7 +210,7 @@ def scan(
     backlog_entries = 0
     backlog_bytes = 0
     for pos, first, last, size in add_records:
-        if last > done_seq:
+        if last >= first and last > done_seq:  # a spool file with no valid entry has none
             if backlog is None:
                 backlog = pos
             pending = last - max(first - 1, done_seq)
@@ -276,12 +276,14 @@ class JournalRecord:
 
 def read_records(directory: Path, start: Position, end: Position | None) -> Iterator[JournalRecord]:
     """Yield the add records from `start` (a record boundary) up to `end` (exclusive)."""
-    for path in list_segments(directory):
+    paths = list_segments(directory)
+    for path in paths:
         number = segment_number(path)
         if number < start.segment:
             continue
         if end is not None and number > end.segment:
             return
+        growing = path == paths[-1] or (end is not None and number == end.segment)
         offset = start.offset if number == start.segment else 0
         limit = end.offset if end is not None and number == end.segment else None
         with path.open("rb") as fh:
@@ -292,9 +294,9 @@ def read_records(directory: Path, start: Position, end: Position | None) -> Iter
                 offset += len(line)
                 record = unframe(line)
                 if record is None:
-                    if not line.endswith(b"\n"):
+                    if growing and not line.endswith(b"\n"):
                         return  # a record still being written: the end for now
-                    continue
+                    continue  # a bad line scan() already quarantined
                 if record["k"] == "a":
                     yield JournalRecord(
                         record["q"], record["t"], record["e"], Position(number, offset)

@@ -279,12 +279,17 @@ class Pipeline:
         assert self.writer is not None
         client_ids = [ids[i] for i in client_idx]
         self.pending_ids.update(client_ids)
+        # Counted before the await, so concurrent requests cannot all pass the busy check.
+        size = sum(len(d) + 1 for d in datas)
+        self.aggregator.acknowledge(len(datas), size)
         done: asyncio.Future[BaseException | None] = self.loop.create_future()
         first_seq = 0
 
         def durable(error: BaseException | None, after: Position) -> None:
             self.pending_ids.difference_update(client_ids)
-            if error is None:
+            if error is not None:
+                self.aggregator.acknowledge(-len(datas), -size)
+            else:
                 for entry_id in client_ids:
                     self.dedupe[entry_id] = now
                 if datas:
@@ -295,6 +300,7 @@ class Pipeline:
             first_seq = self.writer.append_entries(datas, now, client_idx, src, durable)
         except OSError as exc:
             self.pending_ids.difference_update(client_ids)
+            self.aggregator.acknowledge(-len(datas), -size)
             return self._journal_failure(exc)
         error = await done
         if error is not None:
@@ -323,7 +329,6 @@ class Pipeline:
     def _take_durable(
         self, first_seq: int, t_ms: int, datas: list[bytes], ids: list[str], after: Position
     ) -> None:
-        self.aggregator.acknowledge(len(datas), sum(len(d) + 1 for d in datas))
         if self.spilled or self.aggregator.room() < len(datas):
             self.spilled = True  # reader_pos still points at the first entry not in memory
             return

@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from .entries import short_repr
+
 log = logging.getLogger("flowagg.server")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -40,7 +42,7 @@ class SocketServer:
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
         try:
             self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=self.max_request_bytes + 1
+                self._serve, path=str(self.path), limit=self.max_request_bytes
             )
         finally:
             os.umask(old_umask)
@@ -104,7 +106,7 @@ class SocketServer:
         try:
             return await self.handler(request)
         except Exception:
-            log.exception("request failed: op=%r", request.get("op"))
+            log.exception("request failed: op=%s", short_repr(request.get("op")))
             return _error("internal error; see logs/aggregation.log")
 
     @staticmethod

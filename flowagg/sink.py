@@ -109,7 +109,8 @@ class CircuitBreaker:
         self._trial_running = False
         self._lock = threading.Lock()
 
-    def before_call(self) -> None:
+    def before_call(self) -> bool:
+        """Raise CircuitOpenError, or allow the call; True when it is the half-open trial."""
         with self._lock:
             if self.state == "open":
                 assert self.opened_at is not None
@@ -120,6 +121,8 @@ class CircuitBreaker:
                 if self._trial_running:
                     raise CircuitOpenError("sink circuit breaker is half-open; a trial is running")
                 self._trial_running = True
+                return True
+            return False
 
     def success(self) -> None:
         with self._lock:
@@ -161,7 +164,7 @@ class GuardedSink:
         self.failures = 0
 
     def deliver(self, batch_id: str, data: bytes) -> None:
-        self.breaker.before_call()
+        trial = self.breaker.before_call()
         try:
             self.sink.deliver(batch_id, data)
         except PermanentError:
@@ -169,9 +172,13 @@ class GuardedSink:
             self.breaker.success()
             self.failures += 1
             raise
-        except OSError:
+        except OSError as exc:
             self.breaker.failure()
             self.failures += 1
+            if trial:
+                # The sink is still down: that is the sink's failure, not this batch's, so it
+                # must not use up the batch's retries (recovery treats it like an open breaker).
+                raise CircuitOpenError(f"sink still down on a half-open trial: {exc}") from exc
             raise
         self.breaker.success()
         self.delivered += 1

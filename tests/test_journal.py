@@ -1,0 +1,912 @@
+"""The write-ahead journal: group commit, scan/recovery, torn tails, compaction, write faults."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from flowagg import journal as journal_mod
+from flowagg.journal import (
+    FORMAT_VERSION,
+    Append,
+    JournalVersionError,
+    JournalWriter,
+    Position,
+    ScanResult,
+    encode_add,
+    frame,
+    list_segments,
+    read_records,
+    scan,
+    segment_name,
+    unframe,
+)
+
+NOW = 1_704_067_200_000
+HOUR = 3_600_000
+DAY = 24 * HOUR
+WAIT_S = 20.0
+
+
+def entry(n: int, **extra: Any) -> bytes:
+    doc = {"userId": "u", "action": "a", "timestamp": NOW, "metadata": {}, "entryId": f"id-{n}"}
+    doc.update(extra)
+    return orjson.dumps(doc)
+
+
+class Journal:
+    """A JournalWriter over real files, with its results collected from the writer thread."""
+
+    def __init__(self, root: Path, *, segment_bytes: int = 1 << 20, now_ms: int = NOW) -> None:
+        self.dir = root / "journal"
+        self.errors = root / "errors"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.errors.mkdir(parents=True, exist_ok=True)
+        self.results: queue.Queue[tuple[Append, BaseException | None, Position]] = queue.Queue()
+        self.delivered: list[tuple[Append, BaseException | None, Position]] = []
+        result = self.scan(now_ms=now_ms)
+        self.writer = JournalWriter(
+            self.dir,
+            segments=result.segments,
+            next_seq=result.next_seq,
+            segment_bytes=segment_bytes,
+            deliver=self._deliver,
+        )
+        self.writer.start()
+
+    def _deliver(self, results: list[tuple[Append, BaseException | None, Position]]) -> None:
+        assert threading.current_thread().name == "journal-writer"
+        for append, error, pos in results:
+            if append.callback is not None:
+                append.callback(error, pos)
+            self.delivered.append((append, error, pos))
+
+    def scan(self, *, now_ms: int = NOW, window: int = DAY) -> ScanResult:
+        return scan(self.dir, self.errors, now_ms=now_ms, dedupe_window_ms=window)
+
+    def append(
+        self,
+        entries: list[bytes],
+        *,
+        t_ms: int = NOW,
+        client_idx: list[int] | None = None,
+        src: str | None = None,
+    ) -> tuple[int, BaseException | None, Position]:
+        """Append and wait until the writer reports the record durable (or failed)."""
+        box: list[tuple[BaseException | None, Position]] = []
+        done = threading.Event()
+
+        def callback(error: BaseException | None, pos: Position) -> None:
+            box.append((error, pos))
+            done.set()
+
+        first = self.writer.append_entries(entries, t_ms, client_idx or [], src, callback)
+        assert done.wait(WAIT_S), "the journal writer never reported back"
+        assert len(box) == 1
+        return first, box[0][0], box[0][1]
+
+    def ok(self, entries: list[bytes], **kw: Any) -> tuple[int, Position]:
+        first, error, pos = self.append(entries, **kw)
+        assert error is None
+        return first, pos
+
+    def done(self, last_seq: int, batch_id: str = "b") -> None:
+        before = len(self.delivered)
+        self.writer.append_done(last_seq, batch_id)
+        wait_until(lambda: len(self.delivered) > before)
+
+    def stop(self) -> None:
+        self.writer.stop()
+
+
+def wait_until(predicate: Any, timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        pause.wait(0.005)
+
+
+@pytest.fixture
+def jr(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal(tmp_path)
+    yield j
+    j.stop()
+
+
+def records_in(directory: Path, start: Position | None = None) -> list[tuple[int, list[str]]]:
+    segments = list_segments(directory)
+    if start is None:
+        start = Position(journal_mod.segment_number(segments[0]), 0) if segments else Position(0, 0)
+    return [
+        (r.first_seq, [e["entryId"] for e in r.entries])
+        for r in read_records(directory, start, None)
+    ]
+
+
+def write_segment(directory: Path, number: int, lines: list[bytes]) -> Path:
+    path = directory / segment_name(number)
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def header(seq: int, version: int = FORMAT_VERSION) -> bytes:
+    return frame(orjson.dumps({"k": "h", "v": version, "seq": seq}))
+
+
+def done_line(q: int, batch_id: str = "b") -> bytes:
+    return frame(orjson.dumps({"k": "d", "q": q, "b": batch_id}))
+
+
+# --------------------------------------------------------------------------------------------
+# framing
+
+
+def test_frame_and_unframe() -> None:
+    line = frame(b'{"k":"d","q":3,"b":"x"}')
+    assert line.endswith(b"\n")
+    assert unframe(line) == {"k": "d", "q": 3, "b": "x"}
+    assert unframe(line[:-1]) is None  # no newline: torn
+    wrong_crc = (b"1" if line[:1] == b"0" else b"0") + line[1:]
+    assert unframe(wrong_crc) is None
+    assert unframe(b"zzzzzzzz " + line[9:]) is None
+    assert unframe(frame(b"[1,2]")) is None  # not a record object
+    assert unframe(frame(b'{"x":1}')) is None  # no kind
+    assert unframe(b"\n") is None
+
+
+def test_encode_add_layout() -> None:
+    line = encode_add(5, NOW, [entry(1), entry(2)], [1], "f.jsonl")
+    record = unframe(line)
+    assert record == {
+        "k": "a",
+        "q": 5,
+        "t": NOW,
+        "e": [orjson.loads(entry(1)), orjson.loads(entry(2))],
+        "c": [1],
+        "src": "f.jsonl",
+    }
+    plain = unframe(encode_add(1, NOW, [entry(1)], [], None))
+    assert plain is not None
+    assert "c" not in plain
+    assert "src" not in plain
+
+
+# --------------------------------------------------------------------------------------------
+# writing and scanning
+
+
+def test_empty_journal_scan(tmp_path: Path) -> None:
+    (tmp_path / "j").mkdir()
+    (tmp_path / "e").mkdir()
+    result = scan(tmp_path / "j", tmp_path / "e", now_ms=NOW, dedupe_window_ms=DAY)
+    assert result.segments == []
+    assert result.next_seq == 1
+    assert result.done_seq == 0
+    assert result.backlog is None
+    assert result.backlog_entries == 0
+    assert result.dedupe == {}
+    assert result.quarantined == []
+
+
+def test_appends_are_read_back(jr: Journal) -> None:
+    first_a, pos_a = jr.ok([entry(1), entry(2), entry(3)], client_idx=[0, 2])
+    first_b, pos_b = jr.ok([entry(4)], src="spool-1.jsonl")
+    first_c, pos_c = jr.ok([entry(5), entry(6)], client_idx=[1])
+    assert (first_a, first_b, first_c) == (1, 4, 5)
+    assert pos_a.segment == pos_b.segment == pos_c.segment == 1
+    assert pos_a.key() < pos_b.key() < pos_c.key()
+    assert jr.writer.next_seq == 7
+    assert jr.writer.durable == pos_c
+    assert jr.writer.entries_written == 6
+    jr.stop()
+    seg = jr.dir / segment_name(1)
+    assert seg.stat().st_size == pos_c.offset
+
+    result = jr.scan()
+    assert result.next_seq == 7
+    assert result.done_seq == 0
+    assert result.dedupe == {"id-1": NOW, "id-3": NOW, "id-6": NOW}
+    assert result.spool_sources == {"spool-1.jsonl"}
+    assert result.backlog is not None
+    assert result.backlog.segment == 1
+    assert result.backlog_entries == 6
+    assert result.quarantined == []
+    (info,) = result.segments
+    assert (info.number, info.size, info.last_seq, info.max_t) == (1, pos_c.offset, 6, NOW)
+    assert records_in(jr.dir) == [
+        (1, ["id-1", "id-2", "id-3"]),
+        (4, ["id-4"]),
+        (5, ["id-5", "id-6"]),
+    ]
+
+
+def test_segment_starts_with_a_header(jr: Journal) -> None:
+    jr.ok([entry(1)])
+    jr.stop()
+    first_line = (jr.dir / segment_name(1)).read_bytes().split(b"\n")[0] + b"\n"
+    head = unframe(first_line)
+    assert head is not None
+    assert (head["k"], head["v"]) == ("h", FORMAT_VERSION)
+    # seq is the next unallocated seq when the segment opened: seq 1 was allocated at
+    # append time, before the writer opened the segment for it.
+    assert head["seq"] == 2
+
+
+def test_done_records_set_the_cursor_and_backlog(jr: Journal) -> None:
+    _, pos1 = jr.ok([entry(1), entry(2), entry(3)])
+    _, pos2 = jr.ok([entry(4), entry(5), entry(6)])
+    jr.ok([entry(7), entry(8)])
+    jr.done(4)
+    assert jr.writer.durable_done_seq == 4
+    jr.stop()
+    result = jr.scan()
+    assert result.done_seq == 4
+    assert result.next_seq == 9
+    assert result.backlog == pos1  # the record holding seq 5 starts where the first ended
+    assert result.backlog_entries == 4  # 5, 6, 7, 8
+    assert records_in(jr.dir, result.backlog)[0][0] == 4
+    rec2 = pos2.offset - pos1.offset
+    assert result.backlog_bytes > 0
+    assert result.backlog_bytes <= rec2 + 2 * 1000
+
+
+@pytest.mark.parametrize(("done", "entries"), [(0, 8), (3, 5), (6, 2), (7, 1), (8, 0)])
+def test_backlog_count_follows_done(tmp_path: Path, done: int, entries: int) -> None:
+    j = Journal(tmp_path)
+    j.ok([entry(1), entry(2), entry(3)])
+    j.ok([entry(4), entry(5), entry(6)])
+    j.ok([entry(7), entry(8)])
+    if done:
+        j.done(done)
+    j.stop()
+    result = j.scan()
+    assert result.backlog_entries == entries
+    assert (result.backlog is None) == (entries == 0)
+    if result.backlog is not None:
+        seqs = [
+            r.first_seq + i
+            for r in read_records(j.dir, result.backlog, None)
+            for i in range(len(r.entries))
+        ]
+        assert [s for s in seqs if s > done] == list(range(done + 1, 9))
+        assert seqs[0] <= done + 1
+
+
+def test_done_cursor_is_the_maximum(jr: Journal) -> None:
+    jr.ok([entry(i) for i in range(1, 11)])
+    jr.done(7)
+    jr.done(3)  # an older cursor written later never moves it back
+    jr.stop()
+    assert jr.scan().done_seq == 7
+
+
+def test_restart_continues_the_sequence(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.ok([entry(1), entry(2)])
+    j.stop()
+    j2 = Journal(tmp_path)
+    try:
+        first, pos = j2.ok([entry(3)])
+        assert first == 3
+        assert pos.segment == 1  # appends continue in the last segment
+    finally:
+        j2.stop()
+    assert records_in(j2.dir) == [(1, ["id-1", "id-2"]), (3, ["id-3"])]
+
+
+def test_dedupe_window(jr: Journal) -> None:
+    jr.ok([entry(1), entry(2)], t_ms=NOW - 25 * HOUR, client_idx=[0, 1])  # expired
+    jr.ok([entry(3), entry(4)], t_ms=NOW - DAY, client_idx=[1])  # exactly at the horizon
+    jr.ok([entry(5), entry(6)], t_ms=NOW - HOUR, client_idx=[0])
+    jr.ok([entry(7)], t_ms=NOW)  # generated id: not a dedupe key
+    jr.stop()
+    result = jr.scan()
+    assert result.dedupe == {"id-4": NOW - DAY, "id-5": NOW - HOUR}
+    assert jr.scan(window=2 * DAY).dedupe == {
+        "id-1": NOW - 25 * HOUR,
+        "id-2": NOW - 25 * HOUR,
+        "id-4": NOW - DAY,
+        "id-5": NOW - HOUR,
+    }
+    assert jr.scan(window=0).dedupe == {}
+    assert jr.scan(now_ms=NOW + DAY).dedupe == {}  # only id-7 is that new, and it is not a key
+
+
+def test_spool_sources_are_collected(jr: Journal) -> None:
+    jr.ok([], src="empty.json")  # a spool file with no valid entries is still recorded
+    jr.ok([entry(1)], src="a.jsonl")
+    jr.ok([entry(2)])
+    jr.ok([entry(3)], src="b.json")
+    jr.stop()
+    result = jr.scan()
+    assert result.spool_sources == {"a.jsonl", "empty.json", "b.json"}
+    assert result.next_seq == 4
+    assert result.backlog_entries == 3
+
+
+def test_empty_spool_record_after_unflushed_entries(jr: Journal) -> None:
+    jr.ok([entry(1)])  # not flushed yet
+    jr.ok([], src="all-invalid.jsonl")
+    jr.ok([entry(2)])
+    jr.stop()
+    result = jr.scan()
+    assert result.spool_sources == {"all-invalid.jsonl"}
+    assert result.backlog_entries == 2
+    assert result.next_seq == 3
+
+
+def test_stop_commits_what_was_queued(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    fired: list[int] = []
+    for i in range(50):
+        j.writer.append_entries([entry(i)], NOW, [], None, lambda e, p, i=i: fired.append(i))
+    j.stop()
+    assert sorted(fired) == list(range(50))
+    assert j.scan().next_seq == 51
+
+
+def test_newer_format_version_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "j").mkdir()
+    (tmp_path / "e").mkdir()
+    write_segment(tmp_path / "j", 1, [header(1, version=FORMAT_VERSION + 1)])
+    with pytest.raises(JournalVersionError, match="upgrade flowagg"):
+        scan(tmp_path / "j", tmp_path / "e", now_ms=NOW, dedupe_window_ms=DAY)
+    assert list((tmp_path / "e").iterdir()) == []  # refused, not quarantined
+    assert (tmp_path / "j" / segment_name(1)).exists()
+
+
+# --------------------------------------------------------------------------------------------
+# group commit
+
+
+def test_group_commit_shares_fsyncs(jr_held: Held) -> None:
+    j, release = jr_held.journal, jr_held.release
+    counts: collections.Counter[int] = collections.Counter()
+    positions: dict[int, Position] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    all_done = threading.Event()
+    threads_n, per_thread = 6, 40
+    total = threads_n * per_thread + 1
+
+    def callback(seq: int, error: BaseException | None, pos: Position) -> None:
+        with lock:
+            counts[seq] += 1
+            positions[seq] = pos
+            if error is not None:
+                errors.append(error)
+            if sum(counts.values()) >= total:
+                all_done.set()
+
+    def submit(t: int) -> None:
+        for i in range(per_thread):
+            box: dict[str, int] = {}
+            seq = j.writer.append_entries(
+                [entry(t * 1000 + i)], NOW, [0], None, lambda e, p, b=box: callback(b["s"], e, p)
+            )
+            box["s"] = seq
+
+    # The first append holds the writer inside fsync; everything else queues behind it.
+    seq0 = j.writer.append_entries([entry(0)], NOW, [], None, lambda e, p: callback(1, e, p))
+    assert seq0 == 1
+    assert jr_held.holding.wait(WAIT_S)
+    threads = [threading.Thread(target=submit, args=(t,)) for t in range(1, threads_n + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    release.set()
+    assert all_done.wait(WAIT_S)
+    assert errors == []
+    assert sorted(counts) == list(range(1, total + 1))
+    assert set(counts.values()) == {1}, "every callback fires exactly once"
+    assert j.writer.entries_written == total
+    assert j.writer.syncs < total
+    assert j.writer.syncs == 2  # the held group, then everything queued behind it
+    # Positions follow seq order: a later append is durable at a later offset.
+    ordered = [positions[s].key() for s in range(1, total + 1)]
+    assert ordered == sorted(ordered)
+    j.stop()
+    result = j.scan()
+    assert result.next_seq == total + 1
+    assert len(result.dedupe) == total - 1
+
+
+class Held:
+    def __init__(self, journal: Journal, holding: threading.Event, release: threading.Event):
+        self.journal = journal
+        self.holding = holding
+        self.release = release
+
+
+@pytest.fixture
+def jr_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Held]:
+    """A journal whose writer blocks in its first fsync until the test releases it."""
+    real_fsync = os.fsync
+    holding = threading.Event()
+    release = threading.Event()
+
+    def fsync(fd: int) -> None:
+        if not holding.is_set() and threading.current_thread().name == "journal-writer":
+            holding.set()
+            assert release.wait(WAIT_S)
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    j = Journal(tmp_path)
+    yield Held(j, holding, release)
+    release.set()
+    j.stop()
+
+
+def test_concurrent_appends_each_fire_once(jr: Journal) -> None:
+    threads_n, per_thread = 8, 50
+    fired: collections.Counter[int] = collections.Counter()
+    lock = threading.Lock()
+    everything = threading.Event()
+
+    def submit(t: int) -> None:
+        for i in range(per_thread):
+            n = t * per_thread + i
+
+            def callback(error: BaseException | None, pos: Position, n: int = n) -> None:
+                assert error is None
+                with lock:
+                    fired[n] += 1
+                    if len(fired) == threads_n * per_thread:
+                        everything.set()
+
+            jr.writer.append_entries([entry(n)], NOW, [0], None, callback)
+
+    threads = [threading.Thread(target=submit, args=(t,)) for t in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert everything.wait(WAIT_S)
+    assert set(fired.values()) == {1}
+    assert jr.writer.syncs <= threads_n * per_thread
+    assert jr.writer.entries_written == threads_n * per_thread
+    jr.stop()
+    ids = [i for _, chunk in records_in(jr.dir) for i in chunk]
+    assert sorted(ids) == sorted(f"id-{n}" for n in range(threads_n * per_thread))
+    seqs = [s for s, _ in records_in(jr.dir)]
+    assert seqs == list(range(1, threads_n * per_thread + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# segments
+
+
+def test_rotation_and_reading_across_segments(tmp_path: Path) -> None:
+    j = Journal(tmp_path, segment_bytes=600)
+    expected = []
+    positions = []
+    for i in range(1, 31):
+        first, pos = j.ok([entry(i)], client_idx=[0])
+        expected.append((first, [f"id-{i}"]))
+        positions.append(pos)
+    j.stop()
+    segments = list_segments(j.dir)
+    assert len(segments) > 3
+    assert [journal_mod.segment_number(p) for p in segments] == list(range(1, len(segments) + 1))
+    prev_last = 0
+    for path in segments:
+        lines = path.read_bytes().splitlines(keepends=True)
+        head = unframe(lines[0])
+        assert head is not None
+        assert head["k"] == "h"
+        first_add = unframe(lines[1])
+        assert first_add is not None
+        # The header names the next unallocated seq at opening: past every seq before it,
+        # at most past the group that opened the segment.
+        assert head["seq"] > prev_last
+        assert first_add["q"] <= head["seq"] <= first_add["q"] + len(first_add["e"])
+        prev_last = max(unframe(line)["q"] for line in lines[1:])
+        # A segment is closed once it reaches segment_bytes: it overshoots by one group.
+        assert path.stat().st_size < 600 + 400
+    assert records_in(j.dir) == expected
+    # Reading from a position in the middle, and up to an end position.
+    start = positions[9]  # after record 10
+    end = positions[19]  # after record 20
+    middle = [r.first_seq for r in read_records(j.dir, start, end)]
+    assert middle == list(range(11, 21))
+    result = j.scan()
+    assert result.next_seq == 31
+    assert len(result.dedupe) == 30
+    assert [s.number for s in result.segments] == list(range(1, len(segments) + 1))
+    assert [s.last_seq for s in result.segments] == sorted(s.last_seq for s in result.segments)
+
+
+def test_read_records_stops_at_a_record_still_being_written(jr: Journal) -> None:
+    jr.ok([entry(1)])
+    jr.ok([entry(2)])
+    jr.stop()
+    seg = jr.dir / segment_name(1)
+    partial = encode_add(3, NOW, [entry(3)], [], None)[:-5]
+    with seg.open("ab") as fh:
+        fh.write(partial)
+    assert [s for s, _ in records_in(jr.dir)] == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# torn tails and corrupt records
+
+
+def build_lines() -> list[bytes]:
+    return [
+        header(1),
+        encode_add(1, NOW, [entry(1), entry(2)], [0, 1], None),
+        encode_add(3, NOW, [entry(3)], [0], "f.jsonl"),
+        done_line(2),
+        encode_add(4, NOW, [entry(4), entry(5), entry(6)], [2], None),
+        encode_add(7, NOW, [entry(7, metadata={"note": "ünïcode ✓"})], [0], None),
+    ]
+
+
+def expected_after_cut(lines: list[bytes], keep: int) -> dict[str, Any]:
+    """What scan must report when only the first `keep` lines survive."""
+    next_seq, done, ids, adds = 1, 0, [], []
+    for line in lines[:keep]:
+        rec = unframe(line)
+        assert rec is not None
+        if rec["k"] == "h":
+            next_seq = max(next_seq, rec["seq"])
+        elif rec["k"] == "d":
+            done = max(done, rec["q"])
+        else:
+            next_seq = max(next_seq, rec["q"] + len(rec["e"]))
+            ids += [rec["e"][i]["entryId"] for i in rec.get("c", [])]
+            adds.append(rec["q"])
+    return {"next_seq": next_seq, "done": done, "ids": set(ids), "adds": adds}
+
+
+@pytest.fixture
+def fast_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip fsync in loops that rewrite files hundreds of times (durability is not tested)."""
+    monkeypatch.setattr(journal_mod.os, "fsync", lambda fd: None)
+
+
+@pytest.mark.parametrize("earlier_segment", [False, True])
+def test_torn_tail_at_every_offset(tmp_path: Path, fast_fsync: None, earlier_segment: bool) -> None:
+    lines = build_lines()
+    data = b"".join(lines)
+    ends = []
+    total = 0
+    for line in lines:
+        total += len(line)
+        ends.append(total)
+    earlier = [header(1), encode_add(100, NOW - 1, [entry(100)], [0], None)]
+    for cut in range(len(data) + 1):
+        jdir = tmp_path / f"j{cut}"
+        edir = tmp_path / f"e{cut}"
+        jdir.mkdir()
+        edir.mkdir()
+        number = 1
+        if earlier_segment:
+            write_segment(jdir, 1, earlier)
+            number = 2
+        seg = write_segment(jdir, number, [data[:cut]])
+        result = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)  # never raises
+        keep = sum(1 for end in ends if end <= cut)
+        boundary = ends[keep - 1] if keep else 0
+        want = expected_after_cut(lines, keep)
+        assert seg.stat().st_size == boundary, cut
+        assert result.segments[-1].size == boundary
+        got_adds = [r.first_seq for r in read_records(jdir, Position(number, 0), None)]
+        assert got_adds == want["adds"], cut
+        assert result.done_seq == want["done"]
+        base_ids = {"id-100"} if earlier_segment else set()
+        assert set(result.dedupe) == want["ids"] | base_ids
+        if earlier_segment:
+            assert result.next_seq == max(want["next_seq"], 101)
+        else:
+            assert result.next_seq == want["next_seq"]
+        torn = data[boundary:cut]
+        if torn:
+            (q,) = result.quarantined
+            assert q.parent == edir
+            assert q.read_bytes() == torn
+            reason = orjson.loads(q.with_name(q.name + ".reason.json").read_bytes())
+            assert reason["segment"] == seg.name
+            assert reason["offset"] == boundary
+            assert reason["length"] == len(torn)
+            assert "torn" in reason["reason"]
+        else:
+            assert result.quarantined == []
+            assert list(edir.iterdir()) == []
+        # A second scan finds a clean journal.
+        again = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)
+        assert again.quarantined == []
+        assert again.next_seq == result.next_seq
+
+
+def test_junk_appended_to_the_last_segment(jr: Journal) -> None:
+    jr.ok([entry(1)], client_idx=[0])
+    _, pos = jr.ok([entry(2)], client_idx=[0])
+    jr.stop()
+    seg = jr.dir / segment_name(1)
+    junk = b"\x00\xff garbage that is not a record\n\x00\x00partial"
+    with seg.open("ab") as fh:
+        fh.write(junk)
+    result = jr.scan()
+    assert seg.stat().st_size == pos.offset
+    (q,) = result.quarantined
+    assert q.read_bytes() == junk
+    assert set(result.dedupe) == {"id-1", "id-2"}
+    assert result.next_seq == 3
+    # The writer can carry on after the cut.
+    j2 = Journal(jr.dir.parent)
+    try:
+        first, _ = j2.ok([entry(3)])
+        assert first == 3
+    finally:
+        j2.stop()
+    assert [s for s, _ in records_in(jr.dir)] == [1, 2, 3]
+
+
+def test_corrupt_record_in_the_middle_at_every_byte(tmp_path: Path, fast_fsync: None) -> None:
+    lines = build_lines()
+    victim = 2  # the add record for seq 3
+    start = sum(len(line) for line in lines[:victim])
+    original = b"".join(lines)
+    for i in range(len(lines[victim]) - 1):  # every byte but the newline
+        data = bytearray(original)
+        data[start + i] ^= 0x01
+        jdir = tmp_path / f"j{i}"
+        edir = tmp_path / f"e{i}"
+        jdir.mkdir()
+        edir.mkdir()
+        seg = write_segment(jdir, 1, [bytes(data)])
+        result = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)
+        # The bad line is copied out, the segment itself is left alone.
+        assert seg.read_bytes() == bytes(data)
+        (q,) = result.quarantined
+        assert q.read_bytes() == bytes(data[start : start + len(lines[victim])])
+        assert q.name.endswith(".corrupt")
+        reason = orjson.loads(q.with_name(q.name + ".reason.json").read_bytes())
+        assert reason["offset"] == start
+        assert "checksum" in reason["reason"]
+        # Everything around it is still read.
+        assert [r.first_seq for r in read_records(jdir, Position(1, 0), None)] == [1, 4, 7]
+        assert result.next_seq == 8
+        assert result.done_seq == 2
+        assert set(result.dedupe) == {"id-1", "id-2", "id-6", "id-7"}
+
+
+def test_corrupt_record_in_a_closed_segment(jr: Journal) -> None:
+    jdir = jr.dir
+    jr.stop()
+    (jdir / segment_name(1)).unlink(missing_ok=True)
+    seg1 = write_segment(
+        jdir,
+        1,
+        [header(1), encode_add(1, NOW, [entry(1)], [0], None), b"deadbeef {broken}\n"],
+    )
+    write_segment(jdir, 2, [header(3), encode_add(3, NOW, [entry(3)], [0], None)])
+    size_before = seg1.stat().st_size
+    result = jr.scan()
+    assert seg1.stat().st_size == size_before  # only the last segment is ever cut
+    (q,) = result.quarantined
+    assert q.read_bytes() == b"deadbeef {broken}\n"
+    assert result.next_seq == 4
+    assert [s for s, _ in records_in(jdir)] == [1, 3]
+
+
+def test_read_records_continues_after_a_truncated_closed_segment(tmp_path: Path) -> None:
+    jdir, edir = tmp_path / "j", tmp_path / "e"
+    jdir.mkdir()
+    edir.mkdir()
+    torn = encode_add(2, NOW, [entry(2)], [0], None)[:-7]
+    write_segment(jdir, 1, [header(1), encode_add(1, NOW, [entry(1)], [0], None), torn])
+    write_segment(jdir, 2, [header(3), encode_add(3, NOW, [entry(3)], [0], None)])
+    result = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)
+    assert result.next_seq == 4  # scan itself gets past the torn closed segment
+    assert result.backlog_entries == 2
+    assert result.backlog is not None
+    assert [r.first_seq for r in read_records(jdir, result.backlog, None)] == [1, 3]
+
+
+# --------------------------------------------------------------------------------------------
+# compaction
+
+
+def test_compaction_deletes_only_closed_done_and_old_segments(tmp_path: Path) -> None:
+    # segment_bytes=1: every commit opens a new segment, so each append has its own.
+    j = Journal(tmp_path, segment_bytes=1)
+    j.ok([entry(1), entry(2)], t_ms=NOW - 3 * DAY)  # seg 1: seqs 1-2, old
+    j.ok([entry(3)], t_ms=NOW - 2 * DAY)  # seg 2: seq 3, old
+    j.ok([entry(4)], t_ms=NOW - HOUR)  # seg 3: seq 4, young
+    j.ok([entry(5)], t_ms=NOW - 3 * DAY)  # seg 4: seq 5, old
+    j.ok([entry(6)], t_ms=NOW - 3 * DAY)  # seg 5: the open segment
+    names = [p.name for p in list_segments(j.dir)]
+    assert names == [segment_name(n) for n in range(1, 6)]
+    horizon = NOW - DAY
+
+    # Nothing is done: nothing goes.
+    assert j.writer.compact(0, horizon) == []
+    # seq 2 done: only segment 1 is fully done.
+    assert [p.name for p in j.writer.compact(2, horizon)] == [segment_name(1)]
+    # seq 3 done but the next segment is young: stop at it, whatever follows.
+    assert [p.name for p in j.writer.compact(6, horizon)] == [segment_name(2)]
+    assert [p.name for p in list_segments(j.dir)] == [segment_name(n) for n in (3, 4, 5)]
+    # Once everything is old enough, closed segments go; the open one never does.
+    removed = j.writer.compact(6, NOW + DAY)
+    assert [p.name for p in removed] == [segment_name(3), segment_name(4)]
+    assert [p.name for p in list_segments(j.dir)] == [segment_name(5)]
+    assert j.writer.compact(6, NOW + 10 * DAY) == []
+    # The writer still appends, and a scan still knows where the sequence stands.
+    first, _ = j.ok([entry(7)], t_ms=NOW)
+    assert first == 7
+    j.stop()
+    result = j.scan()
+    assert result.next_seq == 8
+    assert [s for s, _ in records_in(j.dir)][-1] == 7
+
+
+def test_compaction_partly_done_segment_is_kept(tmp_path: Path) -> None:
+    j = Journal(tmp_path, segment_bytes=1)
+    j.ok([entry(1), entry(2), entry(3)], t_ms=NOW - 3 * DAY)
+    j.ok([entry(4)], t_ms=NOW - 3 * DAY)
+    try:
+        assert j.writer.compact(2, NOW) == []
+        assert j.writer.compact(3, NOW) == [j.dir / segment_name(1)]
+    finally:
+        j.stop()
+
+
+def test_compaction_after_restart_uses_scanned_segment_info(tmp_path: Path) -> None:
+    j = Journal(tmp_path, segment_bytes=1)
+    j.ok([entry(1)], t_ms=NOW - 3 * DAY)
+    j.ok([entry(2)], t_ms=NOW - 3 * DAY)
+    j.ok([entry(3)], t_ms=NOW)
+    j.stop()
+    j2 = Journal(tmp_path, segment_bytes=1)
+    try:
+        assert j2.writer.compact(1, NOW - DAY) == [j2.dir / segment_name(1)]
+        assert j2.writer.compact(3, NOW - DAY) == [j2.dir / segment_name(2)]
+        assert [p.name for p in list_segments(j2.dir)] == [segment_name(3)]
+    finally:
+        j2.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# write failures
+
+
+def enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def check_failed_append_leaves_no_trace(
+    j: Journal, good_size: int, error: BaseException | None
+) -> None:
+    assert isinstance(error, OSError)
+    assert error.errno == errno.ENOSPC
+    assert (j.dir / segment_name(1)).stat().st_size == good_size
+    # Later appends succeed, in a new segment.
+    first, pos = j.ok([entry(3)], client_idx=[0])
+    assert pos.segment == 2
+    assert first == 3  # seq 2 was spent on the failed append and is never reused
+    j.stop()
+    result = j.scan()
+    assert result.quarantined == []
+    assert set(result.dedupe) == {"id-1", "id-3"}
+    assert records_in(j.dir) == [(1, ["id-1"]), (3, ["id-3"])]
+    everything = b"".join(p.read_bytes() for p in list_segments(j.dir))
+    assert b"id-2" not in everything
+
+
+def test_fsync_failure_is_reported_and_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = Journal(tmp_path)
+    j.ok([entry(1)], client_idx=[0])
+    good_size = (j.dir / segment_name(1)).stat().st_size
+    syncs = j.writer.syncs
+    real_fsync = os.fsync
+    fired = []
+
+    def fsync(fd: int) -> None:
+        if not fired and fd == j.writer._fd:
+            fired.append(fd)
+            raise enospc()
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    _, error, pos = j.append([entry(2)], client_idx=[0])
+    assert fired
+    assert pos == Position(1, good_size)  # durable position unchanged
+    assert j.writer.syncs == syncs
+    check_failed_append_leaves_no_trace(j, good_size, error)
+
+
+def test_short_write_then_enospc_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = Journal(tmp_path)
+    j.ok([entry(1)], client_idx=[0])
+    good_size = (j.dir / segment_name(1)).stat().st_size
+    real_write = os.write
+    calls: list[int] = []
+
+    def write(fd: int, data: Any) -> int:
+        if fd == j.writer._fd and len(calls) < 2:
+            calls.append(len(data))
+            if len(calls) == 1:
+                return real_write(fd, bytes(data[: len(data) // 2]))  # half of it lands
+            raise enospc()
+        return real_write(fd, data)
+
+    monkeypatch.setattr(journal_mod.os, "write", write)
+    _, error, _ = j.append([entry(2)], client_idx=[0])
+    assert len(calls) == 2
+    check_failed_append_leaves_no_trace(j, good_size, error)
+
+
+def test_every_append_in_a_failed_group_gets_the_error(
+    jr_held: Held, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j, release = jr_held.journal, jr_held.release
+    results: queue.Queue[tuple[int, BaseException | None]] = queue.Queue()
+    j.writer.append_entries([entry(0)], NOW, [], None, lambda e, p: results.put((0, e)))
+    assert jr_held.holding.wait(WAIT_S)
+    # While the writer is held, queue a group whose fsync will fail.
+    held_fsync = journal_mod.os.fsync
+    failing = {"armed": True}
+
+    def fsync(fd: int) -> None:
+        held_fsync(fd)
+        if failing["armed"] and fd == j.writer._fd and j.writer.syncs == 1:
+            failing["armed"] = False
+            raise enospc()
+
+    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    for i in range(1, 11):
+        j.writer.append_entries([entry(i)], NOW, [0], None, lambda e, p, i=i: results.put((i, e)))
+    release.set()
+    got = dict(results.get(timeout=WAIT_S) for _ in range(11))
+    assert got[0] is None
+    assert all(isinstance(got[i], OSError) for i in range(1, 11))
+    j.writer.append_entries([entry(11)], NOW, [0], None, lambda e, p: results.put((11, e)))
+    assert results.get(timeout=WAIT_S) == (11, None)
+    j.stop()
+    assert [s for s, _ in records_in(j.dir)] == [1, 12]
+
+
+def test_header_fsync_failure_leaves_no_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+    fired = []
+
+    def fsync(fd: int) -> None:
+        if not fired and threading.current_thread().name == "journal-writer":
+            fired.append(fd)
+            raise enospc()
+        real_fsync(fd)
+
+    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    j = Journal(tmp_path)
+    try:
+        _, error, _ = j.append([entry(1)])
+        assert isinstance(error, OSError)
+        assert list_segments(j.dir) == []
+        first, pos = j.ok([entry(2)])
+        assert pos.segment == 1
+        assert first == 2
+    finally:
+        j.stop()
+    assert records_in(j.dir) == [(2, ["id-2"])]
