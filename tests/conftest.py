@@ -14,10 +14,17 @@ def root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[DaemonProc]]:
-    """Daemons a test starts; any still running at the end are killed."""
-    procs: list[DaemonProc] = []
-    yield procs
-    for proc in procs:
+def daemons() -> list[DaemonProc]:
+    """A list for the daemons a test starts (the autouse fixture below kills leftovers)."""
+    return []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_daemons() -> Iterator[None]:
+    # Wider-scoped fixtures start their daemons before this runs, so they are left alone.
+    mark = len(DaemonProc.started)
+    yield
+    while len(DaemonProc.started) > mark:
+        proc = DaemonProc.started.pop()
         if proc.proc.poll() is None:
             proc.kill()

@@ -67,6 +67,9 @@ def request(sock_path: Path, payload: dict[str, Any], timeout: float = 30.0) -> 
 
 
 class DaemonProc:
+    # Every daemon a test starts, so the suite can kill what a failing test left running.
+    started: list[DaemonProc] = []
+
     def __init__(
         self,
         root: Path,
@@ -87,6 +90,7 @@ class DaemonProc:
             stderr=subprocess.STDOUT,
             env=clean_env(env),
         )
+        DaemonProc.started.append(self)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> DaemonProc:
         deadline = time.monotonic() + timeout
