@@ -1,0 +1,134 @@
+"""Forwarding through a real daemon to a real HTTP receiver that fails for a while, and to
+command sinks that accept, ask for a retry, or refuse."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from flowagg.layout import Layout
+from tests.harness import (
+    DaemonProc,
+    cli,
+    entry,
+    request,
+    start_daemon,
+    stored_id_counts,
+    wait_for,
+)
+from tests.sinkserver import Receiver
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def status(root: Path) -> dict[str, Any]:
+    return request(Layout(root).socket, {"op": "status"})
+
+
+def test_ten_thousand_entries_through_a_sink_that_fails_for_a_while(
+    root: Path, receiver: Receiver, daemons: list[DaemonProc]
+) -> None:
+    settings = {
+        "sinkType": "http",
+        "sinkUrl": receiver.url,
+        "sinkTimeoutMs": 500,
+        "breakerFailures": 3,
+        "breakerCooldownMs": 200,
+        "batchSize": 100,
+        "maxAgeMs": 100,
+        "immediateRetries": 1,
+        "scheduleIntervalMs": 150,
+        "retryBaseMs": 50,
+        "retryMaxDelayMs": 400,
+    }
+    daemons.append(start_daemon(root, settings))
+    sock = Layout(root).socket
+    sent: set[str] = set()
+
+    def send(start: int, count: int) -> None:
+        entries = [entry(i, entryId=f"fw{i}") for i in range(start, start + count)]
+        reply = request(sock, {"op": "add", "entries": entries})
+        assert reply["ok"] and reply["accepted"] == count, reply
+        sent.update(e["entryId"] for e in entries)
+
+    for start in range(0, 3000, 100):
+        send(start, 100)
+    wait_for(lambda: len(receiver.entry_ids()) >= 1000)
+    receiver.mode = "503"  # the collector goes down ...
+    for start in range(3000, 6000, 100):
+        send(start, 100)
+    wait_for(lambda: status(root)["sink"]["state"] == "open")
+    receiver.mode = "drop"  # ... then drops connections ...
+    for start in range(6000, 8000, 100):
+        send(start, 100)
+    wait_for(lambda: status(root)["queue"]["failed"] > 0)
+    # The outage lasts a while: at least one cooldown ends in a failed half-open trial.
+    wait_for(lambda: status(root)["sink"]["timesOpened"] >= 2)
+    receiver.mode = "ok"  # ... and comes back
+    for start in range(8000, 10000, 100):
+        send(start, 100)
+
+    def drained() -> bool:
+        st = status(root)
+        return st["queue"]["failed"] == 0 and st["buffered"]["entries"] == 0
+
+    wait_for(drained, timeout=120)
+    got = receiver.entry_ids()
+    assert set(got) == sent and len(sent) == 10_000  # at least once: dedupe gives the set
+    assert stored_id_counts(root) == dict.fromkeys(sent, 1)  # exactly once locally
+    st = status(root)
+    assert st["sink"]["state"] == "closed" and st["sink"]["timesOpened"] >= 1
+    assert st["queue"]["abandoned"] == 0
+    assert receiver.calls["503"] >= 1 and receiver.calls["drop"] >= 1
+
+
+def sink_script(tmp_path: Path, code_file: Path) -> str:
+    script = tmp_path / "sink.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        "sys.stdin.buffer.read()\n"
+        f"sys.exit(int(pathlib.Path({str(code_file)!r}).read_text()))\n"
+    )
+    return f"{sys.executable} {script}"
+
+
+def test_command_sink_retry_then_accept_and_refuse(
+    root: Path, tmp_path: Path, daemons: list[DaemonProc]
+) -> None:
+    code = tmp_path / "code"
+    code.write_text("75")
+    settings = {
+        "sinkType": "command",
+        "sinkCommand": sink_script(tmp_path, code),
+        "immediateRetries": 0,
+        "maxAgeMs": 3_600_000,
+        "scheduleIntervalMs": 3_600_000,
+    }
+    daemons.append(start_daemon(root, settings))
+    layout = Layout(root)
+    add = cli(root, "add", input=orjson.dumps([entry(1, entryId="c1"), entry(2, entryId="c2")]))
+    assert add.returncode == 0
+    assert cli(root, "flush").returncode == 0
+    assert len(list(layout.recovery.glob("*.failed.json"))) == 1  # 75: try again later
+    code.write_text("0")
+    assert cli(root, "recover").returncode == 0
+    assert stored_id_counts(root) == {"c1": 1, "c2": 1}
+    assert list(layout.aggregated.glob("batch_*.json"))
+
+    code.write_text("1")  # refused for good: straight to abandoned, no retries
+    assert cli(root, "add", input=orjson.dumps(entry(3, entryId="c3"))).returncode == 0
+    assert cli(root, "flush").returncode == 0
+    [parked] = layout.abandoned.glob("*.abandoned.json")
+    doc = orjson.loads(parked.read_bytes())
+    assert doc["abandonReason"] == "permanent error" and "exited 1" in doc["lastError"]
+    assert stored_id_counts(root) == {"c1": 1, "c2": 1, "c3": 1}
