@@ -28,11 +28,11 @@ from .clock import Clock, EntryIdFactory, SystemClock
 from .config import SETTINGS, Config
 from .entries import short_repr
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
-from .fsutil import atomic_write, remove_stale_temps
+from .fsutil import atomic_write, count_files, remove_stale_temps
 from .health import SEVERITY, Figures, evaluate, read_latest, system_figures, write_snapshot
 from .journal import JournalVersionError, scan
 from .layout import Layout
-from .pipeline import Pipeline, count_files
+from .pipeline import Pipeline
 from .recovery import Recovery, RetryPolicy, write_completed
 from .sdnotify import notify
 from .server import SocketServer

@@ -111,16 +111,13 @@ class Flusher:
 
     def _write_inline(self, batch_id: str, data: bytes) -> Path:
         """Layer 1: the first attempt plus `immediateRetries` more, 50/100/200 ms apart."""
-        delays = INLINE_DELAYS_S[: self.immediate_retries]
-        for delay in [*delays, None]:
+        for delay in INLINE_DELAYS_S[: self.immediate_retries]:
             try:
                 return self.store(batch_id, data)
             except OSError:
-                if delay is None:
-                    raise
                 self.inline_retries += 1
                 self._sleep(delay)
-        raise AssertionError("unreachable")
+        return self.store(batch_id, data)
 
     def _store(self, batch: Batch) -> Path | None:
         stall_delay = 0.05

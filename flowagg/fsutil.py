@@ -135,3 +135,10 @@ def quarantine_bytes(
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def count_files(directory: Path, suffix: str | tuple[str, ...]) -> int:
+    try:
+        return sum(1 for n in os.listdir(directory) if n.endswith(suffix) and not n.startswith("."))
+    except FileNotFoundError:
+        return 0

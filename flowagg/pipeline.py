@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import errno
 import logging
-import os
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
@@ -215,7 +214,9 @@ class Pipeline:
             self.counters["batchesFoundAtStart"] += skipped
 
     # -- intake -----------------------------------------------------------------------------
-    def validate(self, raw_entries: list[Any]) -> tuple[list[tuple[dict[str, Any], bool]], list]:
+    def validate(
+        self, raw_entries: list[Any]
+    ) -> tuple[list[tuple[dict[str, Any], bool]], list[dict[str, Any]]]:
         """Check entries against §3: (valid entries with client-id flags, rejections)."""
         now = self.clock.now_ms()
         valid: list[tuple[dict[str, Any], bool]] = []
@@ -512,10 +513,3 @@ class Pipeline:
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
-
-
-def count_files(directory: Path, suffix: str | tuple[str, ...]) -> int:
-    try:
-        return sum(1 for n in os.listdir(directory) if n.endswith(suffix) and not n.startswith("."))
-    except FileNotFoundError:
-        return 0
