@@ -46,14 +46,13 @@ class FakeClock:
 
 
 _B32 = "0123456789abcdefghjkmnpqrstvwxyz"
+_PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits at a time: ids are on the hot path
 
 
 def _b32(value: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        out.append(_B32[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    """`value` as `width` Crockford base32 digits (width even), most significant first."""
+    pairs = _PAIRS
+    return "".join(pairs[(value >> shift) & 1023] for shift in range(5 * (width - 2), -1, -10))
 
 
 class EntryIdFactory:
@@ -69,14 +68,15 @@ class EntryIdFactory:
         self._lock = threading.Lock()
         self._last_ms = -1
         self._last_rand = 0
+        self._prefix = ""
 
     def new(self) -> str:
         with self._lock:
             ms = self._clock.now_ms()
             if ms <= self._last_ms:
-                ms = self._last_ms
                 self._last_rand += 1
             else:
+                self._last_ms = ms
                 self._last_rand = self._rng.getrandbits(79)
-            self._last_ms = ms
-            return _b32(ms, 10) + _b32(self._last_rand, 16)
+                self._prefix = _b32(ms, 10)
+            return self._prefix + _b32(self._last_rand, 16)

@@ -7,6 +7,7 @@ out-of-range values are refused with the key named.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -102,6 +103,7 @@ class Config:
         return dict(self.values)
 
 
+@functools.cache
 def _snake_to_camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(part[:1].upper() + part[1:] for part in rest)

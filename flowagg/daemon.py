@@ -174,6 +174,9 @@ class Daemon:
             self._lock = None
 
     def run(self) -> int:
+        # The journal writer and the flusher wait for the GIL after every system call; with
+        # the default 5 ms switch interval a busy event loop starves them.
+        sys.setswitchinterval(0.0005)
         self.acquire()
         try:
             setup_logging(self.layout, self.config)

@@ -89,6 +89,21 @@ def validate_entry(
 
     The normalised entry has its keys in the stored order and always carries an entryId.
     """
+    entry, client_id, _ = validate_entry_json(
+        raw, index, now_ms=now_ms, max_entry_bytes=max_entry_bytes, new_id=new_id
+    )
+    return entry, client_id
+
+
+def validate_entry_json(
+    raw: Any,
+    index: int,
+    *,
+    now_ms: int,
+    max_entry_bytes: int,
+    new_id: Callable[[], str],
+) -> tuple[dict[str, Any], bool, bytes]:
+    """validate_entry, plus the entry as the compact JSON that is journaled and stored."""
     where = f"entry {index}"
     if not isinstance(raw, dict):
         raise EntryError(f"{where}: must be a JSON object, got {_type_name(raw)}")
@@ -154,15 +169,18 @@ def validate_entry(
         "entryId": entry_id,
     }
     try:
-        size = len(orjson.dumps(entry))
+        # A copy of exact size: orjson's own buffer keeps kilobytes of slack per object, and
+        # these bytes live in the buffer until the entry is stored.
+        data = bytes(memoryview(orjson.dumps(entry)))
     except orjson.JSONEncodeError as exc:
         raise EntryError(f"{where}: holds a value JSON cannot carry ({exc}); remove it") from None
+    size = len(data)
     if size > max_entry_bytes:
         raise EntryError(
             f"{where}: is {size} bytes as compact JSON, over maxEntryBytes={max_entry_bytes};"
             " shrink metadata"
         )
-    return entry, client_id
+    return entry, client_id, data
 
 
 def parse_entries_text(data: bytes) -> list[Any]:

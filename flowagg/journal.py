@@ -340,6 +340,7 @@ class JournalWriter:
         self.durable = Position(last.number, last.size) if last else Position(0, 0)
         self.entries_written = 0
         self.durable_done_seq = 0
+        self._unsynced_done_seq = 0
         self.syncs = 0
         self.bytes_written = 0
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
@@ -444,11 +445,15 @@ class JournalWriter:
         seg = self.segments[-1]
         start = seg.size
         data = b"".join(a.line for a in group)
+        # Done records only save work at the next start, and their batches are already
+        # durable: they ride on the next fsync instead of paying for one of their own.
+        needs_sync = any(a.callback is not None for a in group)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
+            if needs_sync:
+                os.fsync(self._fd)
         except OSError as exc:
             log.error("journal write failed: %s", exc)
             self._undo(seg, start)
@@ -463,11 +468,13 @@ class JournalWriter:
                 seg.max_t = max(seg.max_t, append.max_t)
                 self.entries_written += append.count
             if append.done_seq:
-                self.durable_done_seq = max(self.durable_done_seq, append.done_seq)
+                self._unsynced_done_seq = max(self._unsynced_done_seq, append.done_seq)
         seg.size = offset
-        self.syncs += 1
         self.bytes_written += len(data)
-        self.durable = Position(seg.number, offset)
+        if needs_sync:
+            self.syncs += 1
+            self.durable = Position(seg.number, offset)
+            self.durable_done_seq = max(self.durable_done_seq, self._unsynced_done_seq)
         self._deliver(results)
 
     def _undo(self, seg: SegmentInfo, good_size: int) -> None:

@@ -21,7 +21,7 @@ import orjson
 from .aggregator import Aggregator, Buffered, FlushPolicy
 from .clock import Clock, EntryIdFactory
 from .config import Config
-from .entries import EntryError, validate_entry
+from .entries import EntryError, validate_entry_json
 from .flusher import Flusher
 from .fsutil import is_disk_full, quarantine_file
 from .journal import Append, JournalWriter, Position, ScanResult, read_records
@@ -31,6 +31,7 @@ from .storage import Batch, CorruptBatch, find_batch, make_batch_id, read_batch
 log = logging.getLogger("flowagg.pipeline")
 
 LATENCY_SAMPLES = 2048
+Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
 
 
 def percentile(samples: deque[float] | list[float], q: float) -> float | None:
@@ -91,6 +92,9 @@ class Pipeline:
         self.spilled = False
         self.reader_pos = Position(0, 0)
         self.done_seq = 0
+        self.last_acked_seq = 0
+        self.stored_batches = 0
+        self.stored_entries = 0
         self.counters: Counter[str] = Counter()
         self.batches_by_trigger: Counter[str] = Counter()
         self.last_flush_at: int | None = None
@@ -105,6 +109,7 @@ class Pipeline:
     def start(self, scan: ScanResult) -> None:
         self.dedupe = scan.dedupe
         self.done_seq = scan.done_seq
+        self.last_acked_seq = scan.next_seq - 1
         self.aggregator.last_seq_loaded = scan.done_seq
         self.aggregator.acknowledge(scan.backlog_entries, scan.backlog_bytes)
         self.writer = JournalWriter(
@@ -214,22 +219,18 @@ class Pipeline:
             self.counters["batchesFoundAtStart"] += skipped
 
     # -- intake -----------------------------------------------------------------------------
-    def validate(
-        self, raw_entries: list[Any]
-    ) -> tuple[list[tuple[dict[str, Any], bool]], list[dict[str, Any]]]:
-        """Check entries against §3: (valid entries with client-id flags, rejections)."""
+    def validate(self, raw_entries: list[Any]) -> tuple[list[Valid], list[dict[str, Any]]]:
+        """Check entries against §3: (valid entries, rejections)."""
         now = self.clock.now_ms()
-        valid: list[tuple[dict[str, Any], bool]] = []
+        limit = self.config.max_entry_bytes
+        new_id = self.ids.new
+        valid: list[Valid] = []
         rejected: list[dict[str, Any]] = []
         for index, raw in enumerate(raw_entries):
             try:
                 valid.append(
-                    validate_entry(
-                        raw,
-                        index,
-                        now_ms=now,
-                        max_entry_bytes=self.config.max_entry_bytes,
-                        new_id=self.ids.new,
+                    validate_entry_json(
+                        raw, index, now_ms=now, max_entry_bytes=limit, new_id=new_id
                     )
                 )
             except EntryError as exc:
@@ -246,7 +247,7 @@ class Pipeline:
 
     async def add_valid(
         self,
-        valid: list[tuple[dict[str, Any], bool]],
+        valid: list[Valid],
         *,
         src: str | None = None,
         wait_for_space: bool,
@@ -264,7 +265,7 @@ class Pipeline:
         client_idx: list[int] = []
         ids: list[str] = []
         seen: set[str] = set()
-        for entry, client_id in valid:
+        for entry, client_id, data in valid:
             entry_id = entry["entryId"]
             if client_id:
                 if entry_id in self.dedupe or entry_id in self.pending_ids or entry_id in seen:
@@ -272,7 +273,7 @@ class Pipeline:
                     continue
                 seen.add(entry_id)
                 client_idx.append(len(datas))
-            datas.append(orjson.dumps(entry))
+            datas.append(data)
             ids.append(entry_id)
         if not datas and src is None:
             self.counters["duplicates"] += result.duplicates
@@ -294,6 +295,7 @@ class Pipeline:
                 for entry_id in client_ids:
                     self.dedupe[entry_id] = now
                 if datas:
+                    self.last_acked_seq = first_seq + len(datas) - 1
                     self._take_durable(first_seq, now, datas, ids, after)
             done.set_result(error)
 
@@ -356,7 +358,7 @@ class Pipeline:
                 if room <= 0:
                     complete = False
                     break
-                data = orjson.dumps(entry)
+                data = bytes(memoryview(orjson.dumps(entry)))  # exact size, see entries.py
                 self.aggregator.load(Buffered(seq, record.t_ms, arrival, data, entry["entryId"]))
                 room -= 1
             if not complete:
@@ -395,9 +397,11 @@ class Pipeline:
         assert self.writer is not None
         self.writer.append_done(batch.last_seq, batch.batch_id)
         self.batches_by_trigger[batch.trigger] += 1
+        self.stored_batches += 1
+        self.stored_entries += batch.count
         self.last_flush_at = self.clock.now_ms()
         self.flush_latency.append(seconds)
-        log.info(
+        log.debug(
             "batch %s: %d entries, trigger %s -> %s",
             batch.batch_id,
             batch.count,
@@ -415,24 +419,28 @@ class Pipeline:
         self._check_triggers()
 
     async def flush(self, trigger: str = "manual", *, include_disk: bool = True) -> dict[str, int]:
-        """Write everything buffered now; returns once it is stored."""
-        batches = entries = 0
-        while True:
-            cut = self.aggregator.cut_all(trigger)
-            for batch in cut:
+        """Store every entry acknowledged before this call; returns once they are stored.
+
+        Counts the batches and entries stored meanwhile, whatever trigger cut them. Without
+        `include_disk` only the memory window is written (the rest stays journaled).
+        """
+        target = self.last_acked_seq if include_disk else self.aggregator.last_seq_loaded
+        batches, entries = self.stored_batches, self.stored_entries
+        while self.done_seq < target:
+            for batch in self.aggregator.cut_all(trigger):
                 self._submit(batch)
-            batches += len(cut)
-            entries += sum(b.count for b in cut)
             pending = list(self._batch_waiters.values())
             if pending:
                 await asyncio.gather(*pending)
-            self._arm_age_timer()
-            if not (include_disk and self.spilled):
-                break
-            self._refill()
-            if not self.aggregator.window:
-                break
-        return {"batches": batches, "entries": entries}
+            elif self.spilled:
+                self._refill()
+            else:
+                break  # nothing left to cut, in flight or on disk
+        self._arm_age_timer()
+        return {
+            "batches": self.stored_batches - batches,
+            "entries": self.stored_entries - entries,
+        }
 
     async def wait_for_space(self) -> None:
         """Wait until a batch is stored (the buffer shrinks); for spool intake under pressure."""

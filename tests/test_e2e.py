@@ -286,3 +286,20 @@ def test_config_shows_sources(root: Path, tmp_path: Path) -> None:
     conf.write_text("batchSise = 9\n")
     bad = cli(root, "--config", str(conf), "config")
     assert bad.returncode == 2 and b"batchSize" in bad.stderr
+
+
+def test_flush_writes_entries_waiting_on_disk_too(root: Path, daemons: list[DaemonProc]) -> None:
+    settings = {"memoryWindowEntries": 10, "batchSize": 1000, **QUIET}
+    daemons.append(start_daemon(root, settings))
+    sock = Layout(root).socket
+    for start in range(0, 100, 20):
+        reply = request(
+            sock, {"op": "add", "entries": [entry(i) for i in range(start, start + 20)]}
+        )
+        assert reply["accepted"] == 20
+    assert status(root)["buffered"]["onDisk"] > 0
+    flushed = orjson.loads(cli(root, "flush", "--json").stdout)
+    assert flushed["entries"] == 100 and flushed["batches"] >= 10
+    assert status(root)["buffered"]["entries"] == 0
+    stored = [e["timestamp"] for e in stored_entries(root)]
+    assert stored == [entry(i)["timestamp"] for i in range(100)]

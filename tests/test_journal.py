@@ -249,13 +249,17 @@ def test_done_records_set_the_cursor_and_backlog(jr: Journal) -> None:
     _, pos2 = jr.ok([entry(4), entry(5), entry(6)])
     jr.ok([entry(7), entry(8)])
     jr.done(4)
-    assert jr.writer.durable_done_seq == 4
+    assert jr.writer.durable_done_seq == 0  # a done record alone pays for no fsync ...
+    syncs = jr.writer.syncs
+    jr.ok([entry(9)])
+    assert jr.writer.syncs == syncs + 1
+    assert jr.writer.durable_done_seq == 4  # ... it is durable with the next group
     jr.stop()
     result = jr.scan()
     assert result.done_seq == 4
-    assert result.next_seq == 9
+    assert result.next_seq == 10
     assert result.backlog == pos1  # the record holding seq 5 starts where the first ended
-    assert result.backlog_entries == 4  # 5, 6, 7, 8
+    assert result.backlog_entries == 5  # 5, 6, 7, 8, 9
     assert records_in(jr.dir, result.backlog)[0][0] == 4
     rec2 = pos2.offset - pos1.offset
     assert result.backlog_bytes > 0
