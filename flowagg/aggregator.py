@@ -78,6 +78,22 @@ class Aggregator:
         self.window_bytes += _cost(item)
         return True
 
+    def load_run(
+        self, first_seq: int, t_ms: int, arrival: float, datas: list[bytes], ids: list[str]
+    ) -> None:
+        """Load one journal record's entries (seqs first_seq, first_seq + 1, ...) at once."""
+        skip = max(0, self.last_seq_loaded - first_seq + 1)
+        if skip >= len(datas):
+            return
+        window = self.window
+        size = 0
+        for i in range(skip, len(datas)):
+            data = datas[i]
+            window.append(Buffered(first_seq + i, t_ms, arrival, data, ids[i]))
+            size += len(data) + 1
+        self.window_bytes += size
+        self.last_seq_loaded = first_seq + len(datas) - 1
+
     def is_busy(self) -> bool:
         """At the bound, add answers busy (one request may overshoot it, never more)."""
         p = self.policy

@@ -68,7 +68,8 @@ class EntryIdFactory:
         self._lock = threading.Lock()
         self._last_ms = -1
         self._last_rand = 0
-        self._prefix = ""
+        self._prefix = ""  # time digits and the upper random digits, re-encoded when they change
+        self._prefix_key = (-1, -1)
 
     def new(self) -> str:
         with self._lock:
@@ -78,5 +79,9 @@ class EntryIdFactory:
             else:
                 self._last_ms = ms
                 self._last_rand = self._rng.getrandbits(79)
-                self._prefix = _b32(ms, 10)
-            return self._prefix + _b32(self._last_rand, 16)
+            rand = self._last_rand
+            key = (self._last_ms, rand >> 10)
+            if key != self._prefix_key:
+                self._prefix_key = key
+                self._prefix = _b32(self._last_ms, 10) + _b32(rand >> 10, 14)
+            return self._prefix + _PAIRS[rand & 1023]

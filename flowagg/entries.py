@@ -17,6 +17,7 @@ MIN_TIMESTAMP_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_FUTURE_MS = 86_400_000
 MAX_METADATA_DEPTH = 8
 FIELDS = ("userId", "action", "timestamp", "metadata", "entryId")
+_FIELD_SET = frozenset(FIELDS)
 _ACTION_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _KNOWN_METADATA: dict[str, tuple[type, str]] = {
     "sessionId": (str, "a string"),
@@ -103,60 +104,68 @@ def validate_entry_json(
     max_entry_bytes: int,
     new_id: Callable[[], str],
 ) -> tuple[dict[str, Any], bool, bytes]:
-    """validate_entry, plus the entry as the compact JSON that is journaled and stored."""
-    where = f"entry {index}"
+    """validate_entry, plus the entry as the compact JSON that is journaled and stored.
+
+    This runs for every entry on the event loop: the common, valid case takes the cheap
+    checks, and messages are built only on the way out.
+    """
     if not isinstance(raw, dict):
-        raise EntryError(f"{where}: must be a JSON object, got {_type_name(raw)}")
-    unknown = [k for k in raw if k not in FIELDS]
-    if unknown:
+        raise EntryError(f"entry {index}: must be a JSON object, got {_type_name(raw)}")
+    if not raw.keys() <= _FIELD_SET:
+        unknown = next(k for k in raw if k not in _FIELD_SET)
         raise EntryError(
-            f"{where}: unknown key {_show(unknown[0])}; allowed keys are {', '.join(FIELDS)}"
+            f"entry {index}: unknown key {_show(unknown)}; allowed keys are {', '.join(FIELDS)}"
         )
 
     user = raw.get("userId")
-    if not isinstance(user, str) or not 1 <= len(user) <= 128:
+    if type(user) is not str or not 1 <= len(user) <= 128:
         got = "missing" if "userId" not in raw else f"got {_show(user)}"
-        raise EntryError(f"{where}: userId: must be a string of 1-128 characters, {got}")
+        raise EntryError(f"entry {index}: userId: must be a string of 1-128 characters, {got}")
 
     action = raw.get("action")
-    if not isinstance(action, str) or not _ACTION_RE.fullmatch(action):
+    if type(action) is not str or not _ACTION_RE.fullmatch(action):
         got = "missing" if "action" not in raw else f"got {_show(action)}"
-        raise EntryError(f"{where}: action: must be 1-64 characters of [A-Za-z0-9_.:-], {got}")
+        raise EntryError(
+            f"entry {index}: action: must be 1-64 characters of [A-Za-z0-9_.:-], {got}"
+        )
 
     ts = raw.get("timestamp")
-    if isinstance(ts, bool) or not isinstance(ts, int):
+    if type(ts) is not int:
         got = "missing" if "timestamp" not in raw else f"got {_show(ts)}"
-        raise EntryError(f"{where}: timestamp: must be an integer (ms since epoch), {got}")
+        raise EntryError(f"entry {index}: timestamp: must be an integer (ms since epoch), {got}")
     if ts < MIN_TIMESTAMP_MS:
         raise EntryError(
-            f"{where}: timestamp: must be on or after 2000-01-01 ({MIN_TIMESTAMP_MS}), got {ts}"
-            " (seconds instead of milliseconds?)"
+            f"entry {index}: timestamp: must be on or after 2000-01-01 ({MIN_TIMESTAMP_MS}),"
+            f" got {ts} (seconds instead of milliseconds?)"
         )
     if ts > now_ms + MAX_FUTURE_MS:
-        raise EntryError(f"{where}: timestamp: must be at most 1 day in the future, got {ts}")
+        raise EntryError(f"entry {index}: timestamp: must be at most 1 day in the future, got {ts}")
 
     metadata = raw.get("metadata", {})
-    if not isinstance(metadata, dict):
-        raise EntryError(f"{where}: metadata: must be an object, got {_type_name(metadata)}")
-    for key, (kind, rule) in _KNOWN_METADATA.items():
-        if key in metadata:
-            value = metadata[key]
-            bad = isinstance(value, bool) or not isinstance(value, kind)
-            if kind is int and not bad and value < 0:
-                bad = True
-            if bad:
-                raise EntryError(f"{where}: metadata.{key}: must be {rule}, got {_show(value)}")
-    if _depth_exceeds(metadata, MAX_METADATA_DEPTH):
-        raise EntryError(
-            f"{where}: metadata: nested deeper than {MAX_METADATA_DEPTH} levels; flatten it"
-        )
+    if type(metadata) is not dict:
+        raise EntryError(f"entry {index}: metadata: must be an object, got {_type_name(metadata)}")
+    if metadata:
+        for key, (kind, rule) in _KNOWN_METADATA.items():
+            if key in metadata:
+                value = metadata[key]
+                if type(value) is not kind or (kind is int and value < 0):
+                    raise EntryError(
+                        f"entry {index}: metadata.{key}: must be {rule}, got {_show(value)}"
+                    )
+        nested = any(type(v) is dict or type(v) is list for v in metadata.values())
+        if nested and _depth_exceeds(metadata, MAX_METADATA_DEPTH):
+            raise EntryError(
+                f"entry {index}: metadata: nested deeper than {MAX_METADATA_DEPTH} levels;"
+                " flatten it"
+            )
 
     client_id = "entryId" in raw
     if client_id:
         entry_id = raw["entryId"]
-        if not isinstance(entry_id, str) or not 1 <= len(entry_id) <= 128:
+        if type(entry_id) is not str or not 1 <= len(entry_id) <= 128:
             raise EntryError(
-                f"{where}: entryId: must be a string of 1-128 characters, got {_show(entry_id)}"
+                f"entry {index}: entryId: must be a string of 1-128 characters,"
+                f" got {_show(entry_id)}"
             )
     else:
         entry_id = new_id()
@@ -173,12 +182,13 @@ def validate_entry_json(
         # these bytes live in the buffer until the entry is stored.
         data = bytes(memoryview(orjson.dumps(entry)))
     except orjson.JSONEncodeError as exc:
-        raise EntryError(f"{where}: holds a value JSON cannot carry ({exc}); remove it") from None
-    size = len(data)
-    if size > max_entry_bytes:
         raise EntryError(
-            f"{where}: is {size} bytes as compact JSON, over maxEntryBytes={max_entry_bytes};"
-            " shrink metadata"
+            f"entry {index}: holds a value JSON cannot carry ({exc}); remove it"
+        ) from None
+    if len(data) > max_entry_bytes:
+        raise EntryError(
+            f"entry {index}: is {len(data)} bytes as compact JSON, over"
+            f" maxEntryBytes={max_entry_bytes}; shrink metadata"
         )
     return entry, client_id, data
 

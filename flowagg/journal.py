@@ -274,9 +274,18 @@ class JournalRecord:
     after: Position  # where the next record starts
 
 
-def read_records(directory: Path, start: Position, end: Position | None) -> Iterator[JournalRecord]:
-    """Yield the add records from `start` (a record boundary) up to `end` (exclusive)."""
-    paths = list_segments(directory)
+def read_records(
+    directory: Path,
+    start: Position,
+    end: Position | None,
+    paths: list[Path] | None = None,
+) -> Iterator[JournalRecord]:
+    """Yield the add records from `start` (a record boundary) up to `end` (exclusive).
+
+    `paths` (the segments, oldest first) saves listing the folder when the caller knows them.
+    """
+    if paths is None:
+        paths = list_segments(directory)
     for path in paths:
         number = segment_number(path)
         if number < start.segment:

@@ -335,9 +335,7 @@ class Pipeline:
         if self.spilled or self.aggregator.room() < len(datas):
             self.spilled = True  # reader_pos still points at the first entry not in memory
             return
-        arrival = self.clock.monotonic()
-        for i, data in enumerate(datas):
-            self.aggregator.load(Buffered(first_seq + i, t_ms, arrival, data, ids[i]))
+        self.aggregator.load_run(first_seq, t_ms, self.clock.monotonic(), datas, ids)
         self.reader_pos = after
 
     def _refill(self) -> None:
@@ -349,7 +347,9 @@ class Pipeline:
             return
         arrival = self.clock.monotonic()
         caught_up = True
-        for record in read_records(self.layout.journal, self.reader_pos, self.writer.durable):
+        segments = [seg.path for seg in list(self.writer.segments)]
+        end = self.writer.durable
+        for record in read_records(self.layout.journal, self.reader_pos, end, segments):
             complete = True
             for i, entry in enumerate(record.entries):
                 seq = record.first_seq + i
