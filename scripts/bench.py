@@ -1255,8 +1255,8 @@ def notes(b: Bench) -> str:
             f" put/entry = one item per entry ({s.pq_entry_puts:,} puts: the queue's natural"
             " unit, one commit per entry); put/request = one item per 100-entry request (one"
             " commit per request, the same durability unit as flowagg and sqlite).",
-            "group commit: journal.entries / journal.syncs delta from `status`; syncs also"
-            " count the journal's batch-done records.",
+            "group commit: journal.entries / journal.syncs delta from `status` (batch-done"
+            " records ride on the next add's fsync and pay for none of their own).",
             "flush: batchSize=1000000, maxAgeMs=7 days, maxBatchBytes=64 MiB so only the"
             ' manual flush writes; time = socket {"op":"flush"} round trip (one batch file,'
             " fsync, rename, dir fsync).",
