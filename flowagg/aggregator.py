@@ -162,8 +162,15 @@ class Aggregator:
     def stored(self, batch: Batch) -> None:
         """A batch reached disk (aggregated/ or recovery/): its entries leave the buffer."""
         self.inflight_entries -= batch.count
-        self.unflushed_entries -= batch.count
-        self.unflushed_bytes -= sum(len(d) + 1 for d in batch.entries)
+        self._forget(batch.count, sum(len(d) + 1 for d in batch.entries))
+
+    def found_stored(self, count: int) -> None:
+        """At start: `count` backlog entries turned out to be in a batch stored before."""
+        self._forget(count, 0)
+
+    def _forget(self, count: int, size: int) -> None:
+        self.unflushed_entries -= count
+        self.unflushed_bytes -= size
         if self.unflushed_entries == 0:
             # The backlog found at start is counted by record size, an estimate; settle it.
             self.unflushed_bytes = 0

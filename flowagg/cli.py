@@ -199,6 +199,12 @@ def _status_text(s: dict[str, Any]) -> str:
         f"failed {s['failed']}, abandoned {s['abandoned']}, errors {s['errors']},"
         f" inbox {s['queue']['inbox']}",
     ]
+    if s["sink"]:
+        k = s["sink"]
+        lines.append(
+            f"sink {k['type']}: breaker {k['state']}, delivered {k['delivered']},"
+            f" failures {k['failures']}, opened {k['timesOpened']} times"
+        )
     if s["flusher"]["stalledError"]:
         lines.append(f"WARNING: batches cannot be stored: {s['flusher']['stalledError']}")
     return "\n".join(lines)

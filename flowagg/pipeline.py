@@ -210,7 +210,7 @@ class Pipeline:
             for _ in ids:
                 pending.popleft()
             self.aggregator.last_seq_loaded = last_seq
-            self.aggregator.unflushed_entries -= len(ids)
+            self.aggregator.found_stored(len(ids))
             self.done_seq = last_seq
             self.writer.append_done(last_seq, batch_id)
             skipped += 1
