@@ -121,6 +121,7 @@ class ScanResult:
     backlog_bytes: int
     spool_sources: set[str]
     quarantined: list[Path]
+    clean_tail: bool = True  # False: the last segment ends in bytes that are not a record
 
 
 def scan(
@@ -136,6 +137,7 @@ def scan(
     until compaction); bad bytes at the end of the last segment are quarantined and cut off.
     """
     segments: list[SegmentInfo] = []
+    clean_tail = True
     next_seq = 1
     done_seq = 0
     dedupe: dict[str, int] = {}
@@ -160,8 +162,8 @@ def scan(
                     offset += len(line)
                     continue
                 if bad_from is not None:
-                    quarantined.append(
-                        _quarantine_range(path, bad_from, offset, errors_dir, now_ms, "corrupt")
+                    _quarantine_range(
+                        path, bad_from, offset, errors_dir, now_ms, "corrupt", quarantined
                     )
                     bad_from = None
                 kind = record["k"]
@@ -190,19 +192,18 @@ def scan(
                     next_seq = max(next_seq, record["seq"])
                 offset += len(line)
         if bad_from is not None:
-            if is_last:
-                quarantined.append(
-                    _quarantine_range(path, bad_from, offset, errors_dir, now_ms, "torn")
-                )
-                with path.open("r+b") as fh:
-                    fh.truncate(bad_from)
-                    os.fsync(fh.fileno())
-                offset = bad_from
-                log.warning("journal %s: cut a torn tail at byte %d", path.name, bad_from)
-            else:
-                quarantined.append(
-                    _quarantine_range(path, bad_from, offset, errors_dir, now_ms, "corrupt")
-                )
+            what = "torn" if is_last else "corrupt"
+            if _quarantine_range(path, bad_from, offset, errors_dir, now_ms, what, quarantined):
+                if is_last:
+                    with path.open("r+b") as fh:
+                        fh.truncate(bad_from)
+                        os.fsync(fh.fileno())
+                    offset = bad_from
+                    log.warning("journal %s: cut a torn tail at byte %d", path.name, bad_from)
+            elif is_last:
+                # The bad bytes could not be copied out, so they stay (nothing is dropped),
+                # and new records go to a fresh segment rather than after them.
+                clean_tail = False
         info.size = offset
         segments.append(info)
 
@@ -226,6 +227,7 @@ def scan(
         backlog_bytes=backlog_bytes,
         spool_sources=spool_sources,
         quarantined=quarantined,
+        clean_tail=clean_tail,
     )
 
 
@@ -234,8 +236,15 @@ class JournalVersionError(RuntimeError):
 
 
 def _quarantine_range(
-    path: Path, start: int, end: int, errors_dir: Path, now_ms: int, what: str
-) -> Path:
+    path: Path,
+    start: int,
+    end: int,
+    errors_dir: Path,
+    now_ms: int,
+    what: str,
+    quarantined: list[Path],
+) -> bool:
+    """Copy bad bytes to errors/; False (logged) when even that cannot be written."""
     with path.open("rb") as fh:
         fh.seek(start)
         data = fh.read(end - start)
@@ -246,16 +255,27 @@ def _quarantine_range(
         if what == "torn"
         else "journal record failed its checksum"
     )
-    target = quarantine_bytes(
-        errors_dir,
-        name,
-        data,
-        reason=reason,
-        component="journal",
-        now_ms=now_ms,
-        extra={"segment": path.name, "offset": start, "length": end - start},
-        overwrite=True,
-    )
+    try:
+        target = quarantine_bytes(
+            errors_dir,
+            name,
+            data,
+            reason=reason,
+            component="journal",
+            now_ms=now_ms,
+            extra={"segment": path.name, "offset": start, "length": end - start},
+            overwrite=True,
+        )
+    except OSError as exc:
+        log.error(
+            "journal %s: %d bad bytes at %d cannot be copied to errors/ (%s); left in place",
+            path.name,
+            end - start,
+            start,
+            exc,
+        )
+        return False
+    quarantined.append(target)
     log.warning(
         "journal %s: %d bad bytes at %d quarantined to %s",
         path.name,
@@ -263,7 +283,7 @@ def _quarantine_range(
         start,
         target.name,
     )
-    return target
+    return True
 
 
 @dataclasses.dataclass
@@ -332,6 +352,7 @@ class JournalWriter:
         segments: list[SegmentInfo],
         next_seq: int,
         segment_bytes: int,
+        clean_tail: bool = True,
         deliver: Callable[[list[tuple[Append, BaseException | None, Position]]], None],
     ) -> None:
         self.directory = directory
@@ -344,7 +365,7 @@ class JournalWriter:
         self._stopping = False
         self._broken: BaseException | None = None
         self._fd: int | None = None
-        self._need_new_segment = not self.segments
+        self._need_new_segment = not self.segments or not clean_tail
         last = self.segments[-1] if self.segments else None
         self.durable = Position(last.number, last.size) if last else Position(0, 0)
         self.entries_written = 0

@@ -117,6 +117,7 @@ class Pipeline:
             segments=scan.segments,
             next_seq=scan.next_seq,
             segment_bytes=self.config.journal_segment_bytes,
+            clean_tail=scan.clean_tail,
             deliver=lambda results: self.loop.call_soon_threadsafe(self._journal_done, results),
         )
         self.writer.start()

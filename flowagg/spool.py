@@ -86,26 +86,32 @@ class SpoolIntake:
         self._observer: Any = None
         self._task: asyncio.Task[None] | None = None
         self._counter = itertools.count()
+        self._journaled: set[str] = set()  # adopted names the journal holds: never again
         self.files_ingested = 0
         self.files_quarantined = 0
         self.entries_rejected = 0
 
-    def recover_adopted(self, journaled_sources: set[str]) -> list[str]:
-        """At start: drop adopted files the journal already holds; return the rest, in order."""
-        pending = []
+    async def recover(self, journaled_sources: set[str]) -> None:
+        """At start, before the daemon reports ready: finish what a previous run adopted."""
+        self._journaled |= journaled_sources
+        await self._finish_adopted()
+
+    async def _finish_adopted(self) -> None:
+        """Adopted files the journal holds are deleted; any other is ingested (again)."""
         for name in sorted(os.listdir(self.layout.journal_spool)):
             if name.startswith("."):
                 continue
-            if name in journaled_sources:
-                (self.layout.journal_spool / name).unlink()
+            if name in self._journaled:
+                (self.layout.journal_spool / name).unlink(missing_ok=True)
             else:
-                pending.append(name)
-        return pending
+                await self._ingest_or_wait(name)
 
-    async def recover(self, journaled_sources: set[str]) -> None:
-        """Finish the files a previous run adopted (before the daemon reports ready)."""
-        for name in self.recover_adopted(journaled_sources):
-            await self._ingest(name)
+    async def _ingest_or_wait(self, adopted: str) -> None:
+        try:
+            await self._ingest(adopted)
+        except OSError as exc:
+            # The file stays adopted; the next rescan tries again (a full disk, say).
+            log.error("spool file %s: %s; trying again at the next rescan", adopted, exc)
 
     async def start(self) -> None:
         """Watch inbox/ (events plus a periodic rescan) and take what is already there."""
@@ -144,7 +150,8 @@ class SpoolIntake:
                 log.exception("spool scan failed; retrying at the next rescan")
 
     async def scan_once(self) -> int:
-        """Ingest every spool file now in inbox/, in name order."""
+        """Ingest every spool file now in inbox/, in name order (leftovers first)."""
+        await self._finish_adopted()
         count = 0
         for name in sorted(os.listdir(self.layout.inbox)):
             if self._stopping:
@@ -160,7 +167,7 @@ class SpoolIntake:
                 continue
             adopted = await self._adopt(path)
             if adopted is not None:
-                await self._ingest(adopted)
+                await self._ingest_or_wait(adopted)
                 count += 1
         return count
 
@@ -171,20 +178,30 @@ class SpoolIntake:
         try:
             os.rename(path, target)
         except FileNotFoundError:
+            return None  # its client or another scan took it away
+        except OSError as exc:
+            log.error("spool file %s cannot be adopted (%s); it waits in inbox/", path.name, exc)
             return None
-        fsync_dir(self.layout.journal_spool)
-        fsync_dir(self.layout.inbox)
+        try:
+            fsync_dir(self.layout.journal_spool)
+            fsync_dir(self.layout.inbox)
+        except OSError as exc:
+            log.error("spool file %s: cannot fsync its folders: %s", path.name, exc)
         return adopted
 
     def _quarantine_move(self, path: Path, reason: str) -> None:
+        try:
+            target = quarantine_file(
+                self.layout.errors,
+                path,
+                reason=reason,
+                component="spool",
+                now_ms=self.pipeline.clock.now_ms(),
+            )
+        except OSError as exc:
+            log.error("spool file %s should go to errors/ (%s) but cannot: %s", path, reason, exc)
+            return
         self.files_quarantined += 1
-        target = quarantine_file(
-            self.layout.errors,
-            path,
-            reason=reason,
-            component="spool",
-            now_ms=self.pipeline.clock.now_ms(),
-        )
         log.warning("spool file %s quarantined to %s: %s", path.name, target.name, reason)
 
     async def _ingest(self, adopted: str) -> None:
@@ -232,6 +249,7 @@ class SpoolIntake:
                 return  # the adopted file stays; the next start ingests it
             log.error("spool file %s waits: %s", original, result.error)
             await asyncio.sleep((result.retry_after_ms or 1000) / 1000)
+        self._journaled.add(adopted)
         path.unlink()
         self.files_ingested += 1
         log.info(

@@ -22,7 +22,7 @@ import pytest
 from flowagg.clock import EntryIdFactory, FakeClock, SystemClock
 from flowagg.config import load_config
 from flowagg.health import read_latest, write_snapshot
-from flowagg.journal import scan
+from flowagg.journal import list_segments, scan
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
 from flowagg.recovery import Recovery, RetryPolicy, write_completed
@@ -256,3 +256,49 @@ def test_health_file_site(root: Path, faults: FaultInjector, name: str) -> None:
     assert sorted(p.name for p in layout.health.iterdir()) == ["health-1.json", "latest.json"]
     write_snapshot(layout, {"timestamp": 3, "status": "healthy"})
     assert read_latest(layout) == {"timestamp": 3, "status": "healthy"}
+
+
+@pytest.mark.parametrize("name", ["ENOSPC", "EROFS"])
+def test_torn_tail_with_errors_folder_unwritable(
+    root: Path, faults: FaultInjector, name: str
+) -> None:
+    """Start-up must not fail because the torn bytes cannot be copied out; they stay, and
+    new records go to a fresh segment instead of after them."""
+    rig = Rig(root)
+
+    async def first(rig: Rig) -> None:
+        await rig.add(3)
+
+    async def main(scenario: Callable[[Rig], Awaitable[None]]) -> None:
+        await rig.start()
+        try:
+            await scenario(rig)
+        finally:
+            await rig.stop()
+
+    asyncio.run(main(first))
+    [segment] = list_segments(rig.layout.journal)
+    junk = b'0badc0de {"k":"a","q":9'  # a torn write, no newline
+    with segment.open("ab") as fh:
+        fh.write(junk)
+    size = segment.stat().st_size
+
+    async def second(rig: Rig) -> None:
+        await rig.add(2)
+        assert rig.pipeline is not None
+        await rig.pipeline.flush()
+
+    with faults.broken(under(rig.layout.errors), ERRNOS[name]):
+        asyncio.run(main(second))
+    assert segment.stat().st_size == size  # the bad bytes were kept
+    assert len(list_segments(rig.layout.journal)) == 2
+    rig.check("aggregated")
+    result = scan(
+        rig.layout.journal,
+        rig.layout.errors,
+        now_ms=rig.clock.now_ms(),
+        dedupe_window_ms=rig.config.dedupe_window_ms,
+    )
+    offset = size - len(junk)
+    assert [p.name for p in result.quarantined] == [f"journal-{segment.stem}-{offset}.corrupt"]
+    assert result.backlog_entries == 0
