@@ -313,18 +313,29 @@ def recover(ctx: click.Context, abandoned: bool, batch_id: str | None, as_json: 
 @click.pass_context
 @handles_errors
 def health(ctx: click.Context, as_json: bool) -> None:
-    """Show the latest health snapshot; exit 0 healthy, 1 degraded, 2 critical, 3 stale."""
+    """Show health; exit 0 healthy, 1 degraded, 2 critical, 3 no daemon and no fresh snapshot.
+
+    A running daemon answers with a live snapshot (so a disk too full to write one still
+    shows); without one, health/latest.json is read.
+    """
+    from .client import request
     from .health import EXIT_BY_STATUS, is_stale, read_latest
 
     config = get_config(ctx)
     layout = Layout(config.root_path)
-    snapshot = read_latest(layout)
+    try:
+        live = request(layout, {"op": "health"}, timeout=10)
+    except (NotRunningError, DaemonError):
+        live = None
+    snapshot = {k: v for k, v in live.items() if k != "ok"} if live and live.get("ok") else None
+    if snapshot is None:
+        snapshot = read_latest(layout)
     if snapshot is None:
         raise NotRunningError(
             f"no health snapshot in {layout.health}; start the daemon with `flowagg run`"
         )
     now = SystemClock().now_ms()
-    if is_stale(snapshot, now):
+    if live is None and is_stale(snapshot, now):
         age_s = (now - snapshot.get("timestamp", 0)) / 1000
         raise NotRunningError(
             f"the last health snapshot is {age_s:.0f} s old (more than 3 intervals);"

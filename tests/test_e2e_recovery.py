@@ -168,6 +168,8 @@ def test_health_snapshots_survive_an_unwritable_health_folder(
     with unwritable(layout.health):
         before = orjson.loads((layout.health / "latest.json").read_bytes())["timestamp"]
         add(root, ["h1"])  # the daemon keeps serving
+        live = cli(root, "health", "--json")  # and answers health live from memory
+        assert live.returncode == 0 and orjson.loads(live.stdout)["timestamp"] > before
         wait_for(
             lambda: (
                 "cannot write the health snapshot" in (layout.logs / "aggregation.log").read_text()
