@@ -534,6 +534,11 @@ class Daemon:
             "spool": {
                 "filesIngested": spool.files_ingested if spool else 0,
                 "filesQuarantined": spool.files_quarantined if spool else 0,
+                "entriesRejected": spool.entries_rejected if spool else 0,
+            },
+            "socket": {
+                "requests": self.server.requests if self.server else 0,
+                "badRequests": self.server.bad_requests if self.server else 0,
             },
             "failed": queue["failed"],
             "abandoned": queue["abandoned"],

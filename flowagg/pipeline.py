@@ -509,6 +509,8 @@ class Pipeline:
             },
             "flusher": {
                 "stalledError": self.flusher.stalled_error if self.flusher else None,
+                "parkedBatches": self.flusher.failed_batches if self.flusher else 0,
+                "inlineRetries": self.flusher.inline_retries if self.flusher else 0,
             },
             "lastFlushAt": self.last_flush_at,
             "latencyMs": {

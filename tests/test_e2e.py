@@ -70,6 +70,8 @@ def test_size_trigger_then_manual_flush(root: Path, daemons: list[DaemonProc]) -
     assert st["counters"]["batches"] == {"size": 2, "manual": 1}
     assert st["counters"]["accepted"] == 12
     assert st["lastFlushAt"] is not None
+    assert st["flusher"] == {"stalledError": None, "parkedBatches": 0, "inlineRetries": 0}
+    assert st["socket"]["badRequests"] == 0 and st["socket"]["requests"] >= 3
 
 
 def test_age_trigger(root: Path, daemons: list[DaemonProc]) -> None:
@@ -261,7 +263,8 @@ def test_spool_keeps_valid_entries_and_quarantines_the_rest(
     assert any("line 3" in e and "not valid JSON" in e for e in errors)
     reason = orjson.loads(Path(str(rejected[0]) + ".reason.json").read_bytes())
     assert reason["component"] == "spool" and len(reason["errors"]) == 3
-    assert status(root)["counters"]["rejected"] == 3
+    st = status(root)
+    assert st["counters"]["rejected"] == 3 and st["spool"]["entriesRejected"] == 3
     assert not list(layout.inbox.iterdir())
 
 
