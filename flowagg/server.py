@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from .entries import short_repr
+from .errors import RootUnusableError
 
 log = logging.getLogger("flowagg.server")
 
@@ -44,6 +45,11 @@ class SocketServer:
             self._server = await asyncio.start_unix_server(
                 self._serve, path=str(self.path), limit=self.max_request_bytes
             )
+        except OSError as exc:
+            raise RootUnusableError(
+                f"cannot listen on {self.path}: {exc.strerror or exc}"
+                " (a Unix socket path must stay under 108 bytes); use a shorter --root"
+            ) from None
         finally:
             os.umask(old_umask)
         os.chmod(self.path, SOCKET_MODE)

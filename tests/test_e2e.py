@@ -306,3 +306,11 @@ def test_flush_writes_entries_waiting_on_disk_too(root: Path, daemons: list[Daem
     assert status(root)["buffered"]["entries"] == 0
     stored = [e["timestamp"] for e in stored_entries(root)]
     assert stored == [entry(i)["timestamp"] for i in range(100)]
+
+
+def test_socket_path_too_long_is_a_clear_exit_4(tmp_path: Path) -> None:
+    root = tmp_path / ("d" * 100) / "data"
+    root.parent.mkdir()
+    proc = cli(root, "run", timeout=60)
+    assert proc.returncode == 4, proc.stderr
+    assert b"shorter --root" in proc.stderr
