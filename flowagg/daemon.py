@@ -138,6 +138,7 @@ class Daemon:
         self.spool: SpoolIntake | None = None
         self._signals: asyncio.Queue[str] | None = None
         self._stop = False
+        self._tasks: set[asyncio.Task[None]] = set()
         self._lock: filelock.BaseFileLock | None = None
 
     # -- life cycle -------------------------------------------------------------------------
@@ -421,6 +422,12 @@ class Daemon:
         self._stop = True
 
     async def handle_usr1(self) -> None:
+        # In the background: a flush waiting on a broken disk must not hold up SIGTERM.
+        task = asyncio.create_task(self._flush_for_signal())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush_for_signal(self) -> None:
         assert self.pipeline is not None
         result = await self.pipeline.flush("manual")
         log.info("SIGUSR1 flush: %d batches, %d entries", result["batches"], result["entries"])

@@ -31,6 +31,8 @@ from .storage import Batch, CorruptBatch, find_batch, make_batch_id, read_batch
 log = logging.getLogger("flowagg.pipeline")
 
 LATENCY_SAMPLES = 2048
+# Below the unit's TimeoutStopSec (120 s): a stuck disk must not turn a stop into a SIGKILL.
+SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
 
 
@@ -473,7 +475,12 @@ class Pipeline:
             self._age_timer.cancel()
         stalled = self.flusher is not None and self.flusher.stalled_error is not None
         if not stalled:
-            await self.flush("shutdown", include_disk=False)
+            try:
+                await asyncio.wait_for(
+                    self.flush("shutdown", include_disk=False), SHUTDOWN_FLUSH_TIMEOUT_S
+                )
+            except TimeoutError:
+                log.error("the shutdown flush is stuck; what it did not write stays journaled")
         if self.flusher is not None:
             await asyncio.to_thread(self.flusher.stop, give_up=True)
         if self.writer is not None:
