@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from .client import request, send_entries, spool_entries
+from .client import add_entries, request
 from .config import load_config
 from .entries import EntryError, parse_entries_text
-from .errors import EXIT_DAEMON_FAILURE, EXIT_OK, EXIT_USAGE, FlowaggError, NotRunningError
+from .errors import EXIT_DAEMON_FAILURE, EXIT_OK, EXIT_USAGE, FlowaggError
 from .layout import Layout
 
 
@@ -51,15 +51,9 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
             raise FlowaggError(str(exc), EXIT_USAGE) from None
         if not items:
             raise FlowaggError("no entries on stdin", EXIT_USAGE)
-        if args.spool:
-            result = spool_entries(layout, items)
-        else:
-            try:
-                result = send_entries(layout, items, args.wait)
-            except NotRunningError:
-                if not args.spool_if_down:
-                    raise
-                result = spool_entries(layout, items)
+        result = add_entries(
+            layout, items, spool=args.spool, spool_if_down=args.spool_if_down, wait_s=args.wait
+        )
         failed = not result.get("ok") or bool(result.get("rejected"))
         return result, EXIT_USAGE if failed else EXIT_OK
     payload: dict[str, Any] = {

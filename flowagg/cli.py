@@ -6,12 +6,12 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 import orjson
 
-from .client import send_entries, spool_entries
+from .client import add_entries
 from .clock import SystemClock
 from .config import SETTINGS, Config, load_config
 from .entries import EntryError, parse_entries_text
@@ -21,7 +21,7 @@ from .layout import Layout
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def fail(message: str, code: int) -> None:
+def fail(message: str, code: int) -> NoReturn:
     click.echo(f"flowagg: {message}", err=True)
     sys.exit(code)
 
@@ -74,7 +74,9 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--max-age-ms", type=int, help="oldest entry's wait before an age flush")
 @click.pass_context
 @handles_errors
-def run(ctx: click.Context, sets: tuple[str, ...], batch_size: int | None, max_age_ms: int | None):
+def run(
+    ctx: click.Context, sets: tuple[str, ...], batch_size: int | None, max_age_ms: int | None
+) -> None:
     """Run the daemon in the foreground."""
     from .daemon import Daemon
 
@@ -145,15 +147,7 @@ def add(
     items = _read_input(entries, file)
     if not items:
         fail("no entries in the input", EXIT_USAGE)
-    if spool:
-        result = spool_entries(layout, items)
-    else:
-        try:
-            result = send_entries(layout, items, wait_s)
-        except NotRunningError:
-            if not spool_if_down:
-                raise
-            result = spool_entries(layout, items)
+    result = add_entries(layout, items, spool=spool, spool_if_down=spool_if_down, wait_s=wait_s)
     if not result.get("ok"):
         for r in result.get("rejected", []):
             click.echo(f"flowagg: {r['error']}", err=True)

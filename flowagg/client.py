@@ -153,3 +153,17 @@ def send_entries(layout: Layout, items: list[Any], wait_s: float) -> dict[str, A
             for r in reply.get("rejected", []):
                 total["rejected"].append({"index": r["index"] + start, "error": r["error"]})
     return total
+
+
+def add_entries(
+    layout: Layout, items: list[Any], *, spool: bool, spool_if_down: bool, wait_s: float
+) -> dict[str, Any]:
+    """`flowagg add` and `provider-bridge aggregate`: the socket, or a spool file."""
+    if spool:
+        return spool_entries(layout, items)
+    try:
+        return send_entries(layout, items, wait_s)
+    except NotRunningError:
+        if not spool_if_down:
+            raise
+        return spool_entries(layout, items)
