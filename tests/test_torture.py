@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tests.torture import run_torture
 
-KILLS = int(os.environ.get("FLOWAGG_TORTURE_KILLS_TEST", "200"))
+KILLS = int(os.environ.get("TORTURE_KILLS", "200"))
 
 
 def test_sigkill_torture_loses_and_duplicates_nothing(tmp_path: Path) -> None:
