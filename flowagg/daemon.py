@@ -73,36 +73,33 @@ def read_pid(layout: Layout) -> int | None:
 
 
 def setup_logging(layout: Layout, config: Config) -> None:
+    """aggregation.log and stderr get everything; recovery.log gets the recovery side too."""
+    formatter = logging.Formatter(LOG_FORMAT)
+
+    def rotating(name: str) -> logging.Handler:
+        handler = logging.handlers.RotatingFileHandler(
+            layout.logs / name,
+            maxBytes=config.log_max_bytes,
+            backupCount=config.log_backups,
+            encoding="utf-8",
+        )
+        handler.setFormatter(formatter)
+        return handler
+
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(formatter)
     root = logging.getLogger("flowagg")
     root.setLevel(config.log_level)
     root.propagate = False
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    formatter = logging.Formatter(LOG_FORMAT)
-    file_handler = logging.handlers.RotatingFileHandler(
-        layout.logs / "aggregation.log",
-        maxBytes=config.log_max_bytes,
-        backupCount=config.log_backups,
-        encoding="utf-8",
-    )
-    file_handler.setFormatter(formatter)
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(formatter)
-    root.addHandler(file_handler)
-    root.addHandler(stderr)
-    recovery = logging.getLogger("flowagg.recovery")
-    for handler in list(recovery.handlers):
-        recovery.removeHandler(handler)
-        handler.close()
-    recovery_handler = logging.handlers.RotatingFileHandler(
-        layout.logs / "recovery.log",
-        maxBytes=config.log_max_bytes,
-        backupCount=config.log_backups,
-        encoding="utf-8",
-    )
-    recovery_handler.setFormatter(formatter)
-    recovery.addHandler(recovery_handler)
+    for logger, handlers in (
+        (root, [rotating("aggregation.log"), stderr]),
+        (logging.getLogger("flowagg.recovery"), [rotating("recovery.log")]),
+    ):
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
+        for handler in handlers:
+            logger.addHandler(handler)
 
 
 class Daemon:

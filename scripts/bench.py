@@ -512,6 +512,42 @@ def span(results: list[dict[str, Any]]) -> float:
 
 
 # -- the benchmark -------------------------------------------------------------------------------
+def timed_threads(
+    threads: int, prepare: Callable[[int], tuple[Callable[[], None], Callable[[], None]]]
+) -> float:
+    """Run one worker per client, started together; seconds from the first start to the last end.
+
+    `prepare(client)` runs untimed in the worker and returns (timed work, untimed clean-up).
+    """
+    barrier = threading.Barrier(threads + 1)
+    spans: list[tuple[float, float]] = []
+    errors: list[BaseException] = []
+
+    def worker(client: int) -> None:
+        try:
+            timed, after = prepare(client)
+            barrier.wait()
+            started = time.monotonic()
+            timed()
+            spans.append((started, time.monotonic()))
+            after()
+        except BaseException as exc:
+            errors.append(exc)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.abort()
+
+    pool = [threading.Thread(target=worker, args=(c,)) for c in range(threads)]
+    for t in pool:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait()
+    for t in pool:
+        t.join()
+    if errors:
+        raise errors[0]
+    return max(e for _, e in spans) - min(b for b, _ in spans)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
@@ -594,40 +630,24 @@ class Bench:
         setup.execute("CREATE TABLE entries (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
         setup.commit()
         setup.close()
-        barrier = threading.Barrier(threads + 1)
-        spans: list[tuple[float, float]] = []
-        errors: list[BaseException] = []
 
-        def worker(client: int) -> None:
-            try:
-                rows = [
-                    [(line.decode(),) for line in req]
-                    for req in client_requests(client, requests, s.per_request)
-                ]
-                conn = sqlite3.connect(db, timeout=60, isolation_level=None)
-                conn.execute("PRAGMA synchronous=FULL")
-                barrier.wait()
-                started = time.monotonic()
+        def prepare(client: int) -> tuple[Callable[[], None], Callable[[], None]]:
+            rows = [
+                [(line.decode(),) for line in req]
+                for req in client_requests(client, requests, s.per_request)
+            ]
+            conn = sqlite3.connect(db, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA synchronous=FULL")
+
+            def timed() -> None:
                 for batch in rows:
                     conn.execute("BEGIN IMMEDIATE")
                     conn.executemany("INSERT INTO entries (body) VALUES (?)", batch)
                     conn.execute("COMMIT")
-                spans.append((started, time.monotonic()))
-                conn.close()
-            except BaseException as exc:
-                errors.append(exc)
-                with contextlib.suppress(threading.BrokenBarrierError):
-                    barrier.abort()
 
-        pool = [threading.Thread(target=worker, args=(c,)) for c in range(threads)]
-        for t in pool:
-            t.start()
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait()
-        for t in pool:
-            t.join()
-        if errors:
-            raise errors[0]
+            return timed, conn.close
+
+        elapsed = timed_threads(threads, prepare)
         check = sqlite3.connect(db)
         stored = check.execute("SELECT count(*) FROM entries").fetchone()[0]
         mode = check.execute("PRAGMA journal_mode").fetchone()[0]
@@ -636,7 +656,6 @@ class Bench:
         if stored != expected or mode != "wal":
             raise RuntimeError(f"sqlite baseline stored {stored}/{expected} rows, mode {mode}")
         shutil.rmtree(path)
-        elapsed = max(e for _, e in spans) - min(b for b, _ in spans)
         return expected / elapsed
 
     def baseline_persist_queue(self, threads: int, per_put: int, total_entries: int) -> float:
@@ -661,38 +680,23 @@ class Bench:
         self.notes["persist_queue_synchronous"] = queue._putter.execute(
             "PRAGMA synchronous"
         ).fetchone()[0]
-        barrier = threading.Barrier(threads + 1)
-        spans: list[tuple[float, float]] = []
-        errors: list[BaseException] = []
 
-        def worker(client: int) -> None:
-            try:
-                if per_put == 1:
-                    items = entry_lines(client, 0, puts_per_thread)
-                else:
-                    items = [
-                        b"[" + b",".join(req) + b"]"
-                        for req in client_requests(client, puts_per_thread, s.per_request)
-                    ]
-                barrier.wait()
-                started = time.monotonic()
+        def prepare(client: int) -> tuple[Callable[[], None], Callable[[], None]]:
+            if per_put == 1:
+                items = entry_lines(client, 0, puts_per_thread)
+            else:
+                items = [
+                    b"[" + b",".join(req) + b"]"
+                    for req in client_requests(client, puts_per_thread, s.per_request)
+                ]
+
+            def timed() -> None:
                 for item in items:
                     queue.put(item)
-                spans.append((started, time.monotonic()))
-            except BaseException as exc:
-                errors.append(exc)
-                with contextlib.suppress(threading.BrokenBarrierError):
-                    barrier.abort()
 
-        pool = [threading.Thread(target=worker, args=(c,)) for c in range(threads)]
-        for t in pool:
-            t.start()
-        with contextlib.suppress(threading.BrokenBarrierError):
-            barrier.wait()
-        for t in pool:
-            t.join()
-        if errors:
-            raise errors[0]
+            return timed, lambda: None
+
+        elapsed = timed_threads(threads, prepare)
         stored = queue.qsize()
         queue.close()
         if stored != threads * puts_per_thread:
@@ -700,7 +704,6 @@ class Bench:
                 f"persist-queue holds {stored} items, not {threads * puts_per_thread}"
             )
         shutil.rmtree(path)
-        elapsed = max(e for _, e in spans) - min(b for b, _ in spans)
         return threads * puts_per_thread * per_put / elapsed
 
     # -- 1 and 6. flowagg throughput, RSS, idle CPU --------------------------------------------
