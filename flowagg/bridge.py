@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     config = load_config(flags={"root": args.root}, config_path=args.config)
-    layout = Layout(config.root_path)
+    layout = Layout.for_config(config)
     if args.action == "aggregate":
         try:
             items = parse_entries_text(sys.stdin.buffer.read())

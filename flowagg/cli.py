@@ -143,7 +143,7 @@ def add(
 ) -> None:
     """Add entries (JSON object, array or JSON lines) from arguments, --file or stdin."""
     config = get_config(ctx)
-    layout = Layout(config.root_path)
+    layout = Layout.for_config(config)
     items = _read_input(entries, file)
     if not items:
         fail("no entries in the input", EXIT_USAGE)
@@ -171,7 +171,7 @@ def _daemon_request(ctx: click.Context, payload: dict[str, Any]) -> dict[str, An
     from .client import request
 
     config = get_config(ctx)
-    reply = request(Layout(config.root_path), payload)
+    reply = request(Layout.for_config(config), payload)
     if not reply.get("ok"):
         raise DaemonError(f"the daemon answered: {reply.get('error')}")
     return reply
@@ -316,7 +316,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
     from .health import EXIT_BY_STATUS, is_stale, read_latest
 
     config = get_config(ctx)
-    layout = Layout(config.root_path)
+    layout = Layout.for_config(config)
     try:
         live = request(layout, {"op": "health"}, timeout=10)
     except (NotRunningError, DaemonError):
@@ -368,7 +368,7 @@ def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -
     from .cleanup import apply_cleanup, parse_duration_ms, plan_cleanup
 
     config = get_config(ctx)
-    layout = Layout(config.root_path)
+    layout = Layout.for_config(config)
     age_ms = parse_duration_ms(age) if age else config.cleanup_age_ms
     plan = plan_cleanup(
         layout,

@@ -33,12 +33,20 @@ DAY_MS = 86_400_000
 
 SETTINGS: dict[str, Setting] = {
     "root": Setting("data", str, help="data root"),
+    "runDir": Setting("", str, help="socket, pid and lock folder (empty: <root>/run)"),
     "batchSize": Setting(50, int, 1, 1_000_000, "entries per batch (size trigger)"),
     "maxAgeMs": Setting(30_000, int, 1, 7 * DAY_MS, "oldest entry's wait before an age flush"),
     "flushThreshold": Setting(0.9, float, 0.01, 1.0, "fraction of maxBatchBytes that flushes"),
     "maxBatchBytes": Setting(65_536, int, 1024, 1 << 30, "bytes of entries per batch"),
     "maxEntryBytes": Setting(65_536, int, 64, 16 << 20, "largest entry, as compact JSON"),
     "maxRequestBytes": Setting(16 << 20, int, 1024, 1 << 30, "largest socket request line"),
+    "maxRequestEntries": Setting(
+        10_000, int, 1, 10_000_000, "entries in one socket request; more are refused"
+    ),
+    "maxConnections": Setting(256, int, 1, 100_000, "socket connections open at once"),
+    "shutdownTimeoutMs": Setting(
+        30_000, int, 100, 3_600_000, "SIGTERM exits within this; the rest stays journaled"
+    ),
     "maxBufferedEntries": Setting(
         1_000_000, int, 1, 1 << 40, "unflushed entries before add answers busy"
     ),

@@ -54,7 +54,7 @@ SIGNALS = {
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-RESTART_ONLY = ("root", "maxRequestBytes", "logMaxBytes", "logBackups")
+RESTART_ONLY = ("root", "runDir", "maxRequestBytes", "logMaxBytes", "logBackups")
 
 
 def retry_policy(config: Config) -> RetryPolicy:
@@ -112,7 +112,7 @@ class Daemon:
         reload_config: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
-        self.layout = Layout(config.root_path)
+        self.layout = Layout.for_config(config)
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self._reload_config = reload_config

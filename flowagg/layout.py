@@ -14,6 +14,17 @@ ROOT_MODE = 0o700
 @dataclasses.dataclass(frozen=True)
 class Layout:
     root: Path
+    # Socket, pid and lock. Apart from the root because a Unix socket cannot be bound on
+    # every file system (FUSE, NFS); systemd's RuntimeDirectory gives /run/flowagg.
+    run_dir: Path | None = None
+
+    @classmethod
+    def for_config(cls, config: object) -> Layout:
+        run = config.values["runDir"]  # type: ignore[attr-defined]
+        return cls(
+            config.root_path,  # type: ignore[attr-defined]
+            Path(run).expanduser().absolute() if run else None,
+        )
 
     @property
     def inbox(self) -> Path:
@@ -53,7 +64,7 @@ class Layout:
 
     @property
     def run(self) -> Path:
-        return self.root / "run"
+        return self.run_dir if self.run_dir is not None else self.root / "run"
 
     @property
     def lock_file(self) -> Path:

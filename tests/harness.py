@@ -78,7 +78,8 @@ class DaemonProc:
         log_path: Path | None = None,
     ) -> None:
         self.root = root
-        self.layout = Layout(root)
+        run_dir = (settings or {}).get("runDir")
+        self.layout = Layout(root, Path(run_dir) if run_dir else None)
         args = ["run"]
         for key, value in (settings or {}).items():
             args += ["--set", f"{key}={value}"]

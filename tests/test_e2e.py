@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,10 @@ from flowagg.layout import Layout
 from flowagg.storage import iter_batch_files, read_batch
 from tests.harness import (
     DaemonProc,
+    clean_env,
     cli,
     entry,
+    flowagg_cmd,
     request,
     start_daemon,
     stored_entries,
@@ -314,3 +317,23 @@ def test_socket_path_too_long_is_a_clear_exit_4(tmp_path: Path) -> None:
     proc = cli(root, "run", timeout=60)
     assert proc.returncode == 4, proc.stderr
     assert b"shorter --root" in proc.stderr
+
+
+def test_run_dir_holds_socket_pid_and_lock_apart_from_the_root(
+    tmp_path: Path, root: Path, daemons: list[DaemonProc]
+) -> None:
+    run_dir = tmp_path / "run"
+    daemon = start_daemon(root, {"runDir": str(run_dir)})
+    daemons.append(daemon)
+    assert sorted(os.listdir(run_dir)) == ["flowagg.lock", "flowagg.pid", "flowagg.sock"]
+    assert not (root / "run").exists()
+    env = {"FLOWAGG_RUN_DIR": str(run_dir)}
+    proc = subprocess.run(
+        flowagg_cmd(root, "status", "--json"),
+        capture_output=True,
+        env=clean_env(env),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert orjson.loads(proc.stdout)["pid"] == daemon.proc.pid
