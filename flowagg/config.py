@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}; fix the syntax") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset"
+            f" {exc.start}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     for key in data:
@@ -238,13 +244,23 @@ def load_config(
     return Config(values=values, sources=sources, config_file=file_path)
 
 
+def _check_url(url: str, source: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"sinkUrl ({source}): {url!r} is not a URL ({exc}); fix it") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"sinkUrl ({source}): sinkType is http, so sinkUrl must be an http:// or https://"
+            f" URL with a host, got {url!r}"
+        )
+
+
 def _check_sink(values: dict[str, Any], sources: dict[str, str]) -> None:
     kind = values["sinkType"]
-    if kind == "http" and not re.match(r"https?://", values["sinkUrl"]):
-        raise ConfigError(
-            f"sinkUrl ({sources['sinkUrl']}): sinkType is http, so sinkUrl must be an"
-            f" http:// or https:// URL, got {values['sinkUrl']!r}"
-        )
+    if kind == "http":
+        _check_url(values["sinkUrl"], sources["sinkUrl"])
     if kind == "command":
         try:
             words = shlex.split(values["sinkCommand"])
