@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from .client import add_entries, request
-from .config import load_config
+from .config import load_client_paths
 from .entries import EntryError, parse_entries_text
 from .errors import EXIT_DAEMON_FAILURE, EXIT_OK, EXIT_USAGE, FlowaggError
 from .layout import Layout
@@ -42,8 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    config = load_config(flags={"root": args.root}, config_path=args.config)
-    layout = Layout.for_config(config)
+    layout = Layout(*load_client_paths(root=args.root, config_path=args.config))
     if args.action == "aggregate":
         try:
             items = parse_entries_text(sys.stdin.buffer.read())

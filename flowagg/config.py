@@ -194,6 +194,38 @@ def _suggest(key: str) -> str:
     return f"did you mean {close[0]!r}?" if close else "see `flowagg config` for the known keys"
 
 
+def load_client_paths(
+    *,
+    root: str | None,
+    config_path: str | Path | None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Path, Path | None]:
+    """The data root and run dir for client commands (add, status, flush, health, ...).
+
+    Clients need only these two paths, so a mistake elsewhere in the daemon's config (an
+    unknown key, a bad value, a stray byte) never stops them from handing over entries: the
+    file is read leniently here, and only `root` and `runDir` are taken from it.
+    """
+    env = os.environ if environ is None else environ
+    chosen_root = root or env.get("FLOWAGG_ROOT")
+    run_dir = env.get(env_name("runDir")) or None
+    file_path = config_path or env.get("FLOWAGG_CONFIG")
+    if not file_path:
+        candidate = Path(chosen_root or SETTINGS["root"].default) / "flowagg.toml"
+        file_path = candidate if candidate.is_file() else None
+    if file_path and (chosen_root is None or run_dir is None):
+        try:
+            data = tomllib.loads(Path(file_path).read_bytes().decode("utf-8", "replace"))
+        except (OSError, tomllib.TOMLDecodeError):
+            data = {}
+        if chosen_root is None and isinstance(data.get("root"), str) and data["root"]:
+            chosen_root = data["root"]
+        if run_dir is None and isinstance(data.get("runDir"), str) and data["runDir"]:
+            run_dir = data["runDir"]
+    root_path = Path(chosen_root or SETTINGS["root"].default).expanduser().absolute()
+    return root_path, Path(run_dir).expanduser().absolute() if run_dir else None
+
+
 def load_config(
     *,
     flags: Mapping[str, Any] | None = None,

@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -337,3 +338,25 @@ def test_run_dir_holds_socket_pid_and_lock_apart_from_the_root(
     )
     assert proc.returncode == 0, proc.stderr
     assert orjson.loads(proc.stdout)["pid"] == daemon.proc.pid
+
+
+def test_a_bad_config_file_never_blocks_client_commands(
+    root: Path, daemons: list[DaemonProc]
+) -> None:
+    daemons.append(start_daemon(root, QUIET))
+    # The operator breaks the file while the daemon runs: clients only need the socket.
+    (root / "flowagg.toml").write_bytes(b"batchSize = 7\nbogusKey = 1\nlogLevel = 'caf\xe9'\n")
+    assert add(root, entry(1))["accepted"] == 1
+    for args in (["status", "--json"], ["flush"], ["health", "--json"]):
+        proc = cli(root, *args)
+        assert proc.returncode == 0, (args, proc.stderr)
+    bridge = subprocess.run(
+        [sys.executable, "-m", "flowagg.bridge", "--root", str(root), "aggregate-status"],
+        capture_output=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    assert bridge.returncode == 0, bridge.stderr
+    assert orjson.loads(bridge.stdout)["ok"] is True
+    assert cli(root, "config", "--check", str(root / "flowagg.toml")).returncode == 2
