@@ -32,7 +32,14 @@ import orjson
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .fsutil import display_name, fit_name, fsync_dir, quarantine_bytes, quarantine_file
+from .fsutil import (
+    REASON_SUFFIX,
+    display_name,
+    fit_name,
+    fsync_dir,
+    quarantine_bytes,
+    quarantine_file,
+)
 from .layout import Layout
 from .pipeline import Pipeline, Valid
 
@@ -186,6 +193,11 @@ def parse_lines(lines: list[Line], max_line: int) -> tuple[list[Any], list[Line]
     return items, sources, problems
 
 
+def rejected_name(adopted: str, tail: str) -> str:
+    """`adopted` plus `tail`, which must survive whole: it tells one chunk's copy from another."""
+    return fit_name(adopted, len(tail) + len(REASON_SUFFIX)) + tail
+
+
 def listed_errors(errors: list[str]) -> dict[str, object]:
     """The reason file's bounded list: the first ones plus how many there were."""
     return {"errors": errors[:MAX_LISTED_ERRORS], "errorCount": len(errors)}
@@ -320,9 +332,9 @@ class SpoolIntake:
             except Exception:
                 log.exception("spool scan failed; retrying at the next rescan")
 
-    async def scan_once(self, *, wait: bool = True) -> int:
+    async def scan_once(self) -> int:
         """Ingest every spool file now in inbox/, in name order (leftovers first)."""
-        await self._finish_adopted(wait=wait)
+        await self._finish_adopted(wait=True)
         count = 0
         for name in sorted(os.listdir(self.layout.inbox)):
             if self._stopping:
@@ -331,7 +343,7 @@ class SpoolIntake:
                 continue
             adopted = await self._take(self.layout.inbox / name)
             if adopted is not None:
-                await self._ingest_or_wait(adopted, wait=wait)
+                await self._ingest_or_wait(adopted, wait=True)
                 count += 1
         return count
 
@@ -455,7 +467,7 @@ class SpoolIntake:
         # A fixed name: a resumed intake cuts the same chunk and replaces this copy.
         quarantine_bytes(
             self.layout.errors,
-            f"{adopted}.{chunk.start}.rejected.jsonl",
+            rejected_name(adopted, f".{chunk.start}.rejected.jsonl"),
             b"".join(p.raw + b"\n" for p in problems),
             reason=(
                 f"{len(problems)} invalid lines in spool file {original} (bytes {chunk.start}"
@@ -505,7 +517,7 @@ class SpoolIntake:
         original = display_name(original_name(adopted))
         quarantine_bytes(
             self.layout.errors,
-            f"{adopted}.rejected.json",
+            rejected_name(adopted, ".rejected.json"),
             data,
             reason=(
                 f"{len(rejected)} invalid entries in spool file {original} (listed by index);"

@@ -23,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flowagg import spool as spool_mod
 from flowagg.clock import EntryIdFactory, SystemClock
 from flowagg.config import load_config
 from flowagg.fsutil import NAME_MAX, quarantine_bytes, quarantine_file
@@ -32,7 +33,7 @@ from flowagg.pipeline import AddResult, Pipeline
 from flowagg.recovery import write_completed
 from flowagg.spool import CHUNK_LINES, SpoolIntake, read_chunk
 from flowagg.storage import iter_batch_files, read_batch
-from tests.harness import entry
+from tests.harness import DaemonProc, entry, ping, request, start_daemon, stored_id_counts, wait_for
 
 WAIT_S = 20.0
 MAX_ENTRY = 4096
@@ -238,6 +239,20 @@ def test_quarantine_works_with_255_byte_names(tmp_path: Path) -> None:
     assert len(list(errors.glob("*.reason.json"))) == 6
 
 
+def test_each_chunk_of_a_long_named_file_keeps_its_own_rejected_copy(root: Path) -> None:
+    body = b"\n".join(line(i) if i % CHUNK_LINES else b"bad" for i in range(2 * CHUNK_LINES + 1))
+
+    async def scenario(rig: Rig) -> None:
+        (rig.layout.inbox / name_of(NAME_MAX, b".jsonl")).write_bytes(body)
+        await rig.scan()
+        assert rig.left() == []
+        copies = sorted(rig.layout.errors.glob("*.rejected.jsonl"))
+        assert len(copies) == 3 and {c.read_bytes() for c in copies} == {b"bad\n"}
+
+    run(root, scenario)
+    assert len(Rig(root).stored()) == 2 * CHUNK_LINES - 2
+
+
 def test_a_json_file_over_the_limit_is_quarantined_and_jsonl_is_streamed(root: Path) -> None:
     async def scenario(rig: Rig) -> None:
         count = MAX_FILE // 100
@@ -356,6 +371,59 @@ def test_stop_is_prompt_while_intake_waits_for_space(root: Path) -> None:
 
     run(root, scenario)
     assert Rig(root).stored() == {"e1": 1}
+
+
+def test_stop_cancels_intake_stuck_on_the_disk(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_mod, "STOP_GRACE_S", 0.2)
+
+    async def scenario(rig: Rig) -> None:
+        assert rig.pipeline is not None and rig.spool is not None
+        stuck = asyncio.Event()
+
+        async def hang(*args: Any, **kw: Any) -> AddResult:
+            await stuck.wait()
+            return AddResult(error="journal_unavailable: EIO", retry_after_ms=1000)
+
+        rig.pipeline.add_valid = hang  # type: ignore[method-assign]
+        (rig.layout.inbox / "a.jsonl").write_bytes(line(1))
+        await rig.spool.start()
+        deadline = time.monotonic() + WAIT_S
+        while rig.layout.inbox.joinpath("a.jsonl").exists():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await asyncio.wait_for(rig.spool.stop(), WAIT_S)
+        assert time.monotonic() - started < 3
+        stuck.set()
+        rig.spool = None
+        await rig.restart()  # the file stayed adopted; this start finishes it
+        assert rig.left() == []
+
+    run(root, scenario)
+    assert Rig(root).stored() == {"e1": 1}
+
+
+def test_an_unexpected_failure_quarantines_only_that_file(root: Path) -> None:
+    async def scenario(rig: Rig) -> None:
+        assert rig.pipeline is not None
+        real = rig.pipeline.validate
+
+        def validate(items: list[Any]) -> Any:
+            if items and items[0].get("entryId") == "e1":
+                raise RuntimeError("a bug")
+            return real(items)
+
+        rig.pipeline.validate = validate  # type: ignore[method-assign]
+        (rig.layout.inbox / "a.jsonl").write_bytes(line(1))
+        (rig.layout.inbox / "b.jsonl").write_bytes(line(2))
+        await rig.scan()
+        assert rig.left() == []
+        [reason] = rig.reasons()
+        assert reason["originalName"] == "a.jsonl" and "unexpectedly" in reason["reason"]
+
+    run(root, scenario)
+    assert Rig(root).stored() == {"e2": 1}
 
 
 def test_memory_of_finished_files_is_dropped(root: Path) -> None:
@@ -501,3 +569,38 @@ def test_any_inbox_never_crashes_stalls_or_loses_an_entry(
         for name in os.listdir(rig.layout.errors):
             if not name.endswith(".reason.json"):
                 assert (rig.layout.errors / f"{name}.reason.json").exists()
+
+
+# -- a real daemon -----------------------------------------------------------------------------
+
+
+def test_a_real_daemon_stays_up_through_a_hostile_inbox(
+    root: Path, daemons: list[DaemonProc]
+) -> None:
+    settings = {"spoolRescanMs": 50, "maxAgeMs": 3_600_000}
+    daemons.append(start_daemon(root, settings))
+    layout = Layout(root)
+    os.mkfifo(layout.inbox / "a.json")
+    os.symlink("/dev/zero", layout.inbox / "b.jsonl")
+    (layout.inbox / name_of(NAME_MAX, b".jsonl", b"\xff")).write_bytes(line(1) + b"\n")
+    (layout.inbox / "deep.jsonl").write_bytes(line(2) + b"\n" + deep(300) + b"\n")
+    wait_for(lambda: not os.listdir(layout.inbox) and not os.listdir(layout.journal_spool))
+    assert ping(layout.socket)
+    assert request(layout.socket, {"op": "status"})["counters"]["accepted"] == 2
+    started = time.monotonic()
+    assert daemons[-1].stop(timeout=30) == 0
+    assert time.monotonic() - started < 30
+    # A file adopted by a run that died before journaling it, with the line that used to
+    # crash every start.
+    adopted = layout.journal_spool / "1704067200000-000000-left.jsonl"
+    adopted.write_bytes(line(3) + b"\n" + deep(300) + b"\n")
+    daemons.append(start_daemon(root, settings))
+    assert not adopted.exists() and ping(layout.socket)
+    assert daemons[-1].stop(timeout=30) == 0
+    assert stored_id_counts(root) == {"e1": 1, "e2": 1, "e3": 1}
+    reasons = [orjson.loads(p.read_bytes()) for p in layout.errors.glob("*.reason.json")]
+    assert sorted(r["reason"].split(",")[0] for r in reasons if "originalPath" in r) == [
+        "a FIFO",
+        "a symbolic link",
+    ]
+    assert sum(r.get("errorCount", 0) for r in reasons) == 2
