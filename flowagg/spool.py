@@ -266,7 +266,17 @@ class SpoolIntake:
                 await self._ingest_or_wait(name, wait=wait)
 
     def _forget(self, adopted: str) -> None:
-        (self.layout.journal_spool / adopted).unlink(missing_ok=True)
+        """Delete an adopted file that needs nothing more; until then its progress is kept."""
+        try:
+            (self.layout.journal_spool / adopted).unlink(missing_ok=True)
+        except OSError as exc:
+            log.error(
+                "spool file %s is stored but cannot be deleted (%s); trying again at the next"
+                " rescan",
+                adopted,
+                exc,
+            )
+            return
         self._progress.pop(adopted, None)
 
     async def _ingest_or_wait(self, adopted: str, *, wait: bool) -> None:
@@ -341,10 +351,16 @@ class SpoolIntake:
                 break
             if name.startswith(".") or name.endswith(".tmp"):
                 continue
-            adopted = await self._take(self.layout.inbox / name)
+            try:
+                adopted = await self._take(self.layout.inbox / name)
+            except Exception:
+                # One file must not stop the others: it stays in inbox/ for the next rescan.
+                log.exception("spool file %s cannot be taken from inbox/", display_name(name))
+                continue
             if adopted is not None:
                 await self._ingest_or_wait(adopted, wait=True)
                 count += 1
+            await asyncio.sleep(0)  # a flood of bad files must not starve the socket
         return count
 
     async def _take(self, path: Path) -> str | None:
