@@ -236,6 +236,8 @@ class SpoolIntake:
         self._floor_ms = 0
         # Adopted files still in journal/spool/ -> how far the journal holds them.
         self._progress: dict[str, Progress] = {}
+        # Inbox names (as text) of the files this run adopted, which may have been cut to fit.
+        self._originals: dict[str, str] = {}
         self.files_ingested = 0
         self.files_quarantined = 0
         self.entries_rejected = 0
@@ -278,6 +280,7 @@ class SpoolIntake:
             )
             return
         self._progress.pop(adopted, None)
+        self._originals.pop(adopted, None)
 
     async def _ingest_or_wait(self, adopted: str, *, wait: bool) -> None:
         path = self.layout.journal_spool / adopted
@@ -395,11 +398,19 @@ class SpoolIntake:
             fsync_dir(self.layout.inbox)
         except OSError as exc:
             log.error("spool file %s: cannot fsync its folders: %s", display_name(path.name), exc)
+        self._originals[adopted] = display_name(path.name)
         return adopted
+
+    def _original(self, adopted: str) -> str:
+        """The inbox name of an adopted file; after a restart, what its adopted name kept."""
+        return self._originals.get(adopted) or display_name(original_name(adopted))
 
     def _quarantine_move(self, path: Path, reason: str) -> bool:
         """Move a file to errors/ with its reason; False (logged) when it cannot be moved."""
-        original = path.name if path.parent == self.layout.inbox else original_name(path.name)
+        if path.parent == self.layout.inbox:
+            original = display_name(path.name)
+        else:
+            original = self._original(path.name)
         try:
             target = quarantine_file(
                 self.layout.errors,
@@ -407,7 +418,7 @@ class SpoolIntake:
                 reason=reason,
                 component="spool",
                 now_ms=self.pipeline.clock.now_ms(),
-                extra={"originalName": display_name(original)},
+                extra={"originalName": original},
             )
         except OSError as exc:
             shown = display_name(str(path))
@@ -415,7 +426,7 @@ class SpoolIntake:
             return False
         self.files_quarantined += 1
         shown = display_name(target.name)
-        log.warning("spool file %s quarantined to %s: %s", display_name(original), shown, reason)
+        log.warning("spool file %s quarantined to %s: %s", original, shown, reason)
         return True
 
     async def _ingest(self, adopted: str, *, wait: bool) -> bool:
@@ -479,7 +490,7 @@ class SpoolIntake:
         return valid, problems
 
     def _reject_lines(self, adopted: str, chunk: Chunk, problems: list[Problem]) -> None:
-        original = display_name(original_name(adopted))
+        original = self._original(adopted)
         # A fixed name: a resumed intake cuts the same chunk and replaces this copy.
         quarantine_bytes(
             self.layout.errors,
@@ -530,7 +541,7 @@ class SpoolIntake:
 
     def _reject_document(self, adopted: str, data: bytes, rejected: list[dict[str, Any]]) -> None:
         """A copy of the whole file, with the indexes of its invalid entries and why."""
-        original = display_name(original_name(adopted))
+        original = self._original(adopted)
         quarantine_bytes(
             self.layout.errors,
             rejected_name(adopted, ".rejected.json"),
