@@ -27,7 +27,7 @@ from flowagg import spool as spool_mod
 from flowagg.clock import EntryIdFactory, SystemClock
 from flowagg.config import load_config
 from flowagg.fsutil import NAME_MAX, quarantine_bytes, quarantine_file
-from flowagg.journal import scan
+from flowagg.journal import list_segments, scan, unframe
 from flowagg.layout import Layout
 from flowagg.pipeline import AddResult, Pipeline
 from flowagg.recovery import write_completed
@@ -431,6 +431,22 @@ def test_an_unexpected_failure_quarantines_only_that_file(root: Path) -> None:
 
     run(root, scenario)
     assert Rig(root).stored() == {"e2": 1}
+
+
+def test_new_adopted_names_never_take_an_old_one_after_the_clock_went_back(root: Path) -> None:
+    async def scenario(rig: Rig) -> None:
+        (rig.layout.journal_spool / "9000000000000-000000-old.jsonl").write_bytes(line(1))
+        await rig.restart()
+        (rig.layout.inbox / "new.jsonl").write_bytes(line(2))
+        await rig.scan()
+        records = [
+            unframe(raw) for seg in list_segments(rig.layout.journal) for raw in seg.open("rb")
+        ]
+        sources = [r["src"] for r in records if r is not None and "src" in r]
+        assert sources == ["9000000000000-000000-old.jsonl", "9000000000001-000000-new.jsonl"]
+
+    run(root, scenario)
+    assert Rig(root).stored() == {"e1": 1, "e2": 1}
 
 
 def test_memory_of_finished_files_is_dropped(root: Path) -> None:
