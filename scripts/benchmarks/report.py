@@ -175,7 +175,7 @@ def build_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
             (
                 f"RSS with {entries:,} remembered\nclient entryIds, all stored{once}",
                 f"{fmt(m(f'{prefix}.rss_mb'), ' MB', 1)} after the flush\n"
-                f"peak {fmt(m(f'{prefix}.peak_rss_mb'), ' MB', 1)} while adding\n"
+                f"peak {fmt(m(f'{prefix}.peak_rss_mb'), ' MB', 1)} over the run\n"
                 f"stored at {fmt_rate(m(f'{prefix}.stored_rate'))}",
                 "",
                 "goal < 80 MB\n(SPEC: with 10,000,000)",
@@ -373,7 +373,8 @@ def notes(b: Bench) -> str:
             + ", ".join(f"{k}={v}" for k, v in LARGE_BATCHES.items())
             + " so the flusher keeps up and adds never see busy;"
             " after everything is stored (socket flush until buffered == 0) RSS is polled every"
-            " 0.5 s until it moves < 0.5 MB; peak = RSS polled every 20 ms while adding."
+            " 0.5 s until it moves < 0.5 MB; peak = RSS polled every 20 ms from the first add"
+            " to that point."
             " One root per size, built once.",
             "day of journal: that root after a clean stop (SIGTERM; the journal is kept for the"
             " 24 h dedupe window), restarted in place with default settings: spawn -> ping ok,"
