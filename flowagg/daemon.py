@@ -29,21 +29,28 @@ from .config import SETTINGS, Config
 from .entries import short_repr
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
 from .fsutil import atomic_write, count_files, remove_stale_temps
-from .health import SEVERITY, Figures, evaluate, read_latest, system_figures, write_snapshot
+from .health import (
+    DaemonFacts,
+    build_snapshot,
+    read_latest,
+    read_pid,
+    system_figures,
+    write_snapshot,
+)
 from .journal import JournalVersionError, scan
 from .layout import Layout
 from .pipeline import Pipeline
-from .recovery import Recovery, RetryPolicy, write_completed
+from .recovery import Recovery, RetryPolicy, check_batch_id, write_completed
 from .sdnotify import notify
 from .server import SocketServer
 from .sink import build_sink, sink_then_store
 from .spool import SpoolIntake
+from .supervise import EX_SOFTWARE, DaemonExecutor, Deadline, Supervisor
 
 log = logging.getLogger("flowagg.daemon")
 
 MAINTENANCE_INTERVAL_S = 60.0
 CLEANUP_INTERVAL_S = 86_400.0
-HEALTH_FORMAT_VERSION = 1
 SUCCESS_WINDOW_INTERVALS = 10
 SIGNALS = {
     signal.SIGTERM: "term",
@@ -63,13 +70,6 @@ def retry_policy(config: Config) -> RetryPolicy:
         max_delay_ms=config.retry_max_delay_ms,
         limit=config.batch_retry_limit,
     )
-
-
-def read_pid(layout: Layout) -> int | None:
-    try:
-        return int(layout.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def setup_logging(layout: Layout, config: Config) -> None:
@@ -124,7 +124,9 @@ class Daemon:
         self.recovery = Recovery(
             self.layout, self.clock, self.rng, self.retry_policy, store=self.store
         )
+        self.supervisor = Supervisor()
         self.health_checks = 0
+        self.too_many_entries = 0
         self.cleanup_runs = 0
         self._abandoned_seen: int | None = None
         self._recovery_lock: asyncio.Lock | None = None
@@ -184,6 +186,15 @@ class Daemon:
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_default_executor(DaemonExecutor())
+        self._signals = asyncio.Queue()
+        signals = self._signals
+
+        def died(name: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting
+                loop.call_soon_threadsafe(signals.put_nowait, "died")
+
+        self.supervisor.on_death(died)
         self.started_mono = self.clock.monotonic()
         started = time.perf_counter()
         log.info("flowagg %s starting on %s (pid %d)", __version__, self.layout.root, os.getpid())
@@ -209,6 +220,7 @@ class Daemon:
             ids,
             next_retry_at=lambda now: self.retry_policy.next_retry_at(now, 0, self.rng),
             store=self.store,
+            spawn=self.supervisor.spawn,
         )
         self.pipeline.start(result)
         log.info(
@@ -216,9 +228,8 @@ class Daemon:
             len(result.segments),
             self.pipeline.aggregator.unflushed_entries,
         )
-        self._signals = asyncio.Queue()
         for signum, name in SIGNALS.items():
-            loop.add_signal_handler(signum, self._signals.put_nowait, name)
+            loop.add_signal_handler(signum, signals.put_nowait, name)
         self.spool = SpoolIntake(
             self.layout,
             self.pipeline,
@@ -227,7 +238,10 @@ class Daemon:
         )
         await self.spool.recover(result.spool_sources)
         self.server = SocketServer(
-            self.layout.socket, self.handle_request, max_request_bytes=self.config.max_request_bytes
+            self.layout.socket,
+            self.handle_request,
+            max_request_bytes=self.config.max_request_bytes,
+            max_connections=self.config.max_connections,
         )
         await self.server.start()
         await self.spool.start()
@@ -237,7 +251,7 @@ class Daemon:
         notify(f"READY=1\nSTATUS=accepting entries\nMAINPID={os.getpid()}")
         self._start_watchdog(loop)
         while not self._stop:
-            name = await self._signals.get()
+            name = await signals.get()
             await getattr(self, f"handle_{name}")()
         return await self._shutdown()
 
@@ -300,75 +314,49 @@ class Daemon:
             if requeue:
                 requeued = await asyncio.to_thread(self.recovery.requeue_abandoned, batch)
             report = await asyncio.to_thread(self.recovery.run_once, force=force)
-        outcomes = self.pipeline.flusher.outcomes if self.pipeline.flusher else None
-        if outcomes is not None:
+        if self.pipeline.flusher is not None:
             now = self.clock.monotonic()
-            outcomes.extend([(now, True)] * len(report.recovered))
-            outcomes.extend([(now, False)] * (len(report.retried_failed) + len(report.abandoned)))
+            outcomes = self.pipeline.flusher.outcomes
+            outcomes.record(now, True, len(report.recovered))
+            outcomes.record(now, False, len(report.retried_failed) + len(report.abandoned))
         result = report.as_dict()
         if requeue:
             result["requeued"] = requeued
         return result
 
-    def health_snapshot(self) -> dict[str, Any]:
+    def health_snapshot(self, *, running: bool = True) -> dict[str, Any]:
         assert self.pipeline is not None
         st = self.status()
         flusher = self.pipeline.flusher
         # Success rate over the last SUCCESS_WINDOW_INTERVALS health intervals, so a bad spell
         # shows at once and is forgotten once writes have worked for a while.
-        horizon = self.clock.monotonic() - (
-            SUCCESS_WINDOW_INTERVALS * self.config.health_check_interval_ms / 1000
-        )
-        outcomes = [ok for t, ok in (flusher.outcomes if flusher else ()) if t >= horizon]
-        success = sum(outcomes) / len(outcomes) if outcomes else 1.0
-        system = system_figures(self.layout.root)
-        disk = system["diskSpace"]
-        abandoned = st["queue"]["abandoned"]
+        interval_ms = self.config.health_check_interval_ms
+        horizon = self.clock.monotonic() - SUCCESS_WINDOW_INTERVALS * interval_ms / 1000
         if self._abandoned_seen is None:
             previous = read_latest(self.layout)
+            abandoned = st["queue"]["abandoned"]
             self._abandoned_seen = (
                 previous.get("queue", {}).get("abandoned", abandoned) if previous else abandoned
             )
-        flush_ms = [s * 1000 for s in self.pipeline.flush_latency]
-        figures = Figures(
-            success_rate=success,
-            flush_p99_ms=st["latencyMs"]["flushP99"],
-            memory_percent=system["memoryPercent"],
-            disk_free_fraction=disk["available"] / disk["total"] if disk["total"] else 1.0,
-            abandoned_now=abandoned,
-            abandoned_before=self._abandoned_seen,
-            stalled_error=st["flusher"]["stalledError"],
-            breaker_state=st["sink"]["state"] if st["sink"] else None,
+        facts = DaemonFacts(
+            status=st,
+            interval_ms=interval_ms,
+            success_rate=flusher.outcomes.success_rate(horizon) if flusher else 1.0,
+            flush_latency_s=list(self.pipeline.flush_latency),
+            retry_count=(flusher.inline_retries if flusher else 0)
+            + self.recovery.totals["failedAgain"],
+            scheduled_tasks=self.recovery.runs,
+            health_checks=self.health_checks,
+            cleanup_runs=self.cleanup_runs,
+            thread_issues=tuple(self.supervisor.issues()),
+            running=running,
         )
-        status, issues = evaluate(figures)
-        return {
-            "formatVersion": HEALTH_FORMAT_VERSION,
-            "timestamp": self.clock.now_ms(),
-            "status": status,
-            "severity": SEVERITY[status],
-            "issues": issues,
-            "intervalMs": self.config.health_check_interval_ms,
-            "daemonHealth": {
-                "uptime": int(st["uptimeS"] * 1000),
-                "isRunning": True,
-                "pid": st["pid"],
-                "scheduledTasksExecuted": self.recovery.runs,
-                "healthChecksPerformed": self.health_checks,
-                "cleanupOperations": self.cleanup_runs,
-            },
-            "aggregatorHealth": {
-                "totalOperations": sum(st["counters"]["batches"].values()),
-                "successRate": round(success, 4),
-                "averageProcessingTime": round(sum(flush_ms) / len(flush_ms), 3) if flush_ms else 0,
-                "maxFlushTime": round(max(flush_ms), 3) if flush_ms else 0,
-                "retryCount": (flusher.inline_retries if flusher else 0)
-                + self.recovery.totals["failedAgain"],
-            },
-            "systemHealth": system,
-            "queue": st["queue"],
-            "latencyMs": st["latencyMs"],
-            "sink": st["sink"],
-        }
+        return build_snapshot(
+            facts,
+            now_ms=self.clock.now_ms(),
+            system=system_figures(self.layout.root),
+            abandoned_before=self._abandoned_seen,
+        )
 
     async def write_health(self) -> None:
         snapshot = self.health_snapshot()
@@ -395,27 +383,60 @@ class Daemon:
             log.info("cleanup: %d files removed, %d bytes freed", len(plan), freed)
 
     async def _shutdown(self) -> int:
-        notify("STOPPING=1\nSTATUS=flushing")
-        log.info("stopping: flushing the buffer")
+        """Stop within shutdownTimeoutMs, whatever clients, sinks or the disk do (SPEC §9).
+
+        Each phase gets a share of one deadline; what is not stored by then stays journaled.
+        """
         assert self.pipeline is not None
+        deadline = Deadline(self.config.shutdown_timeout_ms / 1000, self.clock.monotonic)
+        notify("STOPPING=1\nSTATUS=flushing")
+        log.info("stopping within %.1f s: flushing the buffer", deadline.total_s)
+        self.supervisor.stopping = True
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         if self.server is not None:
-            await self.server.stop()
+            await self.server.stop(
+                grace_s=deadline.share(0.1, cap_s=1.0), close_s=deadline.share(0.05)
+            )
         if self.spool is not None:
-            await self.spool.stop()
-        await self.pipeline.shutdown()
+            try:
+                await asyncio.wait_for(self.spool.stop(), deadline.share(0.1))
+            except TimeoutError:
+                log.error("the spool intake did not stop in time; its file stays adopted")
+        dead = bool(self.supervisor.deaths)
+        # The last 20% is kept for the thread joins and the final snapshot.
+        flush_s = 0.0 if dead else max(0.0, deadline.remaining() - deadline.share(0.2))
+        busy = await self.pipeline.shutdown(flush_s=flush_s, join_s=deadline.share(0.1))
+        for name in busy:
+            log.error("thread %s did not stop in time; left to the process exit", name)
         left = self.pipeline.aggregator.unflushed_entries
         if left:
             log.warning("stopped with %d entries in the journal; the next start writes them", left)
+        await self._final_snapshot(deadline.share(0.05))
+        if dead:
+            log.critical("stopped after a thread died; exit %d to be restarted", EX_SOFTWARE)
+            return EX_SOFTWARE
         log.info("stopped")
         return 0
+
+    async def _final_snapshot(self, timeout_s: float) -> None:
+        """Mark the snapshot stopped, so `flowagg health` does not report a dead daemon healthy."""
+        snapshot = self.health_snapshot(running=False)
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(write_snapshot, self.layout, snapshot), timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            log.error("cannot write the final health snapshot: %r", exc)
 
     # -- signals ----------------------------------------------------------------------------
     async def handle_term(self) -> None:
         self._stop = True
 
     async def handle_int(self) -> None:
+        self._stop = True
+
+    async def handle_died(self) -> None:
         self._stop = True
 
     async def handle_usr1(self) -> None:
@@ -491,6 +512,15 @@ class Daemon:
                 return {"ok": False, "error": 'add: "entries" must be an array of entries'}
             if self._stop:
                 return {"ok": False, "error": "stopping", "retryAfterMs": 1000}
+            limit = self.config.max_request_entries
+            if len(entries) > limit:
+                self.too_many_entries += 1
+                return {
+                    "ok": False,
+                    "error": f"too_many_entries: {len(entries)} entries, over"
+                    f" maxRequestEntries={limit}; split the request",
+                    "maxRequestEntries": limit,
+                }
             return (await self.pipeline.add(entries)).reply()
         if op == "ping":
             return {"ok": True}
@@ -503,11 +533,13 @@ class Daemon:
             if batch is not None and not isinstance(batch, str):
                 return {"ok": False, "error": 'recover: "batch" must be a batch id string'}
             try:
+                if batch is not None:
+                    check_batch_id(batch)
                 report = await self.recover(
                     force=True, requeue=bool(request.get("abandoned")), batch=batch
                 )
-            except FileNotFoundError as exc:
-                return {"ok": False, "error": str(exc)}
+            except (FileNotFoundError, ValueError) as exc:
+                return {"ok": False, "error": f"recover: {exc}"}
             return {"ok": True, **report}
         if op == "health":
             return {"ok": True, **self.health_snapshot()}
@@ -543,6 +575,9 @@ class Daemon:
             "socket": {
                 "requests": self.server.requests if self.server else 0,
                 "badRequests": self.server.bad_requests if self.server else 0,
+                "tooManyEntries": self.too_many_entries,
+                "connections": self.server.connections if self.server else 0,
+                "refusedConnections": self.server.refused_connections if self.server else 0,
             },
             "failed": queue["failed"],
             "abandoned": queue["abandoned"],

@@ -18,6 +18,7 @@ from flowagg.recovery import Recovery, RetryPolicy, write_completed
 from flowagg.storage import Batch, batch_file_name, encode_batch, read_batch
 
 POLICY = RetryPolicy(base_ms=1000, max_delay_ms=300_000, limit=5)
+B1 = "1704067200000_000000000001"
 
 
 def make_layout(tmp_path: Path) -> Layout:
@@ -80,15 +81,15 @@ def test_schedule_then_abandon_then_requeue(tmp_path: Path) -> None:
     clock = FakeClock(now_ms=10_000)
     store = FlakyStore(layout)
     recovery = Recovery(layout, clock, random.Random(3), POLICY, store=store)
-    put_failed(layout, failed_doc("b1", nextRetryAt=10_500))
+    put_failed(layout, failed_doc(B1, nextRetryAt=10_500))
 
     report = recovery.run_once()
     assert report.waiting == 1 and store.calls == 0  # not yet due
     clock.advance(500)
     for attempt in range(1, POLICY.limit):
         report = recovery.run_once()
-        assert report.retried_failed == ["b1"]
-        doc = orjson.loads((layout.recovery / "b1.failed.json").read_bytes())
+        assert report.retried_failed == [B1]
+        doc = orjson.loads((layout.recovery / f"{B1}.failed.json").read_bytes())
         assert doc["retryCount"] == attempt
         assert doc["lastRetryAt"] == clock.now_ms()
         assert "No space left" in doc["lastError"]
@@ -100,19 +101,19 @@ def test_schedule_then_abandon_then_requeue(tmp_path: Path) -> None:
             assert recovery.run_once().waiting == 1 and store.calls == calls  # not due yet
         clock.advance(delay)
     report = recovery.run_once()
-    assert report.abandoned == ["b1"]
-    assert not (layout.recovery / "b1.failed.json").exists()
-    parked = orjson.loads((layout.abandoned / "b1.abandoned.json").read_bytes())
+    assert report.abandoned == [B1]
+    assert not (layout.recovery / f"{B1}.failed.json").exists()
+    parked = orjson.loads((layout.abandoned / f"{B1}.abandoned.json").read_bytes())
     assert parked["retryCount"] == POLICY.limit
     assert parked["abandonReason"] == "retry limit reached"
     assert [h["kind"] for h in parked["history"]] == ["transient"] * POLICY.limit
 
     store.error = None
-    assert recovery.requeue_abandoned("b1") == ["b1"]
-    requeued = orjson.loads((layout.recovery / "b1.failed.json").read_bytes())
+    assert recovery.requeue_abandoned(B1) == [B1]
+    requeued = orjson.loads((layout.recovery / f"{B1}.failed.json").read_bytes())
     assert requeued["retryCount"] == 0 and requeued["history"][-1]["event"] == "requeued"
-    assert recovery.run_once().recovered == ["b1"]
-    done = read_batch(layout.aggregated / batch_file_name("b1"))
+    assert recovery.run_once().recovered == [B1]
+    done = read_batch(layout.aggregated / batch_file_name(B1))
     assert done["recovered"] is True and done["entryCount"] == 3
     assert "retryCount" not in done and "history" not in done
     assert not list(layout.recovery.glob("*.json")) and not list(layout.abandoned.iterdir())
