@@ -126,7 +126,6 @@ class Daemon:
         )
         self.supervisor = Supervisor()
         self.health_checks = 0
-        self.too_many_entries = 0
         self.cleanup_runs = 0
         self._abandoned_seen: int | None = None
         self._recovery_lock: asyncio.Lock | None = None
@@ -241,6 +240,7 @@ class Daemon:
             self.layout.socket,
             self.handle_request,
             max_request_bytes=self.config.max_request_bytes,
+            max_request_entries=self.config.max_request_entries,
             max_connections=self.config.max_connections,
         )
         await self.server.start()
@@ -512,15 +512,6 @@ class Daemon:
                 return {"ok": False, "error": 'add: "entries" must be an array of entries'}
             if self._stop:
                 return {"ok": False, "error": "stopping", "retryAfterMs": 1000}
-            limit = self.config.max_request_entries
-            if len(entries) > limit:
-                self.too_many_entries += 1
-                return {
-                    "ok": False,
-                    "error": f"too_many_entries: {len(entries)} entries, over"
-                    f" maxRequestEntries={limit}; split the request",
-                    "maxRequestEntries": limit,
-                }
             return (await self.pipeline.add(entries)).reply()
         if op == "ping":
             return {"ok": True}
@@ -575,7 +566,7 @@ class Daemon:
             "socket": {
                 "requests": self.server.requests if self.server else 0,
                 "badRequests": self.server.bad_requests if self.server else 0,
-                "tooManyEntries": self.too_many_entries,
+                "tooManyEntries": self.server.too_many_entries if self.server else 0,
                 "connections": self.server.connections if self.server else 0,
                 "refusedConnections": self.server.refused_connections if self.server else 0,
             },
