@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
+import functools
 import logging
-import logging.handlers
 import os
 import random
 import signal
@@ -25,22 +24,25 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from . import __version__
 from .cleanup import apply_cleanup, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
-from .config import SETTINGS, Config
-from .entries import short_repr
+from .config import Config
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
-from .fsutil import atomic_write, count_files, remove_stale_temps
+from .fsutil import atomic_write, remove_stale_temps
 from .health import (
     DaemonFacts,
+    abandoned_before,
     build_snapshot,
-    read_latest,
     read_pid,
     system_figures,
     write_snapshot,
 )
+from .jobs import reschedule, start_scheduler, start_watchdog
 from .journal import JournalVersionError, scan
 from .layout import Layout
+from .logsetup import setup_logging
+from .ops import daemon_status, handle_request
 from .pipeline import Pipeline
-from .recovery import Recovery, RetryPolicy, check_batch_id, write_completed
+from .recovery import Recovery, RetryPolicy, write_completed
+from .reloading import merge_reload
 from .sdnotify import notify
 from .server import SocketServer
 from .sink import build_sink, sink_then_store
@@ -49,8 +51,6 @@ from .supervise import EX_SOFTWARE, DaemonExecutor, Deadline, Supervisor
 
 log = logging.getLogger("flowagg.daemon")
 
-MAINTENANCE_INTERVAL_S = 60.0
-CLEANUP_INTERVAL_S = 86_400.0
 SUCCESS_WINDOW_INTERVALS = 10
 SIGNALS = {
     signal.SIGTERM: "term",
@@ -58,48 +58,6 @@ SIGNALS = {
     signal.SIGUSR1: "usr1",
     signal.SIGHUP: "hup",
 }
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-RESTART_ONLY = ("root", "runDir", "maxRequestBytes", "logMaxBytes", "logBackups")
-
-
-def retry_policy(config: Config) -> RetryPolicy:
-    return RetryPolicy(
-        base_ms=config.retry_base_ms,
-        max_delay_ms=config.retry_max_delay_ms,
-        limit=config.batch_retry_limit,
-    )
-
-
-def setup_logging(layout: Layout, config: Config) -> None:
-    """aggregation.log and stderr get everything; recovery.log gets the recovery side too."""
-    formatter = logging.Formatter(LOG_FORMAT)
-
-    def rotating(name: str) -> logging.Handler:
-        handler = logging.handlers.RotatingFileHandler(
-            layout.logs / name,
-            maxBytes=config.log_max_bytes,
-            backupCount=config.log_backups,
-            encoding="utf-8",
-        )
-        handler.setFormatter(formatter)
-        return handler
-
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(formatter)
-    root = logging.getLogger("flowagg")
-    root.setLevel(config.log_level)
-    root.propagate = False
-    for logger, handlers in (
-        (root, [rotating("aggregation.log"), stderr]),
-        (logging.getLogger("flowagg.recovery"), [rotating("recovery.log")]),
-    ):
-        for old in list(logger.handlers):
-            logger.removeHandler(old)
-            old.close()
-        for handler in handlers:
-            logger.addHandler(handler)
 
 
 class Daemon:
@@ -116,7 +74,7 @@ class Daemon:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self._reload_config = reload_config
-        self.retry_policy = retry_policy(config)
+        self.retry_policy = RetryPolicy.from_config(config)
         self.sink = build_sink(config, self.clock)
         self.store = sink_then_store(
             lambda: self.sink, lambda batch_id, data: write_completed(self.layout, batch_id, data)
@@ -134,8 +92,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.server: SocketServer | None = None
         self.spool: SpoolIntake | None = None
-        self._signals: asyncio.Queue[str] | None = None
-        self._stop = False
+        self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock: filelock.BaseFileLock | None = None
 
@@ -186,8 +143,8 @@ class Daemon:
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         loop.set_default_executor(DaemonExecutor())
-        self._signals = asyncio.Queue()
-        signals = self._signals
+        # Signals and thread deaths alike only enqueue; the loop below dispatches them.
+        signals: asyncio.Queue[str] = asyncio.Queue()
 
         def died(name: str) -> None:
             with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting
@@ -238,7 +195,7 @@ class Daemon:
         await self.spool.recover(result.spool_sources)
         self.server = SocketServer(
             self.layout.socket,
-            self.handle_request,
+            functools.partial(handle_request, self),
             max_request_bytes=self.config.max_request_bytes,
             max_request_entries=self.config.max_request_entries,
             max_connections=self.config.max_connections,
@@ -246,53 +203,14 @@ class Daemon:
         await self.server.start()
         await self.spool.start()
         self._recovery_lock = asyncio.Lock()
-        self._start_scheduler()
+        self._scheduler = start_scheduler(self)
         log.info("ready in %.3f s; socket %s", time.perf_counter() - started, self.layout.socket)
         notify(f"READY=1\nSTATUS=accepting entries\nMAINPID={os.getpid()}")
-        self._start_watchdog(loop)
-        while not self._stop:
+        start_watchdog(loop)
+        while not self.stopping:
             name = await signals.get()
             await getattr(self, f"handle_{name}")()
         return await self._shutdown()
-
-    def _start_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Ping systemd at half of WatchdogSec from the event loop: a stuck loop stops pings."""
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        if not usec or (pid and pid != str(os.getpid())):
-            return
-        interval = int(usec) / 2_000_000
-
-        def ping() -> None:
-            notify("WATCHDOG=1")
-            loop.call_later(interval, ping)
-
-        ping()
-
-    def _start_scheduler(self) -> None:
-        scheduler = AsyncIOScheduler(
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
-        )
-        scheduler.add_job(
-            self.scheduled_recovery,
-            "interval",
-            seconds=self.config.schedule_interval_ms / 1000,
-            next_run_time=_utcnow(),
-            id="recovery",
-        )
-        scheduler.add_job(
-            self.write_health,
-            "interval",
-            seconds=self.config.health_check_interval_ms / 1000,
-            next_run_time=_utcnow(),
-            id="health",
-        )
-        scheduler.add_job(self.run_cleanup, "interval", seconds=CLEANUP_INTERVAL_S, id="cleanup")
-        scheduler.add_job(
-            self.maintenance, "interval", seconds=MAINTENANCE_INTERVAL_S, id="maintenance"
-        )
-        scheduler.start()
-        self._scheduler = scheduler
 
     async def maintenance(self) -> None:
         assert self.pipeline is not None
@@ -326,18 +244,14 @@ class Daemon:
 
     def health_snapshot(self, *, running: bool = True) -> dict[str, Any]:
         assert self.pipeline is not None
-        st = self.status()
+        st = daemon_status(self)
         flusher = self.pipeline.flusher
         # Success rate over the last SUCCESS_WINDOW_INTERVALS health intervals, so a bad spell
         # shows at once and is forgotten once writes have worked for a while.
         interval_ms = self.config.health_check_interval_ms
         horizon = self.clock.monotonic() - SUCCESS_WINDOW_INTERVALS * interval_ms / 1000
         if self._abandoned_seen is None:
-            previous = read_latest(self.layout)
-            abandoned = st["queue"]["abandoned"]
-            self._abandoned_seen = (
-                previous.get("queue", {}).get("abandoned", abandoned) if previous else abandoned
-            )
+            self._abandoned_seen = abandoned_before(self.layout, st["queue"]["abandoned"])
         facts = DaemonFacts(
             status=st,
             interval_ms=interval_ms,
@@ -431,13 +345,13 @@ class Daemon:
 
     # -- signals ----------------------------------------------------------------------------
     async def handle_term(self) -> None:
-        self._stop = True
+        self.stopping = True
 
     async def handle_int(self) -> None:
-        self._stop = True
+        self.stopping = True
 
     async def handle_died(self) -> None:
-        self._stop = True
+        self.stopping = True
 
     async def handle_usr1(self) -> None:
         # In the background: a flush waiting on a broken disk must not hold up SIGTERM.
@@ -464,28 +378,19 @@ class Daemon:
             log.error("reload refused, the running config is unchanged: %s", exc)
             notify("READY=1")
             return {"ok": False, "error": f"reload refused: {exc}; the running config is unchanged"}
-        old = self.config
-        changed = [k for k in SETTINGS if new.values[k] != old.values[k]]
-        restart = [k for k in changed if k in RESTART_ONLY]
-        values = {k: (old.values[k] if k in RESTART_ONLY else new.values[k]) for k in SETTINGS}
-        sources = {k: (old.sources[k] if k in RESTART_ONLY else new.sources[k]) for k in SETTINGS}
-        merged = Config(values=values, sources=sources, config_file=new.config_file)
-        self.apply_config(merged, [k for k in changed if k not in RESTART_ONLY])
+        merged, changed, restart = merge_reload(self.config, new)
+        self.apply_config(merged, changed)
         if restart:
             log.warning("reload: %s change only at the next start", ", ".join(restart))
         log.info("reload: applied %s", ", ".join(changed) or "no changes")
         notify("READY=1")
-        return {
-            "ok": True,
-            "changed": [k for k in changed if k not in restart],
-            "needsRestart": restart,
-        }
+        return {"ok": True, "changed": changed, "needsRestart": restart}
 
     def apply_config(self, config: Config, changed: list[str]) -> None:
         self.config = config
         assert self.pipeline is not None
         self.pipeline.reconfigure(config)
-        self.retry_policy = retry_policy(config)
+        self.retry_policy = RetryPolicy.from_config(config)
         self.recovery.policy = self.retry_policy
         if any(k.startswith(("sink", "breaker")) for k in changed):
             self.sink = build_sink(config, self.clock)
@@ -493,91 +398,4 @@ class Daemon:
             self.spool.rescan_s = config.spool_rescan_ms / 1000
         logging.getLogger("flowagg").setLevel(config.log_level)
         if self._scheduler is not None:
-            for job, key in (
-                ("recovery", "scheduleIntervalMs"),
-                ("health", "healthCheckIntervalMs"),
-            ):
-                if key in changed:
-                    self._scheduler.reschedule_job(
-                        job, trigger="interval", seconds=config.values[key] / 1000
-                    )
-
-    # -- requests ---------------------------------------------------------------------------
-    async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.pipeline is not None
-        op = request.get("op")
-        if op == "add":
-            entries = request.get("entries")
-            if not isinstance(entries, list):
-                return {"ok": False, "error": 'add: "entries" must be an array of entries'}
-            if self._stop:
-                return {"ok": False, "error": "stopping", "retryAfterMs": 1000}
-            return (await self.pipeline.add(entries)).reply()
-        if op == "ping":
-            return {"ok": True}
-        if op == "flush":
-            return {"ok": True, **(await self.pipeline.flush("manual"))}
-        if op == "status":
-            return {"ok": True, **self.status()}
-        if op == "recover":
-            batch = request.get("batch")
-            if batch is not None and not isinstance(batch, str):
-                return {"ok": False, "error": 'recover: "batch" must be a batch id string'}
-            try:
-                if batch is not None:
-                    check_batch_id(batch)
-                report = await self.recover(
-                    force=True, requeue=bool(request.get("abandoned")), batch=batch
-                )
-            except (FileNotFoundError, ValueError) as exc:
-                return {"ok": False, "error": f"recover: {exc}"}
-            return {"ok": True, **report}
-        if op == "health":
-            return {"ok": True, **self.health_snapshot()}
-        if op == "reload":
-            return self.reload()
-        return {
-            "ok": False,
-            "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
-            " reload or ping",
-        }
-
-    def status(self) -> dict[str, Any]:
-        assert self.pipeline is not None
-        spool = self.spool
-        queue = {
-            "buffered": self.pipeline.aggregator.unflushed_entries,
-            "failed": count_files(self.layout.recovery, ".failed.json"),
-            "abandoned": count_files(self.layout.abandoned, ".abandoned.json"),
-            "errors": count_files(self.layout.errors, ".reason.json"),
-            "inbox": count_files(self.layout.inbox, (".json", ".jsonl")),
-        }
-        return {
-            "pid": os.getpid(),
-            "version": __version__,
-            "root": str(self.layout.root),
-            "uptimeS": round(self.clock.monotonic() - self.started_mono, 3),
-            **self.pipeline.status(),
-            "spool": {
-                "filesIngested": spool.files_ingested if spool else 0,
-                "filesQuarantined": spool.files_quarantined if spool else 0,
-                "entriesRejected": spool.entries_rejected if spool else 0,
-            },
-            "socket": {
-                "requests": self.server.requests if self.server else 0,
-                "badRequests": self.server.bad_requests if self.server else 0,
-                "tooManyEntries": self.server.too_many_entries if self.server else 0,
-                "connections": self.server.connections if self.server else 0,
-                "refusedConnections": self.server.refused_connections if self.server else 0,
-            },
-            "failed": queue["failed"],
-            "abandoned": queue["abandoned"],
-            "errors": queue["errors"],
-            "queue": queue,
-            "recovery": {"runs": self.recovery.runs, **self.recovery.totals},
-            "sink": self.sink.snapshot() if self.sink else None,
-        }
-
-
-def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
+            reschedule(self._scheduler, config, changed)

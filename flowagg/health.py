@@ -162,6 +162,16 @@ def read_latest(layout: Layout) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def abandoned_before(layout: Layout, abandoned_now: int) -> int:
+    """The abandoned count the last daemon saw, so new abandonments since then still show."""
+    previous = read_latest(layout)
+    if previous is None:
+        return abandoned_now
+    queue = previous.get("queue")
+    seen = queue.get("abandoned") if isinstance(queue, dict) else None
+    return seen if isinstance(seen, int) else abandoned_now
+
+
 def is_stale(snapshot: dict[str, Any], now_ms: int) -> bool:
     interval = snapshot.get("intervalMs", 60_000)
     return now_ms - snapshot.get("timestamp", 0) > STALE_INTERVALS * interval

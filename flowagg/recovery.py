@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from .clock import Clock
+from .config import Config
 from .entries import short_repr
 from .errors import CircuitOpenError, PermanentError, classify
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
@@ -60,6 +61,14 @@ class RetryPolicy:
     base_ms: int
     max_delay_ms: int
     limit: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> RetryPolicy:
+        return cls(
+            base_ms=config.retry_base_ms,
+            max_delay_ms=config.retry_max_delay_ms,
+            limit=config.batch_retry_limit,
+        )
 
     def delay_cap_ms(self, retry_count: int) -> int:
         return min(self.max_delay_ms, self.base_ms * 2 ** min(retry_count, 62))
