@@ -12,7 +12,6 @@ the process past `shutdownTimeoutMs`. What it did not store stays in the journal
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import threading
@@ -125,11 +124,3 @@ class Deadline:
         if cap_s is not None:
             seconds = min(seconds, cap_s)
         return min(seconds, self.remaining())
-
-
-async def join_within(thread: threading.Thread, seconds: float) -> bool:
-    """Wait for a thread without blocking the loop; True once it has ended."""
-    end = time.monotonic() + seconds
-    while thread.is_alive() and time.monotonic() < end:
-        await asyncio.sleep(0.01)
-    return not thread.is_alive()
