@@ -313,7 +313,7 @@ class Daemon:
                 grace_s=deadline.share(0.1, cap_s=1.0), close_s=deadline.share(0.05)
             )
         if self.spool is not None:
-            try:
+            try:  # on timeout, wait_for's cancel reaches the spool task that stop() awaits
                 await asyncio.wait_for(self.spool.stop(), deadline.share(0.1))
             except TimeoutError:
                 log.error("the spool intake did not stop in time; its file stays adopted")

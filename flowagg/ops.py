@@ -9,6 +9,7 @@ from . import __version__
 from .entries import short_repr
 from .fsutil import count_files
 from .recovery import check_batch_id
+from .server import stopping_reply
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -23,7 +24,7 @@ async def handle_request(daemon: Daemon, request: dict[str, Any]) -> dict[str, A
         if not isinstance(entries, list):
             return {"ok": False, "error": 'add: "entries" must be an array of entries'}
         if daemon.stopping:
-            return {"ok": False, "error": "stopping", "retryAfterMs": 1000}
+            return stopping_reply()
         return (await daemon.pipeline.add(entries)).reply()
     if op == "ping":
         return {"ok": True}

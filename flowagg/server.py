@@ -189,11 +189,7 @@ class SocketServer:
             if not self._stopping:
                 request.cancel()
                 raise
-            return {
-                "ok": False,
-                "error": "stopping",
-                "retryAfterMs": STOPPING_RETRY_AFTER_MS,
-            }
+            return stopping_reply()
         finally:
             self._busy.pop(conn, None)
 
@@ -211,7 +207,7 @@ class SocketServer:
     async def _refuse(self, writer: asyncio.StreamWriter) -> None:
         self.refused_connections += 1
         if self._stopping:
-            reply = {"ok": False, "error": "stopping", "retryAfterMs": STOPPING_RETRY_AFTER_MS}
+            reply = stopping_reply()
         else:
             reply = _error(
                 f"too_many_connections: {len(self._conns)} open, over"
@@ -250,6 +246,11 @@ class SocketServer:
     async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
         writer.write(orjson.dumps(reply) + b"\n")
         await writer.drain()
+
+
+def stopping_reply() -> dict[str, Any]:
+    """Not done, and not acknowledged: the client retries against the next start."""
+    return {"ok": False, "error": "stopping", "retryAfterMs": STOPPING_RETRY_AFTER_MS}
 
 
 def _error(message: str) -> dict[str, Any]:
