@@ -9,12 +9,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from flowagg.clock import FakeClock
 from flowagg.flusher import Flusher, Outcomes
+from flowagg.journal import JournalWriter
 from flowagg.layout import Layout
 from flowagg.storage import Batch
 from flowagg.supervise import EX_SOFTWARE, Deadline, Supervisor
@@ -183,3 +185,35 @@ def test_a_dead_flusher_makes_the_daemon_exit_70_with_critical_health(root: Path
     assert any("thread flusher died" in issue for issue in snapshot["issues"])
     assert not Layout(root).pid_file.exists()
     wait_for(lambda: not os.path.exists(Layout(root).socket))
+
+
+def test_a_broken_journal_writer_is_a_death(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer fails its waiters and ends; under supervision that ending is reported."""
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    supervisor = Supervisor()
+    died = threading.Event()
+    supervisor.on_death(lambda name: died.set())
+    results: list[BaseException | None] = []
+    writer = JournalWriter(
+        journal_dir,
+        segments=[],
+        next_seq=1,
+        segment_bytes=1 << 20,
+        deliver=lambda items: results.extend(error for _, error, _ in items),
+        spawn=supervisor.spawn,
+    )
+
+    def corrupt(self: JournalWriter, group: list[Any]) -> None:
+        raise RuntimeError("injected journal bug")
+
+    monkeypatch.setattr(JournalWriter, "_commit", corrupt)
+    writer.start()
+    writer.append_entries([b"{}"], 1, [], None, lambda error, pos: None)
+    assert died.wait(10)
+    assert [name for name, _ in supervisor.deaths] == ["journal-writer"]
+    assert results and isinstance(results[0], OSError)  # the waiter was answered, not left
+    supervisor.stopping = True
+    assert writer.stop(timeout=10)
