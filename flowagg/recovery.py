@@ -6,7 +6,7 @@ operator asks); a failure sets `nextRetryAt = now + U(0, min(retryMaxDelayMs, re
 permanent error, it moves to recovery/abandoned/ with its history.
 
 Every move is write-new-then-delete-old, so a crash can leave one batch id in two places;
-`reconcile` settles that on every run, keeping the copy that was being moved to. A copy in
+every run settles that, keeping the copy that was being moved to. A copy in
 aggregated/ also appears when a rename succeeded but the directory fsync after it failed,
 and the writer counted the batch as failed. The kept copy is trusted only once its directory
 fsync succeeds: until then both stay.
@@ -221,8 +221,7 @@ class Recovery:
             fsync_dir(kept.parent)
         except OSError as exc:
             log.error(
-                "batch %s: keeping both %s and %s/%s until the latter is durable (%s)",
-                kept.name,
+                "keeping both %s and %s/%s until the latter is durable: %s",
                 path.name,
                 kept.parent.name,
                 kept.name,
