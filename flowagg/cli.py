@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import sys
 from collections.abc import Callable
@@ -161,13 +162,16 @@ def add(
         if "spooled" in r:
             return f"spooled {r['spooled']} entries to {r['file']}"
         return (
-            f"accepted {r['accepted']}, duplicates {r['duplicates']}, rejected {len(r['rejected'])}"
+            f"accepted {r['accepted']}, duplicates {r['duplicates']}, rejected {r['rejectedCount']}"
         )
 
     emit(result, as_json, human)
     if result.get("rejected"):
         for r in result["rejected"]:
             click.echo(f"flowagg: rejected {r['error']}", err=True)
+        unlisted = result["rejectedCount"] - len(result["rejected"])
+        if unlisted:
+            click.echo(f"flowagg: ... and {unlisted} more rejected entries", err=True)
         sys.exit(EXIT_USAGE)
 
 
@@ -281,8 +285,15 @@ def config_cmd(ctx: click.Context, as_json: bool, check_file: str | None) -> Non
 @handles_errors
 def recover(ctx: click.Context, abandoned: bool, batch_id: str | None, as_json: bool) -> None:
     """Retry every failed batch now (and, with --abandoned, the abandoned ones)."""
+    from .recovery import check_batch_id
+
     if batch_id and not abandoned:
         fail("--batch only applies with --abandoned", EXIT_USAGE)
+    if batch_id:
+        try:
+            check_batch_id(batch_id)
+        except ValueError as exc:
+            fail(f"--batch: {exc}", EXIT_USAGE)
     payload: dict[str, Any] = {"op": "recover", "abandoned": abandoned}
     if batch_id:
         payload["batch"] = batch_id
@@ -316,7 +327,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
     shows); without one, health/latest.json is read.
     """
     from .client import request
-    from .health import EXIT_BY_STATUS, is_stale, read_latest
+    from .health import EXIT_BY_STATUS, is_stale, read_latest, running_pid
 
     layout = client_layout(ctx)
     try:
@@ -326,6 +337,13 @@ def health(ctx: click.Context, as_json: bool) -> None:
     snapshot = {k: v for k, v in live.items() if k != "ok"} if live and live.get("ok") else None
     if snapshot is None:
         snapshot = read_latest(layout)
+        # A snapshot outlives its daemon: trust it only while one runs on this root.
+        alive = running_pid(layout) is not None
+        if snapshot is not None and (not alive or not _is_running(snapshot)):
+            raise NotRunningError(
+                f"flowagg is not running on {layout.root} (last snapshot at"
+                f" {_iso(snapshot.get('timestamp'))}); start it with `flowagg run`"
+            )
     if snapshot is None:
         raise NotRunningError(
             f"no health snapshot in {layout.health}; start the daemon with `flowagg run`"
@@ -344,7 +362,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
         disk = sys_h["diskSpace"]
         agg = s["aggregatorHealth"]
         lines = [
-            f"status: {s['status']} ({s['severity']}) at {s['timestamp']}",
+            f"status: {s['status']} ({s['severity']}) at {_iso(s['timestamp'])}",
             *[f"  ! {issue}" for issue in s["issues"]],
             f"queue: buffered {q['buffered']}, failed {q['failed']}, abandoned {q['abandoned']},"
             f" errors {q['errors']}, inbox {q['inbox']}",
@@ -357,6 +375,19 @@ def health(ctx: click.Context, as_json: bool) -> None:
 
     emit(snapshot, as_json, human)
     sys.exit(EXIT_BY_STATUS.get(snapshot.get("status", ""), 2))
+
+
+def _is_running(snapshot: dict[str, Any]) -> bool:
+    daemon = snapshot.get("daemonHealth")
+    return not isinstance(daemon, dict) or daemon.get("isRunning") is not False
+
+
+def _iso(ms: Any) -> str:
+    if not isinstance(ms, int):
+        return "an unknown time"
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(
+        timespec="milliseconds"
+    )
 
 
 @main.command()

@@ -93,7 +93,9 @@ def write_spool_file(layout: Layout, entries: list[Any], *, name: str | None = N
     return final
 
 
+# At most the default maxRequestEntries (10000); a daemon set lower makes the client split.
 ADD_CHUNK_ENTRIES = 1000
+MAX_LISTED_REJECTIONS = 100
 ADD_CHUNK_BYTES = 4 << 20
 
 
@@ -131,10 +133,22 @@ def spool_entries(layout: Layout, items: list[Any]) -> dict[str, Any]:
 
 
 def send_entries(layout: Layout, items: list[Any], wait_s: float) -> dict[str, Any]:
-    """Send entries in chunks, waiting out `busy` for up to `wait_s` per chunk."""
-    total: dict[str, Any] = {"ok": True, "accepted": 0, "duplicates": 0, "rejected": []}
+    """Send entries in chunks, waiting out `busy` for up to `wait_s` per chunk.
+
+    A daemon whose maxRequestEntries is below the chunk size says so; the chunk is split.
+    """
+    total: dict[str, Any] = {
+        "ok": True,
+        "accepted": 0,
+        "duplicates": 0,
+        "rejected": [],
+        "rejectedCount": 0,
+    }
+    work = _chunks(items)
+    work.reverse()
     with Client(layout.socket) as client:
-        for start, chunk in _chunks(items):
+        while work:
+            start, chunk = work.pop()
             deadline = time.monotonic() + wait_s
             while True:
                 reply = client.request({"op": "add", "entries": chunk})
@@ -142,6 +156,11 @@ def send_entries(layout: Layout, items: list[Any], wait_s: float) -> dict[str, A
                 if reply.get("ok") or retry is None or time.monotonic() >= deadline:
                     break
                 time.sleep(retry / 1000)
+            limit = reply.get("maxRequestEntries")
+            if not reply.get("ok") and isinstance(limit, int) and 0 < limit < len(chunk):
+                pieces = range(0, len(chunk), limit)
+                work.extend((start + i, chunk[i : i + limit]) for i in reversed(pieces))
+                continue
             if not reply.get("ok"):
                 raise DaemonError(
                     f"the daemon refused entries {start}-{start + len(chunk) - 1}:"
@@ -150,7 +169,10 @@ def send_entries(layout: Layout, items: list[Any], wait_s: float) -> dict[str, A
                 )
             total["accepted"] += reply["accepted"]
             total["duplicates"] += reply["duplicates"]
-            for r in reply.get("rejected", []):
+            listed = reply.get("rejected", [])
+            total["rejectedCount"] += reply.get("rejectedCount", len(listed))
+            room = MAX_LISTED_REJECTIONS - len(total["rejected"])
+            for r in listed[: max(0, room)]:
                 total["rejected"].append({"index": r["index"] + start, "error": r["error"]})
     return total
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
+import functools
 import logging
-import logging.handlers
 import os
 import random
 import signal
@@ -25,25 +24,33 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from . import __version__
 from .cleanup import apply_cleanup, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
-from .config import SETTINGS, Config
-from .entries import short_repr
+from .config import Config
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
-from .fsutil import atomic_write, count_files, remove_stale_temps
-from .health import SEVERITY, Figures, evaluate, read_latest, system_figures, write_snapshot
+from .fsutil import atomic_write, remove_stale_temps
+from .health import (
+    DaemonFacts,
+    abandoned_before,
+    build_snapshot,
+    read_pid,
+    system_figures,
+    write_snapshot,
+)
+from .jobs import reschedule, start_scheduler, start_watchdog
 from .journal import JournalVersionError, scan
 from .layout import Layout
+from .logsetup import setup_logging
+from .ops import daemon_status, handle_request
 from .pipeline import Pipeline
 from .recovery import Recovery, RetryPolicy, write_completed
+from .reloading import merge_reload
 from .sdnotify import notify
 from .server import SocketServer
 from .sink import build_sink, sink_then_store
 from .spool import SpoolIntake
+from .supervise import EX_SOFTWARE, DaemonExecutor, Deadline, Supervisor
 
 log = logging.getLogger("flowagg.daemon")
 
-MAINTENANCE_INTERVAL_S = 60.0
-CLEANUP_INTERVAL_S = 86_400.0
-HEALTH_FORMAT_VERSION = 1
 SUCCESS_WINDOW_INTERVALS = 10
 SIGNALS = {
     signal.SIGTERM: "term",
@@ -51,55 +58,6 @@ SIGNALS = {
     signal.SIGUSR1: "usr1",
     signal.SIGHUP: "hup",
 }
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-RESTART_ONLY = ("root", "runDir", "maxRequestBytes", "logMaxBytes", "logBackups")
-
-
-def retry_policy(config: Config) -> RetryPolicy:
-    return RetryPolicy(
-        base_ms=config.retry_base_ms,
-        max_delay_ms=config.retry_max_delay_ms,
-        limit=config.batch_retry_limit,
-    )
-
-
-def read_pid(layout: Layout) -> int | None:
-    try:
-        return int(layout.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def setup_logging(layout: Layout, config: Config) -> None:
-    """aggregation.log and stderr get everything; recovery.log gets the recovery side too."""
-    formatter = logging.Formatter(LOG_FORMAT)
-
-    def rotating(name: str) -> logging.Handler:
-        handler = logging.handlers.RotatingFileHandler(
-            layout.logs / name,
-            maxBytes=config.log_max_bytes,
-            backupCount=config.log_backups,
-            encoding="utf-8",
-        )
-        handler.setFormatter(formatter)
-        return handler
-
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(formatter)
-    root = logging.getLogger("flowagg")
-    root.setLevel(config.log_level)
-    root.propagate = False
-    for logger, handlers in (
-        (root, [rotating("aggregation.log"), stderr]),
-        (logging.getLogger("flowagg.recovery"), [rotating("recovery.log")]),
-    ):
-        for old in list(logger.handlers):
-            logger.removeHandler(old)
-            old.close()
-        for handler in handlers:
-            logger.addHandler(handler)
 
 
 class Daemon:
@@ -116,7 +74,7 @@ class Daemon:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
         self._reload_config = reload_config
-        self.retry_policy = retry_policy(config)
+        self.retry_policy = RetryPolicy.from_config(config)
         self.sink = build_sink(config, self.clock)
         self.store = sink_then_store(
             lambda: self.sink, lambda batch_id, data: write_completed(self.layout, batch_id, data)
@@ -124,6 +82,7 @@ class Daemon:
         self.recovery = Recovery(
             self.layout, self.clock, self.rng, self.retry_policy, store=self.store
         )
+        self.supervisor = Supervisor()
         self.health_checks = 0
         self.cleanup_runs = 0
         self._abandoned_seen: int | None = None
@@ -133,8 +92,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.server: SocketServer | None = None
         self.spool: SpoolIntake | None = None
-        self._signals: asyncio.Queue[str] | None = None
-        self._stop = False
+        self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock: filelock.BaseFileLock | None = None
 
@@ -184,6 +142,15 @@ class Daemon:
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
+        loop.set_default_executor(DaemonExecutor())
+        # Signals and thread deaths alike only enqueue; the loop below dispatches them.
+        signals: asyncio.Queue[str] = asyncio.Queue()
+
+        def died(name: str) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: we are exiting
+                loop.call_soon_threadsafe(signals.put_nowait, "died")
+
+        self.supervisor.on_death(died)
         self.started_mono = self.clock.monotonic()
         started = time.perf_counter()
         log.info("flowagg %s starting on %s (pid %d)", __version__, self.layout.root, os.getpid())
@@ -209,6 +176,7 @@ class Daemon:
             ids,
             next_retry_at=lambda now: self.retry_policy.next_retry_at(now, 0, self.rng),
             store=self.store,
+            spawn=self.supervisor.spawn,
         )
         self.pipeline.start(result)
         log.info(
@@ -216,9 +184,8 @@ class Daemon:
             len(result.segments),
             self.pipeline.aggregator.unflushed_entries,
         )
-        self._signals = asyncio.Queue()
         for signum, name in SIGNALS.items():
-            loop.add_signal_handler(signum, self._signals.put_nowait, name)
+            loop.add_signal_handler(signum, signals.put_nowait, name)
         self.spool = SpoolIntake(
             self.layout,
             self.pipeline,
@@ -227,58 +194,23 @@ class Daemon:
         )
         await self.spool.recover(result.spool_sources)
         self.server = SocketServer(
-            self.layout.socket, self.handle_request, max_request_bytes=self.config.max_request_bytes
+            self.layout.socket,
+            functools.partial(handle_request, self),
+            max_request_bytes=self.config.max_request_bytes,
+            max_request_entries=self.config.max_request_entries,
+            max_connections=self.config.max_connections,
         )
         await self.server.start()
         await self.spool.start()
         self._recovery_lock = asyncio.Lock()
-        self._start_scheduler()
+        self._scheduler = start_scheduler(self)
         log.info("ready in %.3f s; socket %s", time.perf_counter() - started, self.layout.socket)
         notify(f"READY=1\nSTATUS=accepting entries\nMAINPID={os.getpid()}")
-        self._start_watchdog(loop)
-        while not self._stop:
-            name = await self._signals.get()
+        start_watchdog(loop)
+        while not self.stopping:
+            name = await signals.get()
             await getattr(self, f"handle_{name}")()
         return await self._shutdown()
-
-    def _start_watchdog(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Ping systemd at half of WatchdogSec from the event loop: a stuck loop stops pings."""
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        if not usec or (pid and pid != str(os.getpid())):
-            return
-        interval = int(usec) / 2_000_000
-
-        def ping() -> None:
-            notify("WATCHDOG=1")
-            loop.call_later(interval, ping)
-
-        ping()
-
-    def _start_scheduler(self) -> None:
-        scheduler = AsyncIOScheduler(
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
-        )
-        scheduler.add_job(
-            self.scheduled_recovery,
-            "interval",
-            seconds=self.config.schedule_interval_ms / 1000,
-            next_run_time=_utcnow(),
-            id="recovery",
-        )
-        scheduler.add_job(
-            self.write_health,
-            "interval",
-            seconds=self.config.health_check_interval_ms / 1000,
-            next_run_time=_utcnow(),
-            id="health",
-        )
-        scheduler.add_job(self.run_cleanup, "interval", seconds=CLEANUP_INTERVAL_S, id="cleanup")
-        scheduler.add_job(
-            self.maintenance, "interval", seconds=MAINTENANCE_INTERVAL_S, id="maintenance"
-        )
-        scheduler.start()
-        self._scheduler = scheduler
 
     async def maintenance(self) -> None:
         assert self.pipeline is not None
@@ -300,75 +232,45 @@ class Daemon:
             if requeue:
                 requeued = await asyncio.to_thread(self.recovery.requeue_abandoned, batch)
             report = await asyncio.to_thread(self.recovery.run_once, force=force)
-        outcomes = self.pipeline.flusher.outcomes if self.pipeline.flusher else None
-        if outcomes is not None:
+        if self.pipeline.flusher is not None:
             now = self.clock.monotonic()
-            outcomes.extend([(now, True)] * len(report.recovered))
-            outcomes.extend([(now, False)] * (len(report.retried_failed) + len(report.abandoned)))
+            outcomes = self.pipeline.flusher.outcomes
+            outcomes.record(now, True, len(report.recovered))
+            outcomes.record(now, False, len(report.retried_failed) + len(report.abandoned))
         result = report.as_dict()
         if requeue:
             result["requeued"] = requeued
         return result
 
-    def health_snapshot(self) -> dict[str, Any]:
+    def health_snapshot(self, *, running: bool = True) -> dict[str, Any]:
         assert self.pipeline is not None
-        st = self.status()
+        st = daemon_status(self)
         flusher = self.pipeline.flusher
         # Success rate over the last SUCCESS_WINDOW_INTERVALS health intervals, so a bad spell
         # shows at once and is forgotten once writes have worked for a while.
-        horizon = self.clock.monotonic() - (
-            SUCCESS_WINDOW_INTERVALS * self.config.health_check_interval_ms / 1000
-        )
-        outcomes = [ok for t, ok in (flusher.outcomes if flusher else ()) if t >= horizon]
-        success = sum(outcomes) / len(outcomes) if outcomes else 1.0
-        system = system_figures(self.layout.root)
-        disk = system["diskSpace"]
-        abandoned = st["queue"]["abandoned"]
+        interval_ms = self.config.health_check_interval_ms
+        horizon = self.clock.monotonic() - SUCCESS_WINDOW_INTERVALS * interval_ms / 1000
         if self._abandoned_seen is None:
-            previous = read_latest(self.layout)
-            self._abandoned_seen = (
-                previous.get("queue", {}).get("abandoned", abandoned) if previous else abandoned
-            )
-        flush_ms = [s * 1000 for s in self.pipeline.flush_latency]
-        figures = Figures(
-            success_rate=success,
-            flush_p99_ms=st["latencyMs"]["flushP99"],
-            memory_percent=system["memoryPercent"],
-            disk_free_fraction=disk["available"] / disk["total"] if disk["total"] else 1.0,
-            abandoned_now=abandoned,
-            abandoned_before=self._abandoned_seen,
-            stalled_error=st["flusher"]["stalledError"],
-            breaker_state=st["sink"]["state"] if st["sink"] else None,
+            self._abandoned_seen = abandoned_before(self.layout, st["queue"]["abandoned"])
+        facts = DaemonFacts(
+            status=st,
+            interval_ms=interval_ms,
+            success_rate=flusher.outcomes.success_rate(horizon) if flusher else 1.0,
+            flush_latency_s=list(self.pipeline.flush_latency),
+            retry_count=(flusher.inline_retries if flusher else 0)
+            + self.recovery.totals["failedAgain"],
+            scheduled_tasks=self.recovery.runs,
+            health_checks=self.health_checks,
+            cleanup_runs=self.cleanup_runs,
+            thread_issues=tuple(self.supervisor.issues()),
+            running=running,
         )
-        status, issues = evaluate(figures)
-        return {
-            "formatVersion": HEALTH_FORMAT_VERSION,
-            "timestamp": self.clock.now_ms(),
-            "status": status,
-            "severity": SEVERITY[status],
-            "issues": issues,
-            "intervalMs": self.config.health_check_interval_ms,
-            "daemonHealth": {
-                "uptime": int(st["uptimeS"] * 1000),
-                "isRunning": True,
-                "pid": st["pid"],
-                "scheduledTasksExecuted": self.recovery.runs,
-                "healthChecksPerformed": self.health_checks,
-                "cleanupOperations": self.cleanup_runs,
-            },
-            "aggregatorHealth": {
-                "totalOperations": sum(st["counters"]["batches"].values()),
-                "successRate": round(success, 4),
-                "averageProcessingTime": round(sum(flush_ms) / len(flush_ms), 3) if flush_ms else 0,
-                "maxFlushTime": round(max(flush_ms), 3) if flush_ms else 0,
-                "retryCount": (flusher.inline_retries if flusher else 0)
-                + self.recovery.totals["failedAgain"],
-            },
-            "systemHealth": system,
-            "queue": st["queue"],
-            "latencyMs": st["latencyMs"],
-            "sink": st["sink"],
-        }
+        return build_snapshot(
+            facts,
+            now_ms=self.clock.now_ms(),
+            system=system_figures(self.layout.root),
+            abandoned_before=self._abandoned_seen,
+        )
 
     async def write_health(self) -> None:
         snapshot = self.health_snapshot()
@@ -395,28 +297,61 @@ class Daemon:
             log.info("cleanup: %d files removed, %d bytes freed", len(plan), freed)
 
     async def _shutdown(self) -> int:
-        notify("STOPPING=1\nSTATUS=flushing")
-        log.info("stopping: flushing the buffer")
+        """Stop within shutdownTimeoutMs, whatever clients, sinks or the disk do (SPEC §9).
+
+        Each phase gets a share of one deadline; what is not stored by then stays journaled.
+        """
         assert self.pipeline is not None
+        deadline = Deadline(self.config.shutdown_timeout_ms / 1000, self.clock.monotonic)
+        notify("STOPPING=1\nSTATUS=flushing")
+        log.info("stopping within %.1f s: flushing the buffer", deadline.total_s)
+        self.supervisor.stopping = True
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         if self.server is not None:
-            await self.server.stop()
+            await self.server.stop(
+                grace_s=deadline.share(0.1, cap_s=1.0), close_s=deadline.share(0.05)
+            )
         if self.spool is not None:
-            await self.spool.stop()
-        await self.pipeline.shutdown()
+            try:  # on timeout, wait_for's cancel reaches the spool task that stop() awaits
+                await asyncio.wait_for(self.spool.stop(), deadline.share(0.1))
+            except TimeoutError:
+                log.error("the spool intake did not stop in time; its file stays adopted")
+        dead = bool(self.supervisor.deaths)
+        # The last 20% is kept for the thread joins and the final snapshot.
+        flush_s = 0.0 if dead else max(0.0, deadline.remaining() - deadline.share(0.2))
+        busy = await self.pipeline.shutdown(flush_s=flush_s, join_s=deadline.share(0.1))
+        for name in busy:
+            log.error("thread %s did not stop in time; left to the process exit", name)
         left = self.pipeline.aggregator.unflushed_entries
         if left:
             log.warning("stopped with %d entries in the journal; the next start writes them", left)
+        await self._final_snapshot(deadline.share(0.05))
+        if dead:
+            log.critical("stopped after a thread died; exit %d to be restarted", EX_SOFTWARE)
+            return EX_SOFTWARE
         log.info("stopped")
         return 0
 
+    async def _final_snapshot(self, timeout_s: float) -> None:
+        """Mark the snapshot stopped, so `flowagg health` does not report a dead daemon healthy."""
+        snapshot = self.health_snapshot(running=False)
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(write_snapshot, self.layout, snapshot), timeout_s
+            )
+        except (OSError, TimeoutError) as exc:
+            log.error("cannot write the final health snapshot: %r", exc)
+
     # -- signals ----------------------------------------------------------------------------
     async def handle_term(self) -> None:
-        self._stop = True
+        self.stopping = True
 
     async def handle_int(self) -> None:
-        self._stop = True
+        self.stopping = True
+
+    async def handle_died(self) -> None:
+        self.stopping = True
 
     async def handle_usr1(self) -> None:
         # In the background: a flush waiting on a broken disk must not hold up SIGTERM.
@@ -443,28 +378,19 @@ class Daemon:
             log.error("reload refused, the running config is unchanged: %s", exc)
             notify("READY=1")
             return {"ok": False, "error": f"reload refused: {exc}; the running config is unchanged"}
-        old = self.config
-        changed = [k for k in SETTINGS if new.values[k] != old.values[k]]
-        restart = [k for k in changed if k in RESTART_ONLY]
-        values = {k: (old.values[k] if k in RESTART_ONLY else new.values[k]) for k in SETTINGS}
-        sources = {k: (old.sources[k] if k in RESTART_ONLY else new.sources[k]) for k in SETTINGS}
-        merged = Config(values=values, sources=sources, config_file=new.config_file)
-        self.apply_config(merged, [k for k in changed if k not in RESTART_ONLY])
+        merged, changed, restart = merge_reload(self.config, new)
+        self.apply_config(merged, changed)
         if restart:
             log.warning("reload: %s change only at the next start", ", ".join(restart))
         log.info("reload: applied %s", ", ".join(changed) or "no changes")
         notify("READY=1")
-        return {
-            "ok": True,
-            "changed": [k for k in changed if k not in restart],
-            "needsRestart": restart,
-        }
+        return {"ok": True, "changed": changed, "needsRestart": restart}
 
     def apply_config(self, config: Config, changed: list[str]) -> None:
         self.config = config
         assert self.pipeline is not None
         self.pipeline.reconfigure(config)
-        self.retry_policy = retry_policy(config)
+        self.retry_policy = RetryPolicy.from_config(config)
         self.recovery.policy = self.retry_policy
         if any(k.startswith(("sink", "breaker")) for k in changed):
             self.sink = build_sink(config, self.clock)
@@ -472,86 +398,4 @@ class Daemon:
             self.spool.rescan_s = config.spool_rescan_ms / 1000
         logging.getLogger("flowagg").setLevel(config.log_level)
         if self._scheduler is not None:
-            for job, key in (
-                ("recovery", "scheduleIntervalMs"),
-                ("health", "healthCheckIntervalMs"),
-            ):
-                if key in changed:
-                    self._scheduler.reschedule_job(
-                        job, trigger="interval", seconds=config.values[key] / 1000
-                    )
-
-    # -- requests ---------------------------------------------------------------------------
-    async def handle_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.pipeline is not None
-        op = request.get("op")
-        if op == "add":
-            entries = request.get("entries")
-            if not isinstance(entries, list):
-                return {"ok": False, "error": 'add: "entries" must be an array of entries'}
-            if self._stop:
-                return {"ok": False, "error": "stopping", "retryAfterMs": 1000}
-            return (await self.pipeline.add(entries)).reply()
-        if op == "ping":
-            return {"ok": True}
-        if op == "flush":
-            return {"ok": True, **(await self.pipeline.flush("manual"))}
-        if op == "status":
-            return {"ok": True, **self.status()}
-        if op == "recover":
-            batch = request.get("batch")
-            if batch is not None and not isinstance(batch, str):
-                return {"ok": False, "error": 'recover: "batch" must be a batch id string'}
-            try:
-                report = await self.recover(
-                    force=True, requeue=bool(request.get("abandoned")), batch=batch
-                )
-            except FileNotFoundError as exc:
-                return {"ok": False, "error": str(exc)}
-            return {"ok": True, **report}
-        if op == "health":
-            return {"ok": True, **self.health_snapshot()}
-        if op == "reload":
-            return self.reload()
-        return {
-            "ok": False,
-            "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
-            " reload or ping",
-        }
-
-    def status(self) -> dict[str, Any]:
-        assert self.pipeline is not None
-        spool = self.spool
-        queue = {
-            "buffered": self.pipeline.aggregator.unflushed_entries,
-            "failed": count_files(self.layout.recovery, ".failed.json"),
-            "abandoned": count_files(self.layout.abandoned, ".abandoned.json"),
-            "errors": count_files(self.layout.errors, ".reason.json"),
-            "inbox": count_files(self.layout.inbox, (".json", ".jsonl")),
-        }
-        return {
-            "pid": os.getpid(),
-            "version": __version__,
-            "root": str(self.layout.root),
-            "uptimeS": round(self.clock.monotonic() - self.started_mono, 3),
-            **self.pipeline.status(),
-            "spool": {
-                "filesIngested": spool.files_ingested if spool else 0,
-                "filesQuarantined": spool.files_quarantined if spool else 0,
-                "entriesRejected": spool.entries_rejected if spool else 0,
-            },
-            "socket": {
-                "requests": self.server.requests if self.server else 0,
-                "badRequests": self.server.bad_requests if self.server else 0,
-            },
-            "failed": queue["failed"],
-            "abandoned": queue["abandoned"],
-            "errors": queue["errors"],
-            "queue": queue,
-            "recovery": {"runs": self.recovery.runs, **self.recovery.totals},
-            "sink": self.sink.snapshot() if self.sink else None,
-        }
-
-
-def _utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
+            reschedule(self._scheduler, config, changed)

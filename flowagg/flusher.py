@@ -10,6 +10,7 @@ cursor relies on batches being stored in order).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -24,11 +25,34 @@ from .errors import PermanentError
 from .fsutil import atomic_write
 from .layout import Layout
 from .storage import Batch, encode_batch
+from .supervise import Spawn, plain_thread
 
 log = logging.getLogger("flowagg.flusher")
 
 INLINE_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6)
 STALL_MAX_DELAY_S = 5.0
+OUTCOMES_KEPT = 1000
+
+
+class Outcomes:
+    """Recent (monotonic time, completed?) results of batch writes, for the success rate.
+
+    The flusher thread records while the loop reads for health: every access holds the lock.
+    """
+
+    def __init__(self, maxlen: int = OUTCOMES_KEPT) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[tuple[float, bool]] = deque(maxlen=maxlen)
+
+    def record(self, at: float, ok: bool, count: int = 1) -> None:
+        with self._lock:
+            self._items.extend(itertools.repeat((at, ok), min(count, self._items.maxlen or 0)))
+
+    def success_rate(self, since: float) -> float:
+        """Share of completed writes at or after `since`; 1.0 when there were none."""
+        with self._lock:
+            recent = [ok for t, ok in self._items if t >= since]
+        return sum(recent) / len(recent) if recent else 1.0
 
 
 def failed_document(
@@ -68,6 +92,7 @@ class Flusher:
         store: Callable[[str, bytes], Path],
         on_stored: Callable[[Batch, Path, float], None],
         sleep: Callable[[float], bool] | None = None,
+        spawn: Spawn = plain_thread,
     ) -> None:
         self.layout = layout
         self.clock = clock
@@ -78,12 +103,13 @@ class Flusher:
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
-        self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
+        self._thread = spawn("flusher", self._run)
         self.stalled_error: str | None = None
         self.failed_batches = 0
         self.inline_retries = 0
-        # Recent (monotonic time, written to aggregated/?) pairs, for the health success rate.
-        self.outcomes: deque[tuple[float, bool]] = deque(maxlen=1000)
+        self.unexpected_errors = 0
+        self._traced: set[str] = set()
+        self.outcomes = Outcomes()
 
     def start(self) -> None:
         self._thread.start()
@@ -91,12 +117,16 @@ class Flusher:
     def submit(self, batch: Batch) -> None:
         self._queue.put(batch)
 
-    def stop(self, *, give_up: bool) -> None:
-        """Finish queued batches; with give_up, abandon a stalled retry (it stays journaled)."""
+    def stop(self, *, give_up: bool, timeout: float | None = None) -> bool:
+        """Finish queued batches; with give_up, abandon a stalled retry (it stays journaled).
+
+        False when the thread is still busy after `timeout` (stuck in a sink, say).
+        """
         if give_up:
             self._stop.set()
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
@@ -125,7 +155,7 @@ class Flusher:
             data = encode_batch(batch, timestamp_ms=self.clock.now_ms())
             try:
                 written = self._write_inline(batch.batch_id, data)
-                self.outcomes.append((self.clock.monotonic(), True))
+                self.outcomes.record(self.clock.monotonic(), True)
                 if self.stalled_error:
                     log.info("batch %s written after a stall; writes work again", batch.batch_id)
                     self.stalled_error = None
@@ -136,6 +166,12 @@ class Flusher:
             except OSError as exc:
                 error, permanent = f"{type(exc).__name__}: {exc}", False
                 log.error("batch %s could not be completed: %s", batch.batch_id, error)
+            except Exception as exc:
+                # A bug or an unforeseen error (a sink's bad URL, say): handled like a transient
+                # failure, so the batch is parked and retried instead of dying with the thread.
+                error, permanent = f"{type(exc).__name__}: {exc}", False
+                self.unexpected_errors += 1
+                self._log_unexpected(batch.batch_id, exc)
             now = self.clock.now_ms()
             if permanent:
                 target = self.layout.abandoned / f"{batch.batch_id}.abandoned.json"
@@ -148,7 +184,7 @@ class Flusher:
             try:
                 atomic_write(target, doc)
                 self.failed_batches += 1
-                self.outcomes.append((self.clock.monotonic(), False))
+                self.outcomes.record(self.clock.monotonic(), False)
                 log.warning("batch %s parked in %s/: %s", batch.batch_id, target.parent.name, error)
                 return target
             except OSError as exc:
@@ -161,3 +197,12 @@ class Flusher:
             if self._sleep(stall_delay):
                 return None
             stall_delay = min(stall_delay * 2, STALL_MAX_DELAY_S)
+
+    def _log_unexpected(self, batch_id: str, exc: Exception) -> None:
+        """The traceback once per kind of error; a repeat gets one line."""
+        kind = type(exc).__name__
+        if kind in self._traced:
+            log.error("batch %s: unexpected %s: %s", batch_id, kind, exc)
+            return
+        self._traced.add(kind)
+        log.error("batch %s: unexpected error; it is parked and retried", batch_id, exc_info=exc)

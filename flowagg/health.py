@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from .layout import Layout
 log = logging.getLogger("flowagg.health")
 
 STALE_INTERVALS = 3
+HEALTH_FORMAT_VERSION = 1
 EXIT_BY_STATUS = {"healthy": 0, "degraded": 1, "critical": 2}
-SEVERITY = {"healthy": "normal", "degraded": "warning", "critical": "critical"}
+SEVERITY = {"healthy": "normal", "degraded": "warning", "critical": "critical", "stopped": "info"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Figures:
     abandoned_before: int
     stalled_error: str | None = None
     breaker_state: str | None = None
+    thread_issues: tuple[str, ...] = ()
 
 
 def evaluate(f: Figures) -> tuple[str, list[str]]:
@@ -54,6 +57,7 @@ def evaluate(f: Figures) -> tuple[str, list[str]]:
         )
     if f.stalled_error:
         critical.append(f"batches cannot be stored anywhere: {f.stalled_error}")
+    critical.extend(f.thread_issues)
     if f.flush_p99_ms is not None and f.flush_p99_ms > 500:
         degraded.append(f"flush p99 {f.flush_p99_ms:.0f} ms is over 500 ms")
     if f.breaker_state in ("open", "half-open"):
@@ -62,6 +66,72 @@ def evaluate(f: Figures) -> tuple[str, list[str]]:
         degraded.append(f"system memory {f.memory_percent:.0f}% used (> 80%)")
     status = "critical" if critical else "degraded" if degraded else "healthy"
     return status, critical + degraded
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonFacts:
+    """What the daemon knows about itself for one snapshot (`status` is `Daemon.status()`)."""
+
+    status: dict[str, Any]
+    interval_ms: int
+    success_rate: float
+    flush_latency_s: Sequence[float]
+    retry_count: int
+    scheduled_tasks: int
+    health_checks: int
+    cleanup_runs: int
+    thread_issues: tuple[str, ...] = ()
+    running: bool = True
+
+
+def build_snapshot(
+    facts: DaemonFacts, *, now_ms: int, system: dict[str, Any], abandoned_before: int
+) -> dict[str, Any]:
+    """The snapshot of SPEC §7. A stopped daemon's last one says so: `isRunning` false."""
+    st = facts.status
+    disk = system["diskSpace"]
+    figures = Figures(
+        success_rate=facts.success_rate,
+        flush_p99_ms=st["latencyMs"]["flushP99"],
+        memory_percent=system["memoryPercent"],
+        disk_free_fraction=disk["available"] / disk["total"] if disk["total"] else 1.0,
+        abandoned_now=st["queue"]["abandoned"],
+        abandoned_before=abandoned_before,
+        stalled_error=st["flusher"]["stalledError"],
+        breaker_state=st["sink"]["state"] if st["sink"] else None,
+        thread_issues=facts.thread_issues,
+    )
+    status, issues = evaluate(figures)
+    if not facts.running:
+        status = "critical" if facts.thread_issues else "stopped"
+    flush_ms = [s * 1000 for s in facts.flush_latency_s]
+    return {
+        "formatVersion": HEALTH_FORMAT_VERSION,
+        "timestamp": now_ms,
+        "status": status,
+        "severity": SEVERITY[status],
+        "issues": issues,
+        "intervalMs": facts.interval_ms,
+        "daemonHealth": {
+            "uptime": int(st["uptimeS"] * 1000),
+            "isRunning": facts.running,
+            "pid": st["pid"],
+            "scheduledTasksExecuted": facts.scheduled_tasks,
+            "healthChecksPerformed": facts.health_checks,
+            "cleanupOperations": facts.cleanup_runs,
+        },
+        "aggregatorHealth": {
+            "totalOperations": sum(st["counters"]["batches"].values()),
+            "successRate": round(facts.success_rate, 4),
+            "averageProcessingTime": round(sum(flush_ms) / len(flush_ms), 3) if flush_ms else 0,
+            "maxFlushTime": round(max(flush_ms), 3) if flush_ms else 0,
+            "retryCount": facts.retry_count,
+        },
+        "systemHealth": system,
+        "queue": st["queue"],
+        "latencyMs": st["latencyMs"],
+        "sink": st["sink"],
+    }
 
 
 def system_figures(root: Path) -> dict[str, Any]:
@@ -92,6 +162,33 @@ def read_latest(layout: Layout) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def abandoned_before(layout: Layout, abandoned_now: int) -> int:
+    """The abandoned count the last daemon saw, so new abandonments since then still show."""
+    previous = read_latest(layout)
+    if previous is None:
+        return abandoned_now
+    queue = previous.get("queue")
+    seen = queue.get("abandoned") if isinstance(queue, dict) else None
+    return seen if isinstance(seen, int) else abandoned_now
+
+
 def is_stale(snapshot: dict[str, Any], now_ms: int) -> bool:
     interval = snapshot.get("intervalMs", 60_000)
     return now_ms - snapshot.get("timestamp", 0) > STALE_INTERVALS * interval
+
+
+def read_pid(layout: Layout) -> int | None:
+    try:
+        return int(layout.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def running_pid(layout: Layout) -> int | None:
+    """The pid of a live daemon on this root, or None.
+
+    From the pid file, not by trying the lock: a probe holding the lock even for a moment
+    could make a daemon starting at that moment refuse to run.
+    """
+    pid = read_pid(layout)
+    return pid if pid is not None and psutil.pid_exists(pid) else None

@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from .fsutil import fsync_dir, quarantine_bytes
+from .supervise import Spawn, plain_thread
 
 log = logging.getLogger("flowagg.journal")
 
@@ -369,6 +370,7 @@ class JournalWriter:
         segment_bytes: int,
         clean_tail: bool = True,
         deliver: Callable[[list[tuple[Append, BaseException | None, Position]]], None],
+        spawn: Spawn = plain_thread,
     ) -> None:
         self.directory = directory
         self.segments = list(segments)
@@ -388,7 +390,7 @@ class JournalWriter:
         self._unsynced_done_seq = 0
         self.syncs = 0
         self.bytes_written = 0
-        self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
+        self._thread = spawn("journal-writer", self._run)
 
     # -- called from any thread -------------------------------------------------------------
     def start(self) -> None:
@@ -426,14 +428,18 @@ class JournalWriter:
             self._queue.append(Append(frame(payload), None, done_seq=last_seq))
             self._cond.notify()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """False when the thread is still in a write after `timeout` (a hung disk)."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        return True
 
     @property
     def next_seq(self) -> int:

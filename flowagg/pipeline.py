@@ -27,12 +27,15 @@ from .fsutil import is_disk_full, quarantine_file
 from .journal import Append, JournalWriter, Position, ScanResult, read_records
 from .layout import Layout
 from .storage import Batch, CorruptBatch, find_batch, make_batch_id, read_batch
+from .supervise import Spawn, plain_thread
 
 log = logging.getLogger("flowagg.pipeline")
 
 LATENCY_SAMPLES = 2048
 # Below the unit's TimeoutStopSec (120 s): a stuck disk must not turn a stop into a SIGKILL.
 SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
+# Rejections listed in a reply; the rest are only counted (`rejectedCount`).
+MAX_LISTED_REJECTIONS = 100
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
 
 
@@ -48,6 +51,7 @@ class AddResult:
     accepted: int = 0
     duplicates: int = 0
     rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rejected_count: int = 0
     error: str | None = None
     retry_after_ms: int | None = None
 
@@ -58,13 +62,17 @@ class AddResult:
                 out["retryAfterMs"] = self.retry_after_ms
             if self.rejected:
                 out["rejected"] = self.rejected
+                out["rejectedCount"] = self.rejected_count
             return out
-        return {
+        out = {
             "ok": True,
             "accepted": self.accepted,
             "duplicates": self.duplicates,
             "rejected": self.rejected,
         }
+        if self.rejected_count:
+            out["rejectedCount"] = self.rejected_count
+        return out
 
 
 class Pipeline:
@@ -78,8 +86,10 @@ class Pipeline:
         *,
         next_retry_at: Callable[[int], int],
         store: Callable[[str, bytes], Path],
+        spawn: Spawn = plain_thread,
     ) -> None:
         self.config = config
+        self._spawn = spawn
         self.layout = layout
         self.clock = clock
         self.loop = loop
@@ -121,6 +131,7 @@ class Pipeline:
             segment_bytes=self.config.journal_segment_bytes,
             clean_tail=scan.clean_tail,
             deliver=lambda results: self.loop.call_soon_threadsafe(self._journal_done, results),
+            spawn=self._spawn,
         )
         self.writer.start()
         if scan.backlog is not None:
@@ -134,6 +145,7 @@ class Pipeline:
             next_retry_at=self._next_retry_at,
             store=self._store,
             on_stored=lambda b, p, d: self.loop.call_soon_threadsafe(self._batch_stored, b, p, d),
+            spawn=self._spawn,
         )
         self.flusher.start()
         self._refill()
@@ -222,8 +234,13 @@ class Pipeline:
             self.counters["batchesFoundAtStart"] += skipped
 
     # -- intake -----------------------------------------------------------------------------
-    def validate(self, raw_entries: list[Any]) -> tuple[list[Valid], list[dict[str, Any]]]:
-        """Check entries against §3: (valid entries, rejections)."""
+    def validate(
+        self, raw_entries: list[Any], *, max_listed: int | None = None
+    ) -> tuple[list[Valid], list[dict[str, Any]]]:
+        """Check entries against §3: (valid entries, rejections).
+
+        Past `max_listed` rejections are only counted: len(raw) - len(valid) is the total.
+        """
         now = self.clock.now_ms()
         limit = self.config.max_entry_bytes
         new_id = self.ids.new
@@ -237,14 +254,16 @@ class Pipeline:
                     )
                 )
             except EntryError as exc:
-                rejected.append({"index": index, "error": str(exc)})
+                if max_listed is None or len(rejected) < max_listed:
+                    rejected.append({"index": index, "error": str(exc)})
         return valid, rejected
 
     async def add(self, raw_entries: list[Any]) -> AddResult:
-        valid, rejected = self.validate(raw_entries)
+        valid, rejected = self.validate(raw_entries, max_listed=MAX_LISTED_REJECTIONS)
         result = await self.add_valid(valid, wait_for_space=False)
+        result.rejected_count = len(raw_entries) - len(valid)
         if result.error is None:
-            self.counters["rejected"] += len(rejected)
+            self.counters["rejected"] += result.rejected_count
         result.rejected = rejected
         return result
 
@@ -473,22 +492,28 @@ class Pipeline:
         horizon = self.clock.now_ms() - self.config.dedupe_window_ms
         return len(self.writer.compact(self.writer.durable_done_seq, horizon))
 
-    async def shutdown(self) -> None:
-        """Flush what is in memory (the disk backlog stays journaled), then stop the threads."""
+    async def shutdown(
+        self, flush_s: float = SHUTDOWN_FLUSH_TIMEOUT_S, join_s: float | None = None
+    ) -> list[str]:
+        """Flush what is in memory (the disk backlog stays journaled), then stop the threads.
+
+        Returns the threads still busy after `join_s` (they are left to the process exit).
+        """
         if self._age_timer is not None:
             self._age_timer.cancel()
         stalled = self.flusher is not None and self.flusher.stalled_error is not None
-        if not stalled:
+        if not stalled and flush_s > 0:
             try:
-                await asyncio.wait_for(
-                    self.flush("shutdown", include_disk=False), SHUTDOWN_FLUSH_TIMEOUT_S
-                )
+                await asyncio.wait_for(self.flush("shutdown", include_disk=False), flush_s)
             except TimeoutError:
                 log.error("the shutdown flush is stuck; what it did not write stays journaled")
-        if self.flusher is not None:
-            await asyncio.to_thread(self.flusher.stop, give_up=True)
-        if self.writer is not None:
-            await asyncio.to_thread(self.writer.stop)
+        busy = []
+        flusher, writer = self.flusher, self.writer
+        if flusher and not await asyncio.to_thread(flusher.stop, give_up=True, timeout=join_s):
+            busy.append("flusher")
+        if writer and not await asyncio.to_thread(writer.stop, join_s):
+            busy.append("journal-writer")
+        return busy
 
     # -- reporting --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

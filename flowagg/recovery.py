@@ -6,7 +6,13 @@ operator asks); a failure sets `nextRetryAt = now + U(0, min(retryMaxDelayMs, re
 permanent error, it moves to recovery/abandoned/ with its history.
 
 Every move is write-new-then-delete-old, so a crash can leave one batch id in two places;
-`reconcile` settles that on every run, keeping the copy that was being moved to.
+every run settles that, keeping the copy that was being moved to. A copy in
+aggregated/ also appears when a rename succeeded but the directory fsync after it failed,
+and the writer counted the batch as failed. The kept copy is trusted only once its directory
+fsync succeeds: until then both stay.
+
+A pass reads a failed file only when it is due or has changed since the last pass (by inode,
+mtime and size): thousands of waiting batches cost a stat each, not a read and a checksum.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import dataclasses
 import logging
 import os
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,8 @@ from typing import Any
 import orjson
 
 from .clock import Clock
+from .config import Config
+from .entries import short_repr
 from .errors import CircuitOpenError, PermanentError, classify
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
 from .layout import Layout
@@ -33,6 +42,8 @@ log = logging.getLogger("flowagg.recovery")
 FAILED_SUFFIX = ".failed.json"
 ABANDONED_SUFFIX = ".abandoned.json"
 SUPPORTED_MAJOR = 2
+# storage.make_batch_id: arrival ms (13 digits) and journal seq (12 digits); ASCII only.
+BATCH_ID_RE = re.compile(r"[0-9]{13}_[0-9]{12}")
 HISTORY_LIMIT = 50
 BATCH_KEYS = (
     "batchId",
@@ -51,11 +62,29 @@ class RetryPolicy:
     max_delay_ms: int
     limit: int
 
+    @classmethod
+    def from_config(cls, config: Config) -> RetryPolicy:
+        return cls(
+            base_ms=config.retry_base_ms,
+            max_delay_ms=config.retry_max_delay_ms,
+            limit=config.batch_retry_limit,
+        )
+
     def delay_cap_ms(self, retry_count: int) -> int:
         return min(self.max_delay_ms, self.base_ms * 2 ** min(retry_count, 62))
 
     def next_retry_at(self, now_ms: int, retry_count: int, rng: random.Random) -> int:
         return now_ms + rng.randint(0, self.delay_cap_ms(retry_count))
+
+
+def check_batch_id(text: str) -> str:
+    """A batch id from a user (CLI, socket); anything else could name a path outside the root."""
+    if not BATCH_ID_RE.fullmatch(text):
+        raise ValueError(
+            f"{short_repr(text)} is not a batch id; use one like 1704067200000_000000000001"
+            " (the file name in recovery/abandoned/ without .abandoned.json)"
+        )
+    return text
 
 
 class NewerFormatError(ValueError):
@@ -80,6 +109,15 @@ def completed_document(doc: dict[str, Any]) -> bytes:
     out = {key: doc[key] for key in BATCH_KEYS if key in doc}
     out["recovered"] = True
     return orjson.dumps(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Known:
+    """What a pass remembers of a failed file it has read."""
+
+    stamp: tuple[int, int, int]  # st_ino, st_mtime_ns, st_size
+    failed_at: int
+    next_retry_at: int
 
 
 @dataclasses.dataclass
@@ -129,6 +167,8 @@ class Recovery:
         self.store = store or (lambda batch_id, data: write_completed(layout, batch_id, data))
         self.runs = 0
         self.totals: dict[str, int] = {"recovered": 0, "failedAgain": 0, "abandoned": 0}
+        # By file name; holds only names present at the last pass.
+        self._known: dict[str, _Known] = {}
 
     # -- reading ----------------------------------------------------------------------------
     def _load(self, path: Path, report: RecoveryReport) -> dict[str, Any] | None:
@@ -175,56 +215,117 @@ class Recovery:
         return paths
 
     # -- reconcile --------------------------------------------------------------------------
-    def _drop(self, path: Path, why: str, report: RecoveryReport) -> None:
+    def _drop(self, path: Path, kept: Path, why: str, report: RecoveryReport) -> bool:
+        """Delete `path` once `kept` is durable; False (both stay) while it is not."""
+        try:
+            fsync_dir(kept.parent)
+        except OSError as exc:
+            log.error(
+                "keeping both %s and %s/%s until the latter is durable: %s",
+                path.name,
+                kept.parent.name,
+                kept.name,
+                exc,
+            )
+            return False
         path.unlink(missing_ok=True)
         fsync_dir(path.parent)
         report.reconciled.append(path.name)
         log.info("batch %s: removed %s (%s)", path.name.split(".")[0], path.name, why)
+        return True
 
-    def reconcile(
-        self, failed: dict[str, tuple[Path, dict[str, Any]]], report: RecoveryReport
-    ) -> None:
-        """Settle batch ids found in two places after a crash mid-move. Mutates `failed`."""
-        for batch_id in list(failed):
-            path, doc = failed[batch_id]
-            done = self.layout.aggregated / batch_file_name(batch_id)
-            if done.exists():
-                try:
-                    same = decode_batch(done.read_bytes())["entriesSha256"] == doc["entriesSha256"]
-                except (CorruptBatch, OSError):
-                    same = False
-                if same:
-                    self._drop(path, "already in aggregated/", report)
-                    del failed[batch_id]
-                    continue
-            parked = self.layout.abandoned / f"{batch_id}{ABANDONED_SUFFIX}"
-            if parked.exists():
-                other = self._load(parked, report)
-                if other is None or other["entriesSha256"] != doc["entriesSha256"]:
-                    continue
-                if doc.get("requeuedAt", -1) >= other.get("abandonedAt", 0):
-                    self._drop(parked, "requeued", report)
-                else:
-                    self._drop(path, "already abandoned", report)
-                    del failed[batch_id]
+    def _same_completed(self, batch_id: str, doc: dict[str, Any]) -> Path | None:
+        """The aggregated/ copy of this batch with the same entries, if there is one."""
+        done = self.layout.aggregated / batch_file_name(batch_id)
+        if not done.exists():
+            return None
+        try:
+            same = decode_batch(done.read_bytes())["entriesSha256"] == doc["entriesSha256"]
+        except (CorruptBatch, OSError):
+            return None
+        return done if same else None
+
+    def _settle_failed(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> bool:
+        """Settle a failed file's batch id found in a second place; True when it was dropped."""
+        batch_id = doc["batchId"]
+        done = self._same_completed(batch_id, doc)
+        if done is not None:
+            return self._drop(path, done, "already in aggregated/", report)
+        parked = self.layout.abandoned / f"{batch_id}{ABANDONED_SUFFIX}"
+        if not parked.exists():
+            return False
+        other = self._load(parked, report)
+        if other is None or other["entriesSha256"] != doc["entriesSha256"]:
+            return False
+        if doc.get("requeuedAt", -1) >= other.get("abandonedAt", 0):
+            self._drop(parked, path, "requeued", report)
+            return False
+        return self._drop(path, parked, "already abandoned", report)
+
+    def _settle_abandoned(self, report: RecoveryReport) -> None:
+        """Abandoned batches that are also in aggregated/: the completed copy wins."""
+        for name in sorted(os.listdir(self.layout.abandoned)):
+            if not name.endswith(ABANDONED_SUFFIX) or name.startswith((".", TEMP_MARK)):
+                continue
+            batch_id = name[: -len(ABANDONED_SUFFIX)]
+            if not (self.layout.aggregated / batch_file_name(batch_id)).exists():
+                continue
+            path = self.layout.abandoned / name
+            doc = self._load(path, report)
+            if doc is None:
+                continue
+            done = self._same_completed(batch_id, doc)
+            if done is not None:
+                self._drop(path, done, "already in aggregated/", report)
 
     # -- the loop ---------------------------------------------------------------------------
+    def _has_twin(self, name: str) -> bool:
+        batch_id = name[: -len(FAILED_SUFFIX)]
+        return (self.layout.aggregated / batch_file_name(batch_id)).exists() or (
+            self.layout.abandoned / f"{batch_id}{ABANDONED_SUFFIX}"
+        ).exists()
+
+    def _scan(self, report: RecoveryReport) -> list[tuple[_Known, Path, dict[str, Any] | None]]:
+        """Every failed file with its schedule; read only when new, changed or twinned."""
+        found: list[tuple[_Known, Path, dict[str, Any] | None]] = []
+        paths = self._failed_files(report)
+        present = {path.name for path in paths}
+        for name in [n for n in self._known if n not in present]:
+            del self._known[name]
+        for path in paths:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            known = self._known.get(path.name)
+            if known is not None and known.stamp == stamp and not self._has_twin(path.name):
+                found.append((known, path, None))
+                continue
+            self._known.pop(path.name, None)
+            doc = self._load(path, report)
+            if doc is None or self._settle_failed(path, doc, report):
+                continue
+            known = _Known(stamp, doc.get("failedAt", 0), doc.get("nextRetryAt", 0))
+            self._known[path.name] = known
+            found.append((known, path, doc))
+        return found
+
     def run_once(self, *, force: bool = False) -> RecoveryReport:
         """One pass. `force` (an operator's `flowagg recover`) ignores nextRetryAt."""
         self.runs += 1
         report = RecoveryReport()
-        failed: dict[str, tuple[Path, dict[str, Any]]] = {}
-        for path in self._failed_files(report):
-            doc = self._load(path, report)
-            if doc is not None:
-                failed[doc["batchId"]] = (path, doc)
-        self.reconcile(failed, report)
-        ordered = sorted(failed.values(), key=lambda item: (item[1].get("failedAt", 0), item[0]))
-        for path, doc in ordered:
-            now = self.clock.now_ms()
-            if not force and now < doc.get("nextRetryAt", 0):
+        found = self._scan(report)
+        self._settle_abandoned(report)
+        found.sort(key=lambda item: (item[0].failed_at, item[1]))
+        for known, path, doc in found:
+            if not force and self.clock.now_ms() < known.next_retry_at:
                 report.waiting += 1
                 continue
+            doc = doc or self._load(path, report)
+            if doc is None:
+                continue
+            self._known.pop(path.name, None)  # the retry rewrites or removes it
             if not self._retry(path, doc, report):
                 report.waiting += 1
                 report.circuit_open = True
@@ -245,7 +346,10 @@ class Recovery:
             self.store(batch_id, completed_document(doc))
         except CircuitOpenError:
             return False
-        except (OSError, PermanentError) as exc:
+        except Exception as exc:
+            # Anything else (a bug, a sink's bad URL) is retried like a transient failure.
+            if not isinstance(exc, (OSError, PermanentError)):
+                log.error("batch %s: unexpected error while recovering", batch_id, exc_info=exc)
             error = f"{type(exc).__name__}: {exc}"
             kind = classify(exc)
             doc["retryCount"] = doc.get("retryCount", 0) + 1
@@ -309,7 +413,7 @@ class Recovery:
         report = RecoveryReport()
         requeued = []
         if batch_id is not None:
-            names = [f"{batch_id}{ABANDONED_SUFFIX}"]
+            names = [f"{check_batch_id(batch_id)}{ABANDONED_SUFFIX}"]
             if not (self.layout.abandoned / names[0]).exists():
                 raise FileNotFoundError(f"no abandoned batch {batch_id}")
         else:

@@ -3,14 +3,20 @@
 Nothing a client sends can crash the daemon: malformed JSON, a non-object, an unknown op or
 an oversized line each get `{"ok": false, "error": ...}`. After an oversized line the
 connection is closed (its remainder cannot be framed); other errors leave it usable.
+
+What one client can cost is bounded: `maxConnections` open at once (the next one gets one
+error line and is closed), and a stop never waits on a client: idle connections are closed,
+requests in progress get a short grace and are then answered `stopping`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -24,19 +30,77 @@ log = logging.getLogger("flowagg.server")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 SOCKET_MODE = 0o600
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+STOPPING_RETRY_AFTER_MS = 1000
+# Lines from this size on are measured before they are parsed: a parse costs ~14 bytes of
+# memory per byte of tiny values (`[0,0,...]`), so 16 MiB of them would cost ~230 MB.
+PRECHECK_BYTES = 1 << 20
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
+_STRUCTURE = re.compile(rb"[\[\]{}]|,+")
+
+
+def largest_top_array(line: bytes) -> int:
+    """Elements of the largest array directly inside the request object, without parsing.
+
+    Strings are blanked (they may hold brackets and commas) and everything but structure is
+    dropped, in C; a run of commas is one match, so a million scalars cost one step.
+    """
+    shape = _STRING.sub(b'""', line).translate(None, _NOT_STRUCTURE)
+    depth = commas = largest = 0
+    in_array = False
+    for match in _STRUCTURE.finditer(shape):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth == 2:
+                in_array, commas = token == b"[", 0
+        elif token in (b"]", b"}"):
+            depth -= 1
+        elif depth == 2 and in_array:
+            commas += len(token)
+            largest = max(largest, commas + 1)
+    return largest
 
 
 class SocketServer:
-    def __init__(self, path: Path, handler: Handler, *, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handler: Handler,
+        *,
+        max_request_bytes: int,
+        max_request_entries: int,
+        max_connections: int,
+    ) -> None:
         self.path = path
         self.handler = handler
         self.max_request_bytes = max_request_bytes
+        self.max_request_entries = max_request_entries
+        self.max_connections = max_connections
         self._server: asyncio.AbstractServer | None = None
-        self._active: set[asyncio.Task[Any]] = set()
+        # Open connections (their tasks), and the request each one is busy with.
+        self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._busy: dict[asyncio.Task[Any], asyncio.Future[dict[str, Any]]] = {}
+        self._stopping = False
         self.requests = 0
         self.bad_requests = 0
+        self.too_many_entries = 0
+        self.refused_connections = 0
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
 
     async def start(self) -> None:
+        size = len(os.fsencode(self.path))
+        if size > MAX_SOCKET_PATH_BYTES:
+            raise RootUnusableError(
+                f"cannot listen on {self.path}: the path is {size} bytes and a Unix socket"
+                " path must stay under 108 bytes; use a shorter --root or set runDir to a short"
+                " local folder such as /run/flowagg"
+            )
         # Only the lock holder gets here, so a socket file left by a dead daemon is stale.
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -46,27 +110,49 @@ class SocketServer:
                 self._serve, path=str(self.path), limit=self.max_request_bytes
             )
         except OSError as exc:
+            code = errno.errorcode.get(exc.errno or 0, "error")
             raise RootUnusableError(
-                f"cannot listen on {self.path}: {exc.strerror or exc}"
-                " (a Unix socket path must stay under 108 bytes); use a shorter --root"
+                f"cannot listen on {self.path}: {code} ({exc.strerror or exc}); this file"
+                " system may not support Unix sockets (FUSE, NFS): set runDir to a local"
+                " folder such as /run/flowagg"
             ) from None
         finally:
             os.umask(old_umask)
         os.chmod(self.path, SOCKET_MODE)
 
-    async def stop(self) -> None:
-        """Stop accepting, let requests in progress finish, then close the socket."""
+    async def stop(self, *, grace_s: float, close_s: float) -> None:
+        """Stop accepting; give requests in progress `grace_s`, then answer them `stopping`;
+        close every connection, idle ones at once, and drop those still open after `close_s`.
+        """
         if self._server is None:
             return
+        self._stopping = True
         self._server.close()
-        if self._active:
-            await asyncio.gather(*self._active, return_exceptions=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        for conn in list(self._conns):
+            if conn not in self._busy:
+                conn.cancel()
+        if self._busy:
+            await asyncio.wait(set(self._busy.values()), timeout=grace_s)
+        for conn, request in list(self._busy.items()):
+            if not request.done():
+                conn.cancel()  # the connection answers `stopping`; the request is left behind
+        if self._conns:
+            await asyncio.wait(set(self._conns), timeout=close_s)
+        for conn, writer in list(self._conns.items()):
+            writer.transport.abort()  # a client that does not read its reply
+            conn.cancel()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = asyncio.current_task()
+        assert conn is not None
+        if self._stopping or len(self._conns) >= self.max_connections:
+            await self._refuse(writer)
+            return
+        self._conns[conn] = writer
         try:
-            while True:
+            while not self._stopping:
                 try:
                     line = await reader.readuntil(b"\n")
                 except asyncio.IncompleteReadError as exc:
@@ -85,22 +171,60 @@ class SocketServer:
                     return
                 if not line.strip():
                     continue
-                task = asyncio.current_task()
-                assert task is not None
-                self._active.add(task)
-                try:
-                    reply = await self._handle_line(line)
-                finally:
-                    self._active.discard(task)
-                await self._reply(writer, reply)
+                await self._reply(writer, await self._answer(conn, line))
         except (ConnectionError, asyncio.CancelledError):
             return
         finally:
+            self._conns.pop(conn, None)
             with contextlib.suppress(Exception):
                 writer.close()
 
+    async def _answer(self, conn: asyncio.Task[Any], line: bytes) -> dict[str, Any]:
+        """Run one request in its own task, so a stop can answer for it without waiting."""
+        request = asyncio.ensure_future(self._handle_line(line))
+        self._busy[conn] = request
+        try:
+            return await asyncio.shield(request)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                request.cancel()
+                raise
+            return stopping_reply()
+        finally:
+            self._busy.pop(conn, None)
+
+    def _too_many_entries(self, count: int) -> dict[str, Any]:
+        """Refused whole: validating each item would cost memory per item."""
+        self.too_many_entries += 1
+        limit = self.max_request_entries
+        return {
+            "ok": False,
+            "error": f"too_many_entries: {count} entries, over maxRequestEntries={limit};"
+            " split the request",
+            "maxRequestEntries": limit,
+        }
+
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        self.refused_connections += 1
+        if self._stopping:
+            reply = stopping_reply()
+        else:
+            reply = _error(
+                f"too_many_connections: {len(self._conns)} open, over"
+                f" maxConnections={self.max_connections}; raise maxConnections or reuse"
+                " connections"
+            )
+        with contextlib.suppress(ConnectionError):
+            await self._reply(writer, reply)
+        writer.close()
+
     async def _handle_line(self, line: bytes) -> dict[str, Any]:
         self.requests += 1
+        limit = self.max_request_entries
+        if len(line) >= PRECHECK_BYTES and line.count(b",") >= limit:
+            count = largest_top_array(line)
+            if count > limit:
+                return self._too_many_entries(count)
         try:
             request = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
@@ -109,6 +233,9 @@ class SocketServer:
         if not isinstance(request, dict):
             self.bad_requests += 1
             return _error('request must be a JSON object like {"op": "ping"}')
+        entries = request.get("entries")
+        if isinstance(entries, list) and len(entries) > limit:
+            return self._too_many_entries(len(entries))
         try:
             return await self.handler(request)
         except Exception:
@@ -119,6 +246,11 @@ class SocketServer:
     async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
         writer.write(orjson.dumps(reply) + b"\n")
         await writer.drain()
+
+
+def stopping_reply() -> dict[str, Any]:
+    """Not done, and not acknowledged: the client retries against the next start."""
+    return {"ok": False, "error": "stopping", "retryAfterMs": STOPPING_RETRY_AFTER_MS}
 
 
 def _error(message: str) -> dict[str, Any]:

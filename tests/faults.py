@@ -1,7 +1,9 @@
 """Fault injection by patching `os` calls: a site (a predicate on the path) plus an errno.
 
 EACCES and EROFS strike when a file is created (where the kernel reports them); ENOSPC and
-EIO strike on write and fsync of a file opened at the site.
+EIO strike on write and fsync of a file opened at the site. With `directory(path)` as the
+site, EIO and ENOSPC strike the fsync of that directory: a rename into it has happened, but
+is not durable.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class FaultInjector:
         self.fds: dict[int, str] = {}
         self.hits = 0
         real_open, real_write, real_fsync = os.open, os.write, os.fsync
-        real_rename = os.rename
+        real_rename, real_close = os.rename, os.close
 
         def match(path: str, at_open: bool) -> int | None:
             for predicate, code in self.rules:
@@ -68,7 +70,13 @@ class FaultInjector:
                 raise OSError(code, os.strerror(code), spath)
             real_rename(src, dst, *a, **kw)
 
+        def fake_close(fd: int) -> None:
+            # A number reused by a later open that bypasses os.open must not keep this path.
+            self.fds.pop(fd, None)
+            real_close(fd)
+
         monkeypatch.setattr(os, "open", fake_open)
+        monkeypatch.setattr(os, "close", fake_close)
         monkeypatch.setattr(os, "write", fake_write)
         monkeypatch.setattr(os, "fsync", fake_fsync)
         monkeypatch.setattr(os, "rename", fake_rename)
@@ -100,3 +108,9 @@ def under(directory: Path, suffix: str = "") -> Callable[[str], bool]:
         )
 
     return predicate
+
+
+def directory(path: Path) -> Callable[[str], bool]:
+    """The directory itself (its fsync), not the files in it."""
+    target = os.fspath(path)
+    return lambda candidate: candidate.rstrip(os.sep) == target

@@ -9,6 +9,7 @@ in the journal), and once the disk heals it ends in aggregated/.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import time
@@ -21,13 +22,14 @@ import pytest
 
 from flowagg.clock import EntryIdFactory, FakeClock, SystemClock
 from flowagg.config import load_config
+from flowagg.fsutil import atomic_write, fsync_dir
 from flowagg.health import read_latest, write_snapshot
 from flowagg.journal import list_segments, scan
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
 from flowagg.recovery import Recovery, RetryPolicy, write_completed
 from flowagg.storage import iter_batch_files, read_batch
-from tests.faults import ERRNOS, FaultInjector, under
+from tests.faults import ERRNOS, FaultInjector, directory, under
 from tests.harness import entry
 
 LIMIT = 3
@@ -302,3 +304,44 @@ def test_torn_tail_with_errors_folder_unwritable(
     offset = size - len(junk)
     assert [p.name for p in result.quarantined] == [f"journal-{segment.stem}-{offset}.corrupt"]
     assert result.backlog_entries == 0
+
+
+def test_fault_helper_breaks_directory_fsyncs(tmp_path: Path, faults: FaultInjector) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    with faults.broken(directory(folder), errno.EIO):
+        with pytest.raises(OSError) as caught:
+            atomic_write(folder / "f.json", b"x")
+        assert caught.value.errno == errno.EIO
+        assert (folder / "f.json").read_bytes() == b"x"  # renamed, but not durable
+        fd = os.open(folder / "f.json", os.O_RDONLY)
+        os.fsync(fd)  # the files in it are not affected
+        os.close(fd)
+        with pytest.raises(OSError):
+            fsync_dir(folder)
+    fsync_dir(folder)
+    assert faults.hits == 2
+
+
+def test_batch_renamed_but_not_durable_ends_in_one_place(root: Path, faults: FaultInjector) -> None:
+    """The rename into aggregated/ succeeds, its directory fsync fails: the writer counts a
+    failure and the batch is parked, retried and abandoned while its aggregated/ copy exists.
+    Once aggregated/ can be fsynced again, that copy wins."""
+
+    async def scenario(rig: Rig) -> None:
+        heal = faults.breaks(directory(rig.layout.aggregated), errno.EIO)
+        await rig.add(10)
+        assert rig.pipeline is not None
+        await rig.pipeline.flush()
+        assert len(list(rig.layout.aggregated.glob("batch_*.json"))) == 1
+        assert len(list(rig.layout.recovery.glob("*.failed.json"))) == 1
+        for _ in range(LIMIT):
+            rig.recovery.run_once(force=True)
+        [parked] = rig.layout.abandoned.glob("*.abandoned.json")
+        assert not rig.recovery.run_once(force=True).reconciled  # not durable yet: both stay
+        assert parked.exists()
+        heal()
+        assert rig.recovery.run_once().reconciled == [parked.name]
+        rig.check("aggregated")
+
+    run(root, scenario)

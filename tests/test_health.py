@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -66,10 +67,16 @@ def snapshot(status: str, age_ms: int = 0, interval_ms: int = 60_000) -> dict:
     }
 
 
+def pretend_running(layout: Layout) -> None:
+    """A pid file naming a live process (this one): what `flowagg health` checks first."""
+    layout.pid_file.write_text(f"{os.getpid()}\n")
+
+
 @pytest.mark.parametrize(("status", "code"), [("healthy", 0), ("degraded", 1), ("critical", 2)])
 def test_health_command_exit_codes(tmp_path: Path, status: str, code: int) -> None:
     layout = Layout(tmp_path / "data")
     layout.prepare()
+    pretend_running(layout)
     write_snapshot(layout, snapshot(status))
     proc = cli(layout.root, "health")
     assert proc.returncode == code, proc.stderr
@@ -84,6 +91,7 @@ def test_health_command_stale_and_missing(tmp_path: Path) -> None:
     layout.prepare()
     missing = cli(layout.root, "health")
     assert missing.returncode == 3 and b"no health snapshot" in missing.stderr
+    pretend_running(layout)
     write_snapshot(layout, snapshot("healthy", age_ms=3_100, interval_ms=1_000))
     stale = cli(layout.root, "health")
     assert stale.returncode == 3 and b"3 intervals" in stale.stderr

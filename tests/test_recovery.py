@@ -18,6 +18,7 @@ from flowagg.recovery import Recovery, RetryPolicy, write_completed
 from flowagg.storage import Batch, batch_file_name, encode_batch, read_batch
 
 POLICY = RetryPolicy(base_ms=1000, max_delay_ms=300_000, limit=5)
+B1 = "1704067200000_000000000001"
 
 
 def make_layout(tmp_path: Path) -> Layout:
@@ -80,15 +81,15 @@ def test_schedule_then_abandon_then_requeue(tmp_path: Path) -> None:
     clock = FakeClock(now_ms=10_000)
     store = FlakyStore(layout)
     recovery = Recovery(layout, clock, random.Random(3), POLICY, store=store)
-    put_failed(layout, failed_doc("b1", nextRetryAt=10_500))
+    put_failed(layout, failed_doc(B1, nextRetryAt=10_500))
 
     report = recovery.run_once()
     assert report.waiting == 1 and store.calls == 0  # not yet due
     clock.advance(500)
     for attempt in range(1, POLICY.limit):
         report = recovery.run_once()
-        assert report.retried_failed == ["b1"]
-        doc = orjson.loads((layout.recovery / "b1.failed.json").read_bytes())
+        assert report.retried_failed == [B1]
+        doc = orjson.loads((layout.recovery / f"{B1}.failed.json").read_bytes())
         assert doc["retryCount"] == attempt
         assert doc["lastRetryAt"] == clock.now_ms()
         assert "No space left" in doc["lastError"]
@@ -100,19 +101,19 @@ def test_schedule_then_abandon_then_requeue(tmp_path: Path) -> None:
             assert recovery.run_once().waiting == 1 and store.calls == calls  # not due yet
         clock.advance(delay)
     report = recovery.run_once()
-    assert report.abandoned == ["b1"]
-    assert not (layout.recovery / "b1.failed.json").exists()
-    parked = orjson.loads((layout.abandoned / "b1.abandoned.json").read_bytes())
+    assert report.abandoned == [B1]
+    assert not (layout.recovery / f"{B1}.failed.json").exists()
+    parked = orjson.loads((layout.abandoned / f"{B1}.abandoned.json").read_bytes())
     assert parked["retryCount"] == POLICY.limit
     assert parked["abandonReason"] == "retry limit reached"
     assert [h["kind"] for h in parked["history"]] == ["transient"] * POLICY.limit
 
     store.error = None
-    assert recovery.requeue_abandoned("b1") == ["b1"]
-    requeued = orjson.loads((layout.recovery / "b1.failed.json").read_bytes())
+    assert recovery.requeue_abandoned(B1) == [B1]
+    requeued = orjson.loads((layout.recovery / f"{B1}.failed.json").read_bytes())
     assert requeued["retryCount"] == 0 and requeued["history"][-1]["event"] == "requeued"
-    assert recovery.run_once().recovered == ["b1"]
-    done = read_batch(layout.aggregated / batch_file_name("b1"))
+    assert recovery.run_once().recovered == [B1]
+    done = read_batch(layout.aggregated / batch_file_name(B1))
     assert done["recovered"] is True and done["entryCount"] == 3
     assert "retryCount" not in done and "history" not in done
     assert not list(layout.recovery.glob("*.json")) and not list(layout.abandoned.iterdir())
@@ -227,3 +228,57 @@ def test_disk_full_on_a_fake_filesystem_then_space_returns(fs: Any) -> None:
     fs.set_disk_usage(10 * 1024 * 1024, path="/flowagg")
     assert recovery.run_once(force=True).recovered == ["full"]
     assert read_batch(layout.aggregated / batch_file_name("full"))["entryCount"] == 20
+
+
+def test_a_pass_reads_only_files_that_are_due_or_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = make_layout(tmp_path)
+    clock = FakeClock(now_ms=10_000)
+    store = FlakyStore(layout)
+    recovery = Recovery(layout, clock, random.Random(1), POLICY, store=store)
+    for i in range(20):
+        put_failed(layout, failed_doc(f"w{i:02d}", nextRetryAt=50_000, failedAt=i))
+    reads: list[str] = []
+    real_read = Path.read_bytes
+
+    def counting_read(self: Path) -> bytes:
+        reads.append(self.name)
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting_read)
+    assert recovery.run_once().waiting == 20 and len(reads) == 20  # learnt once
+    reads.clear()
+    assert recovery.run_once().waiting == 20 and reads == []
+    put_failed(layout, failed_doc("w00", nextRetryAt=50_000, lastError="edited by hand"))
+    (layout.recovery / "w01.failed.json").unlink()
+    assert recovery.run_once().waiting == 19 and reads == ["w00.failed.json"]
+    reads.clear()
+    clock.advance(40_000)  # all due: each is read and retried
+    report = recovery.run_once()
+    assert len(report.retried_failed) == 19 and len(reads) == 19 and store.calls == 19
+
+
+def test_abandoned_copy_of_a_completed_batch_is_dropped(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY)
+    doc = failed_doc("gone", retryCount=5, abandonedAt=1, abandonReason="retry limit reached")
+    write_completed(layout, "gone", orjson.dumps(dict(doc, recovered=True)))
+    (layout.abandoned / "gone.abandoned.json").write_bytes(orjson.dumps(doc))
+    other = failed_doc("differs", abandonedAt=1)
+    write_completed(layout, "differs", orjson.dumps(failed_doc("differs", n=2)))
+    (layout.abandoned / "differs.abandoned.json").write_bytes(orjson.dumps(other))
+    report = recovery.run_once()
+    assert report.reconciled == ["gone.abandoned.json"]
+    assert sorted(p.name for p in layout.abandoned.iterdir()) == ["differs.abandoned.json"]
+    assert (layout.aggregated / batch_file_name("gone")).exists()
+
+
+def test_user_batch_ids_are_checked_before_any_path_is_built(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    outside = tmp_path / "x.abandoned.json"
+    outside.write_bytes(orjson.dumps(failed_doc("x")))
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY)
+    with pytest.raises(ValueError, match="is not a batch id"):
+        recovery.requeue_abandoned("../../x")
+    assert outside.exists() and not list(layout.recovery.glob("*.json"))

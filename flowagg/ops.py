@@ -1,0 +1,94 @@
+"""The socket's operations (SPEC §4.1): each request gets one reply object."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .entries import short_repr
+from .fsutil import count_files
+from .recovery import check_batch_id
+from .server import stopping_reply
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+
+async def handle_request(daemon: Daemon, request: dict[str, Any]) -> dict[str, Any]:
+    """One socket request; the reply is one JSON object."""
+    assert daemon.pipeline is not None
+    op = request.get("op")
+    if op == "add":
+        entries = request.get("entries")
+        if not isinstance(entries, list):
+            return {"ok": False, "error": 'add: "entries" must be an array of entries'}
+        if daemon.stopping:
+            return stopping_reply()
+        return (await daemon.pipeline.add(entries)).reply()
+    if op == "ping":
+        return {"ok": True}
+    if op == "flush":
+        return {"ok": True, **(await daemon.pipeline.flush("manual"))}
+    if op == "status":
+        return {"ok": True, **daemon_status(daemon)}
+    if op == "recover":
+        batch = request.get("batch")
+        if batch is not None and not isinstance(batch, str):
+            return {"ok": False, "error": 'recover: "batch" must be a batch id string'}
+        try:
+            if batch is not None:
+                check_batch_id(batch)
+            report = await daemon.recover(
+                force=True, requeue=bool(request.get("abandoned")), batch=batch
+            )
+        except (FileNotFoundError, ValueError) as exc:
+            return {"ok": False, "error": f"recover: {exc}"}
+        return {"ok": True, **report}
+    if op == "health":
+        return {"ok": True, **daemon.health_snapshot()}
+    if op == "reload":
+        return daemon.reload()
+    return {
+        "ok": False,
+        "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
+        " reload or ping",
+    }
+
+
+def daemon_status(daemon: Daemon) -> dict[str, Any]:
+    """`status --json` (SPEC §8): counters, buffer, queues, sink."""
+    assert daemon.pipeline is not None
+    spool = daemon.spool
+    queue = {
+        "buffered": daemon.pipeline.aggregator.unflushed_entries,
+        "failed": count_files(daemon.layout.recovery, ".failed.json"),
+        "abandoned": count_files(daemon.layout.abandoned, ".abandoned.json"),
+        "errors": count_files(daemon.layout.errors, ".reason.json"),
+        "inbox": count_files(daemon.layout.inbox, (".json", ".jsonl")),
+    }
+    return {
+        "pid": os.getpid(),
+        "version": __version__,
+        "root": str(daemon.layout.root),
+        "uptimeS": round(daemon.clock.monotonic() - daemon.started_mono, 3),
+        **daemon.pipeline.status(),
+        "spool": {
+            "filesIngested": spool.files_ingested if spool else 0,
+            "filesQuarantined": spool.files_quarantined if spool else 0,
+            "entriesRejected": spool.entries_rejected if spool else 0,
+        },
+        "socket": {
+            "requests": daemon.server.requests if daemon.server else 0,
+            "badRequests": daemon.server.bad_requests if daemon.server else 0,
+            "tooManyEntries": daemon.server.too_many_entries if daemon.server else 0,
+            "connections": daemon.server.connections if daemon.server else 0,
+            "refusedConnections": daemon.server.refused_connections if daemon.server else 0,
+        },
+        "failed": queue["failed"],
+        "abandoned": queue["abandoned"],
+        "errors": queue["errors"],
+        "queue": queue,
+        "recovery": {"runs": daemon.recovery.runs, **daemon.recovery.totals},
+        "sink": daemon.sink.snapshot() if daemon.sink else None,
+    }
