@@ -91,7 +91,6 @@ def test_adopted_spool_file_already_journaled_is_not_ingested_again(root: Path) 
     layout = Layout(root)
     spool = [entry(i) for i in range(3)]  # no entryIds: only the journal can tell
     (layout.inbox / "tool.jsonl").write_bytes(b"\n".join(orjson.dumps(e) for e in spool))
-    from tests.harness import wait_for
 
     wait_for(lambda: not list(layout.inbox.iterdir()) and not list(layout.journal_spool.iterdir()))
     daemon.kill()
