@@ -36,24 +36,38 @@ STOPPING_RETRY_AFTER_MS = 1000
 # Lines from this size on are measured before they are parsed: a parse costs ~14 bytes of
 # memory per byte of tiny values (`[0,0,...]`), so 16 MiB of them would cost ~230 MB.
 PRECHECK_BYTES = 1 << 20
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+# Past this many arrays and objects per allowed entry a request is refused unparsed: each
+# container costs a Python object, and a line of `[],[],...` would cost ~40 bytes per byte.
+CONTAINERS_PER_ENTRY = 16
+MAX_DEPTH = 1024  # orjson refuses deeper documents anyway
+_STRING = re.compile(rb'"[^"]*"')
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
 _STRUCTURE = re.compile(rb"[\[\]{}]|,+")
 
 
-def largest_top_array(line: bytes) -> int:
-    """Elements of the largest array directly inside the request object, without parsing.
+def request_shape(line: bytes) -> bytes:
+    """The structure of a JSON line (brackets, braces, commas), strings removed, in linear time.
 
-    Strings are blanked (they may hold brackets and commas) and everything but structure is
-    dropped, in C; a run of commas is one match, so a million scalars cost one step.
+    Escapes go first (an escaped backslash, then an escaped quote), so every quote left opens or
+    closes a string and `"[^"]*"` never backtracks: a line full of `\\"` stays linear.
     """
-    shape = _STRING.sub(b'""', line).translate(None, _NOT_STRUCTURE)
+    unescaped = line.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return _STRING.sub(b"", unescaped).translate(None, _NOT_STRUCTURE)
+
+
+def largest_top_array(shape: bytes) -> int:
+    """Elements of the largest array directly inside the request object (see request_shape).
+
+    A run of commas is one match, so a million scalars cost one step.
+    """
     depth = commas = largest = 0
     in_array = False
     for match in _STRUCTURE.finditer(shape):
         token = match.group()
         if token in (b"[", b"{"):
             depth += 1
+            if depth > MAX_DEPTH:
+                break
             if depth == 2:
                 in_array, commas = token == b"[", 0
         elif token in (b"]", b"}"):
@@ -222,7 +236,15 @@ class SocketServer:
         self.requests += 1
         limit = self.max_request_entries
         if len(line) >= PRECHECK_BYTES and line.count(b",") >= limit:
-            count = largest_top_array(line)
+            shape = request_shape(line)
+            containers = shape.count(b"[") + shape.count(b"{")
+            if containers > limit * CONTAINERS_PER_ENTRY:
+                self.bad_requests += 1
+                return _error(
+                    f"too_many_values: {containers} arrays and objects in one request, over"
+                    f" {CONTAINERS_PER_ENTRY} per entry of maxRequestEntries={limit}; split it"
+                )
+            count = largest_top_array(shape)
             if count > limit:
                 return self._too_many_entries(count)
         try:
