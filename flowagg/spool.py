@@ -103,6 +103,7 @@ class SpoolIntake:
                 continue
             if name in self._journaled:
                 (self.layout.journal_spool / name).unlink(missing_ok=True)
+                fsync_dir(self.layout.journal_spool)  # or compaction could resurrect it
             else:
                 await self._ingest_or_wait(name)
 
@@ -251,6 +252,9 @@ class SpoolIntake:
             await asyncio.sleep((result.retry_after_ms or 1000) / 1000)
         self._journaled.add(adopted)
         path.unlink()
+        # Durable before compaction drops the journal record naming it: back after a power
+        # cut, with no record, it would be ingested twice.
+        fsync_dir(self.layout.journal_spool)
         self.files_ingested += 1
         log.info(
             "spool file %s: %d accepted, %d duplicates, %d invalid",
