@@ -12,23 +12,39 @@ the exit codes of `flowagg`. The data root is found exactly as `flowagg` finds i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from typing import Any
+from typing import IO, Any, NoReturn
 
 import orjson
 
 from .client import add_entries, request
-from .config import load_config
+from .config import load_client_paths
 from .entries import EntryError, parse_entries_text
 from .errors import EXIT_DAEMON_FAILURE, EXIT_OK, EXIT_USAGE, FlowaggError
 from .layout import Layout
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage: every answer is one JSON document."""
+
+    def error(self, message: str) -> NoReturn:
+        raise FlowaggError(f"{message}; run `provider-bridge --help` for the actions", EXIT_USAGE)
+
+    def print_help(self, file: IO[str] | None = None) -> NoReturn:
+        raise _HelpShown(self.format_help())
+
+
+class _HelpShown(Exception):
+    pass
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="provider-bridge", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="provider-bridge", description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="data root (default ./data, or FLOWAGG_ROOT)")
     parser.add_argument("--config", help="TOML config file")
-    sub = parser.add_subparsers(dest="action", required=True)
+    sub = parser.add_subparsers(dest="action", required=True, parser_class=_Parser)
     agg = sub.add_parser("aggregate", help="add entries read from stdin")
     agg.add_argument("--spool", action="store_true", help="write a spool file, no socket")
     agg.add_argument("--spool-if-down", action="store_true", help="spool when no daemon answers")
@@ -42,9 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    config = load_config(flags={"root": args.root}, config_path=args.config)
-    layout = Layout.for_config(config)
+    layout = Layout(*load_client_paths(root=args.root, config_path=args.config))
     if args.action == "aggregate":
+        if sys.stdin is None:
+            raise FlowaggError("stdin is closed; pipe the entries into aggregate", EXIT_USAGE)
         try:
             items = parse_entries_text(sys.stdin.buffer.read())
         except EntryError as exc:
@@ -72,15 +89,35 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        result, code = _run(args)
+        result, code = _run(_parser().parse_args(argv))
+    except _HelpShown as shown:
+        result, code = {"ok": True, "help": str(shown)}, EXIT_OK
     except FlowaggError as exc:
         result, code = {"ok": False, "error": str(exc)}, exc.exit_code
-    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    except Exception as exc:  # the JSON promise holds for the unforeseen too
+        result, code = {"ok": False, "error": f"internal error: {exc!r}"}, EXIT_DAEMON_FAILURE
+    try:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+        sys.stdout.flush()
+    except (OSError, AttributeError) as exc:  # stdout full, closed or missing
+        _say(f"cannot write the reply to stdout ({exc}); {result.get('error') or 'ok'}")
+        _quiet_exit()
+        return EXIT_DAEMON_FAILURE
     if code and "error" in result:
-        sys.stderr.write(f"provider-bridge: {result['error']}\n")
+        _say(result["error"])
     return code
+
+
+def _say(message: str) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        sys.stderr.write(f"provider-bridge: {message}\n")
+
+
+def _quiet_exit() -> None:
+    # Interpreter shutdown flushes stdout again and would print a traceback for the same error.
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from .layout import Layout
 
 STALE_TEMP_MS = 3_600_000  # a temp file this old belongs to no write in progress
 _HEALTH_RE = re.compile(r"health-(\d+)\.json")
-_BATCH_RE = re.compile(r"batch_(\d+)_\d+\.json")
+_BATCH_RE = re.compile(r"batch_\d+_\d+\.json")
 _ROTATED_RE = re.compile(r".+\.log\.\d+")
 _DURATION_RE = re.compile(r"(\d+)(ms|s|m|h|d|w)?")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
@@ -63,9 +63,10 @@ def plan_cleanup(
                 consider(path, _mtime_ms(path), STALE_TEMP_MS, "stale temp file")
     if retain_batches_ms > 0:
         for path in _files(layout.aggregated):
-            m = _BATCH_RE.fullmatch(path.name)
-            if m:
-                consider(path, int(m.group(1)), retain_batches_ms, "completed batch past retention")
+            # Aged from completion (the file's mtime), not from the arrival time in its name:
+            # a batch recovered or drained late is as new to its readers as any other.
+            if _BATCH_RE.fullmatch(path.name):
+                consider(path, _mtime_ms(path), retain_batches_ms, "completed batch past retention")
     return out
 
 

@@ -13,7 +13,7 @@ import orjson
 
 from .client import add_entries
 from .clock import SystemClock
-from .config import SETTINGS, Config, load_config
+from .config import SETTINGS, Config, load_client_paths, load_config
 from .entries import EntryError, parse_entries_text
 from .errors import EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
 from .layout import Layout
@@ -40,6 +40,11 @@ def handles_errors(func: F) -> F:
 def get_config(ctx: click.Context, extra: dict[str, Any] | None = None) -> Config:
     flags = {"root": ctx.obj["root"], **(extra or {})}
     return load_config(flags=flags, config_path=ctx.obj["config"])
+
+
+def client_layout(ctx: click.Context) -> Layout:
+    """Where the daemon lives, for commands that only talk to it (see load_client_paths)."""
+    return Layout(*load_client_paths(root=ctx.obj["root"], config_path=ctx.obj["config"]))
 
 
 def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
@@ -142,8 +147,7 @@ def add(
     as_json: bool,
 ) -> None:
     """Add entries (JSON object, array or JSON lines) from arguments, --file or stdin."""
-    config = get_config(ctx)
-    layout = Layout.for_config(config)
+    layout = client_layout(ctx)
     items = _read_input(entries, file)
     if not items:
         fail("no entries in the input", EXIT_USAGE)
@@ -170,8 +174,7 @@ def add(
 def _daemon_request(ctx: click.Context, payload: dict[str, Any]) -> dict[str, Any]:
     from .client import request
 
-    config = get_config(ctx)
-    reply = request(Layout.for_config(config), payload)
+    reply = request(client_layout(ctx), payload)
     if not reply.get("ok"):
         raise DaemonError(f"the daemon answered: {reply.get('error')}")
     return reply
@@ -315,8 +318,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
     from .client import request
     from .health import EXIT_BY_STATUS, is_stale, read_latest
 
-    config = get_config(ctx)
-    layout = Layout.for_config(config)
+    layout = client_layout(ctx)
     try:
         live = request(layout, {"op": "health"}, timeout=10)
     except (NotRunningError, DaemonError):

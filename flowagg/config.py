@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,11 @@ def read_toml(path: Path) -> dict[str, Any]:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}; fix the syntax") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset"
+            f" {exc.start}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     for key in data:
@@ -186,6 +192,38 @@ def _suggest(key: str) -> str:
 
     close = difflib.get_close_matches(key, SETTINGS, n=1)
     return f"did you mean {close[0]!r}?" if close else "see `flowagg config` for the known keys"
+
+
+def load_client_paths(
+    *,
+    root: str | None,
+    config_path: str | Path | None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Path, Path | None]:
+    """The data root and run dir for client commands (add, status, flush, health, ...).
+
+    Clients need only these two paths, so a mistake elsewhere in the daemon's config (an
+    unknown key, a bad value, a stray byte) never stops them from handing over entries: the
+    file is read leniently here, and only `root` and `runDir` are taken from it.
+    """
+    env = os.environ if environ is None else environ
+    chosen_root = root or env.get("FLOWAGG_ROOT")
+    run_dir = env.get(env_name("runDir")) or None
+    file_path = config_path or env.get("FLOWAGG_CONFIG")
+    if not file_path:
+        candidate = Path(chosen_root or SETTINGS["root"].default) / "flowagg.toml"
+        file_path = candidate if candidate.is_file() else None
+    if file_path and (chosen_root is None or run_dir is None):
+        try:
+            data = tomllib.loads(Path(file_path).read_bytes().decode("utf-8", "replace"))
+        except (OSError, tomllib.TOMLDecodeError):
+            data = {}
+        if chosen_root is None and isinstance(data.get("root"), str) and data["root"]:
+            chosen_root = data["root"]
+        if run_dir is None and isinstance(data.get("runDir"), str) and data["runDir"]:
+            run_dir = data["runDir"]
+    root_path = Path(chosen_root or SETTINGS["root"].default).expanduser().absolute()
+    return root_path, Path(run_dir).expanduser().absolute() if run_dir else None
 
 
 def load_config(
@@ -238,13 +276,23 @@ def load_config(
     return Config(values=values, sources=sources, config_file=file_path)
 
 
+def _check_url(url: str, source: str) -> None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"sinkUrl ({source}): {url!r} is not a URL ({exc}); fix it") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"sinkUrl ({source}): sinkType is http, so sinkUrl must be an http:// or https://"
+            f" URL with a host, got {url!r}"
+        )
+
+
 def _check_sink(values: dict[str, Any], sources: dict[str, str]) -> None:
     kind = values["sinkType"]
-    if kind == "http" and not re.match(r"https?://", values["sinkUrl"]):
-        raise ConfigError(
-            f"sinkUrl ({sources['sinkUrl']}): sinkType is http, so sinkUrl must be an"
-            f" http:// or https:// URL, got {values['sinkUrl']!r}"
-        )
+    if kind == "http":
+        _check_url(values["sinkUrl"], sources["sinkUrl"])
     if kind == "command":
         try:
             words = shlex.split(values["sinkCommand"])

@@ -17,6 +17,42 @@ import orjson
 
 TEMP_MARK = ".flowagg-tmp-"
 FILE_MODE = 0o600
+NAME_MAX = 255  # bytes in one file name on Linux file systems
+REASON_SUFFIX = ".reason.json"
+# What unique_path may append to a name: ".N" for a counter, then the reason file's suffix.
+QUARANTINE_RESERVE = len(".9999999") + len(REASON_SUFFIX)
+_CUT_MARK = "~"
+_MAX_KEPT_SUFFIX = 16
+
+
+def name_bytes(name: str) -> int:
+    return len(os.fsencode(name))
+
+
+def display_name(name: str) -> str:
+    """A file name as valid text for JSON and logs: bytes that are not UTF-8 show as \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def fit_name(name: str, reserve: int = 0) -> str:
+    """`name`, cut in the middle when needed so that it plus `reserve` bytes fits NAME_MAX.
+
+    The head (an adopted name's unique prefix) and the extension (the format) stay; the cut
+    is at a character boundary, so a valid UTF-8 name stays valid.
+    """
+    budget = NAME_MAX - reserve
+    if name_bytes(name) <= budget:
+        return name
+    dot = name.rfind(".")
+    suffix = name[dot:] if dot > 0 and name_bytes(name[dot:]) <= _MAX_KEPT_SUFFIX else ""
+    room = budget - name_bytes(suffix) - len(_CUT_MARK)
+    head = []
+    for char in name:
+        room -= name_bytes(char)
+        if room < 0:
+            break
+        head.append(char)
+    return "".join(head) + _CUT_MARK + suffix
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,7 +65,8 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Publish `data` at `path` whole or not at all."""
-    tmp = path.with_name(f"{TEMP_MARK}{path.name}.{os.getpid()}")
+    pid = f".{os.getpid()}"
+    tmp = path.with_name(fit_name(f"{TEMP_MARK}{path.name}", len(pid)) + pid)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
         view = memoryview(data)
@@ -69,25 +106,35 @@ def remove_stale_temps(dirs: Iterable[Path]) -> list[Path]:
 
 
 def unique_path(directory: Path, name: str) -> Path:
-    candidate = directory / name
+    """A free path for `name` in `directory`, short enough for its `.N` and reason file."""
+    base = fit_name(name, QUARANTINE_RESERVE)
+    candidate = directory / base
     counter = 1
-    while candidate.exists() or candidate.with_name(candidate.name + ".reason.json").exists():
-        candidate = directory / f"{name}.{counter}"
+    # lexists: a dangling symlink quarantined earlier must not be replaced.
+    while os.path.lexists(candidate) or os.path.lexists(_reason_path(candidate)):
+        candidate = directory / f"{base}.{counter}"
         counter += 1
     return candidate
 
 
+def _reason_path(target: Path) -> Path:
+    return target.with_name(target.name + REASON_SUFFIX)
+
+
 def write_reason(target: Path, reason: dict[str, object]) -> None:
-    atomic_write(
-        target.with_name(target.name + ".reason.json"),
-        orjson.dumps(reason, option=orjson.OPT_INDENT_2),
-    )
+    atomic_write(_reason_path(target), orjson.dumps(reason, option=orjson.OPT_INDENT_2))
 
 
 def quarantine_file(
-    errors_dir: Path, src: Path, *, reason: str, component: str, now_ms: int
+    errors_dir: Path,
+    src: Path,
+    *,
+    reason: str,
+    component: str,
+    now_ms: int,
+    extra: dict[str, object] | None = None,
 ) -> Path:
-    """Move an untrusted file to errors/ with a reason beside it. Never deletes."""
+    """Move an untrusted file (of any type) to errors/ with a reason beside it. Never deletes."""
     target = unique_path(errors_dir, src.name)
     os.rename(src, target)
     fsync_dir(errors_dir)
@@ -96,11 +143,12 @@ def quarantine_file(
     write_reason(
         target,
         {
-            "file": target.name,
-            "originalPath": str(src),
+            "file": display_name(target.name),
+            "originalPath": display_name(str(src)),
             "reason": reason,
             "component": component,
             "quarantinedAt": now_ms,
+            **(extra or {}),
         },
     )
     return target
@@ -118,12 +166,15 @@ def quarantine_bytes(
     overwrite: bool = False,
 ) -> Path:
     """Store bytes that could not be trusted (a torn record, an invalid spool entry)."""
-    target = errors_dir / name if overwrite else unique_path(errors_dir, name)
+    if overwrite:
+        target = errors_dir / fit_name(name, len(REASON_SUFFIX))
+    else:
+        target = unique_path(errors_dir, name)
     atomic_write(target, data)
     write_reason(
         target,
         {
-            "file": target.name,
+            "file": display_name(target.name),
             "reason": reason,
             "component": component,
             "quarantinedAt": now_ms,

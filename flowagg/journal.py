@@ -3,10 +3,12 @@
 Segments `journal/seg-<n>.log` hold one record per line: `<crc32 hex> <compact JSON>\\n`.
 Records:
   {"k":"h","v":1,"seq":S}                    segment header; S = next unused seq at opening
-  {"k":"a","q":Q,"t":MS,"e":[...],"c":[...],"src":NAME}
+  {"k":"a","q":Q,"t":MS,"e":[...],"c":[...],"src":NAME,"off":O,"fin":true}
                                              accepted entries, seqs Q, Q+1, ...; `c` lists the
                                              indexes whose entryId came from the client (for
-                                             dedupe); `src` names an adopted spool file
+                                             dedupe); `src` names an adopted spool file, `off`
+                                             the byte where this chunk of it ends and `fin`
+                                             marks its last chunk (`src` alone: finished)
   {"k":"d","q":Q,"b":ID}                     batch ID holding every entry up to seq Q is stored
 
 Batches are published strictly in journal order, so a done record is a cursor. Only the
@@ -82,12 +84,18 @@ def encode_add(
     entries: list[bytes],
     client_idx: list[int],
     src: str | None,
+    off: int | None = None,
+    fin: bool = False,
 ) -> bytes:
     parts = [b'{"k":"a","q":%d,"t":%d,"e":[' % (first_seq, t_ms), b",".join(entries), b"]"]
     if client_idx:
         parts.append(b',"c":' + orjson.dumps(client_idx))
     if src is not None:
         parts.append(b',"src":' + orjson.dumps(src))
+    if off is not None:
+        parts.append(b',"off":%d' % off)
+    if fin:
+        parts.append(b',"fin":true')
     parts.append(b"}")
     return frame(b"".join(parts))
 
@@ -119,7 +127,7 @@ class ScanResult:
     backlog: Position | None
     backlog_entries: int
     backlog_bytes: int
-    spool_sources: set[str]
+    spool_sources: dict[str, tuple[int, bool]]  # adopted name -> (journaled end, finished)
     quarantined: list[Path]
     clean_tail: bool = True  # False: the last segment ends in bytes that are not a record
 
@@ -141,7 +149,7 @@ def scan(
     next_seq = 1
     done_seq = 0
     dedupe: dict[str, int] = {}
-    spool_sources: set[str] = set()
+    spool_sources: dict[str, tuple[int, bool]] = {}
     quarantined: list[Path] = []
     # Entries after the done cursor are only counted once the cursor is known, so keep the
     # first position of each add record whose last seq may be beyond it.
@@ -179,7 +187,7 @@ def scan(
                         for i in record.get("c", ()):
                             dedupe[entries[i]["entryId"]] = t
                     if "src" in record:
-                        spool_sources.add(record["src"])
+                        _note_spool_chunk(spool_sources, record)
                     add_records.append((Position(info.number, offset), first, last, len(line)))
                 elif kind == "d":
                     done_seq = max(done_seq, record["q"])
@@ -229,6 +237,13 @@ def scan(
         quarantined=quarantined,
         clean_tail=clean_tail,
     )
+
+
+def _note_spool_chunk(sources: dict[str, tuple[int, bool]], record: dict[str, Any]) -> None:
+    # A record from before chunked intake has no `off`: it held the whole file.
+    off, fin = (record["off"], record.get("fin", False)) if "off" in record else (0, True)
+    known_off, known_fin = sources.get(record["src"], (0, False))
+    sources[record["src"]] = (max(off, known_off), fin or known_fin)
 
 
 class JournalVersionError(RuntimeError):
@@ -388,6 +403,9 @@ class JournalWriter:
         client_idx: list[int],
         src: str | None,
         callback: Callable[[BaseException | None, Position], None],
+        *,
+        off: int | None = None,
+        fin: bool = False,
     ) -> int:
         """Queue entries; returns the seq of the first. `callback` runs once durable (or not)."""
         with self._cond:
@@ -395,7 +413,7 @@ class JournalWriter:
                 raise self._broken
             first = self._next_seq
             self._next_seq += len(entries)
-            line = encode_add(first, t_ms, entries, client_idx, src)
+            line = encode_add(first, t_ms, entries, client_idx, src, off, fin)
             self._queue.append(Append(line, callback, first, len(entries), t_ms))
             self._cond.notify()
         return first

@@ -253,6 +253,8 @@ class Pipeline:
         valid: list[Valid],
         *,
         src: str | None = None,
+        off: int | None = None,
+        fin: bool = False,
         wait_for_space: bool,
     ) -> AddResult:
         """Dedupe, journal (one record, one group commit) and buffer validated entries."""
@@ -303,7 +305,9 @@ class Pipeline:
             done.set_result(error)
 
         try:
-            first_seq = self.writer.append_entries(datas, now, client_idx, src, durable)
+            first_seq = self.writer.append_entries(
+                datas, now, client_idx, src, durable, off=off, fin=fin
+            )
         except OSError as exc:
             self.pending_ids.difference_update(client_ids)
             self.aggregator.acknowledge(-len(datas), -size)

@@ -1,21 +1,30 @@
 """The spool `inbox/` (SPEC §4.2): files renamed into place while the daemon may be down.
 
 Intake of one file:
- 1. adopt it: rename inbox/<name> to journal/spool/<ms>-<n>-<name> (the daemon owns it now);
- 2. parse and validate; invalid entries go to recovery/errors/ with their reasons;
- 3. journal the valid ones as one record naming the adopted file (one CRC, so all or none);
- 4. delete the adopted file.
-A crash between 1 and 3 leaves the adopted file, and the next start re-runs 2-4; after 3 the
-journal names it, and the next start only deletes it. So no file is ingested twice.
+ 1. only a regular file is taken (lstat, then open with O_NOFOLLOW and fstat); a FIFO, socket,
+    device, directory or symlink goes to recovery/errors/ unread;
+ 2. adopt it: rename inbox/<name> to journal/spool/<ms>-<n>-<name> (the daemon owns it now);
+ 3. read it in chunks: a .jsonl file by lines (up to CHUNK_LINES lines or about CHUNK_BYTES),
+    a .json file whole, up to max_file_bytes; invalid lines go to recovery/errors/ as the raw
+    bytes they were, with their reasons;
+ 4. journal each chunk's valid entries as one record naming the adopted file and the byte
+    where the chunk ends; the last chunk's record is marked finished;
+ 5. delete the adopted file.
+A crash leaves the adopted file, and the next start resumes it after the last journaled chunk
+(chunk boundaries depend only on the file and where the chunk starts) or deletes it when the
+journal says it is finished. So no entry is ingested twice or lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import itertools
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -23,40 +32,175 @@ import orjson
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .fsutil import fsync_dir, quarantine_bytes, quarantine_file
+from .fsutil import (
+    REASON_SUFFIX,
+    display_name,
+    fit_name,
+    fsync_dir,
+    quarantine_bytes,
+    quarantine_file,
+)
 from .layout import Layout
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Valid
 
 log = logging.getLogger("flowagg.spool")
 
 SPOOL_SUFFIXES = (".json", ".jsonl")
+CHUNK_LINES = 1000
+CHUNK_BYTES = 1 << 20
+READ_BLOCK = 64 << 10
+RAW_PREFIX_BYTES = 4096  # what is kept of a line too long to buffer
+MAX_LISTED_ERRORS = 100
+STOP_GRACE_S = 5.0
+OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+ADOPTED_MS_DIGITS = 13
+
+Progress = tuple[int, bool]  # journaled end offset, finished
 
 
 def is_spool_name(name: str) -> bool:
     return not name.startswith(".") and name.endswith(SPOOL_SUFFIXES)
 
 
-def parse_spool(name: str, data: bytes) -> tuple[list[Any], list[dict[str, Any]]]:
-    """Items of a spool file, plus lines that are not JSON (with their reasons).
+def original_name(adopted: str) -> str:
+    """The inbox name an adopted name came from (as far as it was kept)."""
+    parts = adopted.split("-", 2)
+    return parts[2] if len(parts) == 3 and parts[0].isdigit() else adopted
 
-    A .json file is one JSON value (an entry or an array of entries); a .jsonl file is one
-    entry per line, and a bad line costs only itself.
+
+def adopted_ms(adopted: str) -> int:
+    head = adopted[:ADOPTED_MS_DIGITS]
+    return int(head) if head.isdigit() else 0
+
+
+def file_kind(mode: int) -> str | None:
+    """None for a regular file, else what it is, for the reason file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def not_regular_reason(kind: str) -> str:
+    return f"{kind}, not a regular file: only regular files are read; spool a regular file"
+
+
+@dataclasses.dataclass
+class Line:
+    offset: int  # where the line starts in the file
+    data: bytes  # without its newline; only a prefix when the line is over the limit
+    length: int  # of the whole line, without its newline
+
+
+@dataclasses.dataclass
+class Chunk:
+    start: int
+    end: int  # where the next chunk starts
+    lines: list[Line]
+    final: bool
+
+
+@dataclasses.dataclass
+class Problem:
+    offset: int
+    raw: bytes
+    error: str
+
+
+def read_chunk(fd: int, start: int, max_line: int) -> Chunk:
+    """Lines from `start`, up to CHUNK_LINES of them or about CHUNK_BYTES.
+
+    The boundaries depend only on the file and `start`, so a resumed intake cuts the same
+    chunks. A line over `max_line` is never buffered whole: a prefix is kept, the rest skipped.
     """
-    if name.endswith(".json"):
-        doc = orjson.loads(data)  # raises: the whole file is unreadable
-        return (doc if isinstance(doc, list) else [doc]), []
+    lines: list[Line] = []
+    pos = start
+    buf = b""
+    at = 0  # buf[at:] holds the bytes at pos that are not a line yet
+    while len(lines) < CHUNK_LINES and pos - start < CHUNK_BYTES:
+        newline = buf.find(b"\n", at)
+        if newline >= 0:
+            length = newline - at
+            keep = length if length <= max_line else RAW_PREFIX_BYTES
+            lines.append(Line(pos, buf[at : at + keep], length))
+            pos += length + 1
+            at = newline + 1
+        elif len(buf) - at > max_line:
+            line, pos = _skip_long_line(fd, pos, buf[at : at + RAW_PREFIX_BYTES], len(buf) - at)
+            lines.append(line)
+            buf, at = b"", 0
+        else:
+            block = os.pread(fd, READ_BLOCK, pos + len(buf) - at)
+            if not block:
+                if len(buf) > at:  # the last line has no newline
+                    lines.append(Line(pos, buf[at:], len(buf) - at))
+                    pos += len(buf) - at
+                return Chunk(start, pos, lines, final=True)
+            buf, at = buf[at:] + block, 0
+    return Chunk(start, pos, lines, final=not os.pread(fd, 1, pos))
+
+
+def _skip_long_line(fd: int, pos: int, prefix: bytes, seen: int) -> tuple[Line, int]:
+    """Find the end of an overlong line starting at `pos`; returns it and the next offset."""
+    scanned = pos + seen
+    while True:
+        block = os.pread(fd, READ_BLOCK, scanned)
+        newline = block.find(b"\n")
+        if not block or newline >= 0:
+            end = scanned + (newline if newline >= 0 else 0)
+            return Line(pos, prefix, end - pos), end + (1 if newline >= 0 else 0)
+        scanned += len(block)
+
+
+def read_at_most(fd: int, limit: int) -> bytes:
+    parts = []
+    total = 0
+    while total < limit:
+        block = os.read(fd, min(READ_BLOCK, limit - total))
+        if not block:
+            break
+        parts.append(block)
+        total += len(block)
+    return b"".join(parts)
+
+
+def parse_lines(lines: list[Line], max_line: int) -> tuple[list[Any], list[Line], list[Problem]]:
+    """JSON values of the lines (and the line of each), plus the lines that are not JSON."""
     items: list[Any] = []
-    bad: list[dict[str, Any]] = []
-    for lineno, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
+    sources: list[Line] = []
+    problems: list[Problem] = []
+    for line in lines:
+        if line.length > max_line:
+            error = f"byte {line.offset}: line of {line.length} bytes, over {max_line}; split it"
+            problems.append(Problem(line.offset, line.data[:RAW_PREFIX_BYTES], error))
+            continue
+        if not line.data.strip():
             continue
         try:
-            items.append(orjson.loads(line))
+            items.append(orjson.loads(line.data))
         except orjson.JSONDecodeError as exc:
-            bad.append(
-                {"line": lineno, "error": f"line {lineno}: not valid JSON ({exc})", "raw": line}
-            )
-    return items, bad
+            error = f"byte {line.offset}: not valid JSON ({exc}); fix the line"
+            problems.append(Problem(line.offset, line.data, error))
+            continue
+        sources.append(line)
+    return items, sources, problems
+
+
+def rejected_name(adopted: str, tail: str) -> str:
+    """`adopted` plus `tail`, which must survive whole: it tells one chunk's copy from another."""
+    return fit_name(adopted, len(tail) + len(REASON_SUFFIX)) + tail
+
+
+def listed_errors(errors: list[str]) -> dict[str, object]:
+    """The reason file's bounded list: the first ones plus how many there were."""
+    return {"errors": errors[:MAX_LISTED_ERRORS], "errorCount": len(errors)}
 
 
 class _Kick(FileSystemEventHandler):
@@ -81,41 +225,87 @@ class SpoolIntake:
         self.pipeline = pipeline
         self.rescan_s = rescan_s
         self.max_file_bytes = max_file_bytes
+        # Room for whitespace around an entry; its compact JSON is checked against the limit.
+        self.max_line = 2 * pipeline.config.max_entry_bytes
         self._wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
         self._stopping = False
         self._observer: Any = None
         self._task: asyncio.Task[None] | None = None
         self._counter = itertools.count()
-        self._journaled: set[str] = set()  # adopted names the journal holds: never again
+        self._floor_ms = 0
+        # Adopted files still in journal/spool/ -> how far the journal holds them.
+        self._progress: dict[str, Progress] = {}
+        # Inbox names (as text) of the files this run adopted, which may have been cut to fit.
+        self._originals: dict[str, str] = {}
         self.files_ingested = 0
         self.files_quarantined = 0
         self.entries_rejected = 0
 
-    async def recover(self, journaled_sources: set[str]) -> None:
-        """At start, before the daemon reports ready: finish what a previous run adopted."""
-        self._journaled |= journaled_sources
-        await self._finish_adopted()
+    async def recover(self, journaled: dict[str, Progress]) -> None:
+        """At start, before the daemon reports ready: finish what a previous run adopted.
 
-    async def _finish_adopted(self) -> None:
-        """Adopted files the journal holds are deleted; any other is ingested (again)."""
+        Never waits: a file that cannot be journaled now (a full disk) stays adopted and is
+        tried again at the next rescan.
+        """
+        present = set(os.listdir(self.layout.journal_spool))
+        self._progress = {name: p for name, p in journaled.items() if name in present}
+        # New adopted names sort after every name the journal or the folder knows, even if
+        # the clock went back, so none can take an old name.
+        self._floor_ms = max((adopted_ms(n) for n in [*journaled, *present]), default=-1) + 1
+        await self._finish_adopted(wait=False)
+
+    async def _finish_adopted(self, *, wait: bool) -> None:
+        """Finished adopted files are deleted; any other is resumed where the journal ends."""
         for name in sorted(os.listdir(self.layout.journal_spool)):
+            if self._stopping:
+                return
             if name.startswith("."):
                 continue
-            if name in self._journaled:
-                (self.layout.journal_spool / name).unlink(missing_ok=True)
-                fsync_dir(self.layout.journal_spool)  # or compaction could resurrect it
+            if self._progress.get(name, (0, False))[1]:
+                self._forget(name)
             else:
-                await self._ingest_or_wait(name)
+                await self._ingest_or_wait(name, wait=wait)
 
-    async def _ingest_or_wait(self, adopted: str) -> None:
+    def _forget(self, adopted: str) -> None:
+        """Delete an adopted file that needs nothing more; until then its progress is kept."""
         try:
-            await self._ingest(adopted)
+            (self.layout.journal_spool / adopted).unlink(missing_ok=True)
+            # Durable before compaction drops the journal records naming it: back after a
+            # power cut, with no record, it would be ingested twice.
+            fsync_dir(self.layout.journal_spool)
+        except OSError as exc:
+            log.error(
+                "spool file %s is stored but cannot be deleted (%s); trying again at the next"
+                " rescan",
+                adopted,
+                exc,
+            )
+            return
+        self._progress.pop(adopted, None)
+        self._originals.pop(adopted, None)
+
+    async def _ingest_or_wait(self, adopted: str, *, wait: bool) -> None:
+        path = self.layout.journal_spool / adopted
+        try:
+            finished = await self._ingest(adopted, wait=wait)
         except OSError as exc:
             # The file stays adopted; the next rescan tries again (a full disk, say).
             log.error("spool file %s: %s; trying again at the next rescan", adopted, exc)
+            return
+        except Exception:
+            log.exception("spool file %s: intake failed; moving it to recovery/errors/", adopted)
+            off = self._progress.get(adopted, (0, False))[0]
+            finished = self._quarantine_move(
+                path,
+                f"intake failed unexpectedly (see aggregation.log); the entries before byte"
+                f" {off} are stored, fix the rest and spool it again",
+            )
+        if finished:
+            self._forget(adopted)
 
     async def start(self) -> None:
-        """Watch inbox/ (events plus a periodic rescan) and take what is already there."""
+        """Watch inbox/ (events plus a periodic rescan); the first scan runs at once."""
         loop = asyncio.get_running_loop()
         observer = Observer()
         observer.schedule(
@@ -126,14 +316,22 @@ class SpoolIntake:
         observer.daemon = True
         observer.start()
         self._observer = observer
-        await self.scan_once()
+        self._wake.set()
         self._task = asyncio.create_task(self._run(), name="spool")
 
     async def stop(self) -> None:
+        """Bounded: a scan waiting for space stops at once; one stuck on the disk is cancelled."""
         self._stopping = True
+        self._stop_event.set()
         self._wake.set()
         if self._task is not None:
-            await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_GRACE_S)
+            if not done:
+                # Safe: a journal append in flight is shielded, and the file stays adopted.
+                log.warning("spool intake did not stop in %.0f s; cancelling it", STOP_GRACE_S)
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         if self._observer is not None:
             self._observer.stop()
             await asyncio.to_thread(self._observer.join)
@@ -152,45 +350,70 @@ class SpoolIntake:
 
     async def scan_once(self) -> int:
         """Ingest every spool file now in inbox/, in name order (leftovers first)."""
-        await self._finish_adopted()
+        await self._finish_adopted(wait=True)
         count = 0
         for name in sorted(os.listdir(self.layout.inbox)):
             if self._stopping:
                 break
-            path = self.layout.inbox / name
             if name.startswith(".") or name.endswith(".tmp"):
                 continue
-            if not is_spool_name(name):
-                if path.is_file():
-                    self._quarantine_move(
-                        path, "not a spool file: name must end in .json or .jsonl"
-                    )
+            try:
+                adopted = await self._take(self.layout.inbox / name)
+            except Exception:
+                # One file must not stop the others: it stays in inbox/ for the next rescan.
+                log.exception("spool file %s cannot be taken from inbox/", display_name(name))
                 continue
-            adopted = await self._adopt(path)
             if adopted is not None:
-                await self._ingest_or_wait(adopted)
+                await self._ingest_or_wait(adopted, wait=True)
                 count += 1
+            await asyncio.sleep(0)  # a flood of bad files must not starve the socket
         return count
 
+    async def _take(self, path: Path) -> str | None:
+        """Adopt a regular spool file; anything else in inbox/ goes to errors/ unread."""
+        try:
+            kind = file_kind(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            return None  # its client or another scan took it away
+        if kind is not None:
+            self._quarantine_move(path, not_regular_reason(kind))
+            return None
+        if not is_spool_name(path.name):
+            self._quarantine_move(path, "not a spool file: name must end in .json or .jsonl")
+            return None
+        return await self._adopt(path)
+
     async def _adopt(self, path: Path) -> str | None:
-        ms = self.pipeline.clock.now_ms()
-        adopted = f"{ms:013d}-{next(self._counter):06d}-{path.name}"
+        ms = max(self.pipeline.clock.now_ms(), self._floor_ms)
+        # The journal names the file in JSON, so the name must be text: odd bytes become \xNN.
+        adopted = fit_name(f"{ms:013d}-{next(self._counter):06d}-{display_name(path.name)}")
         target = self.layout.journal_spool / adopted
         try:
             os.rename(path, target)
         except FileNotFoundError:
             return None  # its client or another scan took it away
         except OSError as exc:
-            log.error("spool file %s cannot be adopted (%s); it waits in inbox/", path.name, exc)
+            shown = display_name(path.name)
+            log.error("spool file %s cannot be adopted (%s); it waits in inbox/", shown, exc)
             return None
         try:
             fsync_dir(self.layout.journal_spool)
             fsync_dir(self.layout.inbox)
         except OSError as exc:
-            log.error("spool file %s: cannot fsync its folders: %s", path.name, exc)
+            log.error("spool file %s: cannot fsync its folders: %s", display_name(path.name), exc)
+        self._originals[adopted] = display_name(path.name)
         return adopted
 
-    def _quarantine_move(self, path: Path, reason: str) -> None:
+    def _original(self, adopted: str) -> str:
+        """The inbox name of an adopted file; after a restart, what its adopted name kept."""
+        return self._originals.get(adopted) or display_name(original_name(adopted))
+
+    def _quarantine_move(self, path: Path, reason: str) -> bool:
+        """Move a file to errors/ with its reason; False (logged) when it cannot be moved."""
+        if path.parent == self.layout.inbox:
+            original = display_name(path.name)
+        else:
+            original = self._original(path.name)
         try:
             target = quarantine_file(
                 self.layout.errors,
@@ -198,68 +421,184 @@ class SpoolIntake:
                 reason=reason,
                 component="spool",
                 now_ms=self.pipeline.clock.now_ms(),
+                extra={"originalName": original},
             )
         except OSError as exc:
-            log.error("spool file %s should go to errors/ (%s) but cannot: %s", path, reason, exc)
-            return
+            shown = display_name(str(path))
+            log.error("spool file %s should go to errors/ (%s) but cannot: %s", shown, reason, exc)
+            return False
         self.files_quarantined += 1
-        log.warning("spool file %s quarantined to %s: %s", path.name, target.name, reason)
+        shown = display_name(target.name)
+        log.warning("spool file %s quarantined to %s: %s", original, shown, reason)
+        return True
 
-    async def _ingest(self, adopted: str) -> None:
+    async def _ingest(self, adopted: str, *, wait: bool) -> bool:
+        """Journal what is left of one adopted file; True once it needs nothing more."""
         path = self.layout.journal_spool / adopted
-        original = adopted.split("-", 2)[2]
-        size = path.stat().st_size
-        if size > self.max_file_bytes:
-            self._quarantine_move(
-                path, f"spool file is {size} bytes, over {self.max_file_bytes}; split it"
-            )
-            return
-        data = await asyncio.to_thread(path.read_bytes)
+        if not is_spool_name(adopted) or display_name(adopted) != adopted:
+            return self._quarantine_move(path, "not a name flowagg adopts; spool it again")
+        fd = self._open_regular(path)
+        if fd is None:
+            return not os.path.lexists(path)  # gone or quarantined; else tried again later
         try:
-            items, bad_lines = parse_spool(original, data)
-        except orjson.JSONDecodeError as exc:
-            self._quarantine_move(path, f"not valid JSON ({exc}); fix the file and spool it again")
-            return
-        valid, rejected = self.pipeline.validate(items)
-        problems = [
-            {"index": r["index"], "error": r["error"], "entry": items[r["index"]]} for r in rejected
-        ] + [
-            {"line": b["line"], "error": b["error"], "raw": b["raw"].decode("utf-8", "replace")}
-            for b in bad_lines
-        ]
-        if problems:
-            # Written before the journal record: once that exists, the spool file is deleted.
-            quarantine_bytes(
-                self.layout.errors,
-                f"{adopted}.rejected.jsonl",
-                b"".join(orjson.dumps(p) + b"\n" for p in problems),
-                reason=f"{len(problems)} invalid entries in spool file {original}",
-                component="spool",
-                now_ms=self.pipeline.clock.now_ms(),
-                extra={"errors": [p["error"] for p in problems]},
-                overwrite=True,
-            )
-            self.entries_rejected += len(problems)
-            self.pipeline.counters["rejected"] += len(problems)
-            log.warning("spool file %s: %d invalid entries quarantined", original, len(problems))
-        while True:
-            result = await self.pipeline.add_valid(valid, src=adopted, wait_for_space=True)
-            if result.error is None:
-                break
+            if adopted.endswith(".jsonl"):
+                return await self._ingest_lines(adopted, fd, wait=wait)
+            return await self._ingest_document(adopted, fd, wait=wait)
+        finally:
+            os.close(fd)
+
+    def _open_regular(self, path: Path) -> int | None:
+        """An fd of the file if it is a regular one; None when it is gone or was quarantined."""
+        try:
+            kind = file_kind(os.lstat(path).st_mode)
+            if kind is None:
+                fd = os.open(path, OPEN_FLAGS)
+                kind = file_kind(os.fstat(fd).st_mode)
+                if kind is None:
+                    return fd
+                os.close(fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            kind = "a symbolic link"
+        self._quarantine_move(path, not_regular_reason(kind))
+        return None
+
+    async def _ingest_lines(self, adopted: str, fd: int, *, wait: bool) -> bool:
+        off, fin = self._progress.get(adopted, (0, False))
+        while not fin:
             if self._stopping:
-                return  # the adopted file stays; the next start ingests it
-            log.error("spool file %s waits: %s", original, result.error)
-            await asyncio.sleep((result.retry_after_ms or 1000) / 1000)
-        self._journaled.add(adopted)
-        path.unlink()
-        # Durable before compaction drops the journal record naming it: back after a power
-        # cut, with no record, it would be ingested twice.
-        fsync_dir(self.layout.journal_spool)
+                return False
+            chunk = await asyncio.to_thread(read_chunk, fd, off, self.max_line)
+            valid, problems = self._check_lines(chunk)
+            if problems:
+                # Written before the journal record: once that exists, the lines are gone.
+                self._reject_lines(adopted, chunk, problems)
+            if not await self._journal(adopted, valid, chunk.end, chunk.final, wait=wait):
+                return False
+            off, fin = chunk.end, chunk.final
         self.files_ingested += 1
-        log.info(
-            "spool file %s: %d accepted, %d duplicates, %d invalid",
-            original,
-            result.accepted,
-            result.duplicates,
-            len(problems),
+        return True
+
+    def _check_lines(self, chunk: Chunk) -> tuple[list[Valid], list[Problem]]:
+        items, sources, problems = parse_lines(chunk.lines, self.max_line)
+        valid, rejected = self.pipeline.validate(items)
+        for r in rejected:
+            line = sources[r["index"]]
+            error = r["error"].removeprefix(f"entry {r['index']}: ")
+            problems.append(Problem(line.offset, line.data, f"byte {line.offset}: {error}"))
+        problems.sort(key=lambda p: p.offset)
+        return valid, problems
+
+    def _reject_lines(self, adopted: str, chunk: Chunk, problems: list[Problem]) -> None:
+        original = self._original(adopted)
+        # A fixed name: a resumed intake cuts the same chunk and replaces this copy.
+        quarantine_bytes(
+            self.layout.errors,
+            rejected_name(adopted, f".{chunk.start}.rejected.jsonl"),
+            b"".join(p.raw + b"\n" for p in problems),
+            reason=(
+                f"{len(problems)} invalid lines in spool file {original} (bytes {chunk.start}"
+                f" to {chunk.end}); the valid ones were accepted"
+            ),
+            component="spool",
+            now_ms=self.pipeline.clock.now_ms(),
+            extra={"originalName": original, **listed_errors([p.error for p in problems])},
+            overwrite=True,
         )
+        self._count_rejected(original, len(problems))
+
+    def _count_rejected(self, original: str, count: int) -> None:
+        self.entries_rejected += count
+        self.pipeline.counters["rejected"] += count
+        log.warning("spool file %s: %d invalid entries quarantined", original, count)
+
+    async def _ingest_document(self, adopted: str, fd: int, *, wait: bool) -> bool:
+        """A .json file: one entry or an array, read whole, so only up to max_file_bytes."""
+        path = self.layout.journal_spool / adopted
+        too_big = (
+            f"a .json spool file over {self.max_file_bytes} bytes; use .jsonl (one entry per"
+            " line), which is streamed"
+        )
+        if os.fstat(fd).st_size > self.max_file_bytes:
+            return self._quarantine_move(path, too_big)
+        data = await asyncio.to_thread(read_at_most, fd, self.max_file_bytes + 1)
+        if len(data) > self.max_file_bytes:  # it grew after the check
+            return self._quarantine_move(path, too_big)
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            return self._quarantine_move(
+                path, f"not valid JSON ({exc}); fix the file and spool it again"
+            )
+        items = doc if isinstance(doc, list) else [doc]
+        valid, rejected = self.pipeline.validate(items)
+        if rejected:
+            self._reject_document(adopted, data, rejected)
+        if not await self._journal(adopted, valid, len(data), True, wait=wait):
+            return False
+        self.files_ingested += 1
+        return True
+
+    def _reject_document(self, adopted: str, data: bytes, rejected: list[dict[str, Any]]) -> None:
+        """A copy of the whole file, with the indexes of its invalid entries and why."""
+        original = self._original(adopted)
+        quarantine_bytes(
+            self.layout.errors,
+            rejected_name(adopted, ".rejected.json"),
+            data,
+            reason=(
+                f"{len(rejected)} invalid entries in spool file {original} (listed by index);"
+                " the valid ones were accepted"
+            ),
+            component="spool",
+            now_ms=self.pipeline.clock.now_ms(),
+            extra={
+                "originalName": original,
+                "rejectedIndexes": [r["index"] for r in rejected[:MAX_LISTED_ERRORS]],
+                **listed_errors([r["error"] for r in rejected]),
+            },
+            overwrite=True,
+        )
+        self._count_rejected(original, len(rejected))
+
+    async def _journal(
+        self, adopted: str, valid: list[Valid], off: int, fin: bool, *, wait: bool
+    ) -> bool:
+        """Journal one chunk; False (logged) when it has to wait for the next rescan."""
+        while True:
+            if wait and self.pipeline.aggregator.is_busy():
+                if not await self._space_or_stop():
+                    return False
+                continue
+            # Shielded: a cancelled stop must not cut an append the journal writer will report.
+            result = await asyncio.shield(
+                self.pipeline.add_valid(valid, src=adopted, off=off, fin=fin, wait_for_space=False)
+            )
+            if result.error == "busy" and wait and not self._stopping:
+                continue
+            break
+        if result.error is not None:
+            log.error(
+                "spool file %s waits in journal/spool/ (%s); trying again at the next rescan",
+                adopted,
+                result.error,
+            )
+            return False
+        self._progress[adopted] = (off, fin)
+        return True
+
+    async def _space_or_stop(self) -> bool:
+        """Wait until the buffer has room (or a rescan's time); False when stopping."""
+        space = asyncio.ensure_future(self.pipeline.wait_for_space())
+        stopping = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait(
+                {space, stopping}, timeout=self.rescan_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            space.cancel()
+            stopping.cancel()
+        return not self._stopping

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import threading
 import time
@@ -12,7 +13,8 @@ import orjson
 
 
 class Receiver:
-    """mode: "ok", an HTTP status like "503", "timeout" (answers too late) or "drop"."""
+    """mode: "ok", an HTTP status like "503" (a 3xx carries a Location), "timeout" (answers
+    too late), "trickle" (a 200 whose body comes a byte every 50 ms) or "drop"."""
 
     def __init__(self) -> None:
         self.mode = "ok"
@@ -32,6 +34,16 @@ class Receiver:
                     self.close_connection = True
                     self.connection.close()
                     return
+                if mode == "trickle":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    with contextlib.suppress(OSError):
+                        for _ in range(100_000):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            time.sleep(0.05)
+                    return
                 if mode == "timeout":
                     time.sleep(receiver.delay_s)
                     mode = "ok"
@@ -43,6 +55,8 @@ class Receiver:
                     self.send_response(200)
                 else:
                     self.send_response(int(mode))
+                    if mode.startswith("3"):
+                        self.send_header("Location", "http://127.0.0.1:1/elsewhere")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -38,8 +38,10 @@ def layout(tmp_path: Path) -> Layout:
     put(layout.logs / "recovery.log.2", "recent rotated")
     put(layout.aggregated / f"{TEMP_MARK}batch_x.json.1", "half", age_ms=2 * 3_600_000)
     put(layout.aggregated / f"{TEMP_MARK}batch_y.json.1", "in progress")
-    put(layout.aggregated / f"batch_{now - 30 * DAY}_000000000001.json")
-    put(layout.aggregated / f"batch_{now - DAY}_000000000002.json")
+    put(layout.aggregated / f"batch_{now - 30 * DAY}_000000000001.json", age_ms=30 * DAY)
+    put(layout.aggregated / f"batch_{now - DAY}_000000000002.json", age_ms=DAY)
+    # Arrived a month ago, completed just now (recovered, or a drained backlog): kept.
+    put(layout.aggregated / f"batch_{now - 30 * DAY}_000000000003.json")
     put(layout.abandoned / "old.abandoned.json", age_ms=100 * DAY)
     put(layout.errors / "bad.json", age_ms=100 * DAY)
     return layout
@@ -63,7 +65,7 @@ def test_plan_without_batch_retention(layout: Layout) -> None:
 def test_batches_go_only_with_retention(layout: Layout) -> None:
     got = names(layout, retain=7 * DAY)
     batches = {n for n in got if n.startswith("batch_")}
-    assert len(batches) == 1
+    assert len(batches) == 1 and batches.pop().endswith("_000000000001.json")
     assert not any(n.endswith(".abandoned.json") or n == "bad.json" for n in got)
 
 

@@ -228,6 +228,20 @@ def test_invalid_toml_is_an_error(tmp_path: Path) -> None:
     assert str(path) in message
 
 
+def test_a_non_utf8_byte_in_the_toml_file_is_a_one_line_error(tmp_path: Path) -> None:
+    # tomllib raised UnicodeDecodeError, which killed a reloading daemon and printed tracebacks.
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"batchSize = 7 # caf\xe9\n")
+    message = config_error(config_path=path)
+    assert "not UTF-8" in message and "0xe9" in message and str(path) in message
+
+
+@pytest.mark.parametrize("url", ["http://[::1/", "http://", "ftp://host/x", "http://h:99999/"])
+def test_a_broken_sink_url_is_refused_at_load(url: str) -> None:
+    message = config_error(flags={"sinkType": "http", "sinkUrl": url})
+    assert "sinkUrl" in message
+
+
 # --------------------------------------------------------------------------------------------
 # environment and flags
 

@@ -15,7 +15,7 @@ import orjson
 from flowagg.journal import list_segments, unframe
 from flowagg.layout import Layout
 from flowagg.storage import iter_batch_files
-from tests.harness import cli, entry, start_daemon, stored_id_counts
+from tests.harness import cli, entry, start_daemon, stored_id_counts, wait_for
 
 SETTINGS = {"batchSize": 5, "maxAgeMs": 3_600_000}
 
@@ -53,9 +53,17 @@ def add(root: Path, entries: list[dict]) -> None:
 def test_batches_stored_before_their_done_record_are_not_written_again(root: Path) -> None:
     daemon = start_daemon(root, SETTINGS)
     add(root, [entry(i, entryId=f"e{i}") for i in range(12)])  # two size batches + 2 buffered
-    daemon.kill()
     layout = Layout(root)
-    assert len(iter_batch_files(layout)) == 2
+
+    def done_records() -> int:  # the writer may be mid-line: count whole records only
+        lines = (
+            ln for seg in list_segments(layout.journal) for ln in seg.read_bytes().splitlines(True)
+        )
+        return sum((unframe(ln) or {}).get("k") == "d" for ln in lines)
+
+    # The add is answered once journaled; the flusher writes the batches just after.
+    wait_for(lambda: len(iter_batch_files(layout)) == 2 and done_records() == 2)
+    daemon.kill()
     assert strip_done_records(layout) == 2
     daemon = start_daemon(root, SETTINGS)
     assert cli(root, "flush").returncode == 0

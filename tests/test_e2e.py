@@ -6,6 +6,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -256,16 +257,17 @@ def test_spool_keeps_valid_entries_and_quarantines_the_rest(
     wait_for(lambda: status(root)["counters"]["accepted"] == 2)
     assert cli(root, "flush").returncode == 0
     assert stored_id_counts(root) == {"ok1": 1, "ok3": 1}
-    rejected = list(layout.errors.glob("*mixed.jsonl.rejected.jsonl"))
-    assert len(rejected) == 1
-    problems = [orjson.loads(line) for line in rejected[0].read_bytes().splitlines()]
-    errors = sorted(p["error"] for p in problems)
-    assert len(errors) == 3
-    assert any("action" in e for e in errors)
-    assert any("unknown key" in e and "colour" in e for e in errors)
-    assert any("line 3" in e and "not valid JSON" in e for e in errors)
-    reason = orjson.loads(Path(str(rejected[0]) + ".reason.json").read_bytes())
-    assert reason["component"] == "spool" and len(reason["errors"]) == 3
+    [rejected] = layout.errors.glob("*mixed.jsonl.0.rejected.jsonl")
+    # The raw bytes of the bad lines, in file order: never re-serialized.
+    assert rejected.read_bytes() == b"".join(lines[i] + b"\n" for i in (1, 2, 3))
+    reason = orjson.loads(Path(str(rejected) + ".reason.json").read_bytes())
+    assert reason["component"] == "spool" and reason["errorCount"] == 3
+    assert reason["originalName"] == "mixed.jsonl"
+    errors = reason["errors"]
+    assert "action" in errors[0]
+    assert f"byte {len(lines[0]) + len(lines[1]) + 2}" in errors[1]
+    assert "not valid JSON" in errors[1]
+    assert "unknown key" in errors[2] and "colour" in errors[2]
     st = status(root)
     assert st["counters"]["rejected"] == 3 and st["spool"]["entriesRejected"] == 3
     assert not list(layout.inbox.iterdir())
@@ -337,3 +339,25 @@ def test_run_dir_holds_socket_pid_and_lock_apart_from_the_root(
     )
     assert proc.returncode == 0, proc.stderr
     assert orjson.loads(proc.stdout)["pid"] == daemon.proc.pid
+
+
+def test_a_bad_config_file_never_blocks_client_commands(
+    root: Path, daemons: list[DaemonProc]
+) -> None:
+    daemons.append(start_daemon(root, QUIET))
+    # The operator breaks the file while the daemon runs: clients only need the socket.
+    (root / "flowagg.toml").write_bytes(b"batchSize = 7\nbogusKey = 1\nlogLevel = 'caf\xe9'\n")
+    assert add(root, entry(1))["accepted"] == 1
+    for args in (["status", "--json"], ["flush"], ["health", "--json"]):
+        proc = cli(root, *args)
+        assert proc.returncode == 0, (args, proc.stderr)
+    bridge = subprocess.run(
+        [sys.executable, "-m", "flowagg.bridge", "--root", str(root), "aggregate-status"],
+        capture_output=True,
+        env=clean_env(),
+        timeout=60,
+        check=False,
+    )
+    assert bridge.returncode == 0, bridge.stderr
+    assert orjson.loads(bridge.stdout)["ok"] is True
+    assert cli(root, "config", "--check", str(root / "flowagg.toml")).returncode == 2

@@ -81,6 +81,8 @@ class Journal:
         t_ms: int = NOW,
         client_idx: list[int] | None = None,
         src: str | None = None,
+        off: int | None = None,
+        fin: bool = False,
     ) -> tuple[int, BaseException | None, Position]:
         """Append and wait until the writer reports the record durable (or failed)."""
         box: list[tuple[BaseException | None, Position]] = []
@@ -90,7 +92,9 @@ class Journal:
             box.append((error, pos))
             done.set()
 
-        first = self.writer.append_entries(entries, t_ms, client_idx or [], src, callback)
+        first = self.writer.append_entries(
+            entries, t_ms, client_idx or [], src, callback, off=off, fin=fin
+        )
         assert done.wait(WAIT_S), "the journal writer never reported back"
         assert len(box) == 1
         return first, box[0][0], box[0][1]
@@ -218,7 +222,7 @@ def test_appends_are_read_back(jr: Journal) -> None:
     assert result.next_seq == 7
     assert result.done_seq == 0
     assert result.dedupe == {"id-1": NOW, "id-3": NOW, "id-6": NOW}
-    assert result.spool_sources == {"spool-1.jsonl"}
+    assert result.spool_sources == {"spool-1.jsonl": (0, True)}
     assert result.backlog is not None
     assert result.backlog.segment == 1
     assert result.backlog_entries == 6
@@ -335,8 +339,25 @@ def test_spool_sources_are_collected(jr: Journal) -> None:
     jr.ok([entry(3)], src="b.json")
     jr.stop()
     result = jr.scan()
-    assert result.spool_sources == {"a.jsonl", "empty.json", "b.json"}
+    finished = (0, True)  # records without `off` held a whole file
+    assert result.spool_sources == {"a.jsonl": finished, "empty.json": finished, "b.json": finished}
     assert result.next_seq == 4
+    assert result.backlog_entries == 3
+
+
+def test_spool_chunks_report_the_journaled_end_and_whether_finished(jr: Journal) -> None:
+    jr.ok([entry(1)], src="big.jsonl", off=100)
+    jr.ok([], src="big.jsonl", off=250)  # a chunk of invalid lines still moves the offset
+    jr.ok([entry(2)], src="done.jsonl", off=40)
+    jr.ok([entry(3)], src="done.jsonl", off=90, fin=True)
+    jr.ok([], src="empty.jsonl", off=0, fin=True)
+    jr.stop()
+    result = jr.scan()
+    assert result.spool_sources == {
+        "big.jsonl": (250, False),
+        "done.jsonl": (90, True),
+        "empty.jsonl": (0, True),
+    }
     assert result.backlog_entries == 3
 
 
@@ -346,7 +367,7 @@ def test_empty_spool_record_after_unflushed_entries(jr: Journal) -> None:
     jr.ok([entry(2)])
     jr.stop()
     result = jr.scan()
-    assert result.spool_sources == {"all-invalid.jsonl"}
+    assert result.spool_sources == {"all-invalid.jsonl": (0, True)}
     assert result.backlog_entries == 2
     assert result.next_seq == 3
 

@@ -4,12 +4,14 @@ end to end, from another directory."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from flowagg.layout import Layout
 from flowagg.storage import iter_batch_files, read_batch
@@ -132,3 +134,73 @@ def test_bridge_without_a_daemon(root: Path, tmp_path: Path) -> None:
     wait_for(lambda: not os.listdir(Layout(root).inbox))
     assert daemon.stop() == 0
     assert [e["entryId"] for b in batches(root) for e in b["entries"]] == ["down"]
+
+
+def run_bridge(*args: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run([str(BRIDGE), *args], env=clean_env(), timeout=60, check=False, **kw)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ((), "required: action"),
+        (("bogus",), "invalid choice: 'bogus'"),
+        (("--nope", "aggregate-status"), "unrecognized arguments: --nope"),
+        (("aggregate-recover", "--batch"), "expected one argument"),
+    ],
+)
+def test_bridge_usage_errors_are_json(tmp_path: Path, args: tuple[str, ...], words: str) -> None:
+    proc = run_bridge(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    reply = orjson.loads(proc.stdout)
+    assert reply["ok"] is False and words in reply["error"]
+    assert proc.stderr.count(b"\n") == 1
+
+
+def test_bridge_help_is_json(tmp_path: Path) -> None:
+    proc = run_bridge("aggregate", "--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "--spool-if-down" in orjson.loads(proc.stdout)["help"]
+
+
+def test_bridge_with_stdin_closed_answers_json(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["bash", "-c", f"exec {BRIDGE} aggregate <&-"],
+        capture_output=True,
+        env=clean_env(),
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "stdin is closed" in orjson.loads(proc.stdout)["error"]
+
+
+def test_bridge_with_a_full_stdout_says_so_on_stderr(tmp_path: Path) -> None:
+    with open("/dev/full", "wb") as full:
+        proc = run_bridge("aggregate-status", cwd=tmp_path, stdout=full, stderr=subprocess.PIPE)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(b"provider-bridge: cannot write the reply to stdout")
+    assert b"Traceback" not in proc.stderr and proc.stderr.count(b"\n") == 1
+
+
+def test_bridge_that_cannot_set_up_its_environment_answers_json(tmp_path: Path) -> None:
+    # A checkout with no .venv on a machine where it cannot be made (no usable Python).
+    scripts = tmp_path / "checkout" / "scripts"
+    scripts.mkdir(parents=True)
+    for name in ("provider-bridge", "_setup.sh"):
+        shutil.copy2(BRIDGE.parent / name, scripts / name)
+    env = clean_env({"PYTHON": str(tmp_path / "no-python")})
+    proc = subprocess.run(
+        [str(scripts / "provider-bridge"), "aggregate-status"],
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    reply = orjson.loads(proc.stdout)
+    assert reply["ok"] is False and "cannot set up its Python environment" in reply["error"]

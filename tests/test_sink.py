@@ -3,10 +3,13 @@ circuit breaker with an injected clock."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flowagg.clock import FakeClock
@@ -148,3 +151,61 @@ def test_permanent_refusals_do_not_open_the_breaker() -> None:
         with pytest.raises(PermanentError):
             sink.deliver("b", BATCH)
     assert sink.breaker.state == "closed"
+
+
+@pytest.mark.parametrize("status", ["301", "302", "303", "307", "308"])
+def test_http_redirects_are_never_followed(receiver: Receiver, status: str) -> None:
+    # urllib turned a redirected POST into a bodyless GET whose 2xx counted as delivered.
+    receiver.mode = status
+    with pytest.raises(PermanentError, match=f"HTTP {status}.*127.0.0.1:1/elsewhere"):
+        HttpSink(receiver.url, 5).deliver("1_1", BATCH)
+    assert receiver.calls[status] == 1 and not receiver.batches
+
+
+def test_http_timeout_is_a_total_deadline(receiver: Receiver) -> None:
+    receiver.mode = "trickle"  # every read gets a byte in time; the whole reply never comes
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="within sinkTimeoutMs"):
+        HttpSink(receiver.url, 0.5).deliver("1_1", BATCH)
+    assert time.monotonic() - started < 3.0
+
+
+def test_command_killed_by_a_signal_is_transient() -> None:
+    with pytest.raises(TransientError, match="signal SIGKILL"):
+        CommandSink(["sh", "-c", "kill -9 $$"], 10).deliver("1_1", BATCH)
+
+
+def test_command_timeout_kills_its_whole_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > {pid_file}; wait"
+    with pytest.raises(TransientError, match="timed out"):
+        CommandSink(["sh", "-c", script], 0.5).deliver("1_1", BATCH)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(child) and psutil.Process(child).status() != "zombie":
+        assert time.monotonic() < deadline, "the sink's child outlived the timeout"
+        time.sleep(0.01)
+
+
+def test_chatty_command_costs_no_memory_and_keeps_its_last_stderr_line() -> None:
+    # 300 MB on stdout and 5 MB on stderr once took the daemon to gigabytes of RSS.
+    script = (
+        "head -c 300000000 /dev/zero; head -c 5000000 /dev/zero >&2;"
+        " echo >&2; echo last words >&2; exit 3"
+    )
+    probe = (
+        "import resource, sys\n"
+        "from flowagg.sink import CommandSink\n"
+        "from flowagg.errors import PermanentError\n"
+        "try:\n"
+        f"    CommandSink(['sh', '-c', {script!r}], 60).deliver('1_1', b'{{}}')\n"
+        "except PermanentError as exc:\n"
+        "    print(exc)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, check=True, timeout=120
+    ).stdout.decode()
+    message, maxrss_kb = out.strip().splitlines()
+    assert message == "sink command exited 3: last words"
+    assert int(maxrss_kb) < 100 * 1024
