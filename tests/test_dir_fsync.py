@@ -332,7 +332,7 @@ def test_spool_leftovers_the_journal_holds_are_deleted_durably(
         leftover.write_bytes(b"{}\n")
         try:
             rec.calls.clear()
-            await intake.recover({leftover.name})
+            await intake.recover({leftover.name: (3, True)})
             rec.ack()
         finally:
             await rig.stop()
