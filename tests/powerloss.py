@@ -147,7 +147,7 @@ def run_powerloss(
     )
 
 
-def run_mounted(
+def run_power_loss(
     tmp: Path,
     *,
     cuts: int,

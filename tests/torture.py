@@ -274,7 +274,7 @@ def run_torture(
 
 def main(argv: list[str] | None = None) -> int:
     # Here, not at the top: tests.powerloss imports this module's writers.
-    from tests.powerloss import PowerLossResult, run_mounted
+    from tests.powerloss import PowerLossResult, run_power_loss
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=1000)
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     result: TortureResult | PowerLossResult
     if args.power_loss:
         print(f"seed {args.seed}, data root {tmp / 'lower' / 'data'}", flush=True)
-        result = run_mounted(
+        result = run_power_loss(
             tmp,
             cuts=args.cuts,
             seed=args.seed,
