@@ -184,22 +184,29 @@ class LazyFS:
 
     def unmount(self) -> None:
         """Unmount (lazily if something still holds a file) and wait for lazyfs to exit."""
-        if self._proc is not None and self._proc.poll() is None:
+        if self._proc is not None:
             deadline = time.monotonic() + MOUNT_TIMEOUT_S
-            while os.path.ismount(self.mount) and time.monotonic() < deadline:
-                done = subprocess.run(
-                    ["fusermount3", "-u", str(self.mount)], capture_output=True, check=False
-                )
-                if done.returncode != 0:
+            unmounted = False
+            while not unmounted and self._proc.poll() is None and time.monotonic() < deadline:
+                unmounted = self._fusermount("-u") == 0
+                if not unmounted:
                     time.sleep(0.1)  # busy: a killed process is still releasing its files
-            if os.path.ismount(self.mount):
-                subprocess.run(["fusermount3", "-u", "-z", str(self.mount)], check=False)
+            if not unmounted:
+                # Still busy at the deadline, or lazyfs died and left a dead mount behind.
+                self._fusermount("-u", "-z")
             try:
                 self._proc.wait(MOUNT_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+            self._proc = None
         for fd in (self._faults_fd, self._completed_fd):
             if fd is not None:
                 os.close(fd)
         self._faults_fd = self._completed_fd = None
+
+    def _fusermount(self, *options: str) -> int:
+        done = subprocess.run(
+            ["fusermount3", *options, str(self.mount)], capture_output=True, check=False
+        )
+        return done.returncode
