@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from .errors import RootUnusableError
+from .fsutil import fsync_dir
 
 ROOT_MODE = 0o700
 
@@ -108,6 +109,7 @@ class Layout:
         """Create the root (0700) and its folders, or raise RootUnusableError (exit 4)."""
         root = self.root
         parent = root.parent
+        created: list[Path] = []
         if not root.exists():
             if not parent.is_dir():
                 raise RootUnusableError(
@@ -119,6 +121,7 @@ class Layout:
                 raise RootUnusableError(
                     f"data root {root}: cannot create it ({exc.strerror}); check permissions"
                 ) from None
+            created.append(root)
         if not root.is_dir():
             raise RootUnusableError(
                 f"data root {root} is not a directory; point --root at a folder"
@@ -133,7 +136,10 @@ class Layout:
             raise RootUnusableError(f"data root {root} is not writable; fix its permissions")
         for directory in self.all_dirs():
             try:
-                directory.mkdir(mode=ROOT_MODE, exist_ok=True)
+                directory.mkdir(mode=ROOT_MODE)
+                created.append(directory)
+            except FileExistsError:
+                pass
             except OSError as exc:
                 raise RootUnusableError(
                     f"data root {root}: cannot create {directory.name}/ ({exc.strerror});"
@@ -143,3 +149,12 @@ class Layout:
                 raise RootUnusableError(
                     f"data root {root}: {directory} is not a directory; move it away"
                 )
+        # A new folder lives in its parent's entries: unsynced, a power cut could take it away
+        # with the files fsync'd into it.
+        for folder in dict.fromkeys(d.parent for d in created):
+            try:
+                fsync_dir(folder)
+            except OSError as exc:
+                raise RootUnusableError(
+                    f"data root {root}: cannot fsync {folder} ({exc.strerror}); check permissions"
+                ) from None

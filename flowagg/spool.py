@@ -271,6 +271,9 @@ class SpoolIntake:
         """Delete an adopted file that needs nothing more; until then its progress is kept."""
         try:
             (self.layout.journal_spool / adopted).unlink(missing_ok=True)
+            # Durable before compaction drops the journal records naming it: back after a
+            # power cut, with no record, it would be ingested twice.
+            fsync_dir(self.layout.journal_spool)
         except OSError as exc:
             log.error(
                 "spool file %s is stored but cannot be deleted (%s); trying again at the next"

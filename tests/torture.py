@@ -6,7 +6,8 @@ the acknowledgement). Now and then junk is appended to the journal, as a torn wr
 leave it. At the end the daemon is started once more and flushed, and every batch file is
 read back: the stored entryIds must equal the acknowledged ones, each exactly once.
 
-Run longer with `scripts/torture --kills N --seed S`.
+Run longer with `scripts/torture --kills N --seed S`; `scripts/torture --power-loss --cuts N`
+runs the power-loss variant (tests/powerloss.py) instead.
 """
 
 from __future__ import annotations
@@ -148,11 +149,20 @@ class SocketWriter(threading.Thread):
 
 
 class SpoolWriter(threading.Thread):
-    def __init__(self, layout: Layout, rng: random.Random, stop: threading.Event):
+    def __init__(
+        self,
+        layout: Layout,
+        rng: random.Random,
+        stop: threading.Event,
+        gate: contextlib.AbstractContextManager[Any] | None = None,
+    ):
         super().__init__(name="spool", daemon=True)
         self.layout = layout
         self.rng = rng
         self.stop_event = stop
+        # Held while a file is written: a power cut takes it so that no client survives the
+        # cut halfway through a write (a real one would have lost power too).
+        self.gate = gate or contextlib.nullcontext()
         self.acked: set[str] = set()
         self._n = 0
 
@@ -169,8 +179,9 @@ class SpoolWriter(threading.Thread):
                         "entryId": f"spool-{self._n}",
                     }
                 )
-            write_spool_file(self.layout, batch)
-            self.acked.update(e["entryId"] for e in batch)
+            with self.gate:
+                write_spool_file(self.layout, batch)
+                self.acked.update(e["entryId"] for e in batch)
 
 
 def append_junk(layout: Layout, rng: random.Random) -> bool:
@@ -262,21 +273,41 @@ def run_torture(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Here, not at the top: tests.powerloss imports this module's writers.
+    from tests.powerloss import PowerLossResult, run_power_loss
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=1000)
+    parser.add_argument(
+        "--power-loss",
+        action="store_true",
+        help="root on LazyFS; each cut is SIGKILL plus dropping what was not fsync'd",
+    )
+    parser.add_argument("--cuts", type=int, default=500, help="power cuts with --power-loss")
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--writers", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the data root for inspection")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="flowagg-torture-"))
-    print(f"seed {args.seed}, data root {tmp / 'data'}", flush=True)
-    result = run_torture(
-        tmp / "data",
-        kills=args.kills,
-        seed=args.seed,
-        writers=args.writers,
-        log=lambda m: print(m, flush=True),
-    )
+    result: TortureResult | PowerLossResult
+    if args.power_loss:
+        print(f"seed {args.seed}, data root {tmp / 'lower' / 'data'}", flush=True)
+        result = run_power_loss(
+            tmp,
+            cuts=args.cuts,
+            seed=args.seed,
+            writers=args.writers,
+            log=lambda m: print(m, flush=True),
+        )
+    else:
+        print(f"seed {args.seed}, data root {tmp / 'data'}", flush=True)
+        result = run_torture(
+            tmp / "data",
+            kills=args.kills,
+            seed=args.seed,
+            writers=args.writers,
+            log=lambda m: print(m, flush=True),
+        )
     print(result.summary())
     if not args.keep and result.ok:
         import shutil
