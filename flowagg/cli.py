@@ -16,7 +16,7 @@ from .client import add_entries
 from .clock import SystemClock
 from .config import SETTINGS, Config, load_client_paths, load_config
 from .entries import EntryError, parse_entries_text
-from .errors import EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
+from .errors import EXIT_ROOT_UNUSABLE, EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
 from .layout import Layout
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,6 +34,13 @@ def handles_errors(func: F) -> F:
             return func(*args, **kwargs)
         except FlowaggError as exc:
             fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            # A file or folder this user cannot use (another account's root, a full disk).
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(
+                f"{where}{exc.strerror or exc}; check the path and its permissions",
+                EXIT_ROOT_UNUSABLE,
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -56,7 +63,12 @@ def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], 
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", type=click.Path(), help="data root (default ./data, or FLOWAGG_ROOT)")
+# Not readable=True: a shared root is 0710, which the group may pass through but not list.
+@click.option(
+    "--root",
+    type=click.Path(readable=False),
+    help="data root (default ./data, or FLOWAGG_ROOT)",
+)
 @click.option("--config", "config_path", type=click.Path(), help="TOML config file")
 @click.pass_context
 def main(ctx: click.Context, root: str | None, config_path: str | None) -> None:

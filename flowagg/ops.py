@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -9,16 +12,25 @@ from . import __version__
 from .entries import short_repr
 from .fsutil import count_files
 from .recovery import check_batch_id
-from .server import stopping_reply
+from .server import Peer, stopping_reply
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
+log = logging.getLogger("flowagg.ops")
 
-async def handle_request(daemon: Daemon, request: dict[str, Any]) -> dict[str, Any]:
+# A socket flush answers within this even when batches cannot be stored: with the reason,
+# instead of leaving the client to time out. The flush itself goes on.
+FLUSH_REPLY_WAIT_S = 10.0
+STATE_CHANGING = ("flush", "recover", "reload")
+
+
+async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
     """One socket request; the reply is one JSON object."""
     assert daemon.pipeline is not None
     op = request.get("op")
+    if op in STATE_CHANGING:
+        log.info("%s requested by %s", op, peer)
     if op == "add":
         entries = request.get("entries")
         if not isinstance(entries, list):
@@ -29,7 +41,7 @@ async def handle_request(daemon: Daemon, request: dict[str, Any]) -> dict[str, A
     if op == "ping":
         return {"ok": True}
     if op == "flush":
-        return {"ok": True, **(await daemon.pipeline.flush("manual"))}
+        return await bounded_flush(daemon, FLUSH_REPLY_WAIT_S)
     if op == "status":
         return {"ok": True, **daemon_status(daemon)}
     if op == "recover":
@@ -54,6 +66,26 @@ async def handle_request(daemon: Daemon, request: dict[str, Any]) -> dict[str, A
         "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
         " reload or ping",
     }
+
+
+async def bounded_flush(daemon: Daemon, wait_s: float) -> dict[str, Any]:
+    """A manual flush's reply: its counts, or after `wait_s` why batches are not stored yet."""
+    assert daemon.pipeline is not None
+    flush = asyncio.ensure_future(daemon.pipeline.flush("manual"))
+    try:
+        return {"ok": True, **(await asyncio.wait_for(asyncio.shield(flush), wait_s))}
+    except TimeoutError:
+        pass
+    flusher = daemon.pipeline.flusher
+    stalled = flusher.stalled_error if flusher is not None else None
+    reason = stalled or (
+        f"the flush is still running after {wait_s:g} s; it goes on: check `flowagg status`"
+    )
+    if stalled and f"[Errno {errno.ENOSPC}]" in stalled:
+        reason = f"disk_full: {stalled}; free space on {daemon.layout.root}"
+    elif stalled:
+        reason = f"batches cannot be stored: {stalled}; see logs/aggregation.log"
+    return {"ok": False, "error": reason}
 
 
 def daemon_status(daemon: Daemon) -> dict[str, Any]:
@@ -84,7 +116,10 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
             "tooManyEntries": daemon.server.too_many_entries if daemon.server else 0,
             "connections": daemon.server.connections if daemon.server else 0,
             "refusedConnections": daemon.server.refused_connections if daemon.server else 0,
+            "refusedPeers": daemon.server.refused_peers if daemon.server else 0,
+            "recreated": daemon.socket_recreated,
         },
+        "lastReload": daemon.last_reload,
         "failed": queue["failed"],
         "abandoned": queue["abandoned"],
         "errors": queue["errors"],
