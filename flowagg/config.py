@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -103,6 +104,8 @@ class Config:
     values: Mapping[str, Any]
     sources: Mapping[str, str]
     config_file: Path | None
+    # `root` as the file says it, when a flag or the environment chose another.
+    file_root: str | None = None
 
     def __getattr__(self, name: str) -> Any:
         key = _snake_to_camel(name)
@@ -321,10 +324,12 @@ def load_config(
         if _is_file(candidate):
             file_path = candidate
 
+    file_root: str | None = None
     if file_path is not None:
         for key, raw in read_toml(file_path).items():
             values[key] = _coerce(key, raw, f"file {file_path}")
             sources[key] = f"file {file_path}"
+        file_root = values["root"] if sources["root"] != "default" else None
     for key in SETTINGS:
         name = env_name(key)
         if name in env:
@@ -337,7 +342,30 @@ def load_config(
         sources[key] = "flag"
     values["logLevel"] = values["logLevel"].upper()
     _check_sink(values, sources)
-    return Config(values=values, sources=sources, config_file=file_path)
+    return Config(values=values, sources=sources, config_file=file_path, file_root=file_root)
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but will not do what they seem to (said at start and by
+    `flowagg config`): nothing here stops the daemon."""
+    warnings = []
+    if config.values["sinkType"] == "command":
+        program = shlex.split(config.values["sinkCommand"])[0]
+        if shutil.which(program) is None:
+            warnings.append(
+                f"sinkCommand ({config.sources['sinkCommand']}): program {program!r} is not found"
+                f" on PATH ({os.environ.get('PATH', '')}); every batch will fail until it is:"
+                " use an absolute path (under systemd, ProtectHome and PrivateTmp hide /home"
+                " and /tmp)"
+            )
+    if config.file_root is not None:
+        in_file = Path(config.file_root).expanduser().absolute()
+        if in_file != config.root_path:
+            warnings.append(
+                f"root: the config file {config.config_file} says {in_file}, but"
+                f" {config.root_path} is in use ({config.sources['root']}); make them agree"
+            )
+    return warnings
 
 
 def _check_url(url: str, source: str) -> None:

@@ -24,7 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from . import __version__
 from .cleanup import apply_cleanup, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
-from .config import Config
+from .config import Config, config_warnings
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
 from .fsutil import atomic_write, remove_stale_temps
 from .health import (
@@ -162,6 +162,8 @@ class Daemon:
         self.started_mono = self.clock.monotonic()
         started = time.perf_counter()
         log.info("flowagg %s starting on %s (pid %d)", __version__, self.layout.root, os.getpid())
+        for warning in config_warnings(self.config):
+            log.warning("config: %s", warning)
         removed = remove_stale_temps(self.layout.private_dirs())
         if removed:
             log.info("removed %d stale temp files", len(removed))
@@ -405,6 +407,8 @@ class Daemon:
             self.last_reload = {"at": self.clock.now_ms(), "ok": False, "error": str(exc)}
             return {"ok": False, "error": f"reload refused: {exc}; the running config is unchanged"}
         merged, changed, restart = merge_reload(self.config, new)
+        for warning in config_warnings(new):
+            log.warning("config: %s", warning)
         self.apply_config(merged, changed)
         if restart:
             log.warning("reload: %s change only at the next start", ", ".join(restart))

@@ -9,6 +9,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .config import SETTINGS, Config
 from .entries import short_repr
 from .fsutil import count_files
 from .recovery import check_batch_id
@@ -61,10 +62,22 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
         return {"ok": True, **daemon.health_snapshot()}
     if op == "reload":
         return daemon.reload()
+    if op == "config":
+        return {"ok": True, **config_report(daemon.config)}
     return {
         "ok": False,
         "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
-        " reload or ping",
+        " reload, config or ping",
+    }
+
+
+def config_report(config: Config) -> dict[str, Any]:
+    """`flowagg config`: every setting, its value and where it came from."""
+    return {
+        "configFile": str(config.config_file) if config.config_file else None,
+        "settings": {
+            key: {"value": config.values[key], "source": config.sources[key]} for key in SETTINGS
+        },
     }
 
 
