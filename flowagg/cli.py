@@ -159,7 +159,18 @@ def add(
     wait_s: float,
     as_json: bool,
 ) -> None:
-    """Add entries (JSON object, array or JSON lines) from arguments, --file or stdin."""
+    """Add entries (JSON object, array or JSON lines) from arguments, --file or stdin.
+
+    \b
+    One entry (timestamp in ms since the epoch; metadata and entryId optional):
+      {"userId": "alice", "action": "code_edit", "timestamp": 1704067200000,
+       "metadata": {"taskId": "T-42", "duration": 90000}, "entryId": "alice-7f3a"}
+
+    Exit 2 with rejections: the valid entries WERE stored. Send only the rejected ones again;
+    resending all stores the others twice unless each carries an entryId.
+    Exit codes: 0 all accepted, 1 daemon refused, 2 bad input, 3 no daemon, 4 no access
+    or disk full.
+    """
     layout = client_layout(ctx)
     items = _read_input(entries, file)
     if not items:

@@ -81,3 +81,19 @@ def test_a_sink_program_not_on_path_and_a_differing_root_are_warned(tmp_path: Pa
     message = checked.stderr.decode()
     assert "'no-such-sink-xyz' is not found on PATH" in message
     assert f"says {tmp_path / 'elsewhere'}, but {tmp_path / 'data'} is in use" in message
+
+
+def test_the_documented_example_entry_is_valid() -> None:
+    from flowagg.cli import add
+    from flowagg.entries import validate_entry
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Entries", 1)[1].split("```json\n", 1)[1].split("```", 1)[0]
+    examples = [orjson.loads(block), orjson.loads(_help_example(add.help or ""))]
+    for doc in examples:
+        validate_entry(doc, 0, now_ms=2_000_000_000_000, max_entry_bytes=65_536, new_id=str)
+
+
+def _help_example(text: str) -> str:
+    lines = text.split("optional):\n", 1)[1].splitlines()
+    return "".join(line.strip() for line in lines[:2])
