@@ -20,9 +20,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flowagg.ops")
 
-# A socket flush answers within this even when batches cannot be stored: with the reason,
+# A socket flush answers with the reason once batches have failed to store for
+# FLUSH_STALL_GRACE_S, and at the latest after FLUSH_REPLY_WAIT_S (under the client's 60 s),
 # instead of leaving the client to time out. The flush itself goes on.
-FLUSH_REPLY_WAIT_S = 10.0
+FLUSH_STALL_GRACE_S = 2.0
+FLUSH_REPLY_WAIT_S = 45.0
+FLUSH_POLL_S = 0.25
 STATE_CHANGING = ("flush", "recover", "reload")
 
 
@@ -42,7 +45,7 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
     if op == "ping":
         return {"ok": True}
     if op == "flush":
-        return await bounded_flush(daemon, FLUSH_REPLY_WAIT_S)
+        return await bounded_flush(daemon)
     if op == "status":
         return {"ok": True, **daemon_status(daemon)}
     if op == "recover":
@@ -81,23 +84,31 @@ def config_report(config: Config) -> dict[str, Any]:
     }
 
 
-async def bounded_flush(daemon: Daemon, wait_s: float) -> dict[str, Any]:
-    """A manual flush's reply: its counts, or after `wait_s` why batches are not stored yet."""
+async def bounded_flush(
+    daemon: Daemon, wait_s: float = FLUSH_REPLY_WAIT_S, stall_grace_s: float = FLUSH_STALL_GRACE_S
+) -> dict[str, Any]:
+    """A manual flush's reply: its counts, or why batches are not stored yet."""
     assert daemon.pipeline is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     flush = asyncio.ensure_future(daemon.pipeline.flush("manual"))
-    try:
-        return {"ok": True, **(await asyncio.wait_for(asyncio.shield(flush), wait_s))}
-    except TimeoutError:
-        pass
     flusher = daemon.pipeline.flusher
-    stalled = flusher.stalled_error if flusher is not None else None
-    reason = stalled or (
-        f"the flush is still running after {wait_s:g} s; it goes on: check `flowagg status`"
-    )
+    stalled: str | None = None
+    while True:
+        try:
+            return {"ok": True, **(await asyncio.wait_for(asyncio.shield(flush), FLUSH_POLL_S))}
+        except TimeoutError:
+            pass
+        waited = loop.time() - started
+        stalled = flusher.stalled_error if flusher is not None else None
+        if (stalled and waited >= stall_grace_s) or waited >= wait_s:
+            break
     if stalled and f"[Errno {errno.ENOSPC}]" in stalled:
         reason = f"disk_full: {stalled}; free space on {daemon.layout.root}"
     elif stalled:
         reason = f"batches cannot be stored: {stalled}; see logs/aggregation.log"
+    else:
+        reason = f"the flush is still running after {wait_s:g} s; it goes on: see `flowagg status`"
     return {"ok": False, "error": reason}
 
 

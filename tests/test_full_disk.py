@@ -97,8 +97,20 @@ def test_a_flush_that_cannot_store_answers_why_in_bounded_time(tmp_path: Path) -
     daemon = types.SimpleNamespace(pipeline=pipeline, layout=Layout(tmp_path))
 
     async def go() -> dict[str, Any]:
-        return await asyncio.wait_for(bounded_flush(daemon, 0.1), 5)  # type: ignore[arg-type]
+        flush = bounded_flush(daemon, wait_s=60, stall_grace_s=0.3)  # type: ignore[arg-type]
+        return await asyncio.wait_for(flush, 5)
 
     reply = asyncio.run(go())
     assert reply["ok"] is False
     assert reply["error"].startswith("disk_full: ") and "free space" in reply["error"]
+
+
+def test_a_slow_flush_that_is_not_stalled_is_waited_for(tmp_path: Path) -> None:
+    async def slow(trigger: str) -> dict[str, int]:
+        await asyncio.sleep(0.6)
+        return {"batches": 1, "entries": 3}
+
+    pipeline = types.SimpleNamespace(flush=slow, flusher=types.SimpleNamespace(stalled_error=None))
+    daemon = types.SimpleNamespace(pipeline=pipeline, layout=Layout(tmp_path))
+    flush = bounded_flush(daemon, wait_s=60, stall_grace_s=0.1)  # type: ignore[arg-type]
+    assert asyncio.run(flush) == {"ok": True, "batches": 1, "entries": 3}
