@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,7 @@ from flowagg.config import load_config
 from flowagg.errors import ConfigError
 from flowagg.fsutil import TEMP_MARK
 from tests.harness import cli
+from tests.test_spool import Rig, line
 
 
 def test_world_writable_root_is_refused_with_the_fix(tmp_path: Path) -> None:
@@ -68,3 +71,35 @@ def test_socket_group_and_allowed_uids_from_file_and_env(tmp_path: Path) -> None
     path.write_text('allowedUids = ["1000"]\n')
     with pytest.raises(ConfigError, match="allowedUids"):
         load_config(config_path=path, environ={})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another uid")
+def test_a_spool_file_the_daemon_cannot_read_is_quarantined_not_retried_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = Rig(tmp_path / "data")
+    dropped = rig.layout.inbox / "other.jsonl"
+    dropped.write_bytes(line(1) + b"\n")
+    os.chown(dropped, 65534, 65534)
+    os.chmod(dropped, 0o600)
+    real_open = os.open
+
+    def as_another_user(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        # What a daemon that is not root meets: another user's 0600 file.
+        if Path(path).parent == rig.layout.journal_spool and os.stat(path).st_uid == 65534:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(spool.os, "open", as_another_user)
+
+    async def go() -> None:
+        await rig.start()
+        try:
+            await rig.scan()
+        finally:
+            await rig.stop()
+
+    asyncio.run(go())
+    reasons = [p.read_text() for p in rig.layout.errors.glob("*.reason.json")]
+    assert len(reasons) == 1 and "unreadable: uid 65534" in reasons[0]
+    assert os.listdir(rig.layout.journal_spool) == []
