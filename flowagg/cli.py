@@ -14,9 +14,9 @@ import orjson
 
 from .client import add_entries
 from .clock import SystemClock
-from .config import SETTINGS, Config, load_client_paths, load_config
+from .config import Config, config_warnings, load_client_paths, load_config
 from .entries import EntryError, parse_entries_text
-from .errors import EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
+from .errors import EXIT_ROOT_UNUSABLE, EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
 from .layout import Layout
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,6 +34,13 @@ def handles_errors(func: F) -> F:
             return func(*args, **kwargs)
         except FlowaggError as exc:
             fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            # A file or folder this user cannot use (another account's root, a full disk).
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(
+                f"{where}{exc.strerror or exc}; check the path and its permissions",
+                EXIT_ROOT_UNUSABLE,
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -56,7 +63,12 @@ def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], 
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", type=click.Path(), help="data root (default ./data, or FLOWAGG_ROOT)")
+# Not readable=True: a shared root is 0710, which the group may pass through but not list.
+@click.option(
+    "--root",
+    type=click.Path(readable=False),
+    help="data root (default ./data, or FLOWAGG_ROOT)",
+)
 @click.option("--config", "config_path", type=click.Path(), help="TOML config file")
 @click.pass_context
 def main(ctx: click.Context, root: str | None, config_path: str | None) -> None:
@@ -147,7 +159,18 @@ def add(
     wait_s: float,
     as_json: bool,
 ) -> None:
-    """Add entries (JSON object, array or JSON lines) from arguments, --file or stdin."""
+    """Add entries (JSON object, array or JSON lines) from arguments, --file or stdin.
+
+    \b
+    One entry (timestamp in ms since the epoch; metadata and entryId optional):
+      {"userId": "alice", "action": "code_edit", "timestamp": 1704067200000,
+       "metadata": {"taskId": "T-42", "duration": 90000}, "entryId": "alice-7f3a"}
+
+    Exit 2 with rejections: the valid entries WERE stored. Send only the rejected ones again;
+    resending all stores the others twice unless each carries an entryId.
+    Exit codes: 0 all accepted, 1 daemon refused, 2 bad input, 3 no daemon, 4 no access
+    or disk full.
+    """
     layout = client_layout(ctx)
     items = _read_input(entries, file)
     if not items:
@@ -195,7 +218,7 @@ def _status_text(s: dict[str, Any]) -> str:
         f"buffered: {b['entries']} entries ({b['bytes']} bytes), {b['inMemory']} in memory",
         f"accepted {c['accepted']}, duplicates {c['duplicates']}, rejected {c['rejected']},"
         f" busy {c['busy']}",
-        f"batches: {batches}; last flush at {last if last else 'never'}",
+        f"batches: {batches}; last flush at {_iso(last) if last else 'never'}",
         f"journal: {j['entries']} entries in {j['syncs']} syncs, {j['segments']} segments",
         f"failed {s['failed']}, abandoned {s['abandoned']}, errors {s['errors']},"
         f" inbox {s['queue']['inbox']}",
@@ -206,6 +229,12 @@ def _status_text(s: dict[str, Any]) -> str:
             f"sink {k['type']}: breaker {k['state']}, delivered {k['delivered']},"
             f" failures {k['failures']}, opened {k['timesOpened']} times"
         )
+    reload = s.get("lastReload")
+    if reload and reload["ok"]:
+        changed = ", ".join(reload["changed"]) or "nothing changed"
+        lines.append(f"last reload at {_iso(reload['at'])}: applied ({changed})")
+    elif reload:
+        lines.append(f"last reload at {_iso(reload['at'])}: REFUSED: {reload['error']}")
     if s["flusher"]["stalledError"]:
         lines.append(f"WARNING: batches cannot be stored: {s['flusher']['stalledError']}")
     return "\n".join(lines)
@@ -251,27 +280,45 @@ def reload(ctx: click.Context, as_json: bool) -> None:
 @main.command("config")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--check", "check_file", type=click.Path(), help="validate a config file and exit")
+@click.option(
+    "--with-env", is_flag=True, help="with --check: let FLOWAGG_* variables override the file"
+)
+@click.option("--running", is_flag=True, help="the running daemon's settings (asks it)")
 @click.pass_context
 @handles_errors
-def config_cmd(ctx: click.Context, as_json: bool, check_file: str | None) -> None:
+def config_cmd(
+    ctx: click.Context, as_json: bool, check_file: str | None, with_env: bool, running: bool
+) -> None:
     """Print the effective configuration and where each value came from."""
+    from .ops import config_report
+
     if check_file:
-        load_config(flags={"root": ctx.obj["root"]}, config_path=check_file)
+        # The file alone, unless asked: a FLOWAGG_* variable in this shell would hide a
+        # mistake the daemon's environment does not.
+        environ = None if with_env else {}
+        checked = load_config(
+            flags={"root": ctx.obj["root"]}, config_path=check_file, environ=environ
+        )
+        for warning in config_warnings(checked):
+            click.echo(f"flowagg: warning: {warning}", err=True)
         click.echo(f"{check_file}: ok")
         return
-    config = get_config(ctx)
-    data = {
-        "configFile": str(config.config_file) if config.config_file else None,
-        "settings": {
-            key: {"value": config.values[key], "source": config.sources[key]} for key in SETTINGS
-        },
-    }
+    if running:
+        data = _daemon_request(ctx, {"op": "config"})
+        data.pop("ok", None)
+    else:
+        config = get_config(ctx)
+        for warning in config_warnings(config):
+            click.echo(f"flowagg: warning: {warning}", err=True)
+        data = config_report(config)
 
     def human(d: dict[str, Any]) -> str:
-        width = max(len(k) for k in SETTINGS)
+        width = max(len(k) for k in d["settings"])
         rows = [f"# config file: {d['configFile'] or 'none'}"]
         for key, item in d["settings"].items():
-            rows.append(f"{key:<{width}}  {item['value']!s:<14}  {item['source']}")
+            value = item["value"]
+            shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+            rows.append(f"{key:<{width}}  {shown!s:<14}  {item['source']}")
         return "\n".join(rows)
 
     emit(data, as_json, human)
@@ -362,19 +409,34 @@ def health(ctx: click.Context, as_json: bool) -> None:
         disk = sys_h["diskSpace"]
         agg = s["aggregatorHealth"]
         lines = [
-            f"status: {s['status']} ({s['severity']}) at {_iso(s['timestamp'])}",
+            f"status: {_status_word(s)} at {_iso(s['timestamp'])}",
             *[f"  ! {issue}" for issue in s["issues"]],
             f"queue: buffered {q['buffered']}, failed {q['failed']}, abandoned {q['abandoned']},"
             f" errors {q['errors']}, inbox {q['inbox']}",
             f"batches: {agg['totalOperations']}, success rate {agg['successRate']:.1%},"
             f" retries {agg['retryCount']}",
-            f"disk: {disk['available'] / 2**30:.1f} GiB free of {disk['total'] / 2**30:.1f} GiB;"
-            f" daemon RSS {sys_h['processRss'] / 2**20:.0f} MiB",
+            f"disk: {_size(disk['available'])} free of {_size(disk['total'])};"
+            f" daemon RSS {_size(sys_h['processRss'])}",
         ]
         return "\n".join(lines)
 
     emit(snapshot, as_json, human)
     sys.exit(EXIT_BY_STATUS.get(snapshot.get("status", ""), 2))
+
+
+def _status_word(snapshot: dict[str, Any]) -> str:
+    status, severity = snapshot.get("status"), snapshot.get("severity")
+    return f"{status}" if severity in (None, status) else f"{status} ({severity})"
+
+
+def _size(count: Any) -> str:
+    """Bytes in the unit that keeps a small disk readable (0.5 MiB, not 0.0 GiB)."""
+    if not isinstance(count, int | float):
+        return "unknown"
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count:.0f} bytes"
 
 
 def _is_running(snapshot: dict[str, Any]) -> bool:

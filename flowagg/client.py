@@ -2,19 +2,68 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import pwd
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 from .clock import EntryIdFactory, SystemClock
+from .config import group_name
 from .entries import EntryError, validate_entry
-from .errors import DaemonError, NotRunningError
+from .errors import DaemonError, NotRunningError, RootUnusableError
 from .fsutil import fsync_dir
 from .layout import Layout
+
+# Modes a spool file gets in a shared inbox/: the daemon reads it through the group.
+SHARED_SPOOL_MODE = 0o640
+PRIVATE_SPOOL_MODE = 0o600
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def access_denied(path: Path, what: str) -> RootUnusableError:
+    """Permission denied on the socket or inbox/: name the group that would let this user in."""
+    user = _user()
+    for candidate in (path, *path.parents):
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        if st.st_mode & stat.S_IRWXG:
+            group = group_name(st.st_gid)
+            return RootUnusableError(
+                f"permission denied on {what} {path}: you ({user}) are not in the {group} group;"
+                f" ask an admin to run `usermod -aG {group} {user}`, then log in again"
+            )
+        break
+    return RootUnusableError(
+        f"permission denied on {what} {path}: the daemon serves only its own user; ask an admin"
+        " to set socketGroup (README: Running under systemd) or run as the daemon's user"
+    )
+
+
+def _gone_socket(socket_path: Path) -> str | None:
+    """The message for a live daemon whose socket file was deleted, else None."""
+    try:
+        pid = int((socket_path.parent / "flowagg.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if not psutil.pid_exists(pid):
+        return None
+    return f"pid {pid} runs but its socket {socket_path} is gone; send it SIGHUP or restart it"
 
 
 class Client:
@@ -26,8 +75,14 @@ class Client:
         sock.settimeout(timeout)
         try:
             sock.connect(str(socket_path))
+        except PermissionError:
+            sock.close()
+            raise access_denied(socket_path, "the socket") from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
+            gone = _gone_socket(socket_path) if isinstance(exc, FileNotFoundError) else None
+            if gone:
+                raise NotRunningError(gone) from None
             raise NotRunningError(
                 f"no flowagg daemon answers on {socket_path} ({exc.strerror});"
                 " start it with `flowagg run` or pass --root"
@@ -42,7 +97,9 @@ class Client:
 
     def request(self, payload: dict[str, Any]) -> dict[str, Any]:
         try:
-            self._sock.sendall(orjson.dumps(payload) + b"\n")
+            # A daemon that refuses this peer answers and closes: its reason is still read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._sock.sendall(orjson.dumps(payload) + b"\n")
             line = self._file.readline()
         except TimeoutError:
             raise DaemonError(
@@ -74,23 +131,57 @@ def request(layout: Layout, payload: dict[str, Any], *, timeout: float = 60.0) -
 def write_spool_file(layout: Layout, entries: list[Any], *, name: str | None = None) -> Path:
     """Drop entries into inbox/ the documented way: write <name>.tmp, fsync, rename, fsync dir.
 
-    The rename is the acknowledgement (SPEC §4.2).
+    The rename is the acknowledgement (SPEC §4.2). Any failure leaves no temp file behind and
+    is one line naming the cause (exit 4).
     """
-    if not layout.inbox.is_dir():
+    try:
+        inbox_st = os.stat(layout.inbox)
+    except PermissionError:
+        raise access_denied(layout.inbox, "the spool folder") from None
+    except OSError:
         raise NotRunningError(
             f"{layout.inbox} does not exist; start the daemon once to create the data root"
-        )
+        ) from None
+    # In a shared inbox/ the daemon may be another user: it reads the file through the group.
+    shared = bool(inbox_st.st_mode & stat.S_IWGRP)
+    mode = SHARED_SPOOL_MODE if shared else PRIVATE_SPOOL_MODE
     base = name or f"{time.time_ns() // 1_000_000}-{os.getpid()}-{os.urandom(4).hex()}"
     final = layout.inbox / f"{base}.jsonl"
     tmp = layout.inbox / f"{base}.jsonl.tmp"
     data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, final)
-    fsync_dir(layout.inbox)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    except PermissionError:
+        raise access_denied(layout.inbox, "the spool folder") from None
+    except OSError as exc:
+        raise _spool_error(layout, exc) from None
+    try:
+        with open(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)  # the umask must not take the group's read bit
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, final)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _spool_error(layout, exc) from None
+    with contextlib.suppress(OSError):
+        # Renamed is acknowledged; a failed directory fsync only narrows power-loss safety.
+        fsync_dir(layout.inbox)
     return final
+
+
+def _spool_error(layout: Layout, exc: OSError) -> RootUnusableError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RootUnusableError(
+            f"cannot write a spool file in {layout.inbox}: disk full ({exc.strerror});"
+            " nothing was spooled: free space and add again"
+        )
+    return RootUnusableError(
+        f"cannot write a spool file in {layout.inbox}: {exc.strerror or exc}; nothing was"
+        " spooled: fix the folder and add again"
+    )
 
 
 # At most the default maxRequestEntries (10000); a daemon set lower makes the client split.

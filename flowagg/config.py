@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import grp
 import math
 import os
 import re
 import shlex
+import shutil
 import tomllib
 import urllib.parse
 from collections.abc import Mapping
@@ -80,6 +82,12 @@ SETTINGS: dict[str, Setting] = {
     "sinkTimeoutMs": Setting(10_000, int, 1, 3_600_000, "sink call timeout"),
     "breakerFailures": Setting(5, int, 1, 1_000_000, "consecutive sink failures that open"),
     "breakerCooldownMs": Setting(30_000, int, 1, DAY_MS, "open breaker's wait before a trial"),
+    "socketGroup": Setting(
+        "", str, help="group (name or gid) that may use the socket and inbox/ (empty: owner only)"
+    ),
+    "allowedUids": Setting(
+        (), tuple, help="uids the socket serves besides the daemon's own (empty: any that reach it)"
+    ),
 }
 
 SINK_TYPES = ("none", "http", "command")
@@ -96,6 +104,8 @@ class Config:
     values: Mapping[str, Any]
     sources: Mapping[str, str]
     config_file: Path | None
+    # `root` as the file says it, when a flag or the environment chose another.
+    file_root: str | None = None
 
     def __getattr__(self, name: str) -> Any:
         key = _snake_to_camel(name)
@@ -119,9 +129,21 @@ def _snake_to_camel(name: str) -> str:
 
 
 def _coerce(key: str, raw: Any, origin: str) -> Any:
+    """Check one value. Only environment variables and flags are text, so only they are parsed:
+    a TOML file has types, and `batchSize = "7"` there is a mistake to point out."""
     setting = SETTINGS[key]
     value: Any
-    if setting.kind is int:
+    from_file = origin.startswith("file ")
+    if from_file and isinstance(raw, str) and setting.kind in (int, float, tuple):
+        kind = {int: "an integer", float: "a number", tuple: "an array of integers"}[setting.kind]
+        raise ConfigError(
+            f"{key} ({origin}): must be {kind}, got the string {raw!r}; drop the quotes"
+        )
+    if key == "socketGroup" and from_file and isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)  # a gid
+    if setting.kind is tuple:
+        value = _uid_list(key, raw, origin)
+    elif setting.kind is int:
         if isinstance(raw, str):
             try:
                 raw = int(raw.replace("_", ""))
@@ -161,7 +183,44 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
         raise ConfigError(f"logLevel ({origin}): must be one of {', '.join(LOG_LEVELS)}")
     if key == "sinkType" and value not in SINK_TYPES:
         raise ConfigError(f"sinkType ({origin}): must be one of {', '.join(SINK_TYPES)}")
+    if key == "socketGroup" and value:
+        resolve_group(value, origin)
     return value
+
+
+def _uid_list(key: str, raw: Any, origin: str) -> tuple[int, ...]:
+    if isinstance(raw, str):  # environment or flag: "1000,1001"
+        try:
+            raw = [int(word) for word in re.split(r"[\s,]+", raw.strip()) if word]
+        except ValueError:
+            raise ConfigError(
+                f"{key} ({origin}): must be uids separated by commas, got {raw!r}; fix the value"
+            ) from None
+    if not isinstance(raw, list | tuple) or not all(
+        isinstance(uid, int) and not isinstance(uid, bool) and uid >= 0 for uid in raw
+    ):
+        raise ConfigError(
+            f"{key} ({origin}): must be an array of uids (integers >= 0), got {raw!r}"
+        )
+    return tuple(raw)
+
+
+def resolve_group(value: str, origin: str = "socketGroup") -> int:
+    """The gid of a group name or number; a group this machine does not know is refused."""
+    try:
+        return grp.getgrgid(int(value)).gr_gid if value.isdigit() else grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"socketGroup ({origin}): no group {value!r} on this machine; create it"
+            f" (`groupadd {value}`) or fix the name"
+        ) from None
+
+
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -194,6 +253,14 @@ def _suggest(key: str) -> str:
     return f"did you mean {close[0]!r}?" if close else "see `flowagg config` for the known keys"
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, except that a folder this user may not look into has no file either."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        return False
+
+
 def load_client_paths(
     *,
     root: str | None,
@@ -212,7 +279,7 @@ def load_client_paths(
     file_path = config_path or env.get("FLOWAGG_CONFIG")
     if not file_path:
         candidate = Path(chosen_root or SETTINGS["root"].default) / "flowagg.toml"
-        file_path = candidate if candidate.is_file() else None
+        file_path = candidate if _is_file(candidate) else None
     if file_path and (chosen_root is None or run_dir is None):
         try:
             data = tomllib.loads(Path(file_path).read_bytes().decode("utf-8", "replace"))
@@ -254,13 +321,15 @@ def load_config(
         file_path = Path(env["FLOWAGG_CONFIG"])
     else:
         candidate = Path(root_guess or SETTINGS["root"].default) / "flowagg.toml"
-        if candidate.is_file():
+        if _is_file(candidate):
             file_path = candidate
 
+    file_root: str | None = None
     if file_path is not None:
         for key, raw in read_toml(file_path).items():
             values[key] = _coerce(key, raw, f"file {file_path}")
             sources[key] = f"file {file_path}"
+        file_root = values["root"] if sources["root"] != "default" else None
     for key in SETTINGS:
         name = env_name(key)
         if name in env:
@@ -273,7 +342,30 @@ def load_config(
         sources[key] = "flag"
     values["logLevel"] = values["logLevel"].upper()
     _check_sink(values, sources)
-    return Config(values=values, sources=sources, config_file=file_path)
+    return Config(values=values, sources=sources, config_file=file_path, file_root=file_root)
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but will not do what they seem to (said at start and by
+    `flowagg config`): nothing here stops the daemon."""
+    warnings = []
+    if config.values["sinkType"] == "command":
+        program = shlex.split(config.values["sinkCommand"])[0]
+        if shutil.which(program) is None:
+            warnings.append(
+                f"sinkCommand ({config.sources['sinkCommand']}): program {program!r} is not found"
+                f" on PATH ({os.environ.get('PATH', '')}); every batch will fail until it is:"
+                " use an absolute path (under systemd, ProtectHome and PrivateTmp hide /home"
+                " and /tmp)"
+            )
+    if config.file_root is not None:
+        in_file = Path(config.file_root).expanduser().absolute()
+        if in_file != config.root_path:
+            warnings.append(
+                f"root: the config file {config.config_file} says {in_file}, but"
+                f" {config.root_path} is in use ({config.sources['root']}); make them agree"
+            )
+    return warnings
 
 
 def _check_url(url: str, source: str) -> None:

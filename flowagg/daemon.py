@@ -24,7 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from . import __version__
 from .cleanup import apply_cleanup, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
-from .config import Config
+from .config import Config, config_warnings
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
 from .fsutil import atomic_write, remove_stale_temps
 from .health import (
@@ -93,6 +93,8 @@ class Daemon:
         self.server: SocketServer | None = None
         self.spool: SpoolIntake | None = None
         self.stopping = False
+        self.socket_recreated = 0
+        self.last_reload: dict[str, Any] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock: filelock.BaseFileLock | None = None
 
@@ -133,12 +135,18 @@ class Daemon:
         # The journal writer and the flusher wait for the GIL after every system call; with
         # the default 5 ms switch interval a busy event loop starves them.
         sys.setswitchinterval(0.0005)
-        self.acquire()
+        # Files 0600 and folders 0700 whatever the caller's umask (log files are made by
+        # logging, which takes the umask); the shared folders get their mode explicitly.
+        old_umask = os.umask(0o077)
         try:
-            setup_logging(self.layout, self.config)
-            return asyncio.run(self._main())
+            self.acquire()
+            try:
+                setup_logging(self.layout, self.config)
+                return asyncio.run(self._main())
+            finally:
+                self.release()
         finally:
-            self.release()
+            os.umask(old_umask)
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -154,6 +162,8 @@ class Daemon:
         self.started_mono = self.clock.monotonic()
         started = time.perf_counter()
         log.info("flowagg %s starting on %s (pid %d)", __version__, self.layout.root, os.getpid())
+        for warning in config_warnings(self.config):
+            log.warning("config: %s", warning)
         removed = remove_stale_temps(self.layout.private_dirs())
         if removed:
             log.info("removed %d stale temp files", len(removed))
@@ -199,6 +209,8 @@ class Daemon:
             max_request_bytes=self.config.max_request_bytes,
             max_request_entries=self.config.max_request_entries,
             max_connections=self.config.max_connections,
+            group=self.layout.group,
+            allowed_uids=self.config.allowed_uids,
         )
         await self.server.start()
         await self.spool.start()
@@ -218,6 +230,19 @@ class Daemon:
         removed = self.pipeline.compact_journal()
         if removed:
             log.info("journal: removed %d stored segments", removed)
+
+    async def check_socket(self) -> None:
+        """Listen again if the socket file was deleted (a cleaned /run, a careless rm)."""
+        if self.server is None:
+            return
+        try:
+            recreated = await self.server.relisten()
+        except RootUnusableError as exc:
+            log.error("the socket %s is gone and cannot be made again: %s", self.server.path, exc)
+            return
+        if recreated:
+            self.socket_recreated += 1
+            log.warning("the socket %s was gone; listening on it again", self.server.path)
 
     async def scheduled_recovery(self) -> None:
         await self.recover(force=False)
@@ -365,6 +390,7 @@ class Daemon:
         log.info("SIGUSR1 flush: %d batches, %d entries", result["batches"], result["entries"])
 
     async def handle_hup(self) -> None:
+        await self.check_socket()
         self.reload()
 
     def reload(self) -> dict[str, Any]:
@@ -377,13 +403,23 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload refused, the running config is unchanged: %s", exc)
             notify("READY=1")
+            # `systemctl reload` cannot show this: status does.
+            self.last_reload = {"at": self.clock.now_ms(), "ok": False, "error": str(exc)}
             return {"ok": False, "error": f"reload refused: {exc}; the running config is unchanged"}
         merged, changed, restart = merge_reload(self.config, new)
+        for warning in config_warnings(new):
+            log.warning("config: %s", warning)
         self.apply_config(merged, changed)
         if restart:
             log.warning("reload: %s change only at the next start", ", ".join(restart))
         log.info("reload: applied %s", ", ".join(changed) or "no changes")
         notify("READY=1")
+        self.last_reload = {
+            "at": self.clock.now_ms(),
+            "ok": True,
+            "changed": changed,
+            "needsRestart": restart,
+        }
         return {"ok": True, "changed": changed, "needsRestart": restart}
 
     def apply_config(self, config: Config, changed: list[str]) -> None:
@@ -396,6 +432,8 @@ class Daemon:
             self.sink = build_sink(config, self.clock)
         if self.spool is not None:
             self.spool.rescan_s = config.spool_rescan_ms / 1000
+        if self.server is not None:
+            self.server.allowed_uids = config.allowed_uids
         logging.getLogger("flowagg").setLevel(config.log_level)
         if self._scheduler is not None:
             reschedule(self._scheduler, config, changed)

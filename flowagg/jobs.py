@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .daemon import Daemon
 
 MAINTENANCE_INTERVAL_S = 60.0
+SOCKET_CHECK_S = 3.0
 CLEANUP_INTERVAL_S = 86_400.0
 # Jobs whose interval a reload may change: job id -> setting.
 RESCHEDULABLE = {"recovery": "scheduleIntervalMs", "health": "healthCheckIntervalMs"}
@@ -55,7 +56,16 @@ def start_scheduler(daemon: Daemon) -> AsyncIOScheduler:
         next_run_time=_utcnow(),
         id="health",
     )
-    scheduler.add_job(daemon.run_cleanup, "interval", seconds=CLEANUP_INTERVAL_S, id="cleanup")
+    # At start too (a daemon restarted daily would otherwise never clean up); the scheduler
+    # runs its first pass after READY, off the start path.
+    scheduler.add_job(
+        daemon.run_cleanup,
+        "interval",
+        seconds=CLEANUP_INTERVAL_S,
+        next_run_time=_utcnow(),
+        id="cleanup",
+    )
+    scheduler.add_job(daemon.check_socket, "interval", seconds=SOCKET_CHECK_S, id="socket")
     scheduler.add_job(
         daemon.maintenance, "interval", seconds=MAINTENANCE_INTERVAL_S, id="maintenance"
     )

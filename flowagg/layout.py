@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 
 from .errors import RootUnusableError
 from .fsutil import fsync_dir
 
 ROOT_MODE = 0o700
+# With socketGroup the group may pass through the root to inbox/ (but not list it), drop files
+# into inbox/ (setgid, so files keep the group the daemon reads them by) and reach the socket.
+SHARED_ROOT_MODE = 0o710
+SHARED_INBOX_MODE = 0o2770
+SHARED_RUN_MODE = 0o750
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,13 +24,19 @@ class Layout:
     # Socket, pid and lock. Apart from the root because a Unix socket cannot be bound on
     # every file system (FUSE, NFS); systemd's RuntimeDirectory gives /run/flowagg.
     run_dir: Path | None = None
+    # socketGroup's gid: shares the root (to traverse), inbox/ and the run dir with it.
+    group: int | None = None
 
     @classmethod
     def for_config(cls, config: object) -> Layout:
-        run = config.values["runDir"]  # type: ignore[attr-defined]
+        from .config import resolve_group
+
+        values = config.values  # type: ignore[attr-defined]
+        run = values["runDir"]
         return cls(
             config.root_path,  # type: ignore[attr-defined]
             Path(run).expanduser().absolute() if run else None,
+            resolve_group(values["socketGroup"]) if values["socketGroup"] else None,
         )
 
     @property
@@ -97,6 +109,7 @@ class Layout:
         """Directories whose temp files belong to flowagg (inbox temps belong to clients)."""
         return [
             self.journal,
+            self.journal_spool,
             self.aggregated,
             self.recovery,
             self.abandoned,
@@ -104,6 +117,19 @@ class Layout:
             self.health,
             self.run,
         ]
+
+    def access(self, directory: Path) -> tuple[int, int | None]:
+        """(mode, group or None to leave it) a folder must have: shared ones go to the group."""
+        if self.group is None:
+            return ROOT_MODE, None
+        shared = {
+            self.root: SHARED_ROOT_MODE,
+            self.inbox: SHARED_INBOX_MODE,
+            self.run: SHARED_RUN_MODE,
+        }
+        if directory in shared:
+            return shared[directory], self.group
+        return ROOT_MODE, None
 
     def prepare(self) -> None:
         """Create the root (0700) and its folders, or raise RootUnusableError (exit 4)."""
@@ -132,8 +158,15 @@ class Layout:
                 f"data root {root} is owned by uid {st.st_uid}, not {os.geteuid()};"
                 " run as its owner or choose another --root"
             )
+        if st.st_mode & stat.S_IWOTH:
+            mode = self.access(root)[0]
+            raise RootUnusableError(
+                f"data root {root} is world-writable (mode {stat.S_IMODE(st.st_mode):04o}), so"
+                f" anyone could replace its files; run `chmod {mode:04o} {root}`"
+            )
         if not os.access(root, os.W_OK | os.X_OK):
             raise RootUnusableError(f"data root {root} is not writable; fix its permissions")
+        self._secure(root)
         for directory in self.all_dirs():
             try:
                 directory.mkdir(mode=ROOT_MODE)
@@ -149,6 +182,7 @@ class Layout:
                 raise RootUnusableError(
                     f"data root {root}: {directory} is not a directory; move it away"
                 )
+            self._secure(directory)
         # A new folder lives in its parent's entries: unsynced, a power cut could take it away
         # with the files fsync'd into it.
         for folder in dict.fromkeys(d.parent for d in created):
@@ -158,3 +192,27 @@ class Layout:
                 raise RootUnusableError(
                     f"data root {root}: cannot fsync {folder} ({exc.strerror}); check permissions"
                 ) from None
+
+    def _secure(self, directory: Path) -> None:
+        """Give a folder its mode (and group): a root shared once and then unshared, or a
+        folder made under a loose umask, must not stay open to others."""
+        from .config import group_name
+
+        mode, gid = self.access(directory)
+        st = directory.stat()
+        try:
+            if gid is not None and st.st_gid != gid:
+                os.chown(directory, -1, gid)
+            if stat.S_IMODE(st.st_mode) != mode or gid is not None:
+                os.chmod(directory, mode)
+        except OSError as exc:
+            if gid is None:
+                raise RootUnusableError(
+                    f"cannot make {directory} private (chmod {mode:04o}: {exc.strerror});"
+                    " run the daemon as the folder's owner"
+                ) from None
+            name = group_name(gid)
+            raise RootUnusableError(
+                f"cannot share {directory} with group {name} ({exc.strerror}): the daemon's user"
+                f" must be in it; run `usermod -aG {name} <daemon user>` or clear socketGroup"
+            ) from None

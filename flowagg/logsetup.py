@@ -5,11 +5,63 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
+import time
+from typing import TextIO
 
 from .config import Config
 from .layout import Layout
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# At most one "cannot write the log" line per this many seconds, however often the disk
+# flips between full and not.
+REPORT_INTERVAL_S = 60.0
+
+
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file that, when it cannot be written (a full disk), says so once on
+    stderr instead of logging's multi-line "--- Logging error ---" for every record, and says
+    again when writing works."""
+
+    def __init__(self, *args: object, report_to: TextIO | None = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.report_to = report_to
+        self.failing = False
+        self.lost = 0
+        self._reported = False
+        self._last_report = -REPORT_INTERVAL_S
+        self._error: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._error = None
+        super().emit(record)
+        if self._error is None and self.failing:
+            self.failing = False
+            if self._reported:
+                self._say(f"writing {self.baseFilename} works again; {self.lost} lines were lost")
+            self.lost = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._error = sys.exc_info()[1]
+        self.lost += 1
+        if self.failing:
+            return
+        self.failing = True
+        now = time.monotonic()
+        self._reported = now - self._last_report >= REPORT_INTERVAL_S
+        if self._reported:
+            self._last_report = now
+            self._say(
+                f"cannot write {self.baseFilename} ({self._error}); log lines are dropped until"
+                " it works again (free space if the disk is full)"
+            )
+
+    def _say(self, text: str) -> None:
+        out = self.report_to or sys.stderr
+        try:
+            out.write(f"flowagg: {text}\n")
+            out.flush()
+        except (OSError, ValueError):
+            pass  # stderr is gone too: nothing left to tell
 
 
 def setup_logging(layout: Layout, config: Config) -> None:
@@ -17,7 +69,7 @@ def setup_logging(layout: Layout, config: Config) -> None:
     formatter = logging.Formatter(LOG_FORMAT)
 
     def rotating(name: str) -> logging.Handler:
-        handler = logging.handlers.RotatingFileHandler(
+        handler = LogFileHandler(
             layout.logs / name,
             maxBytes=config.log_max_bytes,
             backupCount=config.log_backups,

@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .config import SETTINGS, Config
 from .entries import short_repr
 from .fsutil import count_files
 from .recovery import check_batch_id
-from .server import stopping_reply
+from .server import Peer, stopping_reply
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
+log = logging.getLogger("flowagg.ops")
 
-async def handle_request(daemon: Daemon, request: dict[str, Any]) -> dict[str, Any]:
+# A socket flush answers with the reason once batches have failed to store for
+# FLUSH_STALL_GRACE_S, and at the latest after FLUSH_REPLY_WAIT_S (under the client's 60 s),
+# instead of leaving the client to time out. The flush itself goes on.
+FLUSH_STALL_GRACE_S = 2.0
+FLUSH_REPLY_WAIT_S = 45.0
+FLUSH_POLL_S = 0.25
+STATE_CHANGING = ("flush", "recover", "reload")
+
+
+async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
     """One socket request; the reply is one JSON object."""
     assert daemon.pipeline is not None
     op = request.get("op")
+    if op in STATE_CHANGING:
+        log.info("%s requested by %s", op, peer)
     if op == "add":
         entries = request.get("entries")
         if not isinstance(entries, list):
@@ -29,7 +45,7 @@ async def handle_request(daemon: Daemon, request: dict[str, Any]) -> dict[str, A
     if op == "ping":
         return {"ok": True}
     if op == "flush":
-        return {"ok": True, **(await daemon.pipeline.flush("manual"))}
+        return await bounded_flush(daemon)
     if op == "status":
         return {"ok": True, **daemon_status(daemon)}
     if op == "recover":
@@ -49,11 +65,51 @@ async def handle_request(daemon: Daemon, request: dict[str, Any]) -> dict[str, A
         return {"ok": True, **daemon.health_snapshot()}
     if op == "reload":
         return daemon.reload()
+    if op == "config":
+        return {"ok": True, **config_report(daemon.config)}
     return {
         "ok": False,
         "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
-        " reload or ping",
+        " reload, config or ping",
     }
+
+
+def config_report(config: Config) -> dict[str, Any]:
+    """`flowagg config`: every setting, its value and where it came from."""
+    return {
+        "configFile": str(config.config_file) if config.config_file else None,
+        "settings": {
+            key: {"value": config.values[key], "source": config.sources[key]} for key in SETTINGS
+        },
+    }
+
+
+async def bounded_flush(
+    daemon: Daemon, wait_s: float = FLUSH_REPLY_WAIT_S, stall_grace_s: float = FLUSH_STALL_GRACE_S
+) -> dict[str, Any]:
+    """A manual flush's reply: its counts, or why batches are not stored yet."""
+    assert daemon.pipeline is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    flush = asyncio.ensure_future(daemon.pipeline.flush("manual"))
+    flusher = daemon.pipeline.flusher
+    stalled: str | None = None
+    while True:
+        try:
+            return {"ok": True, **(await asyncio.wait_for(asyncio.shield(flush), FLUSH_POLL_S))}
+        except TimeoutError:
+            pass
+        waited = loop.time() - started
+        stalled = flusher.stalled_error if flusher is not None else None
+        if (stalled and waited >= stall_grace_s) or waited >= wait_s:
+            break
+    if stalled and f"[Errno {errno.ENOSPC}]" in stalled:
+        reason = f"disk_full: {stalled}; free space on {daemon.layout.root}"
+    elif stalled:
+        reason = f"batches cannot be stored: {stalled}; see logs/aggregation.log"
+    else:
+        reason = f"the flush is still running after {wait_s:g} s; it goes on: see `flowagg status`"
+    return {"ok": False, "error": reason}
 
 
 def daemon_status(daemon: Daemon) -> dict[str, Any]:
@@ -84,7 +140,10 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
             "tooManyEntries": daemon.server.too_many_entries if daemon.server else 0,
             "connections": daemon.server.connections if daemon.server else 0,
             "refusedConnections": daemon.server.refused_connections if daemon.server else 0,
+            "refusedPeers": daemon.server.refused_peers if daemon.server else 0,
+            "recreated": daemon.socket_recreated,
         },
+        "lastReload": daemon.last_reload,
         "failed": queue["failed"],
         "abandoned": queue["abandoned"],
         "errors": queue["errors"],

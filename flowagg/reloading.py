@@ -13,6 +13,7 @@ RESTART_ONLY = (
     "maxConnections",
     "logMaxBytes",
     "logBackups",
+    "socketGroup",
 )
 
 

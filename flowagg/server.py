@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
 import re
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,9 @@ from .errors import RootUnusableError
 
 log = logging.getLogger("flowagg.server")
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 SOCKET_MODE = 0o600
+GROUP_SOCKET_MODE = 0o660
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 STOPPING_RETRY_AFTER_MS = 1000
@@ -78,6 +82,33 @@ def largest_top_array(shape: bytes) -> int:
     return largest
 
 
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """Who is on the other end of a connection, as the kernel saw it at connect time."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        return f"uid {self.uid} gid {self.gid} pid {self.pid}"
+
+
+UNKNOWN_PEER = Peer(0, -1, -1)
+
+
+def peer_of(writer: asyncio.StreamWriter) -> Peer:
+    sock = writer.get_extra_info("socket")
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except (AttributeError, OSError):
+        return UNKNOWN_PEER
+    return Peer(*_UCRED.unpack(raw))
+
+
+Handler = Callable[[dict[str, Any], Peer], Awaitable[dict[str, Any]]]
+
+
 class SocketServer:
     def __init__(
         self,
@@ -87,9 +118,13 @@ class SocketServer:
         max_request_bytes: int,
         max_request_entries: int,
         max_connections: int,
+        group: int | None = None,
+        allowed_uids: tuple[int, ...] = (),
     ) -> None:
         self.path = path
         self.handler = handler
+        self.group = group
+        self.allowed_uids = allowed_uids
         self.max_request_bytes = max_request_bytes
         self.max_request_entries = max_request_entries
         self.max_connections = max_connections
@@ -102,6 +137,8 @@ class SocketServer:
         self.bad_requests = 0
         self.too_many_entries = 0
         self.refused_connections = 0
+        self.refused_peers = 0
+        self._inode: int | None = None
 
     @property
     def connections(self) -> int:
@@ -118,9 +155,12 @@ class SocketServer:
         # Only the lock holder gets here, so a socket file left by a dead daemon is stale.
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        self._server = await self._listen()
+
+    async def _listen(self) -> asyncio.AbstractServer:
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
         try:
-            self._server = await asyncio.start_unix_server(
+            server = await asyncio.start_unix_server(
                 self._serve, path=str(self.path), limit=self.max_request_bytes
             )
         except OSError as exc:
@@ -132,7 +172,37 @@ class SocketServer:
             ) from None
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, SOCKET_MODE)
+        try:
+            # The group first, the group's bits second: at no moment can the wrong group connect.
+            if self.group is not None:
+                os.chown(self.path, -1, self.group)
+            os.chmod(self.path, GROUP_SOCKET_MODE if self.group is not None else SOCKET_MODE)
+        except OSError as exc:
+            server.close()
+            raise RootUnusableError(
+                f"cannot give the socket {self.path} to group {self.group}: {exc.strerror};"
+                " the daemon's user must be in socketGroup (usermod -aG)"
+            ) from None
+        self._inode = os.stat(self.path).st_ino
+        return server
+
+    def socket_missing(self) -> bool:
+        """True when the socket file is gone or replaced (someone cleaned the run dir)."""
+        try:
+            return os.stat(self.path).st_ino != self._inode
+        except FileNotFoundError:
+            return True
+
+    async def relisten(self) -> bool:
+        """Listen again when the socket file is gone; open connections keep going. True if
+        it was recreated."""
+        if self._server is None or self._stopping or not self.socket_missing():
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old, self._server = self._server, await self._listen()
+        old.close()
+        return True
 
     async def stop(self, *, grace_s: float, close_s: float) -> None:
         """Stop accepting; give requests in progress `grace_s`, then answer them `stopping`;
@@ -164,6 +234,7 @@ class SocketServer:
         if self._stopping or len(self._conns) >= self.max_connections:
             await self._refuse(writer)
             return
+        peer = peer_of(writer)
         self._conns[conn] = writer
         try:
             while not self._stopping:
@@ -185,7 +256,12 @@ class SocketServer:
                     return
                 if not line.strip():
                     continue
-                await self._reply(writer, await self._answer(conn, line))
+                if not self._allowed(peer):
+                    # Answered after a request arrives, so the client reads the reason instead
+                    # of a reset connection.
+                    await self._reply(writer, self._not_allowed(peer))
+                    return
+                await self._reply(writer, await self._answer(conn, line, peer))
         except (ConnectionError, asyncio.CancelledError):
             return
         finally:
@@ -193,9 +269,9 @@ class SocketServer:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _answer(self, conn: asyncio.Task[Any], line: bytes) -> dict[str, Any]:
+    async def _answer(self, conn: asyncio.Task[Any], line: bytes, peer: Peer) -> dict[str, Any]:
         """Run one request in its own task, so a stop can answer for it without waiting."""
-        request = asyncio.ensure_future(self._handle_line(line))
+        request = asyncio.ensure_future(self._handle_line(line, peer))
         self._busy[conn] = request
         try:
             return await asyncio.shield(request)
@@ -206,6 +282,17 @@ class SocketServer:
             return stopping_reply()
         finally:
             self._busy.pop(conn, None)
+
+    def _allowed(self, peer: Peer) -> bool:
+        return not self.allowed_uids or peer.uid in self.allowed_uids or peer.uid == os.geteuid()
+
+    def _not_allowed(self, peer: Peer) -> dict[str, Any]:
+        self.refused_peers += 1
+        log.warning("refused a request from %s: not in allowedUids", peer)
+        return _error(
+            f"not_allowed: uid {peer.uid} is not in this daemon's allowedUids; ask its admin"
+            " to add it"
+        )
 
     def _too_many_entries(self, count: int) -> dict[str, Any]:
         """Refused whole: validating each item would cost memory per item."""
@@ -232,7 +319,7 @@ class SocketServer:
             await self._reply(writer, reply)
         writer.close()
 
-    async def _handle_line(self, line: bytes) -> dict[str, Any]:
+    async def _handle_line(self, line: bytes, peer: Peer = UNKNOWN_PEER) -> dict[str, Any]:
         self.requests += 1
         limit = self.max_request_entries
         if len(line) >= PRECHECK_BYTES and line.count(b",") >= limit:
@@ -259,7 +346,7 @@ class SocketServer:
         if isinstance(entries, list) and len(entries) > limit:
             return self._too_many_entries(len(entries))
         try:
-            return await self.handler(request)
+            return await self.handler(request, peer)
         except Exception:
             log.exception("request failed: op=%s", short_repr(request.get("op")))
             return _error("internal error; see logs/aggregation.log")

@@ -33,7 +33,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .fsutil import (
+    FILE_MODE,
     REASON_SUFFIX,
+    TEMP_MARK,
     display_name,
     fit_name,
     fsync_dir,
@@ -191,6 +193,58 @@ def parse_lines(lines: list[Line], max_line: int) -> tuple[list[Any], list[Line]
             continue
         sources.append(line)
     return items, sources, problems
+
+
+def take_over(path: Path, fd: int) -> int:
+    """Make an adopted file the daemon's own (its uid, mode 0600); returns the fd to read.
+
+    A file another account dropped into a shared inbox/ still belongs to it after the
+    rename: it could rewrite it while it is read. A root daemon chowns it; any other copies
+    it (same bytes, so journaled offsets stay valid) and renames the copy over it.
+    """
+    st = os.fstat(fd)
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == FILE_MODE:
+        return fd
+    try:
+        os.fchown(fd, os.geteuid(), os.getegid())
+        os.fchmod(fd, FILE_MODE)
+    except PermissionError:
+        fd = _copy_over(path, fd)
+    if st.st_uid != os.geteuid():
+        log.info(
+            "spool file %s came from uid %d; now owned by uid %d, mode 0600",
+            display_name(path.name),
+            st.st_uid,
+            os.geteuid(),
+        )
+    return fd
+
+
+def _copy_over(path: Path, fd: int) -> int:
+    pid = f".{os.getpid()}"
+    tmp = path.with_name(fit_name(f"{TEMP_MARK}{path.name}", len(pid)) + pid)
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        offset = 0
+        while block := os.pread(fd, READ_BLOCK, offset):
+            view = memoryview(block)
+            while view:
+                view = view[os.write(out, view) :]
+            offset += len(block)
+        os.fsync(out)
+        os.close(out)
+        out = -1
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        if out >= 0:
+            os.close(out)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        os.close(fd)
+        raise
+    os.close(fd)
+    return os.open(path, OPEN_FLAGS)
 
 
 def rejected_name(adopted: str, tail: str) -> str:
@@ -450,12 +504,24 @@ class SpoolIntake:
     def _open_regular(self, path: Path) -> int | None:
         """An fd of the file if it is a regular one; None when it is gone or was quarantined."""
         try:
-            kind = file_kind(os.lstat(path).st_mode)
+            st = os.lstat(path)
+            kind = file_kind(st.st_mode)
             if kind is None:
-                fd = os.open(path, OPEN_FLAGS)
+                try:
+                    fd = os.open(path, OPEN_FLAGS)
+                except PermissionError:
+                    if st.st_uid == os.geteuid():
+                        raise
+                    self._quarantine_move(
+                        path,
+                        f"unreadable: uid {st.st_uid} wrote it with mode"
+                        f" {stat.S_IMODE(st.st_mode):04o}; spool files must be readable by the"
+                        " daemon's group (`flowagg add --spool` writes them so)",
+                    )
+                    return None
                 kind = file_kind(os.fstat(fd).st_mode)
                 if kind is None:
-                    return fd
+                    return take_over(path, fd)
                 os.close(fd)
         except FileNotFoundError:
             return None

@@ -277,8 +277,9 @@ def test_unreadable_spool_file_is_quarantined_whole(root: Path, daemons: list[Da
     daemons.append(start_daemon(root, {"spoolRescanMs": 50, **QUIET}))
     layout = Layout(root)
     (layout.inbox / "broken.json").write_bytes(b'[{"userId": "u",')
-    wait_for(lambda: list(layout.errors.glob("*broken.json")))
-    reason = orjson.loads(next(layout.errors.glob("*broken.json.reason.json")).read_bytes())
+    # The reason file is written after the move: wait for it, not for the moved file.
+    found = wait_for(lambda: list(layout.errors.glob("*broken.json.reason.json")))
+    reason = orjson.loads(found[0].read_bytes())
     assert "not valid JSON" in reason["reason"]
 
 
