@@ -77,11 +77,11 @@ class Daemon:
         self._reload_config = reload_config
         self.retry_policy = RetryPolicy.from_config(config)
         self.sink = build_sink(config, self.clock)
-        self.store = Completer(
+        self.completer = Completer(
             lambda batch_id, data: write_completed(self.layout, batch_id, data), lambda: self.sink
         )
         self.recovery = Recovery(
-            self.layout, self.clock, self.rng, self.retry_policy, store=self.store
+            self.layout, self.clock, self.rng, self.retry_policy, store=self.completer
         )
         self.supervisor = Supervisor()
         self.health_checks = 0
@@ -177,7 +177,7 @@ class Daemon:
             loop,
             ids,
             next_retry_at=lambda now: self.retry_policy.next_retry_at(now, 0, self.rng),
-            store=self.store,
+            store=self.completer,
             spawn=self.supervisor.spawn,
         )
         self.pipeline.start(result)

@@ -76,7 +76,7 @@ def failed_document(
     error: str,
     now_ms: int,
     next_retry_ms: int | None,
-    delivery: Delivery | None = None,
+    delivery: Delivery,
 ) -> bytes:
     """The failed-batch format; without a next retry it is the abandoned format."""
     doc = orjson.loads(batch_bytes)
@@ -88,9 +88,9 @@ def failed_document(
             "failedAt": now_ms,
         }
     )
-    if delivery is not None and delivery.accepted_at is not None:
+    if delivery.accepted_at is not None:
         doc["sinkAcceptedAt"] = delivery.accepted_at
-    elif delivery is not None and delivery.possibly_delivered:
+    elif delivery.possibly_delivered:
         doc["possiblyDelivered"] = True
     if next_retry_ms is None:
         doc.update(
@@ -217,7 +217,9 @@ class Flusher:
             now = self.clock.now_ms()
             if permanent:
                 target = self.layout.abandoned / f"{batch.batch_id}.abandoned.json"
-                doc = failed_document(data, error=error, now_ms=now, next_retry_ms=None)
+                doc = failed_document(
+                    data, error=error, now_ms=now, next_retry_ms=None, delivery=delivery
+                )
             else:
                 target = self.layout.recovery / f"{batch.batch_id}.failed.json"
                 doc = failed_document(

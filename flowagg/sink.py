@@ -228,10 +228,7 @@ class CircuitBreaker:
                 self.state = "half-open"
             if self.state == "half-open":
                 if self._trial_running:
-                    raise CircuitOpenError(
-                        "sink circuit breaker is half-open; a trial is running",
-                        retry_in_s=self.cooldown_s,
-                    )
+                    raise CircuitOpenError("sink circuit breaker is half-open; a trial is running")
                 self._trial_running = True
                 return True
             return False
