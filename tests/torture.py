@@ -32,8 +32,8 @@ import orjson
 from flowagg.client import write_spool_file
 from flowagg.journal import list_segments
 from flowagg.layout import Layout
-from flowagg.storage import iter_batch_files, read_batch
-from tests.harness import BASE_TS, DaemonProc, request
+from flowagg.storage import CorruptBatch, iter_batch_files, read_batch
+from tests.harness import BASE_TS, DaemonProc, request, wait_for
 
 SETTINGS = {
     "batchSize": 7,
@@ -194,6 +194,103 @@ def append_junk(layout: Layout, rng: random.Random) -> bool:
     return True
 
 
+@dataclasses.dataclass
+class Tally:
+    """What a crash loop acknowledged, and what the batch files hold once it is over."""
+
+    acked: set[str]
+    counts: Counter[str]
+    torn: list[str]  # batch files that do not read back whole
+    batch_files: int
+
+    def lost(self) -> list[str]:
+        return sorted(self.acked - set(self.counts))
+
+    def duplicated(self) -> list[str]:
+        return sorted(i for i, c in self.counts.items() if c > 1)
+
+    def unexpected(self) -> list[str]:
+        return sorted(set(self.counts) - self.acked)
+
+
+def crash_loop(
+    layout: Layout,
+    settings: dict[str, Any],
+    *,
+    crashes: int,
+    rng: random.Random,
+    writers: int,
+    log_path: Path,
+    crash: Callable[[DaemonProc], None],
+    noun: str,
+    log: Callable[[str], None],
+    gate: contextlib.AbstractContextManager[Any] | None = None,
+    after_stop: Callable[[], None] = lambda: None,
+) -> Tally:
+    """Writers run while `crash` ends a daemon `crashes` times at random instants.
+
+    Then a last daemon answers the writers' resends, takes the spool, flushes and stops
+    (`after_stop` follows), and every batch file is read back. Daemons are killed before
+    returning, even on failure.
+    """
+    started = time.monotonic()
+    stop = threading.Event()
+    daemon = DaemonProc(layout.root, settings, log_path=log_path).wait_ready()
+    socket_writers = [
+        SocketWriter(f"w{i}", layout.socket, random.Random(rng.random()), stop)
+        for i in range(writers)
+    ]
+    spool_writer = SpoolWriter(layout, random.Random(rng.random()), stop, gate)
+    all_writers = [*socket_writers, spool_writer]
+    for w in all_writers:
+        w.start()
+    try:
+        for k in range(crashes):
+            if k:
+                daemon = DaemonProc(layout.root, settings, log_path=log_path)
+                if rng.random() < 0.75:
+                    daemon.wait_ready()
+            # Random instant: during start-up and replay, or while entries and batches flow.
+            time.sleep(rng.uniform(0.0, 0.25))
+            crash(daemon)
+            if k % 20 == 0:
+                log(f"{noun} {k + 1}/{crashes} at {time.monotonic() - started:.1f} s")
+        stop.set()
+        # Writers still resending their last request need a daemon to answer it.
+        daemon = DaemonProc(layout.root, settings, log_path=log_path).wait_ready()
+        for w in all_writers:
+            w.join(60)
+            assert not w.is_alive(), f"writer {w.name} did not finish"
+        # The spool is acknowledged by rename alone: wait until the daemon took every file.
+        wait_for(lambda: not any(layout.inbox.glob("*.jsonl")), timeout=60)
+        reply = request(layout.socket, {"op": "flush"})
+        assert reply.get("ok"), reply
+        code = daemon.stop(signal.SIGTERM)
+        assert code == 0, f"final daemon exited {code}: {daemon.log()}"
+        after_stop()
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            daemon.kill()
+        for w in all_writers:
+            w.join(10)
+
+    errors = [e for w in socket_writers for e in w.errors]
+    assert not errors, errors[:5]
+    acked = set(spool_writer.acked)
+    for w in socket_writers:
+        acked |= w.acked
+    counts: Counter[str] = Counter()
+    torn = []
+    files = iter_batch_files(layout)
+    for path in files:
+        try:
+            counts.update(e["entryId"] for e in read_batch(path)["entries"])
+        except CorruptBatch as exc:
+            torn.append(f"{path.relative_to(layout.root)}: {exc}")
+    return Tally(acked, counts, torn, len(files))
+
+
 def run_torture(
     root: Path,
     *,
@@ -205,68 +302,34 @@ def run_torture(
     started = time.monotonic()
     rng = random.Random(seed)
     layout = Layout(root)
-    log_path = root.parent / "torture-daemon.log"
-    stop = threading.Event()
-
-    first = DaemonProc(root, SETTINGS, log_path=log_path).wait_ready()
-    socket_writers = [
-        SocketWriter(f"w{i}", layout.socket, random.Random(rng.random()), stop)
-        for i in range(writers)
-    ]
-    spool_writer = SpoolWriter(layout, random.Random(rng.random()), stop)
-    for w in [*socket_writers, spool_writer]:
-        w.start()
-    daemon = first
     junk = 0
-    try:
-        for k in range(kills):
-            if k:
-                daemon = DaemonProc(root, SETTINGS, log_path=log_path)
-                if rng.random() < 0.75:
-                    daemon.wait_ready()
-            # Random instant: during start-up and replay, or while entries and batches flow.
-            time.sleep(rng.uniform(0.0, 0.25))
-            daemon.kill()
-            if rng.random() < 0.1 and append_junk(layout, rng):
-                junk += 1
-            if k % 20 == 0:
-                log(f"kill {k + 1}/{kills} at {time.monotonic() - started:.1f} s")
-        stop.set()
-        # Writers still resending their last request need a daemon to answer it.
-        final = DaemonProc(root, SETTINGS, log_path=log_path).wait_ready()
-        for w in [*socket_writers, spool_writer]:
-            w.join(60)
-            assert not w.is_alive(), f"writer {w.name} did not finish"
-        # The spool is acknowledged by rename alone: wait until the daemon took every file.
-        deadline = time.monotonic() + 60
-        while any(layout.inbox.glob("*.jsonl")) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        reply = request(layout.socket, {"op": "flush"})
-        assert reply.get("ok"), reply
-        code = final.stop(signal.SIGTERM)
-        assert code == 0, f"final daemon exited {code}: {final.log()}"
-    finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            daemon.kill()
 
-    errors = [e for w in socket_writers for e in w.errors]
-    assert not errors, errors[:5]
-    acked = set(spool_writer.acked)
-    for w in socket_writers:
-        acked |= w.acked
-    counts: Counter[str] = Counter()
-    files = iter_batch_files(layout)
-    for path in files:
-        counts.update(e["entryId"] for e in read_batch(path)["entries"])
+    def crash(daemon: DaemonProc) -> None:
+        nonlocal junk
+        daemon.kill()
+        if rng.random() < 0.1 and append_junk(layout, rng):
+            junk += 1
+
+    tally = crash_loop(
+        layout,
+        SETTINGS,
+        crashes=kills,
+        rng=rng,
+        writers=writers,
+        log_path=root.parent / "torture-daemon.log",
+        crash=crash,
+        noun="kill",
+        log=log,
+    )
+    assert not tally.torn, tally.torn[:3]
     return TortureResult(
         kills=kills,
-        acknowledged=len(acked),
-        stored=sum(counts.values()),
-        lost=sorted(acked - set(counts)),
-        duplicated=sorted(i for i, c in counts.items() if c > 1),
-        unexpected=sorted(set(counts) - acked),
-        batch_files=len(files),
+        acknowledged=len(tally.acked),
+        stored=sum(tally.counts.values()),
+        lost=tally.lost(),
+        duplicated=tally.duplicated(),
+        unexpected=tally.unexpected(),
+        batch_files=tally.batch_files,
         junk_appends=junk,
         seconds=time.monotonic() - started,
     )
