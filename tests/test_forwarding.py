@@ -169,3 +169,32 @@ def test_recover_with_the_breaker_open_fails_and_counts_every_batch_waiting(
     code, reply = bridge(tmp_path, "aggregate-recover", root=root)
     assert code == 1 and reply["waiting"] == 3 and reply["circuitOpen"] is True
     assert receiver.calls["503"] == 1 and stored_id_counts(root) == {"w0": 1, "w1": 1, "w2": 1}
+
+
+def test_a_slow_collector_gets_no_inline_copies_and_the_resend_is_reported(
+    root: Path, receiver: Receiver, daemons: list[DaemonProc]
+) -> None:
+    # It stores, then answers after sinkTimeoutMs: every inline retry once added a copy.
+    receiver.mode, receiver.delay_s = "timeout", 0.8
+    settings = {
+        "sinkType": "http",
+        "sinkUrl": receiver.url,
+        "sinkTimeoutMs": 300,
+        "immediateRetries": 3,
+        "maxAgeMs": 3_600_000,
+        "scheduleIntervalMs": 3_600_000,
+    }
+    daemons.append(start_daemon(root, settings))
+    assert cli(root, "add", input=orjson.dumps(entry(1, entryId="slow1"))).returncode == 0
+    assert cli(root, "flush").returncode == 0
+    [parked] = Layout(root).recovery.glob("*.failed.json")
+    assert orjson.loads(parked.read_bytes())["possiblyDelivered"] is True
+    wait_for(lambda: receiver.entry_ids() == {"slow1": 1})
+    assert receiver.calls["timeout"] == 1
+    receiver.mode = "ok"
+    assert cli(root, "recover").returncode == 0
+    assert receiver.entry_ids() == {"slow1": 2}  # one counted re-send, deduped by the receiver
+    assert status(root)["sink"]["resends"] == 1
+    health = cli(root, "health", "--json")
+    assert orjson.loads(health.stdout)["sink"]["resends"] == 1
+    assert stored_id_counts(root) == {"slow1": 1}
