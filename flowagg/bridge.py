@@ -83,7 +83,9 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     reply = request(layout, payload)
     if not reply.get("ok"):
         return reply, EXIT_DAEMON_FAILURE
-    if args.action == "aggregate-recover" and (reply["failedAgain"] or reply["abandoned"]):
+    if args.action == "aggregate-recover" and (
+        reply["failedAgain"] or reply["abandoned"] or reply["circuitOpen"]
+    ):
         return reply, EXIT_DAEMON_FAILURE
     return reply, EXIT_OK
 

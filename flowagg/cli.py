@@ -356,10 +356,15 @@ def recover(ctx: click.Context, abandoned: bool, batch_id: str | None, as_json: 
         )
         lines += [f"  recovered {b}" for b in r["recovered"]]
         lines += [f"  abandoned {b}" for b in r["abandoned"]]
+        if r["circuitOpen"]:
+            lines.append(
+                f"{r['waiting']} batches not tried: sink breaker open, next trial in"
+                f" {r['breakerRetryInS']:g} s; run `flowagg recover` again then"
+            )
         return "\n".join(lines)
 
     emit(reply, as_json, human)
-    if reply["failedAgain"] or reply["abandoned"]:
+    if reply["failedAgain"] or reply["abandoned"] or reply["circuitOpen"]:
         sys.exit(1)
 
 

@@ -29,6 +29,7 @@ from .errors import AlreadyRunningError, ConfigError, RootUnusableError
 from .fsutil import atomic_write, remove_stale_temps
 from .health import (
     DaemonFacts,
+    SuccessWindow,
     abandoned_before,
     build_snapshot,
     read_pid,
@@ -45,7 +46,7 @@ from .recovery import Recovery, RetryPolicy, write_completed
 from .reloading import merge_reload
 from .sdnotify import notify
 from .server import SocketServer
-from .sink import build_sink, sink_then_store
+from .sink import Completer, build_sink
 from .spool import SpoolIntake
 from .supervise import EX_SOFTWARE, DaemonExecutor, Deadline, Supervisor
 
@@ -76,14 +77,15 @@ class Daemon:
         self._reload_config = reload_config
         self.retry_policy = RetryPolicy.from_config(config)
         self.sink = build_sink(config, self.clock)
-        self.store = sink_then_store(
-            lambda: self.sink, lambda batch_id, data: write_completed(self.layout, batch_id, data)
+        self.completer = Completer(
+            lambda batch_id, data: write_completed(self.layout, batch_id, data), lambda: self.sink
         )
         self.recovery = Recovery(
-            self.layout, self.clock, self.rng, self.retry_policy, store=self.store
+            self.layout, self.clock, self.rng, self.retry_policy, store=self.completer
         )
         self.supervisor = Supervisor()
         self.health_checks = 0
+        self.success_window = SuccessWindow(SUCCESS_WINDOW_INTERVALS)
         self.cleanup_runs = 0
         self._abandoned_seen: int | None = None
         self._recovery_lock: asyncio.Lock | None = None
@@ -185,7 +187,7 @@ class Daemon:
             loop,
             ids,
             next_retry_at=lambda now: self.retry_policy.next_retry_at(now, 0, self.rng),
-            store=self.store,
+            store=self.completer,
             spawn=self.supervisor.spawn,
         )
         self.pipeline.start(result)
@@ -272,9 +274,14 @@ class Daemon:
         st = daemon_status(self)
         flusher = self.pipeline.flusher
         # Success rate over the last SUCCESS_WINDOW_INTERVALS health intervals, so a bad spell
-        # shows at once and is forgotten once writes have worked for a while.
+        # shows at once and is forgotten once writes have worked for a while, or at once when
+        # nothing waits in recovery/ any more.
         interval_ms = self.config.health_check_interval_ms
-        horizon = self.clock.monotonic() - SUCCESS_WINDOW_INTERVALS * interval_ms / 1000
+        horizon = self.success_window.since(
+            self.clock.monotonic(),
+            interval_s=interval_ms / 1000,
+            failed_queued=st["queue"]["failed"],
+        )
         if self._abandoned_seen is None:
             self._abandoned_seen = abandoned_before(self.layout, st["queue"]["abandoned"])
         facts = DaemonFacts(
@@ -331,6 +338,7 @@ class Daemon:
         notify("STOPPING=1\nSTATUS=flushing")
         log.info("stopping within %.1f s: flushing the buffer", deadline.total_s)
         self.supervisor.stopping = True
+        self.recovery.stop.set()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         if self.server is not None:

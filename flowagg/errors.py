@@ -49,8 +49,17 @@ class TransientError(OSError):
     """A failure worth retrying that is not a file-system error (a sink's 5xx, a timeout)."""
 
 
+class AmbiguousDelivery(TransientError):
+    """The sink may hold the batch (a timeout, a reset after the request went out, a killed
+    command): retrying at once would likely send a second copy, so the batch waits."""
+
+
 class CircuitOpenError(TransientError):
     """The sink's circuit breaker is open: the batch was not tried, so it costs no retry."""
+
+    def __init__(self, message: str, retry_in_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
 
 
 def classify(exc: BaseException) -> str:

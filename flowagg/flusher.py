@@ -6,10 +6,16 @@ recovery/<id>.failed.json; a permanent error goes straight to abandoned/. When e
 that fails (disk full), the batch stays queued here, and in the journal, and is retried
 with a capped backoff: never dropped, and no later batch overtakes it (the journal's done
 cursor relies on batches being stored in order).
+
+Once the sink accepted a batch, only the write is retried, inline and in the stall loop,
+and the failed file says so (`sinkAcceptedAt`). An open breaker or an ambiguous delivery
+parks the batch at once: inline sleeps would only hold up the batches behind it, and an
+ambiguous one re-sent at once would likely reach the collector twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -21,9 +27,10 @@ from pathlib import Path
 import orjson
 
 from .clock import Clock
-from .errors import PermanentError
+from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError
 from .fsutil import atomic_write
 from .layout import Layout
+from .sink import as_completer
 from .storage import Batch, encode_batch
 from .supervise import Spawn, plain_thread
 
@@ -55,8 +62,21 @@ class Outcomes:
         return sum(recent) / len(recent) if recent else 1.0
 
 
+@dataclasses.dataclass
+class Delivery:
+    """What the flusher knows of one batch's delivery while it retries it."""
+
+    accepted_at: int | None = None  # when the sink accepted it: from then on, only write
+    possibly_delivered: bool = False  # the last attempt was ambiguous
+
+
 def failed_document(
-    batch_bytes: bytes, *, error: str, now_ms: int, next_retry_ms: int | None
+    batch_bytes: bytes,
+    *,
+    error: str,
+    now_ms: int,
+    next_retry_ms: int | None,
+    delivery: Delivery,
 ) -> bytes:
     """The failed-batch format; without a next retry it is the abandoned format."""
     doc = orjson.loads(batch_bytes)
@@ -68,6 +88,10 @@ def failed_document(
             "failedAt": now_ms,
         }
     )
+    if delivery.accepted_at is not None:
+        doc["sinkAcceptedAt"] = delivery.accepted_at
+    elif delivery.possibly_delivered:
+        doc["possiblyDelivered"] = True
     if next_retry_ms is None:
         doc.update(
             {
@@ -98,7 +122,7 @@ class Flusher:
         self.clock = clock
         self.immediate_retries = immediate_retries
         self.next_retry_at = next_retry_at
-        self.store = store
+        self.completer = as_completer(store)
         self._on_stored = on_stored
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -139,22 +163,40 @@ class Flusher:
                 return  # stopping while the disk refuses every write: the journal keeps it
             self._on_stored(batch, path, self.clock.monotonic() - started)
 
-    def _write_inline(self, batch_id: str, data: bytes) -> Path:
+    def _attempt(self, batch_id: str, data: bytes, delivery: Delivery) -> Path:
+        """Deliver unless the sink already accepted the batch, then write it."""
+        if delivery.accepted_at is None:
+            try:
+                if self.completer.deliver(batch_id, data, resend=delivery.possibly_delivered):
+                    delivery.accepted_at = self.clock.now_ms()
+            except AmbiguousDelivery:
+                delivery.possibly_delivered = True
+                raise
+            delivery.possibly_delivered = False
+        return self.completer.write(batch_id, data)
+
+    def _write_inline(self, batch_id: str, data: bytes, delivery: Delivery) -> Path:
         """Layer 1: the first attempt plus `immediateRetries` more, 50/100/200 ms apart."""
         for delay in INLINE_DELAYS_S[: self.immediate_retries]:
             try:
-                return self.store(batch_id, data)
+                return self._attempt(batch_id, data, delivery)
+            except (CircuitOpenError, AmbiguousDelivery):
+                raise
             except OSError:
                 self.inline_retries += 1
                 self._sleep(delay)
-        return self.store(batch_id, data)
+        return self._attempt(batch_id, data, delivery)
 
     def _store(self, batch: Batch) -> Path | None:
         stall_delay = 0.05
+        delivery = Delivery()
+        data = b""
         while True:
-            data = encode_batch(batch, timestamp_ms=self.clock.now_ms())
+            # What the sink accepted is what gets written: the bytes stay fixed from then on.
+            if delivery.accepted_at is None:
+                data = encode_batch(batch, timestamp_ms=self.clock.now_ms())
             try:
-                written = self._write_inline(batch.batch_id, data)
+                written = self._write_inline(batch.batch_id, data, delivery)
                 self.outcomes.record(self.clock.monotonic(), True)
                 if self.stalled_error:
                     log.info("batch %s written after a stall; writes work again", batch.batch_id)
@@ -175,11 +217,17 @@ class Flusher:
             now = self.clock.now_ms()
             if permanent:
                 target = self.layout.abandoned / f"{batch.batch_id}.abandoned.json"
-                doc = failed_document(data, error=error, now_ms=now, next_retry_ms=None)
+                doc = failed_document(
+                    data, error=error, now_ms=now, next_retry_ms=None, delivery=delivery
+                )
             else:
                 target = self.layout.recovery / f"{batch.batch_id}.failed.json"
                 doc = failed_document(
-                    data, error=error, now_ms=now, next_retry_ms=self.next_retry_at(now)
+                    data,
+                    error=error,
+                    now_ms=now,
+                    next_retry_ms=self.next_retry_at(now),
+                    delivery=delivery,
                 )
             try:
                 atomic_write(target, doc)

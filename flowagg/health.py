@@ -39,11 +39,33 @@ class Figures:
     thread_issues: tuple[str, ...] = ()
 
 
+class SuccessWindow:
+    """Where the success rate health reports starts: `intervals` health intervals back, but
+    never before the failed queue was last seen empty. Failures that have all been recovered
+    since are history: a short sink outage must not hold health at critical for the window."""
+
+    def __init__(self, intervals: int) -> None:
+        self.intervals = intervals
+        self._drained_at: float | None = None
+
+    def since(self, now: float, *, interval_s: float, failed_queued: int) -> float:
+        if failed_queued == 0:
+            self._drained_at = now
+        start = now - self.intervals * interval_s
+        return start if self._drained_at is None else max(start, self._drained_at)
+
+
 def evaluate(f: Figures) -> tuple[str, list[str]]:
     critical: list[str] = []
     degraded: list[str] = []
-    if f.success_rate < 0.8:
+    sink_down = f.breaker_state in ("open", "half-open")
+    if f.success_rate < 0.8 and not sink_down:
         critical.append(f"batch write success rate {f.success_rate:.1%} is below 80%")
+    elif f.success_rate < 0.8:
+        # The breaker parks batches by design while the sink is down; they wait, unlost.
+        degraded.append(
+            f"batch write success rate {f.success_rate:.1%} is below 80% while the sink is down"
+        )
     elif f.success_rate < 0.9:
         degraded.append(f"batch write success rate {f.success_rate:.1%} is below 90%")
     if f.disk_free_fraction < 0.02:

@@ -13,6 +13,13 @@ fsync succeeds: until then both stay.
 
 A pass reads a failed file only when it is due or has changed since the last pass (by inode,
 mtime and size): thousands of waiting batches cost a stat each, not a read and a checksum.
+
+Completing a batch is two steps, deliver then write. A batch the sink accepted
+(`sinkAcceptedAt`, or remembered here when its failed file could not be updated) only has
+its write retried, with no retry limit: the collector holds it, so it waits for the disk.
+With the breaker open such writes still go ahead; the batches that need the sink wait.
+A pass ends early, between batches, once `stop` is set: a daemon's shutdown does not
+wait for a whole pass through a slow sink.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import os
 import random
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,9 +40,10 @@ import orjson
 from .clock import Clock
 from .config import Config
 from .entries import short_repr
-from .errors import CircuitOpenError, PermanentError, classify
+from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, classify
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
 from .layout import Layout
+from .sink import as_completer
 from .storage import CorruptBatch, batch_file_name, decode_batch
 
 log = logging.getLogger("flowagg.recovery")
@@ -45,6 +54,18 @@ SUPPORTED_MAJOR = 2
 # storage.make_batch_id: arrival ms (13 digits) and journal seq (12 digits); ASCII only.
 BATCH_ID_RE = re.compile(r"[0-9]{13}_[0-9]{12}")
 HISTORY_LIMIT = 50
+# Times and counts stay within what any JSON reader holds exactly (JavaScript's safe integers).
+FIELD_MAX = 2**53 - 1
+INT_FIELDS = (
+    "retryCount",
+    "lastRetryAt",
+    "failedAt",
+    "nextRetryAt",
+    "requeuedAt",
+    "abandonedAt",
+    "sinkAcceptedAt",
+)
+STR_FIELDS = ("lastError", "abandonReason")
 BATCH_KEYS = (
     "batchId",
     "timestamp",
@@ -104,6 +125,27 @@ def check_version(doc: dict[str, Any], path: Path) -> None:
         )
 
 
+def check_recovery_fields(doc: dict[str, Any]) -> None:
+    """The fields a pass computes with, checked once on load: a hand-edited or damaged file
+    is quarantined instead of raising out of every pass. Absent fields take their defaults."""
+    for key in INT_FIELDS:
+        value = doc.get(key, 0)
+        if type(value) is not int or not 0 <= value <= FIELD_MAX:
+            raise CorruptBatch(
+                f"{key} must be an integer from 0 to 2^53-1, got {short_repr(value)}"
+            )
+    for key in STR_FIELDS:
+        if not isinstance(doc.get(key, ""), str):
+            raise CorruptBatch(f"{key} must be a string, got {short_repr(doc[key])}")
+    if not isinstance(doc.get("possiblyDelivered", False), bool):
+        raise CorruptBatch(
+            f"possiblyDelivered must be true or false, got {short_repr(doc['possiblyDelivered'])}"
+        )
+    history = doc.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise CorruptBatch(f"history must be an array of objects, got {short_repr(history)}")
+
+
 def completed_document(doc: dict[str, Any]) -> bytes:
     """The batch as it goes to aggregated/: the batch keys only, marked recovered."""
     out = {key: doc[key] for key in BATCH_KEYS if key in doc}
@@ -118,6 +160,7 @@ class _Known:
     stamp: tuple[int, int, int]  # st_ino, st_mtime_ns, st_size
     failed_at: int
     next_retry_at: int
+    sink_accepted: bool
 
 
 @dataclasses.dataclass
@@ -130,6 +173,8 @@ class RecoveryReport:
     reconciled: list[str] = dataclasses.field(default_factory=list)
     refused: list[str] = dataclasses.field(default_factory=list)
     circuit_open: bool = False
+    breaker_retry_in_s: float | None = None
+    stopped: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -141,6 +186,10 @@ class RecoveryReport:
             "reconciled": self.reconciled,
             "refused": self.refused,
             "circuitOpen": self.circuit_open,
+            "breakerRetryInS": (
+                None if self.breaker_retry_in_s is None else round(self.breaker_retry_in_s, 1)
+            ),
+            "stopped": self.stopped,
         }
 
 
@@ -164,11 +213,18 @@ class Recovery:
         self.clock = clock
         self.rng = rng
         self.policy = policy
-        self.store = store or (lambda batch_id, data: write_completed(layout, batch_id, data))
+        self.completer = as_completer(
+            store or (lambda batch_id, data: write_completed(layout, batch_id, data))
+        )
         self.runs = 0
         self.totals: dict[str, int] = {"recovered": 0, "failedAgain": 0, "abandoned": 0}
+        # Set by the daemon when it stops: a pass ends before its next batch.
+        self.stop = threading.Event()
         # By file name; holds only names present at the last pass.
         self._known: dict[str, _Known] = {}
+        # Batch id -> when the sink accepted it, for failed files that could not be updated
+        # to say so (the disk that refused the batch refuses its failed file too).
+        self._accepted: dict[str, int] = {}
 
     # -- reading ----------------------------------------------------------------------------
     def _load(self, path: Path, report: RecoveryReport) -> dict[str, Any] | None:
@@ -181,6 +237,7 @@ class Recovery:
             )
             if path.name != expected:
                 raise CorruptBatch(f"file name does not match batchId {doc['batchId']!r}")
+            check_recovery_fields(doc)
             return doc
         except NewerFormatError as exc:
             log.error("%s", exc)
@@ -292,6 +349,8 @@ class Recovery:
         present = {path.name for path in paths}
         for name in [n for n in self._known if n not in present]:
             del self._known[name]
+        for batch_id in [b for b in self._accepted if f"{b}{FAILED_SUFFIX}" not in present]:
+            del self._accepted[batch_id]
         for path in paths:
             try:
                 st = path.stat()
@@ -306,20 +365,35 @@ class Recovery:
             doc = self._load(path, report)
             if doc is None or self._settle_failed(path, doc, report):
                 continue
-            known = _Known(stamp, doc.get("failedAt", 0), doc.get("nextRetryAt", 0))
+            known = _Known(
+                stamp, doc.get("failedAt", 0), doc.get("nextRetryAt", 0), "sinkAcceptedAt" in doc
+            )
             self._known[path.name] = known
             found.append((known, path, doc))
         return found
 
     def run_once(self, *, force: bool = False) -> RecoveryReport:
-        """One pass. `force` (an operator's `flowagg recover`) ignores nextRetryAt."""
+        """One pass. `force` (an operator's `flowagg recover`) ignores nextRetryAt.
+
+        Every batch not tried (not due, stopped, or needing a sink whose breaker is open)
+        counts as waiting.
+        """
         self.runs += 1
         report = RecoveryReport()
         found = self._scan(report)
         self._settle_abandoned(report)
         found.sort(key=lambda item: (item[0].failed_at, item[1]))
         for known, path, doc in found:
+            if self.stop.is_set():
+                report.stopped = True
+                report.waiting += 1
+                continue
             if not force and self.clock.now_ms() < known.next_retry_at:
+                report.waiting += 1
+                continue
+            batch_id = path.name[: -len(FAILED_SUFFIX)]
+            needs_sink = not known.sink_accepted and batch_id not in self._accepted
+            if report.circuit_open and needs_sink:
                 report.waiting += 1
                 continue
             doc = doc or self._load(path, report)
@@ -329,7 +403,8 @@ class Recovery:
             if not self._retry(path, doc, report):
                 report.waiting += 1
                 report.circuit_open = True
-                break
+        if report.stopped:
+            log.info("recovery pass stopped early: the daemon is stopping")
         for key, items in (
             ("recovered", report.recovered),
             ("failedAgain", report.retried_failed),
@@ -338,13 +413,33 @@ class Recovery:
             self.totals[key] += len(items)
         return report
 
+    def _complete(self, batch_id: str, doc: dict[str, Any], now: int) -> None:
+        """Deliver unless the sink already has the batch, then write it; `doc` keeps what the
+        delivery learnt (accepted, or possibly delivered) for its failed file."""
+        data = completed_document(doc)
+        accepted = doc.get("sinkAcceptedAt", self._accepted.get(batch_id))
+        if accepted is None:
+            try:
+                if self.completer.deliver(
+                    batch_id, data, resend=doc.get("possiblyDelivered", False)
+                ):
+                    accepted = self._accepted[batch_id] = now
+            except AmbiguousDelivery:
+                doc["possiblyDelivered"] = True
+                raise
+            doc.pop("possiblyDelivered", None)
+        if accepted is not None:
+            doc["sinkAcceptedAt"] = accepted
+        self.completer.write(batch_id, data)
+
     def _retry(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> bool:
         """Try one batch; False when the sink's breaker is open (nothing was tried)."""
         batch_id = doc["batchId"]
         now = self.clock.now_ms()
         try:
-            self.store(batch_id, completed_document(doc))
-        except CircuitOpenError:
+            self._complete(batch_id, doc, now)
+        except CircuitOpenError as exc:
+            report.breaker_retry_in_s = exc.retry_in_s
             return False
         except Exception as exc:
             # Anything else (a bug, a sink's bad URL) is retried like a transient failure.
@@ -358,7 +453,10 @@ class Recovery:
             history = doc.setdefault("history", [])
             history.append({"at": now, "error": error, "kind": kind})
             del history[:-HISTORY_LIMIT]
-            if kind == "permanent" or doc["retryCount"] >= self.policy.limit:
+            # The collector holds a batch it accepted: giving up the local copy would leave
+            # aggregated/ without it for good, so only the write is retried, without limit.
+            held = "sinkAcceptedAt" in doc
+            if kind == "permanent" or (not held and doc["retryCount"] >= self.policy.limit):
                 why = "permanent error" if kind == "permanent" else "retry limit reached"
                 self._abandon(path, doc, why, report)
                 return True
@@ -369,9 +467,10 @@ class Recovery:
                 log.error("batch %s: cannot update its failed file: %s", batch_id, write_exc)
             report.retried_failed.append(batch_id)
             log.warning(
-                "batch %s: retry %d failed (%s); next at %d",
+                "batch %s: retry %d failed (%s%s); next at %d",
                 batch_id,
                 doc["retryCount"],
+                "the sink has it, the write failed: " if held else "",
                 error,
                 doc["nextRetryAt"],
             )
@@ -379,6 +478,7 @@ class Recovery:
         path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             fsync_dir(path.parent)
+        self._accepted.pop(batch_id, None)
         report.recovered.append(batch_id)
         log.info("batch %s: recovered into aggregated/", batch_id)
         return True

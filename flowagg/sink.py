@@ -5,6 +5,10 @@ retries, any other code is permanent); `http` POSTs it (2xx accepts; 408, 429, 5
 connection errors retry; other 4xx are permanent). A circuit breaker stops calling a sink
 after `breakerFailures` consecutive failures for `breakerCooldownMs`, then lets one trial
 call through (half-open): success closes it, failure opens it again.
+
+A failure after the sink may have taken the batch (a timeout, a reset once the request was
+out, a command killed) is `AmbiguousDelivery`: the caller backs off instead of re-sending at
+once, and the next delivery of that batch is counted as a re-send.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import subprocess
 import threading
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any, Protocol
 
 from .clock import Clock
 from .config import Config
-from .errors import CircuitOpenError, PermanentError, TransientError
+from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, TransientError
 
 log = logging.getLogger("flowagg.sink")
 
@@ -80,7 +85,8 @@ class CommandSink:
             code = proc.wait(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            raise TransientError(
+            # It may have stored the batch and hung on the way out.
+            raise AmbiguousDelivery(
                 f"sink command timed out after {self.timeout_s:g} s (killed with its children)"
             ) from None
         finally:
@@ -92,9 +98,9 @@ class CommandSink:
             return
         if code < 0:
             # Killed by a signal (a `systemctl stop` reaching it, the OOM killer): not a verdict
-            # on the batch.
+            # on the batch, and it may have stored it before it died.
             name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
-            raise TransientError(f"sink command killed by signal {name}: {detail[0][-200:]}")
+            raise AmbiguousDelivery(f"sink command killed by signal {name}: {detail[0][-200:]}")
         message = f"sink command exited {code}: {detail[0][-200:]}"
         if code == EX_TEMPFAIL:
             raise TransientError(message)
@@ -141,6 +147,9 @@ class HttpSink:
         # would hold the flusher forever. The timer cuts the connection at the deadline.
         expired = threading.Event()
         sock: socket.socket | None = None
+        # Once the whole request is out, the collector may store the batch whatever happens
+        # to its answer: a failure from then on is ambiguous, before it the batch is not there.
+        sent = False
 
         def cut() -> None:
             expired.set()
@@ -162,18 +171,23 @@ class HttpSink:
                 body=data,
                 headers={"Content-Type": "application/json", "X-Flowagg-Batch-Id": batch_id},
             )
+            sent = True
             response = conn.getresponse()
             status, location = response.status, response.getheader("Location")
             while response.read(RESPONSE_BODY_LIMIT):
                 pass
         except (http.client.HTTPException, OSError, ValueError) as exc:
             if not expired.is_set():
+                if sent:
+                    message = f"sink dropped the connection before answering: {exc}"
+                    raise AmbiguousDelivery(message) from None
                 raise TransientError(f"sink unreachable: {exc}") from None
         finally:
             timer.cancel()
             conn.close()
         if expired.is_set():
-            raise TransientError(f"sink did not answer within sinkTimeoutMs ({self.timeout_s:g} s)")
+            message = f"sink did not answer within sinkTimeoutMs ({self.timeout_s:g} s)"
+            raise AmbiguousDelivery(message) if sent else TransientError(message)
         if 200 <= status < 300:
             return
         if 300 <= status < 400:
@@ -206,8 +220,11 @@ class CircuitBreaker:
         with self._lock:
             if self.state == "open":
                 assert self.opened_at is not None
-                if self.clock.monotonic() - self.opened_at < self.cooldown_s:
-                    raise CircuitOpenError("sink circuit breaker is open; not calling the sink")
+                left = self.cooldown_s - (self.clock.monotonic() - self.opened_at)
+                if left > 0:
+                    raise CircuitOpenError(
+                        "sink circuit breaker is open; not calling the sink", retry_in_s=left
+                    )
                 self.state = "half-open"
             if self.state == "half-open":
                 if self._trial_running:
@@ -254,9 +271,13 @@ class GuardedSink:
         self.breaker = breaker
         self.delivered = 0
         self.failures = 0
+        self.resends = 0
 
-    def deliver(self, batch_id: str, data: bytes) -> None:
+    def deliver(self, batch_id: str, data: bytes, *, resend: bool = False) -> None:
+        """`resend`: the last attempt with this batch was ambiguous, so this may be a copy."""
         trial = self.breaker.before_call()
+        if resend:
+            self.resends += 1
         try:
             self.sink.deliver(batch_id, data)
         except PermanentError:
@@ -267,10 +288,14 @@ class GuardedSink:
         except OSError as exc:
             self.breaker.failure()
             self.failures += 1
-            if trial:
+            # An ambiguous trial stays ambiguous: the batch must remember it may be delivered.
+            if trial and not isinstance(exc, AmbiguousDelivery):
                 # The sink is still down: that is the sink's failure, not this batch's, so it
                 # must not use up the batch's retries (recovery treats it like an open breaker).
-                raise CircuitOpenError(f"sink still down on a half-open trial: {exc}") from exc
+                raise CircuitOpenError(
+                    f"sink still down on a half-open trial: {exc}",
+                    retry_in_s=self.breaker.cooldown_s,
+                ) from exc
             raise
         self.breaker.success()
         self.delivered += 1
@@ -281,6 +306,7 @@ class GuardedSink:
             **self.breaker.snapshot(),
             "delivered": self.delivered,
             "failures": self.failures,
+            "resends": self.resends,
         }
 
 
@@ -298,15 +324,39 @@ def build_sink(config: Config, clock: Clock) -> GuardedSink | None:
     return GuardedSink(sink, breaker)
 
 
-def sink_then_store(
-    sink: Callable[[], GuardedSink | None], write: Callable[[str, bytes], Any]
-) -> Callable[[str, bytes], Any]:
-    """The store used by the flusher and the recovery loop: deliver first, then complete."""
+def _no_sink() -> GuardedSink | None:
+    return None
 
-    def store(batch_id: str, data: bytes) -> Any:
-        current = sink()
-        if current is not None:
-            current.deliver(batch_id, data)
-        return write(batch_id, data)
 
-    return store
+class Completer:
+    """Completes a batch in two steps (SPEC §6a): deliver it to the sink, then write it.
+
+    The steps are apart so that callers can remember that the sink accepted a batch and
+    retry only the write: a full disk must not make the collector receive it over and over.
+    """
+
+    def __init__(
+        self,
+        write: Callable[[str, bytes], Path],
+        sink: Callable[[], GuardedSink | None] = _no_sink,
+    ) -> None:
+        self.write = write
+        self._sink = sink
+
+    def deliver(self, batch_id: str, data: bytes, *, resend: bool = False) -> bool:
+        """True when a sink accepted the batch; False when there is no sink to accept it."""
+        sink = self._sink()
+        if sink is None:
+            return False
+        sink.deliver(batch_id, data, resend=resend)
+        return True
+
+    def __call__(self, batch_id: str, data: bytes) -> Path:
+        """Both steps at once: a Completer is a store as the pipeline takes one."""
+        self.deliver(batch_id, data)
+        return self.write(batch_id, data)
+
+
+def as_completer(store: Callable[[str, bytes], Path]) -> Completer:
+    """A plain store function is a completer without a sink."""
+    return store if isinstance(store, Completer) else Completer(store)

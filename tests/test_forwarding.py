@@ -22,6 +22,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.sinkserver import Receiver
+from tests.test_reload_bridge import bridge
 
 
 @pytest.fixture
@@ -132,3 +133,68 @@ def test_command_sink_retry_then_accept_and_refuse(
     doc = orjson.loads(parked.read_bytes())
     assert doc["abandonReason"] == "permanent error" and "exited 1" in doc["lastError"]
     assert stored_id_counts(root) == {"c1": 1, "c2": 1, "c3": 1}
+
+
+def test_recover_with_the_breaker_open_fails_and_counts_every_batch_waiting(
+    root: Path, tmp_path: Path, receiver: Receiver, daemons: list[DaemonProc]
+) -> None:
+    # `recover` and `aggregate-recover` once exited 0 with nothing retried, and counted one
+    # of the waiting batches.
+    receiver.mode = "503"
+    settings = {
+        "sinkType": "http",
+        "sinkUrl": receiver.url,
+        "breakerFailures": 1,
+        "breakerCooldownMs": 600_000,
+        "immediateRetries": 3,
+        "maxAgeMs": 3_600_000,
+        "scheduleIntervalMs": 3_600_000,
+    }
+    daemons.append(start_daemon(root, settings))
+    for n in range(3):
+        assert cli(root, "add", input=orjson.dumps(entry(n, entryId=f"w{n}"))).returncode == 0
+        assert cli(root, "flush").returncode == 0
+    st = status(root)
+    assert st["queue"]["failed"] == 3 and st["sink"]["state"] == "open"
+    assert receiver.calls["503"] == 1  # the breaker parked the others at once, untried
+
+    plain = cli(root, "recover")
+    assert plain.returncode == 1, plain.stdout
+    assert "3 batches not tried: sink breaker open, next trial in" in plain.stdout.decode()
+    as_json = cli(root, "recover", "--json")
+    assert as_json.returncode == 1
+    report = orjson.loads(as_json.stdout)
+    assert report["waiting"] == 3 and report["circuitOpen"] is True
+    assert 0 < report["breakerRetryInS"] <= 600
+    code, reply = bridge(tmp_path, "aggregate-recover", root=root)
+    assert code == 1 and reply["waiting"] == 3 and reply["circuitOpen"] is True
+    assert receiver.calls["503"] == 1 and stored_id_counts(root) == {"w0": 1, "w1": 1, "w2": 1}
+
+
+def test_a_slow_collector_gets_no_inline_copies_and_the_resend_is_reported(
+    root: Path, receiver: Receiver, daemons: list[DaemonProc]
+) -> None:
+    # It stores, then answers after sinkTimeoutMs: every inline retry once added a copy.
+    receiver.mode, receiver.delay_s = "timeout", 0.8
+    settings = {
+        "sinkType": "http",
+        "sinkUrl": receiver.url,
+        "sinkTimeoutMs": 300,
+        "immediateRetries": 3,
+        "maxAgeMs": 3_600_000,
+        "scheduleIntervalMs": 3_600_000,
+    }
+    daemons.append(start_daemon(root, settings))
+    assert cli(root, "add", input=orjson.dumps(entry(1, entryId="slow1"))).returncode == 0
+    assert cli(root, "flush").returncode == 0
+    [parked] = Layout(root).recovery.glob("*.failed.json")
+    assert orjson.loads(parked.read_bytes())["possiblyDelivered"] is True
+    wait_for(lambda: receiver.entry_ids() == {"slow1": 1})
+    assert receiver.calls["timeout"] == 1
+    receiver.mode = "ok"
+    assert cli(root, "recover").returncode == 0
+    assert receiver.entry_ids() == {"slow1": 2}  # one counted re-send, deduped by the receiver
+    assert status(root)["sink"]["resends"] == 1
+    health = cli(root, "health", "--json")
+    assert orjson.loads(health.stdout)["sink"]["resends"] == 1
+    assert stored_id_counts(root) == {"slow1": 1}

@@ -9,7 +9,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from flowagg.health import Figures, evaluate, write_snapshot
+from flowagg.clock import FakeClock
+from flowagg.daemon import SUCCESS_WINDOW_INTERVALS
+from flowagg.flusher import Outcomes
+from flowagg.health import Figures, SuccessWindow, evaluate, write_snapshot
 from flowagg.layout import Layout
 from tests.harness import cli
 
@@ -97,3 +100,36 @@ def test_health_command_stale_and_missing(tmp_path: Path) -> None:
     assert stale.returncode == 3 and b"3 intervals" in stale.stderr
     write_snapshot(layout, snapshot("healthy", age_ms=2_000, interval_ms=1_000))
     assert cli(layout.root, "health").returncode == 0
+
+
+def test_a_short_sink_outage_is_degraded_then_forgotten_once_the_queue_drains() -> None:
+    # The success rate once covered 10 intervals whatever happened since: health stayed
+    # critical for 10 minutes after a short outage whose batches had all been recovered.
+    clock = FakeClock()
+    outcomes = Outcomes()
+    window = SuccessWindow(SUCCESS_WINDOW_INTERVALS)
+    interval_s = 60.0
+
+    def status(failed_queued: int, breaker: str) -> str:
+        since = window.since(clock.monotonic(), interval_s=interval_s, failed_queued=failed_queued)
+        figures = {**OK.__dict__, "success_rate": outcomes.success_rate(since)}
+        return evaluate(Figures(**{**figures, "breaker_state": breaker}))[0]
+
+    assert status(0, "closed") == "healthy"
+    clock.advance(1_000)
+    outcomes.record(clock.monotonic(), True)
+    outcomes.record(clock.monotonic(), False, 9)  # the sink goes down: parked in recovery/
+    clock.advance(1_000)
+    assert status(9, "open") == "degraded"  # batches wait, unlost: not critical
+    assert status(9, "closed") == "critical"  # failing with the sink called: critical
+    clock.advance(60_000)
+    outcomes.record(clock.monotonic(), True, 2)  # the sink is back, the queue is draining
+    assert status(3, "closed") == "critical"
+    clock.advance(1_000)
+    assert status(0, "closed") == "healthy"  # all recovered: the outage is history
+    clock.advance(1_000)
+    outcomes.record(clock.monotonic(), False, 5)  # a new outage counts again
+    clock.advance(1_000)
+    assert status(5, "closed") == "critical"
+    clock.advance(int(SUCCESS_WINDOW_INTERVALS * interval_s * 1000))
+    assert status(5, "closed") == "healthy"  # and the window still ends

@@ -5,16 +5,20 @@ from __future__ import annotations
 import errno
 import itertools
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flowagg.clock import FakeClock
-from flowagg.errors import PermanentError
+from flowagg.errors import PermanentError, TransientError
 from flowagg.layout import Layout
-from flowagg.recovery import Recovery, RetryPolicy, write_completed
+from flowagg.recovery import INT_FIELDS, Recovery, RetryPolicy, write_completed
+from flowagg.sink import CircuitBreaker, Completer, GuardedSink
 from flowagg.storage import Batch, batch_file_name, encode_batch, read_batch
 
 POLICY = RetryPolicy(base_ms=1000, max_delay_ms=300_000, limit=5)
@@ -282,3 +286,160 @@ def test_user_batch_ids_are_checked_before_any_path_is_built(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="is not a batch id"):
         recovery.requeue_abandoned("../../x")
     assert outside.exists() and not list(layout.recovery.glob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("retryCount", "3"),
+        ("retryCount", -1),
+        ("retryCount", True),
+        ("nextRetryAt", 1.5),
+        ("nextRetryAt", None),
+        ("failedAt", "yesterday"),
+        ("lastRetryAt", 2**60),
+        ("sinkAcceptedAt", "now"),
+        ("lastError", 42),
+        ("history", {"at": 1}),
+        ("history", ["not an object"]),
+        ("possiblyDelivered", "yes"),
+    ],
+)
+def test_a_malformed_recovery_field_is_quarantined_not_raised(
+    tmp_path: Path, field: str, value: Any
+) -> None:
+    # One such file once raised TypeError out of every pass, holding up all the others.
+    layout = make_layout(tmp_path)
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY, store=FlakyStore(layout))
+    put_failed(layout, {**failed_doc("bad", failedAt=1), field: value})
+    put_failed(layout, failed_doc("good", failedAt=2))
+    report = recovery.run_once(force=True)
+    assert report.quarantined == ["bad.failed.json"] and report.retried_failed == ["good"]
+    reason = orjson.loads((layout.errors / "bad.failed.json.reason.json").read_bytes())
+    assert field in reason["reason"]
+    assert (layout.errors / "bad.failed.json").exists()
+
+
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=5),
+    st.lists(st.one_of(st.integers(-5, 5), st.text(max_size=3), st.none()), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(-5, 5), max_size=2),
+)
+FIELDS = (*INT_FIELDS, "lastError", "abandonReason", "history", "possiblyDelivered")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    junk=st.dictionaries(st.sampled_from(FIELDS), JUNK, min_size=1),
+    twin_junk=st.dictionaries(st.sampled_from(FIELDS), JUNK),
+    twin=st.booleans(),
+    store_fails=st.booleans(),
+)
+def test_junk_in_the_recovery_fields_never_makes_a_pass_raise(
+    junk: dict[str, Any], twin_junk: dict[str, Any], twin: bool, store_fails: bool
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = make_layout(Path(tmp))
+        store = FlakyStore(layout)
+        if not store_fails:
+            store.error = None
+        recovery = Recovery(layout, FakeClock(now_ms=10**6), random.Random(1), POLICY, store=store)
+        put_failed(layout, {**failed_doc(B1), **junk})
+        if twin:
+            parked = {**failed_doc(B1), "abandonReason": "retry limit reached", **twin_junk}
+            (layout.abandoned / f"{B1}.abandoned.json").write_bytes(orjson.dumps(parked))
+        for force in (False, True, True):
+            recovery.run_once(force=force)
+        # Never deleted: in the queue, stored, parked, or quarantined with a reason.
+        places = [
+            layout.recovery / f"{B1}.failed.json",
+            layout.aggregated / batch_file_name(B1),
+            layout.abandoned / f"{B1}.abandoned.json",
+            layout.errors / f"{B1}.failed.json",
+        ]
+        assert any(p.exists() for p in places)
+
+
+def test_a_pass_ends_between_batches_once_asked_to_stop(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    recovery: Recovery
+
+    def store(batch_id: str, data: bytes) -> Path:
+        recovery.stop.set()  # the daemon's SIGTERM arrives during the first batch
+        return write_completed(layout, batch_id, data)
+
+    recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY, store=store)
+    for i in range(10):
+        put_failed(layout, failed_doc(f"s{i}", failedAt=i))
+    report = recovery.run_once()
+    assert report.recovered == ["s0"] and report.waiting == 9 and report.stopped
+    assert report.as_dict()["stopped"] is True
+    assert len(list(layout.recovery.glob("*.failed.json"))) == 9
+
+
+def open_breaker(clock: FakeClock, cooldown_s: float = 30.0) -> GuardedSink:
+    class Down:
+        name = "down"
+
+        def deliver(self, batch_id: str, data: bytes) -> None:
+            raise TransientError("connection refused")
+
+    sink = GuardedSink(Down(), CircuitBreaker(1, cooldown_s, clock))
+    with pytest.raises(TransientError):
+        sink.deliver("x", b"{}")
+    return sink
+
+
+def test_an_open_breaker_leaves_every_untried_batch_waiting_and_writes_accepted_ones(
+    tmp_path: Path,
+) -> None:
+    layout = make_layout(tmp_path)
+    clock = FakeClock(now_ms=10_000)
+    sink = open_breaker(clock)
+    clock.advance(10_000)
+    completer = Completer(lambda b, d: write_completed(layout, b, d), lambda: sink)
+    recovery = Recovery(layout, clock, random.Random(1), POLICY, store=completer)
+    for i in range(4):
+        put_failed(layout, failed_doc(f"n{i}", failedAt=i))
+    put_failed(layout, failed_doc("held", failedAt=9, sinkAcceptedAt=5))
+    put_failed(layout, failed_doc("later", failedAt=10, nextRetryAt=10**9))
+    report = recovery.run_once()
+    assert report.circuit_open and report.waiting == 5  # four need the sink, one is not due
+    assert report.recovered == ["held"]  # the sink has it: only the write was left
+    assert report.as_dict()["breakerRetryInS"] == 20.0
+    assert not report.retried_failed and not report.abandoned
+
+
+def test_an_acceptance_is_remembered_when_its_failed_file_cannot_be_updated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = make_layout(tmp_path)
+    delivered: list[str] = []
+
+    class Accepting:
+        name = "accepting"
+
+        def deliver(self, batch_id: str, data: bytes) -> None:
+            delivered.append(batch_id)
+
+    sink = GuardedSink(Accepting(), CircuitBreaker(3, 30.0, FakeClock()))
+    store = FlakyStore(layout)
+    completer = Completer(store, lambda: sink)
+    path = put_failed(layout, failed_doc(B1))
+
+    def full(target: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("flowagg.recovery.atomic_write", full)
+    recovery = Recovery(layout, FakeClock(now_ms=10_000), random.Random(1), POLICY, store=completer)
+    for _ in range(POLICY.limit + 2):
+        assert recovery.run_once(force=True).retried_failed == [B1]
+    assert delivered == [B1] and path.exists()
+    monkeypatch.undo()
+    store.error = None
+    assert recovery.run_once(force=True).recovered == [B1]
+    assert delivered == [B1] and store.calls == POLICY.limit + 3

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from flowagg.clock import FakeClock
-from flowagg.errors import CircuitOpenError, PermanentError, TransientError
+from flowagg.errors import AmbiguousDelivery, CircuitOpenError, PermanentError, TransientError
 from flowagg.sink import CircuitBreaker, CommandSink, GuardedSink, HttpSink
 from tests.sinkserver import Receiver
 
@@ -217,3 +217,62 @@ def test_chatty_command_costs_no_memory_and_keeps_its_last_stderr_line() -> None
     message, growth = out.strip().splitlines()
     assert message == "sink command exited 3: last words"
     assert int(growth) < 20 * 2**20
+
+
+def test_failures_after_the_request_went_out_are_ambiguous(receiver: Receiver) -> None:
+    # The collector may hold the batch: a timeout after it was sent, or a hang-up before the
+    # answer. Before the request is out, the batch cannot be there.
+    receiver.mode, receiver.delay_s = "timeout", 1.0
+    with pytest.raises(AmbiguousDelivery, match="within sinkTimeoutMs"):
+        HttpSink(receiver.url, 0.2).deliver("1_1", BATCH)
+    receiver.mode = "drop"
+    with pytest.raises(AmbiguousDelivery, match="dropped the connection"):
+        HttpSink(receiver.url, 5).deliver("1_1", BATCH)
+    for status in ("503", "429"):
+        receiver.mode = status
+        with pytest.raises(TransientError) as answered:
+            HttpSink(receiver.url, 5).deliver("1_1", BATCH)
+        assert not isinstance(answered.value, AmbiguousDelivery)
+    url = receiver.url
+    receiver.close()
+    with pytest.raises(TransientError) as unreachable:
+        HttpSink(url, 2).deliver("1_1", BATCH)
+    assert not isinstance(unreachable.value, AmbiguousDelivery)
+
+
+def test_a_command_killed_or_timed_out_is_ambiguous_a_tempfail_is_not(tmp_path: Path) -> None:
+    with pytest.raises(AmbiguousDelivery, match="signal SIGKILL"):
+        CommandSink(["sh", "-c", "kill -9 $$"], 10).deliver("1_1", BATCH)
+    with pytest.raises(AmbiguousDelivery, match="timed out"):
+        CommandSink([sys.executable, "-c", "import time; time.sleep(5)"], 0.2).deliver("1_1", BATCH)
+    for argv in (command(75), [str(tmp_path / "no-such-program")]):
+        with pytest.raises(TransientError) as clear:
+            CommandSink(argv, 10).deliver("1_1", BATCH)
+        assert not isinstance(clear.value, AmbiguousDelivery)
+
+
+def test_an_open_breaker_says_when_its_next_trial_is() -> None:
+    clock = FakeClock()
+    flaky = Flaky()
+    sink = GuardedSink(flaky, CircuitBreaker(1, 30.0, clock))
+    flaky.error = TransientError("down")
+    with pytest.raises(TransientError):
+        sink.deliver("b", BATCH)
+    clock.advance(12_000)
+    with pytest.raises(CircuitOpenError) as opened:
+        sink.deliver("b", BATCH)
+    assert opened.value.retry_in_s == pytest.approx(18.0)
+
+
+def test_resends_are_counted_only_when_the_sink_is_called() -> None:
+    clock = FakeClock()
+    flaky = Flaky()
+    sink = GuardedSink(flaky, CircuitBreaker(1, 30.0, clock))
+    sink.deliver("b", BATCH, resend=True)
+    sink.deliver("c", BATCH)
+    flaky.error = TransientError("down")
+    with pytest.raises(TransientError):
+        sink.deliver("d", BATCH)
+    with pytest.raises(CircuitOpenError):
+        sink.deliver("d", BATCH, resend=True)  # not called: not a re-send
+    assert sink.snapshot()["resends"] == 1 and flaky.calls == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import orjson
 import psutil
 
 from flowagg.layout import Layout
+from flowagg.storage import Batch, encode_batch
 from tests.harness import cli, entry, request, start_daemon, stored_id_counts, wait_for
 
 STOP_MS = 3000
@@ -142,3 +144,62 @@ def test_health_after_kill_9_says_not_running(root: Path) -> None:
     proc = cli(root, "health")
     assert proc.returncode == 3, proc.stdout
     assert b"flowagg is not running on" in proc.stderr
+
+
+def test_sigterm_ends_a_recovery_pass_through_a_slow_sink_between_batches(
+    root: Path, tmp_path: Path
+) -> None:
+    # Ten batches due and a 3 s sink: the pass once went on through all of them after SIGTERM.
+    # The stop here waits 5 s for the buffered batch's delivery; the pass must not start a
+    # second batch meanwhile.
+    layout = Layout(root)
+    layout.prepare()
+    ids: list[str] = []
+    for n in range(1, 11):
+        batch_id = f"1704067200000_{n:012d}"
+        entry_ids = [f"slow-{n}-{i}" for i in range(3)]
+        entries = [orjson.dumps(entry(i, entryId=e)) for i, e in enumerate(entry_ids)]
+        doc = orjson.loads(
+            encode_batch(Batch(batch_id, "size", entries, n, n, entry_ids), timestamp_ms=1)
+        )
+        doc.update(retryCount=0, lastRetryAt=0, lastError="x", failedAt=n, nextRetryAt=0)
+        (layout.recovery / f"{batch_id}.failed.json").write_bytes(orjson.dumps(doc))
+        ids += entry_ids
+    calls = tmp_path / "calls"
+    sink = tmp_path / "slow_sink.py"
+    sink.write_text(
+        "import sys, time\n"
+        "recovered = b'\"recovered\":true' in sys.stdin.buffer.read()\n"
+        f"with open({str(calls)!r}, 'a') as log:\n"
+        "    log.write('recovered\\n' if recovered else 'fresh\\n')\n"
+        "time.sleep(3 if recovered else 5)\n"
+    )
+    stop_ms = 10_000
+    settings = {
+        "sinkType": "command",
+        "sinkCommand": f"{sys.executable} {sink}",
+        "sinkTimeoutMs": 60_000,
+        "shutdownTimeoutMs": stop_ms,
+        "scheduleIntervalMs": 3_600_000,
+        "maxAgeMs": 3_600_000,
+    }
+    daemon = start_daemon(root, settings)
+    daemon_ps = psutil.Process(daemon.proc.pid)
+    wait_for(lambda: calls.exists() and calls.read_text() == "recovered\n")
+    fresh = ["fresh-1", "fresh-2"]
+    reply = request(
+        daemon.layout.socket,
+        {"op": "add", "entries": [entry(i, entryId=e) for i, e in enumerate(fresh)]},
+    )
+    assert reply["accepted"] == 2
+    sinks = [c.pid for c in daemon_ps.children(recursive=True)]
+    with reaped(sinks):
+        started = time.monotonic()
+        daemon.send(signal.SIGTERM)
+        code = daemon.proc.wait(stop_ms / 1000 + MARGIN_S + 30)
+        elapsed = time.monotonic() - started
+    assert code == 0, daemon.log()
+    assert elapsed < stop_ms / 1000 + MARGIN_S, (elapsed, daemon.log())
+    assert calls.read_text().splitlines().count("recovered") == 1, calls.read_text()
+    assert "recovery pass stopped early" in (layout.logs / "recovery.log").read_text()
+    assert stored_id_counts(root) == dict.fromkeys(ids + fresh, 1)
