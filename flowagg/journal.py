@@ -371,6 +371,7 @@ class JournalWriter:
         self.entries_written = 0
         self.durable_done_seq = 0
         self._unsynced_done_seq = 0
+        self._unsynced = False  # bytes written to the current segment since its last fsync
         self.syncs = 0
         self.bytes_written = 0
         self._thread = threading.Thread(target=self._run, name="journal-writer", daemon=True)
@@ -413,9 +414,7 @@ class JournalWriter:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close_segment()
 
     @property
     def next_seq(self) -> int:
@@ -442,10 +441,30 @@ class JournalWriter:
                 self._deliver([(a, self._broken, self.durable) for a in group])
                 return
 
+    def _close_segment(self) -> None:
+        """Close the current segment after making its unsynced done records durable.
+
+        `durable_done_seq` advances on the next fsync, which happens on the new segment:
+        without this one, compaction could trust a done record a power cut then erases.
+        """
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            if self._unsynced:
+                os.fsync(fd)
+                self._unsynced = False
+                self.durable_done_seq = max(self.durable_done_seq, self._unsynced_done_seq)
+        except OSError as exc:
+            # Only done records can be unsynced here; they are hints, so trust none of them.
+            log.error("journal %s: fsync at close failed (%s)", self.segments[-1].path, exc)
+            self._unsynced = False
+            self._unsynced_done_seq = self.durable_done_seq
+        finally:
+            os.close(fd)
+
     def _open_segment(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close_segment()
         number = self.segments[-1].number + 1 if self.segments else 1
         path = self.directory / segment_name(number)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -501,6 +520,7 @@ class JournalWriter:
                 self._unsynced_done_seq = max(self._unsynced_done_seq, append.done_seq)
         seg.size = offset
         self.bytes_written += len(data)
+        self._unsynced = not needs_sync
         if needs_sync:
             self.syncs += 1
             self.durable = Position(seg.number, offset)

@@ -786,6 +786,55 @@ def test_compaction_after_restart_uses_scanned_segment_info(tmp_path: Path) -> N
         j2.stop()
 
 
+def test_rollover_fsyncs_unsynced_done_records_before_closing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # segment_bytes=1: every commit rolls over. The done record rides alone (no fsync of its
+    # own), so the segment holding it is closed with unsynced bytes at the next append.
+    j = Journal(tmp_path, segment_bytes=1)
+    calls: list[tuple[str, object]] = []
+    real_open, real_write, real_fsync, real_close = os.open, os.write, os.fsync, os.close
+
+    def rec_open(path: Any, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags, *args)
+        calls.append(("open", (Path(path).name, fd)))
+        return fd
+
+    def rec_write(fd: int, data: Any) -> int:
+        calls.append(("write", fd))
+        return real_write(fd, data)
+
+    def rec_fsync(fd: int) -> None:
+        calls.append(("fsync", fd))
+        real_fsync(fd)
+
+    def rec_close(fd: int) -> None:
+        calls.append(("close", fd))
+        real_close(fd)
+
+    monkeypatch.setattr(os, "open", rec_open)
+    monkeypatch.setattr(os, "write", rec_write)
+    monkeypatch.setattr(os, "fsync", rec_fsync)
+    monkeypatch.setattr(os, "close", rec_close)
+    try:
+        j.ok([entry(1)])
+        j.done(1)
+        done_fd = j.writer._fd
+        done_segment = j.writer.segments[-1].path.name
+        assert j.writer.durable_done_seq == 0  # written, not yet synced
+        j.ok([entry(2)])
+    finally:
+        j.stop()
+    assert ("open", (done_segment, done_fd)) in calls
+    opened = calls.index(("open", (done_segment, done_fd)))
+    mine = [op for op, arg in calls[opened + 1 :] if arg == done_fd]
+    closed = mine.index("close")
+    assert "fsync" in mine[:closed]
+    last_write = max(i for i, op in enumerate(mine[:closed]) if op == "write")
+    assert "fsync" in mine[last_write:closed], mine
+    assert j.writer.durable_done_seq == 1
+
+
 # --------------------------------------------------------------------------------------------
 # write failures
 
