@@ -35,6 +35,10 @@ from .fsutil import fsync_dir, quarantine_bytes
 log = logging.getLogger("flowagg.journal")
 
 FORMAT_VERSION = 1
+# One add record stays small: the reader loads records whole, never parses one twice, and a
+# record larger than the memory window is only loaded into an empty window.
+MAX_RECORD_ENTRIES = 1000
+MAX_RECORD_BYTES = 1 << 20
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".log"
 
@@ -81,7 +85,7 @@ def encode_add(
     t_ms: int,
     entries: list[bytes],
     client_idx: list[int],
-    src: str | None,
+    src: str | None = None,
 ) -> bytes:
     parts = [b'{"k":"a","q":%d,"t":%d,"e":[' % (first_seq, t_ms), b",".join(entries), b"]"]
     if client_idx:
@@ -90,6 +94,32 @@ def encode_add(
         parts.append(b',"src":' + orjson.dumps(src))
     parts.append(b"}")
     return frame(b"".join(parts))
+
+
+def split_add(
+    entries: list[bytes], client_idx: list[int], max_entries: int, max_bytes: int
+) -> list[tuple[int, int, list[int]]]:
+    """Cut one add into records of at most `max_entries` entries and about `max_bytes`.
+
+    Returns (start, end, client indexes relative to start) per record; at least one record,
+    even for no entries (a spool file with none valid is still journaled).
+    """
+    pieces: list[tuple[int, int, list[int]]] = []
+    start = 0
+    size = 0
+    marks = iter(client_idx)
+    mark = next(marks, None)
+    chunk_idx: list[int] = []
+    for i, data in enumerate(entries):
+        if i > start and (i - start >= max_entries or size + len(data) > max_bytes):
+            pieces.append((start, i, chunk_idx))
+            start, size, chunk_idx = i, 0, []
+        size += len(data) + 1
+        if mark == i:
+            chunk_idx.append(i - start)
+            mark = next(marks, None)
+    pieces.append((start, len(entries), chunk_idx))
+    return pieces
 
 
 @dataclasses.dataclass
@@ -358,6 +388,7 @@ class JournalWriter:
         self.directory = directory
         self.segments = list(segments)
         self.segment_bytes = segment_bytes
+        self.max_record_entries = MAX_RECORD_ENTRIES
         self._deliver = deliver
         self._cond = threading.Condition()
         self._queue: list[Append] = []
@@ -390,14 +421,26 @@ class JournalWriter:
         src: str | None,
         callback: Callable[[BaseException | None, Position], None],
     ) -> int:
-        """Queue entries; returns the seq of the first. `callback` runs once durable (or not)."""
+        """Queue entries; returns the seq of the first. `callback` runs once durable (or not).
+
+        A large add becomes several records queued together, so they share one write and one
+        fsync; the callback rides on the last, which also carries `src`: a spool file counts
+        as journaled only once all of its entries are.
+        """
+        pieces = split_add(entries, client_idx, self.max_record_entries, MAX_RECORD_BYTES)
         with self._cond:
             if self._broken is not None:
                 raise self._broken
             first = self._next_seq
             self._next_seq += len(entries)
-            line = encode_add(first, t_ms, entries, client_idx, src)
-            self._queue.append(Append(line, callback, first, len(entries), t_ms))
+            for n, (start, end, idx) in enumerate(pieces):
+                last = n == len(pieces) - 1
+                line = encode_add(
+                    first + start, t_ms, entries[start:end], idx, src=src if last else None
+                )
+                self._queue.append(
+                    Append(line, callback if last else None, first + start, end - start, t_ms)
+                )
             self._cond.notify()
         return first
 

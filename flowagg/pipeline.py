@@ -24,7 +24,14 @@ from .config import Config
 from .entries import EntryError, validate_entry_json
 from .flusher import Flusher
 from .fsutil import is_disk_full, quarantine_file
-from .journal import Append, JournalWriter, Position, ScanResult, read_records
+from .journal import (
+    MAX_RECORD_ENTRIES,
+    Append,
+    JournalWriter,
+    Position,
+    ScanResult,
+    read_records,
+)
 from .layout import Layout
 from .storage import Batch, CorruptBatch, find_batch, make_batch_id, read_batch
 
@@ -106,6 +113,9 @@ class Pipeline:
         self._batch_waiters: dict[str, asyncio.Future[None]] = {}
         self._age_timer: asyncio.TimerHandle | None = None
         self._space_waiters: list[asyncio.Future[None]] = []
+        # The record at reader_pos that did not fit, with its entry count: not parsed again
+        # until that many entries of room are free.
+        self._blocked: tuple[Position, int] | None = None
 
     # -- start ------------------------------------------------------------------------------
     def start(self, scan: ScanResult) -> None:
@@ -122,6 +132,7 @@ class Pipeline:
             clean_tail=scan.clean_tail,
             deliver=lambda results: self.loop.call_soon_threadsafe(self._journal_done, results),
         )
+        self._size_records()
         self.writer.start()
         if scan.backlog is not None:
             self.reader_pos = scan.backlog
@@ -146,8 +157,14 @@ class Pipeline:
             self.flusher.immediate_retries = config.immediate_retries
         if self.writer is not None:
             self.writer.segment_bytes = config.journal_segment_bytes
+            self._size_records()
         self._refill()
         self._check_triggers()
+
+    def _size_records(self) -> None:
+        """Records no larger than the window always fit once it drains."""
+        assert self.writer is not None
+        self.writer.max_record_entries = min(MAX_RECORD_ENTRIES, self.config.memory_window_entries)
 
     def _skip_published(self) -> None:
         """Find batches stored after the last durable done record; their entries are done.
@@ -330,43 +347,54 @@ class Pipeline:
         for append, error, after in results:
             if append.callback is not None:
                 append.callback(error, after)
-        self._check_triggers()
+        if self.spilled:
+            self._refill()  # checks the triggers too
+        else:
+            self._check_triggers()
 
     def _take_durable(
         self, first_seq: int, t_ms: int, datas: list[bytes], ids: list[str], after: Position
     ) -> None:
         if self.spilled or self.aggregator.room() < len(datas):
-            self.spilled = True  # reader_pos still points at the first entry not in memory
+            # reader_pos still points at the first record not in memory; _refill (run once
+            # the whole delivery is through) loads from there, record by record.
+            self.spilled = True
             return
         self.aggregator.load_run(first_seq, t_ms, self.clock.monotonic(), datas, ids)
         self.reader_pos = after
 
+    def _fits(self, count: int) -> bool:
+        """A record is loaded whole: into free room, or (one larger than the window) alone."""
+        agg = self.aggregator
+        return agg.room() >= count or (not agg.window and not agg.inflight_entries)
+
     def _refill(self) -> None:
-        """Load entries that wait on disk into the memory window, oldest first."""
+        """Load whole records that wait on disk into the memory window, oldest first."""
         if not self.spilled or self.writer is None:
             return
-        room = self.aggregator.room()
-        if room <= 0:
+        blocked = self._blocked
+        if blocked is not None and blocked[0] == self.reader_pos and not self._fits(blocked[1]):
+            self._check_triggers()  # the head record still does not fit: no need to parse it
             return
+        self._blocked = None
         arrival = self.clock.monotonic()
         caught_up = True
         segments = [seg.path for seg in list(self.writer.segments)]
         end = self.writer.durable
+        agg = self.aggregator
         for record in read_records(self.layout.journal, self.reader_pos, end, segments):
-            complete = True
-            for i, entry in enumerate(record.entries):
-                seq = record.first_seq + i
-                if seq <= self.aggregator.last_seq_loaded:
-                    continue
-                if room <= 0:
-                    complete = False
+            skip = max(0, agg.last_seq_loaded - record.first_seq + 1)
+            count = len(record.entries) - skip
+            if count > 0:
+                if not self._fits(count):
+                    self._blocked = (self.reader_pos, count)
+                    caught_up = False
                     break
-                data = bytes(memoryview(orjson.dumps(entry)))  # exact size, see entries.py
-                self.aggregator.load(Buffered(seq, record.t_ms, arrival, data, entry["entryId"]))
-                room -= 1
-            if not complete:
-                caught_up = False
-                break
+                for i in range(skip, len(record.entries)):
+                    entry = record.entries[i]
+                    data = bytes(memoryview(orjson.dumps(entry)))  # exact size, see entries.py
+                    seq = record.first_seq + i
+                    agg.load(Buffered(seq, record.t_ms, arrival, data, entry["entryId"]))
             self.reader_pos = record.after
         if caught_up:
             self.spilled = False

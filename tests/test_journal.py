@@ -29,6 +29,7 @@ from flowagg.journal import (
     read_records,
     scan,
     segment_name,
+    split_add,
     unframe,
 )
 
@@ -181,6 +182,34 @@ def test_encode_add_layout() -> None:
     assert plain is not None
     assert "c" not in plain
     assert "src" not in plain
+
+
+def test_split_add_bounds_count_and_bytes() -> None:
+    datas = [b"x" * 10] * 7
+    assert split_add(datas, [0, 3, 6], 3, 1 << 20) == [(0, 3, [0]), (3, 6, [0]), (6, 7, [0])]
+    assert split_add(datas, [1, 2], 100, 25) == [(0, 2, [1]), (2, 4, [0]), (4, 6, []), (6, 7, [])]
+    assert split_add([b"y" * 100], [0], 3, 10) == [(0, 1, [0])]  # one entry alone may exceed
+    assert split_add([], [], 3, 10) == [(0, 0, [])]
+
+
+def test_split_add_keeps_src_on_the_last_record(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    j.writer.max_record_entries = 2
+    try:
+        j.ok([entry(n) for n in range(1, 6)], client_idx=[0, 2, 4], src="f.jsonl")
+        assert j.writer.syncs == 1
+    finally:
+        j.stop()
+    records = [unframe(line) for line in list_segments(j.dir)[0].read_bytes().splitlines(True)]
+    adds = [r for r in records if r is not None and r["k"] == "a"]
+    assert [(r["q"], len(r["e"]), r.get("c"), r.get("src")) for r in adds] == [
+        (1, 2, [0], None),
+        (3, 2, [0], None),
+        (5, 1, [0], "f.jsonl"),
+    ]
+    result = j.scan()
+    assert set(result.dedupe) == {"id-1", "id-3", "id-5"}
+    assert result.spool_sources == {"f.jsonl"}
 
 
 # --------------------------------------------------------------------------------------------
