@@ -26,6 +26,7 @@ from . import __version__
 from .cleanup import apply_cleanup, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
 from .config import SETTINGS, Config
+from .dedupe import DedupeIndex
 from .entries import short_repr
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
 from .fsutil import atomic_write, count_files, remove_stale_temps
@@ -191,12 +192,17 @@ class Daemon:
         if removed:
             log.info("removed %d stale temp files", len(removed))
         try:
+            dedupe = DedupeIndex(
+                self.layout.journal / "dedupe",
+                window_ms=self.config.dedupe_window_ms,
+                max_ids=self.config.dedupe_max_ids,
+            )
             result = await asyncio.to_thread(
                 scan,
                 self.layout.journal,
                 self.layout.errors,
                 now_ms=self.clock.now_ms(),
-                dedupe_window_ms=self.config.dedupe_window_ms,
+                dedupe=dedupe,
             )
         except JournalVersionError as exc:
             raise RootUnusableError(str(exc)) from None

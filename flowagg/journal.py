@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from .dedupe import DedupeIndex
 from .fsutil import fsync_dir, quarantine_bytes
 
 log = logging.getLogger("flowagg.journal")
@@ -145,7 +146,7 @@ class ScanResult:
     segments: list[SegmentInfo]
     next_seq: int
     done_seq: int
-    dedupe: dict[str, int]
+    dedupe: DedupeIndex
     backlog: Position | None
     backlog_entries: int
     backlog_bytes: int
@@ -159,9 +160,11 @@ def scan(
     errors_dir: Path,
     *,
     now_ms: int,
-    dedupe_window_ms: int,
+    dedupe: DedupeIndex,
 ) -> ScanResult:
-    """Read every segment once: rebuild dedupe state, find the backlog, cut a torn tail.
+    """Read every segment once: catch the dedupe index up, find the backlog, cut a torn tail.
+
+    `dedupe` is opened here; the records after its checkpoint are replayed into it.
 
     Bad lines in the middle of the journal are copied to errors/ (the segment stays as it is
     until compaction); bad bytes at the end of the last segment are quarantined and cut off.
@@ -170,13 +173,14 @@ def scan(
     clean_tail = True
     next_seq = 1
     done_seq = 0
-    dedupe: dict[str, int] = {}
+    dedupe.open(now_ms)
+    replay_after = dedupe.checkpoint
     spool_sources: set[str] = set()
     quarantined: list[Path] = []
     # Entries after the done cursor are only counted once the cursor is known, so keep the
     # first position of each add record whose last seq may be beyond it.
     add_records: list[tuple[Position, int, int, int]] = []  # pos, first seq, last seq, bytes
-    horizon = now_ms - dedupe_window_ms
+    horizon = now_ms - dedupe.window_ms
     paths = list_segments(directory)
     for index, path in enumerate(paths):
         info = SegmentInfo(number=segment_number(path), path=path)
@@ -205,9 +209,12 @@ def scan(
                     info.last_seq = max(info.last_seq, last)
                     info.max_t = max(info.max_t, t)
                     next_seq = max(next_seq, last + 1)
-                    if t >= horizon:
-                        for i in record.get("c", ()):
-                            dedupe[entries[i]["entryId"]] = t
+                    if last > replay_after and last >= first:
+                        if t >= horizon:
+                            ids = [entries[i]["entryId"] for i in record.get("c", ())]
+                            dedupe.add(ids, t, last)
+                        else:
+                            dedupe.add([], t, last)
                     if "src" in record:
                         spool_sources.add(record["src"])
                     add_records.append((Position(info.number, offset), first, last, len(line)))

@@ -21,6 +21,7 @@ import orjson
 from .aggregator import Aggregator, Buffered, FlushPolicy
 from .clock import Clock, EntryIdFactory
 from .config import Config
+from .dedupe import DedupeIndex
 from .entries import EntryError, validate_entry_json
 from .flusher import Flusher
 from .fsutil import is_disk_full, quarantine_file
@@ -40,6 +41,7 @@ log = logging.getLogger("flowagg.pipeline")
 LATENCY_SAMPLES = 2048
 # Below the unit's TimeoutStopSec (120 s): a stuck disk must not turn a stop into a SIGKILL.
 SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
+DEDUPE_SAVE_INTERVAL_S = 600.0
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
 
 
@@ -94,8 +96,8 @@ class Pipeline:
         self._next_retry_at = next_retry_at
         self._store = store
         self.aggregator = Aggregator(FlushPolicy.from_config(config))
-        self.dedupe: dict[str, int] = {}
-        self.pending_ids: set[str] = set()
+        self.dedupe: DedupeIndex | None = None
+        self.pending_ids: set[str] = set()  # client ids being journaled, not yet in `dedupe`
         self.writer: JournalWriter | None = None
         self.flusher: Flusher | None = None
         self.spilled = False
@@ -116,10 +118,13 @@ class Pipeline:
         # The record at reader_pos that did not fit, with its entry count: not parsed again
         # until that many entries of room are free.
         self._blocked: tuple[Position, int] | None = None
+        self._dedupe_saved_at = clock.monotonic()
+        self._dedupe_saving: asyncio.Future[None] | None = None
 
     # -- start ------------------------------------------------------------------------------
     def start(self, scan: ScanResult) -> None:
         self.dedupe = scan.dedupe
+        self._dedupe_saved_at = self.clock.monotonic()
         self.done_seq = scan.done_seq
         self.last_acked_seq = scan.next_seq - 1
         self.aggregator.last_seq_loaded = scan.done_seq
@@ -281,6 +286,8 @@ class Pipeline:
             await self.wait_for_space()
         result = AddResult()
         now = self.clock.now_ms()
+        dedupe = self.dedupe
+        assert dedupe is not None
         datas: list[bytes] = []
         client_idx: list[int] = []
         ids: list[str] = []
@@ -288,7 +295,11 @@ class Pipeline:
         for entry, client_id, data in valid:
             entry_id = entry["entryId"]
             if client_id:
-                if entry_id in self.dedupe or entry_id in self.pending_ids or entry_id in seen:
+                if (
+                    entry_id in seen
+                    or entry_id in self.pending_ids
+                    or dedupe.contains(entry_id, now)
+                ):
                     result.duplicates += 1
                     continue
                 seen.add(entry_id)
@@ -312,8 +323,7 @@ class Pipeline:
             if error is not None:
                 self.aggregator.acknowledge(-len(datas), -size)
             else:
-                for entry_id in client_ids:
-                    self.dedupe[entry_id] = now
+                dedupe.add(client_ids, now, first_seq + len(datas) - 1)
                 if datas:
                     self.last_acked_seq = first_seq + len(datas) - 1
                     self._take_durable(first_seq, now, datas, ids, after)
@@ -480,16 +490,25 @@ class Pipeline:
         await fut
 
     def expire_dedupe(self) -> int:
-        """Forget client entryIds older than the window (the dict is in arrival order)."""
-        horizon = self.clock.now_ms() - self.config.dedupe_window_ms
-        expired = 0
-        while self.dedupe:
-            entry_id = next(iter(self.dedupe))
-            if self.dedupe[entry_id] >= horizon:
-                break
-            del self.dedupe[entry_id]
-            expired += 1
+        """Forget client entryIds older than the window; now and then save the filter."""
+        if self.dedupe is None:
+            return 0
+        expired = self.dedupe.expire(self.clock.now_ms())
+        saving = self._dedupe_saving
+        if (saving is None or saving.done()) and (
+            self.clock.monotonic() - self._dedupe_saved_at >= DEDUPE_SAVE_INTERVAL_S
+        ):
+            # Bounds what a start after kill -9 replays; the filter is tens of MB, so not often.
+            self._dedupe_saved_at = self.clock.monotonic()
+            self._dedupe_saving = self.loop.run_in_executor(None, self._save_dedupe)
         return expired
+
+    def _save_dedupe(self) -> None:
+        assert self.dedupe is not None
+        try:
+            self.dedupe.save()
+        except OSError as exc:
+            log.error("cannot save the dedupe filter (%s); the next start replays more", exc)
 
     def compact_journal(self) -> int:
         if self.writer is None:
@@ -513,6 +532,10 @@ class Pipeline:
             await asyncio.to_thread(self.flusher.stop, give_up=True)
         if self.writer is not None:
             await asyncio.to_thread(self.writer.stop)
+        if self._dedupe_saving is not None:
+            await self._dedupe_saving
+        if self.dedupe is not None:
+            await asyncio.to_thread(self.dedupe.close)
 
     # -- reporting --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import orjson
 import pytest
 
 from flowagg.clock import EntryIdFactory, FakeClock, SystemClock
-from flowagg.config import load_config
+from flowagg.config import DAY_MS, load_config
+from flowagg.dedupe import DedupeIndex
 from flowagg.health import read_latest, write_snapshot
 from flowagg.journal import list_segments, scan
 from flowagg.layout import Layout
@@ -60,7 +61,11 @@ class Rig:
             self.layout.journal,
             self.layout.errors,
             now_ms=self.clock.now_ms(),
-            dedupe_window_ms=self.config.dedupe_window_ms,
+            dedupe=DedupeIndex(
+                self.layout.journal / "dedupe",
+                window_ms=self.config.dedupe_window_ms,
+                max_ids=self.config.dedupe_max_ids,
+            ),
         )
         pipeline = Pipeline(
             self.config,
@@ -293,12 +298,9 @@ def test_torn_tail_with_errors_folder_unwritable(
     assert segment.stat().st_size == size  # the bad bytes were kept
     assert len(list_segments(rig.layout.journal)) == 2
     rig.check("aggregated")
-    result = scan(
-        rig.layout.journal,
-        rig.layout.errors,
-        now_ms=rig.clock.now_ms(),
-        dedupe_window_ms=rig.config.dedupe_window_ms,
-    )
+    index = DedupeIndex(rig.layout.journal / "dedupe", window_ms=DAY_MS, max_ids=1000)
+    result = scan(rig.layout.journal, rig.layout.errors, now_ms=rig.clock.now_ms(), dedupe=index)
+    index.close()
     offset = size - len(junk)
     assert [p.name for p in result.quarantined] == [f"journal-{segment.stem}-{offset}.corrupt"]
     assert result.backlog_entries == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import os
 import queue
 import threading
@@ -16,6 +17,7 @@ import orjson
 import pytest
 
 from flowagg import journal as journal_mod
+from flowagg.dedupe import DedupeIndex
 from flowagg.journal import (
     FORMAT_VERSION,
     Append,
@@ -37,6 +39,54 @@ NOW = 1_704_067_200_000
 HOUR = 3_600_000
 DAY = 24 * HOUR
 WAIT_S = 20.0
+
+
+_OPENED: list[DedupeIndex] = []
+_INDEX_NUMBERS = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _close_indexes() -> Iterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+class RecordingIndex:
+    """What scan feeds a dedupe index, kept in a dict (loops scan hundreds of times)."""
+
+    def __init__(self, window_ms: int) -> None:
+        self.window_ms = window_ms
+        self.checkpoint = 0
+        self.ids: dict[str, int] = {}
+
+    def open(self, now_ms: int) -> None:
+        pass
+
+    def add(self, ids: list[str], t_ms: int, last_seq: int) -> None:
+        self.ids.update(dict.fromkeys(ids, t_ms))
+
+    def contains(self, entry_id: str, now_ms: int) -> bool:
+        t = self.ids.get(entry_id)
+        return self.window_ms > 0 and t is not None and t >= now_ms - self.window_ms
+
+
+def scan_dir(
+    jdir: Path, edir: Path, *, now_ms: int = NOW, window: int = DAY, real: bool = False
+) -> ScanResult:
+    """Scan with a fresh dedupe index, so the scan alone rebuilds what it remembers."""
+    index: Any = RecordingIndex(window)
+    if real:
+        index = DedupeIndex(
+            edir.parent / f"dedupe-{next(_INDEX_NUMBERS)}", window_ms=window, max_ids=1000
+        )
+        _OPENED.append(index)
+    return scan(jdir, edir, now_ms=now_ms, dedupe=index)
+
+
+def remembered(result: ScanResult, now_ms: int = NOW) -> set[str]:
+    """The test ids (`id-<n>`) the scan's dedupe index answers as already accepted."""
+    return {f"id-{n}" for n in range(10_000) if result.dedupe.contains(f"id-{n}", now_ms)}
 
 
 def entry(n: int, **extra: Any) -> bytes:
@@ -72,8 +122,8 @@ class Journal:
                 append.callback(error, pos)
             self.delivered.append((append, error, pos))
 
-    def scan(self, *, now_ms: int = NOW, window: int = DAY) -> ScanResult:
-        return scan(self.dir, self.errors, now_ms=now_ms, dedupe_window_ms=window)
+    def scan(self, *, now_ms: int = NOW, window: int = DAY, real: bool = False) -> ScanResult:
+        return scan_dir(self.dir, self.errors, now_ms=now_ms, window=window, real=real)
 
     def append(
         self,
@@ -208,7 +258,7 @@ def test_split_add_keeps_src_on_the_last_record(tmp_path: Path) -> None:
         (5, 1, [0], "f.jsonl"),
     ]
     result = j.scan()
-    assert set(result.dedupe) == {"id-1", "id-3", "id-5"}
+    assert remembered(result) == {"id-1", "id-3", "id-5"}
     assert result.spool_sources == {"f.jsonl"}
 
 
@@ -219,13 +269,13 @@ def test_split_add_keeps_src_on_the_last_record(tmp_path: Path) -> None:
 def test_empty_journal_scan(tmp_path: Path) -> None:
     (tmp_path / "j").mkdir()
     (tmp_path / "e").mkdir()
-    result = scan(tmp_path / "j", tmp_path / "e", now_ms=NOW, dedupe_window_ms=DAY)
+    result = scan_dir(tmp_path / "j", tmp_path / "e")
     assert result.segments == []
     assert result.next_seq == 1
     assert result.done_seq == 0
     assert result.backlog is None
     assert result.backlog_entries == 0
-    assert result.dedupe == {}
+    assert remembered(result) == set()
     assert result.quarantined == []
 
 
@@ -246,7 +296,7 @@ def test_appends_are_read_back(jr: Journal) -> None:
     result = jr.scan()
     assert result.next_seq == 7
     assert result.done_seq == 0
-    assert result.dedupe == {"id-1": NOW, "id-3": NOW, "id-6": NOW}
+    assert remembered(result) == {"id-1", "id-3", "id-6"}
     assert result.spool_sources == {"spool-1.jsonl"}
     assert result.backlog is not None
     assert result.backlog.segment == 1
@@ -345,16 +395,15 @@ def test_dedupe_window(jr: Journal) -> None:
     jr.ok([entry(5), entry(6)], t_ms=NOW - HOUR, client_idx=[0])
     jr.ok([entry(7)], t_ms=NOW)  # generated id: not a dedupe key
     jr.stop()
-    result = jr.scan()
-    assert result.dedupe == {"id-4": NOW - DAY, "id-5": NOW - HOUR}
-    assert jr.scan(window=2 * DAY).dedupe == {
-        "id-1": NOW - 25 * HOUR,
-        "id-2": NOW - 25 * HOUR,
-        "id-4": NOW - DAY,
-        "id-5": NOW - HOUR,
-    }
-    assert jr.scan(window=0).dedupe == {}
-    assert jr.scan(now_ms=NOW + DAY).dedupe == {}  # only id-7 is that new, and it is not a key
+    for real in (False, True):
+        result = jr.scan(real=real)
+        assert remembered(result) == {"id-4", "id-5"}
+        assert remembered(result, NOW + 1) == {"id-5"}  # id-4 leaves the window
+        wide = jr.scan(window=2 * DAY, real=real)
+        assert remembered(wide) == {"id-1", "id-2", "id-4", "id-5"}
+        assert remembered(jr.scan(window=0, real=real)) == set()
+    # Only id-7 is that new, and it is not a key.
+    assert remembered(jr.scan(now_ms=NOW + DAY, real=True), NOW + DAY) == set()
 
 
 def test_spool_sources_are_collected(jr: Journal) -> None:
@@ -395,7 +444,7 @@ def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     (tmp_path / "e").mkdir()
     write_segment(tmp_path / "j", 1, [header(1, version=FORMAT_VERSION + 1)])
     with pytest.raises(JournalVersionError, match="upgrade flowagg"):
-        scan(tmp_path / "j", tmp_path / "e", now_ms=NOW, dedupe_window_ms=DAY)
+        scan_dir(tmp_path / "j", tmp_path / "e")
     assert list((tmp_path / "e").iterdir()) == []  # refused, not quarantined
     assert (tmp_path / "j" / segment_name(1)).exists()
 
@@ -454,7 +503,7 @@ def test_group_commit_shares_fsyncs(jr_held: Held) -> None:
     j.stop()
     result = j.scan()
     assert result.next_seq == total + 1
-    assert len(result.dedupe) == total - 1
+    assert len(remembered(result)) == total - 1
 
 
 class Held:
@@ -558,7 +607,7 @@ def test_rotation_and_reading_across_segments(tmp_path: Path) -> None:
     assert middle == list(range(11, 21))
     result = j.scan()
     assert result.next_seq == 31
-    assert len(result.dedupe) == 30
+    assert len(remembered(result)) == 30
     assert [s.number for s in result.segments] == list(range(1, len(segments) + 1))
     assert [s.last_seq for s in result.segments] == sorted(s.last_seq for s in result.segments)
 
@@ -632,7 +681,7 @@ def test_torn_tail_at_every_offset(tmp_path: Path, fast_fsync: None, earlier_seg
             write_segment(jdir, 1, earlier)
             number = 2
         seg = write_segment(jdir, number, [data[:cut]])
-        result = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)  # never raises
+        result = scan_dir(jdir, edir)  # never raises
         keep = sum(1 for end in ends if end <= cut)
         boundary = ends[keep - 1] if keep else 0
         want = expected_after_cut(lines, keep)
@@ -642,7 +691,7 @@ def test_torn_tail_at_every_offset(tmp_path: Path, fast_fsync: None, earlier_seg
         assert got_adds == want["adds"], cut
         assert result.done_seq == want["done"]
         base_ids = {"id-100"} if earlier_segment else set()
-        assert set(result.dedupe) == want["ids"] | base_ids
+        assert remembered(result) == want["ids"] | base_ids
         if earlier_segment:
             assert result.next_seq == max(want["next_seq"], 101)
         else:
@@ -661,7 +710,7 @@ def test_torn_tail_at_every_offset(tmp_path: Path, fast_fsync: None, earlier_seg
             assert result.quarantined == []
             assert list(edir.iterdir()) == []
         # A second scan finds a clean journal.
-        again = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)
+        again = scan_dir(jdir, edir)
         assert again.quarantined == []
         assert again.next_seq == result.next_seq
 
@@ -678,7 +727,7 @@ def test_junk_appended_to_the_last_segment(jr: Journal) -> None:
     assert seg.stat().st_size == pos.offset
     (q,) = result.quarantined
     assert q.read_bytes() == junk
-    assert set(result.dedupe) == {"id-1", "id-2"}
+    assert remembered(result) == {"id-1", "id-2"}
     assert result.next_seq == 3
     # The writer can carry on after the cut.
     j2 = Journal(jr.dir.parent)
@@ -703,7 +752,7 @@ def test_corrupt_record_in_the_middle_at_every_byte(tmp_path: Path, fast_fsync: 
         jdir.mkdir()
         edir.mkdir()
         seg = write_segment(jdir, 1, [bytes(data)])
-        result = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)
+        result = scan_dir(jdir, edir)
         # The bad line is copied out, the segment itself is left alone.
         assert seg.read_bytes() == bytes(data)
         (q,) = result.quarantined
@@ -716,7 +765,7 @@ def test_corrupt_record_in_the_middle_at_every_byte(tmp_path: Path, fast_fsync: 
         assert [r.first_seq for r in read_records(jdir, Position(1, 0), None)] == [1, 4, 7]
         assert result.next_seq == 8
         assert result.done_seq == 2
-        assert set(result.dedupe) == {"id-1", "id-2", "id-6", "id-7"}
+        assert remembered(result) == {"id-1", "id-2", "id-6", "id-7"}
 
 
 def test_corrupt_record_in_a_closed_segment(jr: Journal) -> None:
@@ -745,7 +794,7 @@ def test_read_records_continues_after_a_truncated_closed_segment(tmp_path: Path)
     torn = encode_add(2, NOW, [entry(2)], [0], None)[:-7]
     write_segment(jdir, 1, [header(1), encode_add(1, NOW, [entry(1)], [0], None), torn])
     write_segment(jdir, 2, [header(3), encode_add(3, NOW, [entry(3)], [0], None)])
-    result = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)
+    result = scan_dir(jdir, edir)
     assert result.next_seq == 4  # scan itself gets past the torn closed segment
     assert result.backlog_entries == 2
     assert result.backlog is not None
@@ -885,7 +934,7 @@ def check_failed_append_leaves_no_trace(
     j.stop()
     result = j.scan()
     assert result.quarantined == []
-    assert set(result.dedupe) == {"id-1", "id-3"}
+    assert remembered(result) == {"id-1", "id-3"}
     assert records_in(j.dir) == [(1, ["id-1"]), (3, ["id-3"])]
     everything = b"".join(p.read_bytes() for p in list_segments(j.dir))
     assert b"id-2" not in everything

@@ -15,6 +15,7 @@ import pytest
 from flowagg import pipeline as pipeline_mod
 from flowagg.clock import EntryIdFactory, FakeClock
 from flowagg.config import load_config
+from flowagg.dedupe import DedupeIndex
 from flowagg.journal import (
     JournalRecord,
     Position,
@@ -46,7 +47,11 @@ class Rig:
             self.layout.journal,
             self.layout.errors,
             now_ms=self.clock.now_ms(),
-            dedupe_window_ms=self.config.dedupe_window_ms,
+            dedupe=DedupeIndex(
+                self.layout.journal / "dedupe",
+                window_ms=self.config.dedupe_window_ms,
+                max_ids=self.config.dedupe_max_ids,
+            ),
         )
         pipeline = Pipeline(
             self.config,

@@ -1,0 +1,346 @@
+"""Remembered client entryIds (SPEC §3): a bounded filter in memory, the exact answer on disk.
+
+Memory follows the settings, never the traffic: each time generation (one dedupe window long)
+has a one-word-blocked Bloom filter of `dedupeMaxIds` x 12 bits, and at most two generations
+are alive. A filter miss is a certain "new"; a hit is checked against an SQLite table per
+generation (`<root>/journal/dedupe/index.sqlite`, id → arrival ms) with the exact window, so a
+false positive never drops an entry. Ids not yet committed to SQLite stay in `recent`.
+
+The journal is the truth: the index is written without fsync (WAL, synchronous=NORMAL keeps
+it consistent, perhaps a little behind) and each store records the journal seq up to which it
+holds every client id. At start the records after the older of the two checkpoints (filter
+file, SQLite) are replayed into both; a missing, damaged or foreign-version index file is
+simply rebuilt from the journal (it is derived data, so it is never refused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import sqlite3
+import threading
+import zlib
+from pathlib import Path
+
+import orjson
+
+from .fsutil import atomic_write, remove_stale_temps
+
+log = logging.getLogger("flowagg.dedupe")
+
+FORMAT_VERSION = 1
+BITS_PER_ID = 12
+PROBES = 7
+# Ids handed to the SQLite thread but not committed; past this the producer waits for it.
+MAX_QUEUED = 100_000
+FILTER_NAME = "filter.bin"
+DB_NAME = "index.sqlite"
+
+
+def _hash(entry_id: str) -> tuple[int, int]:
+    digest = hashlib.blake2b(entry_id.encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+def _mask(h2: int) -> int:
+    mask = 0
+    for _ in range(PROBES):
+        mask |= 1 << (h2 & 63)
+        h2 >>= 6
+    return mask
+
+
+class Filter:
+    """A Bloom filter whose probes for one id all fall in one 64-bit word (one memory read)."""
+
+    def __init__(self, words: int, data: bytes | None = None) -> None:
+        self.buf = bytearray(data) if data is not None else bytearray(words * 8)
+        self.words = memoryview(self.buf).cast("Q")
+
+    def add(self, h1: int, h2: int) -> None:
+        i = h1 % len(self.words)
+        self.words[i] |= _mask(h2)
+
+    def __contains__(self, hashes: tuple[int, int]) -> bool:
+        mask = _mask(hashes[1])
+        return self.words[hashes[0] % len(self.words)] & mask == mask
+
+
+class DedupeIndex:
+    def __init__(self, directory: Path, *, window_ms: int, max_ids: int) -> None:
+        self.directory = directory
+        self.window_ms = window_ms
+        self.words = max(1, max_ids * BITS_PER_ID // 64)
+        self.filters: dict[int, Filter] = {}  # generation -> filter
+        self.recent: dict[str, int] = {}  # handed to SQLite, not yet committed: id -> t
+        self.seq = 0  # every client id of a journal record up to this seq is in the filter
+        self.checkpoint = 0  # ... and in the filter and SQLite both, as found at open
+        self._cond = threading.Condition()
+        self._queue: list[tuple[int, int, list[tuple[str, int]]]] = []  # gen, seq, (id, t)
+        self._drops: list[int] = []
+        self._queued = 0
+        self._failing = False
+        self._stopping = False
+        self._db: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._thread = threading.Thread(target=self._run, name="dedupe-index", daemon=True)
+
+    # -- open / close -----------------------------------------------------------------------
+    def open(self, now_ms: int) -> None:
+        """Load the filter and the SQLite index; `checkpoint` says where replay starts."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps([self.directory])
+        db_seq = self._open_db()
+        filter_seq = self._load_filter()
+        self.checkpoint = min(db_seq, filter_seq)
+        self.seq = self.checkpoint
+        self.expire(now_ms)
+        self._thread.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.directory / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA cache_size=-4096")  # KiB: the page cache is part of the RSS bound
+        return db
+
+    def _open_db(self) -> int:
+        try:
+            return self._try_open_db()
+        except sqlite3.DatabaseError as exc:
+            log.error("dedupe index unreadable (%s); rebuilding it from the journal", exc)
+            self._close_db()
+            for suffix in ("", "-wal", "-shm"):
+                (self.directory / (DB_NAME + suffix)).unlink(missing_ok=True)
+            return self._try_open_db()
+
+    def _try_open_db(self) -> int:
+        db = self._db = self._connect()
+        self._reader = self._connect()
+        db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+        meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
+        if meta.get("version") == FORMAT_VERSION and meta.get("windowMs") == self.window_ms:
+            return int(meta.get("seq", 0))
+        # Another layout or window: generations would not line up, so start over.
+        db.execute("BEGIN")
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+            if name.startswith("g_"):
+                db.execute(f"DROP TABLE {name}")
+        db.execute("DELETE FROM meta")
+        db.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [("version", FORMAT_VERSION), ("windowMs", self.window_ms), ("seq", 0)],
+        )
+        db.execute("COMMIT")
+        return 0
+
+    def _load_filter(self) -> int:
+        path = self.directory / FILTER_NAME
+        try:
+            data = path.read_bytes()
+            head_end = data.index(b"\n")
+            head = orjson.loads(data[:head_end])
+            if (
+                head.get("v") != FORMAT_VERSION
+                or head.get("windowMs") != self.window_ms
+                or head.get("words") != self.words
+            ):
+                raise ValueError("written with other settings or by another version")
+            body = zlib.decompress(memoryview(data)[head_end + 1 :])  # checks its adler32
+            if len(body) != len(head["gens"]) * self.words * 8:
+                raise ValueError("damaged")
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError, zlib.error) as exc:
+            log.warning("dedupe filter %s not used (%s); rebuilding it from the journal", path, exc)
+            return 0
+        size = self.words * 8
+        for n, gen in enumerate(head["gens"]):
+            self.filters[gen] = Filter(self.words, body[n * size : (n + 1) * size])
+        return int(head["seq"])
+
+    def save(self) -> None:
+        """Write the filter with the seq it covers (from any one thread at a time)."""
+        if self.window_ms <= 0:
+            return
+        with self._cond:
+            gens = sorted(self.filters)
+            parts = [bytes(self.filters[g].buf) for g in gens]
+            seq = self.seq
+        # Compressed: a young filter is mostly zeros, and every clean stop writes it.
+        body = zlib.compress(b"".join(parts), 1)
+        head = {"v": FORMAT_VERSION, "seq": seq, "windowMs": self.window_ms, "words": self.words}
+        head["gens"] = gens
+        atomic_write(self.directory / FILTER_NAME, orjson.dumps(head) + b"\n" + body)
+
+    def close(self) -> None:
+        """Commit what is queued, save the filter, stop the thread."""
+        if self._thread.is_alive():
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._thread.join()
+        try:
+            self.save()
+        except OSError as exc:
+            log.error("cannot save the dedupe filter (%s); the next start replays more", exc)
+        self._close_db()
+
+    def _close_db(self) -> None:
+        for db in (self._db, self._reader):
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+        self._db = self._reader = None
+
+    # -- the loop thread (and the start-up scan) -------------------------------------------
+    def generation(self, t_ms: int) -> int:
+        return t_ms // self.window_ms
+
+    def add(self, ids: list[str], t_ms: int, last_seq: int) -> None:
+        """Remember the client ids of one durable journal record (records in seq order).
+
+        Called for records without client ids too, so the checkpoint keeps up with the journal.
+        """
+        if self.window_ms <= 0:
+            self.seq = max(self.seq, last_seq)
+            return
+        gen = self.generation(t_ms)
+        if ids:
+            flt = self.filters.get(gen)
+            if flt is None:
+                self._drop_before(gen - 1)
+                flt = Filter(self.words)
+                with self._cond:
+                    self.filters[gen] = flt
+            for entry_id in ids:
+                flt.add(*_hash(entry_id))
+                self.recent[entry_id] = t_ms
+        with self._cond:
+            while self._queued >= MAX_QUEUED and not self._failing and self._thread.is_alive():
+                self._cond.wait()
+            self._queue.append((gen, last_seq, [(i, t_ms) for i in ids]))
+            self._queued += len(ids)
+            self.seq = max(self.seq, last_seq)
+            self._cond.notify_all()
+
+    def contains(self, entry_id: str, now_ms: int) -> bool:
+        """Was `entry_id` accepted within the window before `now_ms`?"""
+        if self.window_ms <= 0:
+            return False
+        horizon = now_ms - self.window_ms
+        t = self.recent.get(entry_id)
+        if t is not None:
+            return t >= horizon
+        hashes = _hash(entry_id)
+        low = self.generation(max(0, horizon))
+        for gen in sorted(self.filters, reverse=True):
+            if gen >= low and hashes in self.filters[gen]:
+                t = self._lookup(gen, entry_id)
+                if t is not None:
+                    return t >= horizon
+        return False
+
+    def _lookup(self, gen: int, entry_id: str) -> int | None:
+        assert self._reader is not None
+        try:
+            row = self._reader.execute(
+                f"SELECT t FROM g_{gen} WHERE id = ?", (entry_id,)
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None  # the generation's first ids are still in `recent`
+            raise
+        return None if row is None else int(row[0])
+
+    def expire(self, now_ms: int) -> int:
+        """Drop the generations wholly older than the window; returns how many."""
+        if self.window_ms <= 0:
+            return 0
+        return self._drop_before(self.generation(max(0, now_ms - self.window_ms)))
+
+    def _drop_before(self, gen: int) -> int:
+        with self._cond:
+            old = [g for g in self.filters if g < gen]
+            for g in old:
+                del self.filters[g]
+            self._drops.append(gen)
+            self._cond.notify_all()
+        return len(old)
+
+    # -- the SQLite thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._queue and not self._drops and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and not self._drops:
+                    return
+                group, drops = self._queue, self._drops
+                self._queue, self._drops = [], []
+            try:
+                self._commit(group, drops)
+            except sqlite3.Error as exc:
+                # Ids stay in `recent` (exact, in memory) until a later commit succeeds.
+                failures += 1
+                log.error("dedupe index write failed (%s); retrying", exc)
+                with self._cond:
+                    self._failing = True
+                    self._queue = group + self._queue
+                    self._drops = drops + self._drops
+                    self._cond.notify_all()
+                    self._cond.wait(min(30.0, 0.1 * 2**failures))
+                    if self._stopping:
+                        return
+                continue
+            failures = 0
+            done = 0
+            for _, _, rows in group:
+                for entry_id, t in rows:
+                    if self.recent.get(entry_id) == t:
+                        del self.recent[entry_id]
+                done += len(rows)
+            with self._cond:
+                self._failing = False
+                self._queued -= done
+                self._cond.notify_all()
+
+    def _commit(
+        self, group: list[tuple[int, int, list[tuple[str, int]]]], drops: list[int]
+    ) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN")
+        try:
+            tables = {
+                name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if drops:
+                below = max(drops)
+                for name in tables:
+                    if name.startswith("g_") and int(name[2:]) < below:
+                        db.execute(f"DROP TABLE {name}")
+            seq = 0
+            for gen, last_seq, rows in group:
+                seq = max(seq, last_seq)
+                if not rows:
+                    continue
+                name = f"g_{gen}"
+                if name not in tables:
+                    db.execute(
+                        f"CREATE TABLE IF NOT EXISTS {name}"
+                        " (id TEXT PRIMARY KEY, t INTEGER NOT NULL) WITHOUT ROWID"
+                    )
+                    tables.add(name)
+                db.executemany(f"INSERT OR REPLACE INTO {name} VALUES (?, ?)", rows)
+            if seq:
+                db.execute("UPDATE meta SET v = max(v, ?) WHERE k = 'seq'", (seq,))
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
