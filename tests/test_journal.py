@@ -526,7 +526,7 @@ def jr_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Held]:
             assert release.wait(WAIT_S)
         real_fsync(fd)
 
-    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     j = Journal(tmp_path)
     yield Held(j, holding, release)
     release.set()
@@ -658,7 +658,7 @@ def expected_after_cut(lines: list[bytes], keep: int) -> dict[str, Any]:
 @pytest.fixture
 def fast_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip fsync in loops that rewrite files hundreds of times (durability is not tested)."""
-    monkeypatch.setattr(journal_mod.os, "fsync", lambda fd: None)
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
 
 
 @pytest.mark.parametrize("earlier_segment", [False, True])
@@ -956,7 +956,7 @@ def test_fsync_failure_is_reported_and_cut_off(
             raise enospc()
         real_fsync(fd)
 
-    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     _, error, pos = j.append([entry(2)], client_idx=[0])
     assert fired
     assert pos == Position(1, good_size)  # durable position unchanged
@@ -981,7 +981,7 @@ def test_short_write_then_enospc_is_cut_off(
             raise enospc()
         return real_write(fd, data)
 
-    monkeypatch.setattr(journal_mod.os, "write", write)
+    monkeypatch.setattr(os, "write", write)
     _, error, _ = j.append([entry(2)], client_idx=[0])
     assert len(calls) == 2
     check_failed_append_leaves_no_trace(j, good_size, error)
@@ -995,7 +995,7 @@ def test_every_append_in_a_failed_group_gets_the_error(
     j.writer.append_entries([entry(0)], NOW, [], None, lambda e, p: results.put((0, e)))
     assert jr_held.holding.wait(WAIT_S)
     # While the writer is held, queue a group whose fsync will fail.
-    held_fsync = journal_mod.os.fsync
+    held_fsync = os.fsync
     failing = {"armed": True}
 
     def fsync(fd: int) -> None:
@@ -1004,7 +1004,7 @@ def test_every_append_in_a_failed_group_gets_the_error(
             failing["armed"] = False
             raise enospc()
 
-    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     for i in range(1, 11):
         j.writer.append_entries([entry(i)], NOW, [0], None, lambda e, p, i=i: results.put((i, e)))
     release.set()
@@ -1029,7 +1029,7 @@ def test_header_fsync_failure_leaves_no_segment(
             raise enospc()
         real_fsync(fd)
 
-    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     j = Journal(tmp_path)
     try:
         _, error, _ = j.append([entry(1)])

@@ -1,0 +1,132 @@
+"""The journal's on-disk format: segment names, framing, records, segment summaries.
+
+Segments `journal/seg-<n>.log` hold one record per line: `<crc32 hex> <compact JSON>\\n`.
+Records:
+  {"k":"h","v":1,"seq":S}                    segment header; S = next unused seq at opening
+  {"k":"a","q":Q,"t":MS,"e":[...],"c":[...],"src":NAME}
+                                             accepted entries, seqs Q, Q+1, ...; `c` lists the
+                                             indexes whose entryId came from the client (for
+                                             dedupe); `src` names an adopted spool file
+  {"k":"d","q":Q,"b":ID}                     batch ID holding every entry up to seq Q is stored
+
+A segment closed at rollover gets a summary beside it, `seg-<n>.sum` (one JSON object, written
+atomically after the segment's fsync) so a start need not parse it: see `Summary`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+FORMAT_VERSION = 1
+# One add record stays small: the reader loads records whole, never parses one twice, and a
+# record larger than the memory window is only loaded into an empty window.
+MAX_RECORD_ENTRIES = 1000
+MAX_RECORD_BYTES = 1 << 20
+SEGMENT_PREFIX = "seg-"
+SEGMENT_SUFFIX = ".log"
+
+
+def segment_name(number: int) -> str:
+    return f"{SEGMENT_PREFIX}{number:08d}{SEGMENT_SUFFIX}"
+
+
+def segment_number(path: Path) -> int:
+    return int(path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
+
+
+def list_segments(directory: Path) -> list[Path]:
+    paths = [
+        p
+        for p in directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}")
+        if p.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)].isdigit()
+    ]
+    return sorted(paths, key=segment_number)
+
+
+def frame(payload: bytes) -> bytes:
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def unframe(line: bytes) -> dict[str, Any] | None:
+    """Return the record in a line, or None when the line is torn or corrupt."""
+    if len(line) < 11 or line[-1:] != b"\n" or line[8:9] != b" ":
+        return None
+    payload = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(payload):
+            return None
+        record = orjson.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or "k" not in record:
+        return None
+    return record
+
+
+def encode_add(
+    first_seq: int,
+    t_ms: int,
+    entries: list[bytes],
+    client_idx: list[int],
+    src: str | None = None,
+) -> bytes:
+    parts = [b'{"k":"a","q":%d,"t":%d,"e":[' % (first_seq, t_ms), b",".join(entries), b"]"]
+    if client_idx:
+        parts.append(b',"c":' + orjson.dumps(client_idx))
+    if src is not None:
+        parts.append(b',"src":' + orjson.dumps(src))
+    parts.append(b"}")
+    return frame(b"".join(parts))
+
+
+def split_add(
+    entries: list[bytes], client_idx: list[int], max_entries: int, max_bytes: int
+) -> list[tuple[int, int, list[int]]]:
+    """Cut one add into records of at most `max_entries` entries and about `max_bytes`.
+
+    Returns (start, end, client indexes relative to start) per record; at least one record,
+    even for no entries (a spool file with none valid is still journaled).
+    """
+    pieces: list[tuple[int, int, list[int]]] = []
+    start = 0
+    size = 0
+    marks = iter(client_idx)
+    mark = next(marks, None)
+    chunk_idx: list[int] = []
+    for i, data in enumerate(entries):
+        if i > start and (i - start >= max_entries or size + len(data) > max_bytes):
+            pieces.append((start, i, chunk_idx))
+            start, size, chunk_idx = i, 0, []
+        size += len(data) + 1
+        if mark == i:
+            chunk_idx.append(i - start)
+            mark = next(marks, None)
+    pieces.append((start, len(entries), chunk_idx))
+    return pieces
+
+
+@dataclasses.dataclass
+class Position:
+    segment: int
+    offset: int
+
+    def key(self) -> tuple[int, int]:
+        return (self.segment, self.offset)
+
+
+@dataclasses.dataclass
+class SegmentInfo:
+    number: int
+    path: Path
+    size: int = 0
+    last_seq: int = 0
+    max_t: int = 0
+
+
+class JournalVersionError(RuntimeError):
+    pass
