@@ -21,11 +21,13 @@ import logging
 import sqlite3
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
-from .fsutil import atomic_write, remove_stale_temps
+from .fsutil import atomic_write_chunks, remove_stale_temps
 
 log = logging.getLogger("flowagg.dedupe")
 
@@ -35,6 +37,7 @@ PROBES = 7
 # Ids handed to the SQLite thread but not committed; past this the producer waits for it.
 MAX_QUEUED = 100_000
 FILTER_NAME = "filter.bin"
+CHUNK = 1 << 20
 DB_NAME = "index.sqlite"
 
 
@@ -51,11 +54,31 @@ def _mask(h2: int) -> int:
     return mask
 
 
+def _inflate(fh: BinaryIO, bufs: list[bytearray]) -> None:
+    """Decompress the rest of `fh` into `bufs`, one after the other, exactly filling them."""
+    unpacker = zlib.decompressobj()
+    pending = b""
+    for buf in bufs:
+        view = memoryview(buf)
+        at = 0
+        while at < len(view):
+            if not pending:
+                pending = fh.read(CHUNK)
+                if not pending:
+                    raise ValueError("damaged: shorter than its header says")
+            out = unpacker.decompress(pending, len(view) - at)
+            pending = unpacker.unconsumed_tail
+            view[at : at + len(out)] = out
+            at += len(out)
+    if unpacker.decompress(pending + fh.read()) or not unpacker.eof:
+        raise ValueError("damaged: longer than its header says, or cut short")
+
+
 class Filter:
     """A Bloom filter whose probes for one id all fall in one 64-bit word (one memory read)."""
 
-    def __init__(self, words: int, data: bytes | None = None) -> None:
-        self.buf = bytearray(data) if data is not None else bytearray(words * 8)
+    def __init__(self, words: int, buf: bytearray | None = None) -> None:
+        self.buf = buf if buf is not None else bytearray(words * 8)
         self.words = memoryview(self.buf).cast("Q")
 
     def add(self, h1: int, h2: int) -> None:
@@ -139,42 +162,53 @@ class DedupeIndex:
 
     def _load_filter(self) -> int:
         path = self.directory / FILTER_NAME
+        size = self.words * 8
         try:
-            data = path.read_bytes()
-            head_end = data.index(b"\n")
-            head = orjson.loads(data[:head_end])
-            if (
-                head.get("v") != FORMAT_VERSION
-                or head.get("windowMs") != self.window_ms
-                or head.get("words") != self.words
-            ):
-                raise ValueError("written with other settings or by another version")
-            body = zlib.decompress(memoryview(data)[head_end + 1 :])  # checks its adler32
-            if len(body) != len(head["gens"]) * self.words * 8:
-                raise ValueError("damaged")
+            with path.open("rb") as fh:
+                head = orjson.loads(fh.readline())
+                if (
+                    head.get("v") != FORMAT_VERSION
+                    or head.get("windowMs") != self.window_ms
+                    or head.get("words") != self.words
+                ):
+                    raise ValueError("written with other settings or by another version")
+                bufs = [bytearray(size) for _ in head["gens"]]
+                _inflate(fh, bufs)  # zlib checks its adler32
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, KeyError, TypeError, zlib.error) as exc:
             log.warning("dedupe filter %s not used (%s); rebuilding it from the journal", path, exc)
             return 0
-        size = self.words * 8
-        for n, gen in enumerate(head["gens"]):
-            self.filters[gen] = Filter(self.words, body[n * size : (n + 1) * size])
+        for gen, buf in zip(head["gens"], bufs, strict=True):
+            self.filters[gen] = Filter(self.words, buf)
         return int(head["seq"])
 
     def save(self) -> None:
-        """Write the filter with the seq it covers (from any one thread at a time)."""
+        """Write the filter with the seq it covers (from any one thread at a time).
+
+        The live buffers are compressed in place, not copied: bits are only ever set, so
+        every id up to `seq` (read first) is in what is written, and extra bits do no harm.
+        """
         if self.window_ms <= 0:
             return
         with self._cond:
             gens = sorted(self.filters)
-            parts = [bytes(self.filters[g].buf) for g in gens]
+            filters = [self.filters[g] for g in gens]
             seq = self.seq
-        # Compressed: a young filter is mostly zeros, and every clean stop writes it.
-        body = zlib.compress(b"".join(parts), 1)
         head = {"v": FORMAT_VERSION, "seq": seq, "windowMs": self.window_ms, "words": self.words}
         head["gens"] = gens
-        atomic_write(self.directory / FILTER_NAME, orjson.dumps(head) + b"\n" + body)
+
+        def chunks() -> Iterator[bytes]:
+            yield orjson.dumps(head) + b"\n"
+            # Compressed: a young filter is mostly zeros, and every clean stop writes it.
+            packer = zlib.compressobj(1)
+            for flt in filters:
+                view = memoryview(flt.buf)
+                for at in range(0, len(view), CHUNK):
+                    yield packer.compress(view[at : at + CHUNK])
+            yield packer.flush()
+
+        atomic_write_chunks(self.directory / FILTER_NAME, chunks())
 
     def close(self) -> None:
         """Commit what is queued, save the filter, stop the thread."""

@@ -22,6 +22,8 @@ from typing import Any
 
 import orjson
 
+from .fsutil import atomic_write
+
 FORMAT_VERSION = 1
 # One add record stays small: the reader loads records whole, never parses one twice, and a
 # record larger than the memory window is only loaded into an empty window.
@@ -126,6 +128,62 @@ class SegmentInfo:
     size: int = 0
     last_seq: int = 0
     max_t: int = 0
+    done_seq: int = 0  # the highest done record in this segment
+    sources: set[str] = dataclasses.field(default_factory=set)  # spool files it names
+    records: int = 0
+
+
+SUMMARY_VERSION = 1
+SUMMARY_SUFFIX = ".sum"
+
+
+def summary_path(segment: Path) -> Path:
+    return segment.with_suffix(SUMMARY_SUFFIX)
+
+
+def write_summary(info: SegmentInfo, next_seq: int) -> None:
+    """Describe a closed, fsync'd segment so a start can skip parsing it.
+
+    {"v":1,"size":BYTES,"lastSeq":Q,"nextSeq":S,"maxT":MS,"doneSeq":D,"sources":[...],
+     "records":N}: `size` must match the segment, or the summary is not trusted.
+    """
+    doc = {
+        "v": SUMMARY_VERSION,
+        "size": info.size,
+        "lastSeq": info.last_seq,
+        "nextSeq": next_seq,
+        "maxT": info.max_t,
+        "doneSeq": info.done_seq,
+        "sources": sorted(info.sources),
+        "records": info.records,
+    }
+    atomic_write(summary_path(info.path), orjson.dumps(doc))
+
+
+def read_summary(segment: Path) -> tuple[SegmentInfo, int] | None:
+    """The segment's info and the next seq after it, or None: then the segment is parsed.
+
+    A summary is derived data, so one that is missing, damaged, stale (size differs) or of
+    another version is ignored, never refused: parsing the segment is the slow, sure path.
+    """
+    try:
+        doc = orjson.loads(summary_path(segment).read_bytes())
+        size = segment.stat().st_size
+        if doc.get("v") != SUMMARY_VERSION or doc["size"] != size:
+            return None
+        info = SegmentInfo(
+            number=segment_number(segment),
+            path=segment,
+            size=size,
+            last_seq=int(doc["lastSeq"]),
+            max_t=int(doc["maxT"]),
+            done_seq=int(doc["doneSeq"]),
+            sources=set(doc["sources"]),
+            records=int(doc["records"]),
+        )
+        return info, int(doc["nextSeq"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 class JournalVersionError(RuntimeError):

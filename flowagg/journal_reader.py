@@ -17,7 +17,9 @@ from .journal_format import (
     Position,
     SegmentInfo,
     list_segments,
+    read_summary,
     segment_number,
+    summary_path,
     unframe,
 )
 
@@ -45,29 +47,79 @@ def scan(
     now_ms: int,
     dedupe: DedupeIndex,
 ) -> ScanResult:
-    """Read every segment once: catch the dedupe index up, find the backlog, cut a torn tail.
+    """Find where the journal stands: catch the dedupe index up, find the backlog, cut a torn tail.
 
-    `dedupe` is opened here; the records after its checkpoint are replayed into it.
+    `dedupe` is opened here; the records after its checkpoint are replayed into it. A closed
+    segment with a summary is parsed only if it holds entries after the done cursor (the
+    backlog) or client ids the index may lack; so a start reads summaries and the tail.
 
     Bad lines in the middle of the journal are copied to errors/ (the segment stays as it is
     until compaction); bad bytes at the end of the last segment are quarantined and cut off.
     """
-    segments: list[SegmentInfo] = []
-    clean_tail = True
-    next_seq = 1
-    done_seq = 0
     dedupe.open(now_ms)
-    replay_after = dedupe.checkpoint
-    spool_sources: set[str] = set()
-    quarantined: list[Path] = []
-    # Entries after the done cursor are only counted once the cursor is known, so keep the
-    # first position of each add record whose last seq may be beyond it.
-    add_records: list[tuple[Position, int, int, int]] = []  # pos, first seq, last seq, bytes
-    horizon = now_ms - dedupe.window_ms
     paths = list_segments(directory)
-    for index, path in enumerate(paths):
+    if paths:
+        # The writer appends to the last segment: its summary (a crash right after rollover
+        # can leave one) would go stale.
+        summary_path(paths[-1]).unlink(missing_ok=True)
+    summaries = [read_summary(p) for p in paths[:-1]] + [None] if paths else []
+    # The done cursor first: it decides which summarized segments still need a parse.
+    done_seq = max((s[0].done_seq for s in summaries if s is not None), default=0)
+    for path, summary in zip(paths, summaries, strict=True):
+        if summary is None:
+            done_seq = max(done_seq, _done_records(path))
+    state = _Scan(errors_dir, now_ms, dedupe, done_seq)
+    horizon = now_ms - dedupe.window_ms
+    for index, (path, summary) in enumerate(zip(paths, summaries, strict=True)):
+        if summary is not None:
+            info, next_seq = summary
+            holds_ids = info.last_seq > dedupe.checkpoint and info.max_t >= horizon
+            if info.last_seq <= done_seq and not holds_ids:
+                state.skip(info, next_seq)
+                continue
+        state.parse(path, is_last=index == len(paths) - 1)
+    return state.result()
+
+
+def _done_records(path: Path) -> int:
+    """The highest done record in a segment, without parsing its add records."""
+    done = 0
+    with path.open("rb") as fh:
+        for line in fh:
+            if line[9:17] == b'{"k":"d"':
+                record = unframe(line)
+                if record is not None:
+                    done = max(done, record["q"])
+    return done
+
+
+class _Scan:
+    def __init__(self, errors_dir: Path, now_ms: int, dedupe: DedupeIndex, done_seq: int) -> None:
+        self.errors_dir = errors_dir
+        self.now_ms = now_ms
+        self.dedupe = dedupe
+        self.replay_after = dedupe.checkpoint
+        self.horizon = now_ms - dedupe.window_ms
+        self.done_seq = done_seq
+        self.segments: list[SegmentInfo] = []
+        self.next_seq = 1
+        self.spool_sources: set[str] = set()
+        self.quarantined: list[Path] = []
+        self.clean_tail = True
+        self.backlog: Position | None = None
+        self.backlog_entries = 0
+        self.backlog_bytes = 0
+
+    def skip(self, info: SegmentInfo, next_seq: int) -> None:
+        """Take a summarized segment as it describes itself."""
+        self.segments.append(info)
+        self.next_seq = max(self.next_seq, next_seq, info.last_seq + 1)
+        self.spool_sources |= info.sources
+        if info.last_seq > self.replay_after:
+            self.dedupe.add([], info.max_t, info.last_seq)  # all its client ids have expired
+
+    def parse(self, path: Path, *, is_last: bool) -> None:
         info = SegmentInfo(number=segment_number(path), path=path)
-        is_last = index == len(paths) - 1
         bad_from: int | None = None
         offset = 0
         with path.open("rb") as fh:
@@ -79,41 +131,13 @@ def scan(
                     offset += len(line)
                     continue
                 if bad_from is not None:
-                    _quarantine_range(
-                        path, bad_from, offset, errors_dir, now_ms, "corrupt", quarantined
-                    )
+                    self._quarantine(path, bad_from, offset, "corrupt")
                     bad_from = None
-                kind = record["k"]
-                if kind == "a":
-                    first = record["q"]
-                    entries = record["e"]
-                    last = first + len(entries) - 1
-                    t = record["t"]
-                    info.last_seq = max(info.last_seq, last)
-                    info.max_t = max(info.max_t, t)
-                    next_seq = max(next_seq, last + 1)
-                    if last > replay_after and last >= first:
-                        if t >= horizon:
-                            ids = [entries[i]["entryId"] for i in record.get("c", ())]
-                            dedupe.add(ids, t, last)
-                        else:
-                            dedupe.add([], t, last)
-                    if "src" in record:
-                        spool_sources.add(record["src"])
-                    add_records.append((Position(info.number, offset), first, last, len(line)))
-                elif kind == "d":
-                    done_seq = max(done_seq, record["q"])
-                elif kind == "h":
-                    if record.get("v", 0) > FORMAT_VERSION:
-                        raise JournalVersionError(
-                            f"journal segment {path} has format version {record['v']}, newer"
-                            f" than this flowagg ({FORMAT_VERSION}); upgrade flowagg"
-                        )
-                    next_seq = max(next_seq, record["seq"])
+                self._record(info, record, offset, len(line))
                 offset += len(line)
         if bad_from is not None:
             what = "torn" if is_last else "corrupt"
-            if _quarantine_range(path, bad_from, offset, errors_dir, now_ms, what, quarantined):
+            if self._quarantine(path, bad_from, offset, what):
                 if is_last:
                     with path.open("r+b") as fh:
                         fh.truncate(bad_from)
@@ -123,32 +147,62 @@ def scan(
             elif is_last:
                 # The bad bytes could not be copied out, so they stay (nothing is dropped),
                 # and new records go to a fresh segment rather than after them.
-                clean_tail = False
+                self.clean_tail = False
         info.size = offset
-        segments.append(info)
+        self.segments.append(info)
 
-    backlog: Position | None = None
-    backlog_entries = 0
-    backlog_bytes = 0
-    for pos, first, last, size in add_records:
-        if last >= first and last > done_seq:  # a spool file with no valid entry has none
-            if backlog is None:
-                backlog = pos
-            pending = last - max(first - 1, done_seq)
-            backlog_entries += pending
-            backlog_bytes += size * pending // (last - first + 1)
-    return ScanResult(
-        segments=segments,
-        next_seq=next_seq,
-        done_seq=done_seq,
-        dedupe=dedupe,
-        backlog=backlog,
-        backlog_entries=backlog_entries,
-        backlog_bytes=backlog_bytes,
-        spool_sources=spool_sources,
-        quarantined=quarantined,
-        clean_tail=clean_tail,
-    )
+    def _record(self, info: SegmentInfo, record: dict[str, Any], offset: int, size: int) -> None:
+        kind = record["k"]
+        info.records += kind != "h"  # as the writer counts them: adds and done records
+        if kind == "a":
+            first = record["q"]
+            entries = record["e"]
+            last = first + len(entries) - 1
+            t = record["t"]
+            info.last_seq = max(info.last_seq, last)
+            info.max_t = max(info.max_t, t)
+            self.next_seq = max(self.next_seq, last + 1)
+            if last > self.replay_after and last >= first:
+                live = t >= self.horizon
+                ids = [entries[i]["entryId"] for i in record.get("c", ())] if live else []
+                self.dedupe.add(ids, t, last)
+            if "src" in record:
+                info.sources.add(record["src"])
+                self.spool_sources.add(record["src"])
+            if last >= first and last > self.done_seq:  # a spool file with no valid entry has none
+                if self.backlog is None:
+                    self.backlog = Position(info.number, offset)
+                pending = last - max(first - 1, self.done_seq)
+                self.backlog_entries += pending
+                self.backlog_bytes += size * pending // (last - first + 1)
+        elif kind == "d":
+            info.done_seq = max(info.done_seq, record["q"])
+        elif kind == "h":
+            if record.get("v", 0) > FORMAT_VERSION:
+                raise JournalVersionError(
+                    f"journal segment {info.path} has format version {record['v']}, newer"
+                    f" than this flowagg ({FORMAT_VERSION}); upgrade flowagg"
+                )
+            self.next_seq = max(self.next_seq, record["seq"])
+
+    def _quarantine(self, path: Path, start: int, end: int, what: str) -> bool:
+        return _quarantine_range(
+            path, start, end, self.errors_dir, self.now_ms, what, self.quarantined
+        )
+
+    def result(self) -> ScanResult:
+        return ScanResult(
+            segments=self.segments,
+            next_seq=self.next_seq,
+            done_seq=self.done_seq,
+            dedupe=self.dedupe,
+            backlog=self.backlog,
+            backlog_entries=self.backlog_entries,
+            backlog_bytes=self.backlog_bytes,
+            spool_sources=self.spool_sources,
+            quarantined=self.quarantined,
+            clean_tail=self.clean_tail,
+        )
 
 
 def _quarantine_range(

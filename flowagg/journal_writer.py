@@ -26,6 +26,8 @@ from .journal_format import (
     frame,
     segment_name,
     split_add,
+    summary_path,
+    write_summary,
 )
 
 log = logging.getLogger("flowagg.journal")
@@ -39,6 +41,7 @@ class Append:
     count: int = 0
     max_t: int = 0
     done_seq: int = 0
+    src: str | None = None
 
 
 class JournalWriter:
@@ -108,7 +111,14 @@ class JournalWriter:
                     first + start, t_ms, entries[start:end], idx, src=src if last else None
                 )
                 self._queue.append(
-                    Append(line, callback if last else None, first + start, end - start, t_ms)
+                    Append(
+                        line,
+                        callback if last else None,
+                        first + start,
+                        end - start,
+                        t_ms,
+                        src=src if last else None,
+                    )
                 )
             self._cond.notify()
         return first
@@ -126,7 +136,7 @@ class JournalWriter:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
-        self._close_segment()
+        self._close_segment(summarize=False)
 
     @property
     def next_seq(self) -> int:
@@ -153,15 +163,17 @@ class JournalWriter:
                 self._deliver([(a, self._broken, self.durable) for a in group])
                 return
 
-    def _close_segment(self) -> None:
+    def _close_segment(self, *, summarize: bool) -> None:
         """Close the current segment after making its unsynced done records durable.
 
         `durable_done_seq` advances on the next fsync, which happens on the new segment:
         without this one, compaction could trust a done record a power cut then erases.
+        At rollover (`summarize`) the closed segment gets its summary, so starts skip it.
         """
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        seg = self.segments[-1]
         try:
             if self._unsynced:
                 os.fsync(fd)
@@ -169,14 +181,20 @@ class JournalWriter:
                 self.durable_done_seq = max(self.durable_done_seq, self._unsynced_done_seq)
         except OSError as exc:
             # Only done records can be unsynced here; they are hints, so trust none of them.
-            log.error("journal %s: fsync at close failed (%s)", self.segments[-1].path, exc)
+            log.error("journal %s: fsync at close failed (%s)", seg.path, exc)
             self._unsynced = False
             self._unsynced_done_seq = self.durable_done_seq
+            summarize = False
         finally:
             os.close(fd)
+        if summarize:
+            try:
+                write_summary(seg, self._next_seq)
+            except OSError as exc:
+                log.warning("journal %s: no summary (%s); starts will parse it", seg.path, exc)
 
     def _open_segment(self) -> None:
-        self._close_segment()
+        self._close_segment(summarize=True)
         number = self.segments[-1].number + 1 if self.segments else 1
         path = self.directory / segment_name(number)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -230,6 +248,10 @@ class JournalWriter:
                 self.entries_written += append.count
             if append.done_seq:
                 self._unsynced_done_seq = max(self._unsynced_done_seq, append.done_seq)
+                seg.done_seq = max(seg.done_seq, append.done_seq)
+            if append.src is not None:
+                seg.sources.add(append.src)
+            seg.records += 1
         seg.size = offset
         self.bytes_written += len(data)
         self._unsynced = not needs_sync
@@ -264,6 +286,7 @@ class JournalWriter:
         for seg in candidates:
             if seg.last_seq <= done_seq and seg.max_t < horizon_ms:
                 seg.path.unlink(missing_ok=True)
+                summary_path(seg.path).unlink(missing_ok=True)
                 removed.append(seg.path)
             else:
                 break

@@ -142,3 +142,21 @@ def test_window_zero_remembers_nothing(indexes: Indexes) -> None:
     index.add(["z"], NOW, 1)
     assert not index.contains("z", NOW)
     assert index.seq == 1
+
+
+def test_the_filter_file_round_trips_across_chunks(indexes: Indexes) -> None:
+    index = indexes.open(max_ids=2_000_000)  # 3 MB per generation: several write chunks
+    index.add([f"r{n}" for n in range(5000)], NOW - DAY, 1)
+    index.add([f"s{n}" for n in range(5000)], NOW, 2)
+    before = {g: bytes(f.buf) for g, f in index.filters.items()}
+    assert len(before) == 2
+    index.close()
+    indexes.opened.remove(index)
+    again = indexes.open(max_ids=2_000_000)
+    assert again.checkpoint == 2
+    assert {g: bytes(f.buf) for g, f in again.filters.items()} == before
+    again.close()
+    indexes.opened.remove(again)
+    path = indexes.directory / FILTER_NAME
+    path.write_bytes(path.read_bytes()[:-100])  # cut short
+    assert indexes.open(max_ids=2_000_000).checkpoint == 0

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from flowagg import journal as journal_mod
+from flowagg import journal_reader
 from flowagg.dedupe import DedupeIndex
 from flowagg.journal import (
     FORMAT_VERSION,
@@ -34,6 +35,7 @@ from flowagg.journal import (
     split_add,
     unframe,
 )
+from flowagg.journal_format import summary_path
 
 NOW = 1_704_067_200_000
 HOUR = 3_600_000
@@ -55,9 +57,9 @@ def _close_indexes() -> Iterator[None]:
 class RecordingIndex:
     """What scan feeds a dedupe index, kept in a dict (loops scan hundreds of times)."""
 
-    def __init__(self, window_ms: int) -> None:
+    def __init__(self, window_ms: int, checkpoint: int = 0) -> None:
         self.window_ms = window_ms
-        self.checkpoint = 0
+        self.checkpoint = checkpoint
         self.ids: dict[str, int] = {}
 
     def open(self, now_ms: int) -> None:
@@ -72,10 +74,16 @@ class RecordingIndex:
 
 
 def scan_dir(
-    jdir: Path, edir: Path, *, now_ms: int = NOW, window: int = DAY, real: bool = False
+    jdir: Path,
+    edir: Path,
+    *,
+    now_ms: int = NOW,
+    window: int = DAY,
+    real: bool = False,
+    checkpoint: int = 0,
 ) -> ScanResult:
     """Scan with a fresh dedupe index, so the scan alone rebuilds what it remembers."""
-    index: Any = RecordingIndex(window)
+    index: Any = RecordingIndex(window, checkpoint)
     if real:
         index = DedupeIndex(
             edir.parent / f"dedupe-{next(_INDEX_NUMBERS)}", window_ms=window, max_ids=1000
@@ -911,6 +919,119 @@ def test_rollover_fsyncs_unsynced_done_records_before_closing(
     last_write = max(i for i, op in enumerate(mine[:closed]) if op == "write")
     assert "fsync" in mine[last_write:closed], mine
     assert j.writer.durable_done_seq == 1
+
+
+@pytest.fixture
+def parsed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The segments a scan parses (the others it takes from their summaries)."""
+    names: list[str] = []
+    real_parse = journal_reader._Scan.parse
+
+    def parse(self: Any, path: Path, *, is_last: bool) -> None:
+        names.append(path.name)
+        real_parse(self, path, is_last=is_last)
+
+    monkeypatch.setattr(journal_reader._Scan, "parse", parse)
+    return names
+
+
+def scan_view(result: ScanResult) -> dict[str, Any]:
+    return {
+        "next": result.next_seq,
+        "done": result.done_seq,
+        "backlog": result.backlog,
+        "backlogEntries": result.backlog_entries,
+        "sources": result.spool_sources,
+        "segments": [
+            (s.number, s.size, s.last_seq, s.max_t, s.done_seq, s.sources, s.records)
+            for s in result.segments
+        ],
+    }
+
+
+def summarized_journal(tmp_path: Path) -> Journal:
+    j = Journal(tmp_path, segment_bytes=1)  # every commit rolls over
+    j.ok([entry(1), entry(2)], client_idx=[0, 1], t_ms=NOW - HOUR)  # seg 1
+    j.ok([entry(3)], client_idx=[0], src="a.jsonl", t_ms=NOW - HOUR)  # seg 2
+    j.done(3)  # seg 3: only the done record
+    j.ok([entry(4)], client_idx=[0], t_ms=NOW)  # seg 4: the backlog
+    j.ok([entry(5)], t_ms=NOW)  # seg 5: the open segment
+    j.stop()
+    return j
+
+
+def test_summaries_let_a_start_skip_closed_stored_segments(
+    tmp_path: Path, parsed: list[str]
+) -> None:
+    j = summarized_journal(tmp_path)
+    names = [segment_name(n) for n in range(1, 6)]
+    assert sorted(p.name for p in j.dir.glob("*.sum")) == [
+        summary_path(j.dir / n).name for n in names[:4]
+    ]
+    # The index already holds every client id up to seq 3: only the backlog and the tail.
+    fast = scan_dir(j.dir, j.errors, checkpoint=3)
+    assert parsed == names[3:]
+    assert remembered(fast) == {"id-4"}
+    parsed.clear()
+    for path in j.dir.glob("*.sum"):
+        path.unlink()
+    slow = scan_dir(j.dir, j.errors, checkpoint=3)
+    assert parsed == names
+    assert scan_view(fast) == scan_view(slow)
+    assert fast.spool_sources == {"a.jsonl"}
+    assert (fast.done_seq, fast.next_seq, fast.backlog_entries) == (3, 6, 2)
+    # Without the index checkpoint the segments with live client ids are parsed again.
+    parsed.clear()
+    j2 = summarized_journal(tmp_path / "again")
+    parsed.clear()
+    assert remembered(scan_dir(j2.dir, j2.errors)) == {f"id-{n}" for n in (1, 2, 3, 4)}
+    assert parsed == names[:2] + names[3:]
+
+
+@pytest.mark.parametrize(
+    "damage", ["appended", "garbage", "newer", "stale size", "last segment", "deleted"]
+)
+def test_a_summary_that_cannot_be_trusted_means_a_parse(
+    tmp_path: Path, parsed: list[str], damage: str
+) -> None:
+    j = summarized_journal(tmp_path)
+    seg = j.dir / segment_name(1)
+    summary = summary_path(seg)
+    doc = orjson.loads(summary.read_bytes())
+    if damage == "appended":
+        with seg.open("ab") as fh:
+            fh.write(done_line(2))
+    elif damage == "garbage":
+        summary.write_bytes(b"{not json")
+    elif damage == "newer":
+        summary.write_bytes(orjson.dumps({**doc, "v": doc["v"] + 1}))
+    elif damage == "stale size":
+        summary.write_bytes(orjson.dumps({**doc, "size": doc["size"] + 1}))
+    elif damage == "deleted":
+        summary.unlink()
+    else:
+        # A crash right after a rollover summarized what is still the last segment.
+        seg = j.dir / segment_name(5)
+        summary_path(seg).write_bytes(summary.read_bytes())
+    result = scan_dir(j.dir, j.errors, checkpoint=3)
+    assert seg.name in parsed
+    if damage == "last segment":
+        assert not summary_path(seg).exists()
+    assert result.next_seq == 6
+    assert result.spool_sources == {"a.jsonl"}
+
+
+def test_compaction_removes_summaries(tmp_path: Path) -> None:
+    j = summarized_journal(tmp_path)
+    j2 = Journal(tmp_path, segment_bytes=1)
+    try:
+        j2.ok([entry(6)], t_ms=NOW)  # rolls segment 5 over, so it gets its summary
+        assert summary_path(j.dir / segment_name(5)).exists()
+        removed = j2.writer.compact(6, NOW + 2 * DAY)
+        assert [p.name for p in removed] == [segment_name(n) for n in range(1, 6)]
+    finally:
+        j2.stop()
+    assert sorted(p.name for p in j.dir.glob("seg-*")) == [segment_name(6)]
 
 
 # --------------------------------------------------------------------------------------------
