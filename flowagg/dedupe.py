@@ -1,7 +1,7 @@
 """Remembered client entryIds (SPEC §3): a bounded filter in memory, the exact answer on disk.
 
 Memory follows the settings, never the traffic: each time generation (one dedupe window long)
-has a one-word-blocked Bloom filter of `dedupeMaxIds` x 12 bits, and at most two generations
+has a one-word-blocked Bloom filter of `dedupeMaxIds` x 10 bits, and at most two generations
 are alive. A filter miss is a certain "new"; a hit is checked against an SQLite table per
 generation (`<root>/journal/dedupe/index.sqlite`, id → arrival ms) with the exact window, so a
 false positive never drops an entry. Ids not yet committed to SQLite stay in `recent`.
@@ -32,12 +32,13 @@ from .fsutil import atomic_write_chunks, remove_stale_temps
 log = logging.getLogger("flowagg.dedupe")
 
 FORMAT_VERSION = 1
-BITS_PER_ID = 12
+BITS_PER_ID = 10
 PROBES = 7
 # Ids handed to the SQLite thread but not committed; past this the producer waits for it.
-MAX_QUEUED = 100_000
+MAX_QUEUED = 10_000
 FILTER_NAME = "filter.bin"
 CHUNK = 1 << 20
+MAX_FILTERS = 2
 DB_NAME = "index.sqlite"
 
 
@@ -74,6 +75,16 @@ def _inflate(fh: BinaryIO, bufs: list[bytearray]) -> None:
         raise ValueError("damaged: longer than its header says, or cut short")
 
 
+def _merge(src: Filter, dst: Filter) -> None:
+    """OR `src` into `dst`, a chunk at a time (no whole-filter temporaries)."""
+    a = memoryview(src.buf)
+    b = memoryview(dst.buf)
+    for at in range(0, len(a), CHUNK):
+        n = len(a[at : at + CHUNK])
+        x = int.from_bytes(a[at : at + n], "little") | int.from_bytes(b[at : at + n], "little")
+        b[at : at + n] = x.to_bytes(n, "little")
+
+
 class Filter:
     """A Bloom filter whose probes for one id all fall in one 64-bit word (one memory read)."""
 
@@ -95,7 +106,10 @@ class DedupeIndex:
         self.directory = directory
         self.window_ms = window_ms
         self.words = max(1, max_ids * BITS_PER_ID // 64)
-        self.filters: dict[int, Filter] = {}  # generation -> filter
+        # generation -> filter; at most MAX_FILTERS: a filter may also hold older generations
+        self.filters: dict[int, Filter] = {}
+        self.gens: set[int] = set()  # generations with a table in SQLite
+        self._expired_below = 0
         self.recent: dict[str, int] = {}  # handed to SQLite, not yet committed: id -> t
         self.seq = 0  # every client id of a journal record up to this seq is in the filter
         self.checkpoint = 0  # ... and in the filter and SQLite both, as found at open
@@ -110,15 +124,17 @@ class DedupeIndex:
         self._thread = threading.Thread(target=self._run, name="dedupe-index", daemon=True)
 
     # -- open / close -----------------------------------------------------------------------
-    def open(self, now_ms: int) -> None:
-        """Load the filter and the SQLite index; `checkpoint` says where replay starts."""
+    def open(self) -> None:
+        """Load the filter and the SQLite index; `checkpoint` says where replay starts.
+
+        Nothing expires here: the caller's clock decides that (see Pipeline.dedupe_now).
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         remove_stale_temps([self.directory])
         db_seq = self._open_db()
         filter_seq = self._load_filter()
         self.checkpoint = min(db_seq, filter_seq)
         self.seq = self.checkpoint
-        self.expire(now_ms)
         self._thread.start()
 
     def _connect(self) -> sqlite3.Connection:
@@ -127,7 +143,7 @@ class DedupeIndex:
         )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA cache_size=-4096")  # KiB: the page cache is part of the RSS bound
+        db.execute("PRAGMA cache_size=-2048")  # KiB: the page cache is part of the RSS bound
         return db
 
     def _open_db(self) -> int:
@@ -146,6 +162,9 @@ class DedupeIndex:
         db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
         meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
         if meta.get("version") == FORMAT_VERSION and meta.get("windowMs") == self.window_ms:
+            for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'"):
+                if name.startswith("g_"):
+                    self.gens.add(int(name[2:]))
             return int(meta.get("seq", 0))
         # Another layout or window: generations would not line up, so start over.
         db.execute("BEGIN")
@@ -244,12 +263,8 @@ class DedupeIndex:
             return
         gen = self.generation(t_ms)
         if ids:
-            flt = self.filters.get(gen)
-            if flt is None:
-                self._drop_before(gen - 1)
-                flt = Filter(self.words)
-                with self._cond:
-                    self.filters[gen] = flt
+            self.gens.add(gen)
+            flt = self.filters.get(gen) or self._new_filter(gen)
             for entry_id in ids:
                 flt.add(*_hash(entry_id))
                 self.recent[entry_id] = t_ms
@@ -261,6 +276,21 @@ class DedupeIndex:
             self.seq = max(self.seq, last_seq)
             self._cond.notify_all()
 
+    def _new_filter(self, gen: int) -> Filter:
+        """A filter for `gen`, never more than MAX_FILTERS in memory.
+
+        Over the bound (a clock step can make arrival times run ahead of the expiry clock)
+        the two oldest are merged: their union answers for both, only for longer.
+        """
+        with self._cond:
+            if len(self.filters) >= MAX_FILTERS and gen < min(self.filters):
+                return self.filters[min(self.filters)]
+            flt = self.filters[gen] = Filter(self.words)
+            while len(self.filters) > MAX_FILTERS:
+                older, newer = sorted(self.filters)[:2]
+                _merge(self.filters.pop(older), self.filters[newer])
+        return flt
+
     def contains(self, entry_id: str, now_ms: int) -> bool:
         """Was `entry_id` accepted within the window before `now_ms`?"""
         if self.window_ms <= 0:
@@ -271,8 +301,10 @@ class DedupeIndex:
             return t >= horizon
         hashes = _hash(entry_id)
         low = self.generation(max(0, horizon))
-        for gen in sorted(self.filters, reverse=True):
-            if gen >= low and hashes in self.filters[gen]:
+        if not any(hashes in f for g, f in list(self.filters.items()) if g >= low):
+            return False
+        for gen in sorted(self.gens, reverse=True):
+            if gen >= low:
                 t = self._lookup(gen, entry_id)
                 if t is not None:
                     return t >= horizon
@@ -294,14 +326,16 @@ class DedupeIndex:
         """Drop the generations wholly older than the window; returns how many."""
         if self.window_ms <= 0:
             return 0
-        return self._drop_before(self.generation(max(0, now_ms - self.window_ms)))
-
-    def _drop_before(self, gen: int) -> int:
+        low = self.generation(max(0, now_ms - self.window_ms))
+        if low <= self._expired_below:
+            return 0
+        self._expired_below = low
+        self.gens = {g for g in self.gens if g >= low}
         with self._cond:
-            old = [g for g in self.filters if g < gen]
+            old = [g for g in self.filters if g < low]
             for g in old:
                 del self.filters[g]
-            self._drops.append(gen)
+            self._drops.append(low)
             self._cond.notify_all()
         return len(old)
 

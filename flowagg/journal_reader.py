@@ -56,7 +56,7 @@ def scan(
     Bad lines in the middle of the journal are copied to errors/ (the segment stays as it is
     until compaction); bad bytes at the end of the last segment are quarantined and cut off.
     """
-    dedupe.open(now_ms)
+    dedupe.open()
     paths = list_segments(directory)
     if paths:
         # The writer appends to the last segment: its summary (a crash right after rollover
@@ -68,8 +68,11 @@ def scan(
     for path, summary in zip(paths, summaries, strict=True):
         if summary is None:
             done_seq = max(done_seq, _done_records(path))
-    state = _Scan(errors_dir, now_ms, dedupe, done_seq)
-    horizon = now_ms - dedupe.window_ms
+    # Ids older than this are past the window however the expiry clock is anchored (it starts
+    # at the newest arrival time, never after now): replaying fewer would forget live ids.
+    newest = max((s[0].max_t for s in summaries if s is not None), default=0)
+    horizon = min(now_ms, newest) - dedupe.window_ms
+    state = _Scan(errors_dir, now_ms, dedupe, done_seq, horizon)
     for index, (path, summary) in enumerate(zip(paths, summaries, strict=True)):
         if summary is not None:
             info, next_seq = summary
@@ -94,12 +97,14 @@ def _done_records(path: Path) -> int:
 
 
 class _Scan:
-    def __init__(self, errors_dir: Path, now_ms: int, dedupe: DedupeIndex, done_seq: int) -> None:
+    def __init__(
+        self, errors_dir: Path, now_ms: int, dedupe: DedupeIndex, done_seq: int, horizon: int
+    ) -> None:
         self.errors_dir = errors_dir
         self.now_ms = now_ms
         self.dedupe = dedupe
         self.replay_after = dedupe.checkpoint
-        self.horizon = now_ms - dedupe.window_ms
+        self.horizon = horizon
         self.done_seq = done_seq
         self.segments: list[SegmentInfo] = []
         self.next_seq = 1

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from .aggregator import Aggregator, Buffered, FlushPolicy
-from .clock import Clock, EntryIdFactory
+from .clock import Clock, EntryIdFactory, WindowClock
 from .config import Config
 from .dedupe import DedupeIndex
 from .entries import EntryError, validate_entry_json
@@ -97,6 +97,7 @@ class Pipeline:
         self._store = store
         self.aggregator = Aggregator(FlushPolicy.from_config(config))
         self.dedupe: DedupeIndex | None = None
+        self.window_clock = WindowClock(clock, 0)  # anchored on the journal at start
         self.pending_ids: set[str] = set()  # client ids being journaled, not yet in `dedupe`
         self.writer: JournalWriter | None = None
         self.flusher: Flusher | None = None
@@ -124,6 +125,10 @@ class Pipeline:
     # -- start ------------------------------------------------------------------------------
     def start(self, scan: ScanResult) -> None:
         self.dedupe = scan.dedupe
+        self.window_clock = WindowClock(
+            self.clock, max((s.max_t for s in scan.segments), default=0)
+        )
+        self.dedupe.expire(self.window_clock.now_ms())
         self._dedupe_saved_at = self.clock.monotonic()
         self.done_seq = scan.done_seq
         self.last_acked_seq = scan.next_seq - 1
@@ -285,7 +290,8 @@ class Pipeline:
                 return AddResult(error="busy", retry_after_ms=self.config.busy_retry_after_ms)
             await self.wait_for_space()
         result = AddResult()
-        now = self.clock.now_ms()
+        now = self.window_clock.arrival_ms()
+        window_now = self.window_clock.now_ms()
         dedupe = self.dedupe
         assert dedupe is not None
         datas: list[bytes] = []
@@ -298,7 +304,7 @@ class Pipeline:
                 if (
                     entry_id in seen
                     or entry_id in self.pending_ids
-                    or dedupe.contains(entry_id, now)
+                    or dedupe.contains(entry_id, window_now)
                 ):
                     result.duplicates += 1
                     continue
@@ -323,6 +329,7 @@ class Pipeline:
             if error is not None:
                 self.aggregator.acknowledge(-len(datas), -size)
             else:
+                dedupe.expire(self.window_clock.now_ms())  # before a new generation starts
                 dedupe.add(client_ids, now, first_seq + len(datas) - 1)
                 if datas:
                     self.last_acked_seq = first_seq + len(datas) - 1
@@ -493,7 +500,7 @@ class Pipeline:
         """Forget client entryIds older than the window; now and then save the filter."""
         if self.dedupe is None:
             return 0
-        expired = self.dedupe.expire(self.clock.now_ms())
+        expired = self.dedupe.expire(self.window_clock.now_ms())
         saving = self._dedupe_saving
         if (saving is None or saving.done()) and (
             self.clock.monotonic() - self._dedupe_saved_at >= DEDUPE_SAVE_INTERVAL_S
@@ -513,7 +520,7 @@ class Pipeline:
     def compact_journal(self) -> int:
         if self.writer is None:
             return 0
-        horizon = self.clock.now_ms() - self.config.dedupe_window_ms
+        horizon = self.window_clock.now_ms() - self.config.dedupe_window_ms
         return len(self.writer.compact(self.writer.durable_done_seq, horizon))
 
     async def shutdown(self) -> None:

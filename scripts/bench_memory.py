@@ -55,7 +55,7 @@ def index_child(directory: Path, count: int) -> None:
     threading.Thread(target=sample, daemon=True).start()
     now = time.time_ns() // 1_000_000
     index = DedupeIndex(directory, window_ms=DAY_MS, max_ids=count)
-    index.open(now)
+    index.open()
     base = proc.memory_info().rss
     started = time.perf_counter()
     records = count // RECORD
@@ -65,6 +65,7 @@ def index_child(directory: Path, count: int) -> None:
     insert_s = time.perf_counter() - started
     while index.recent:  # the SQLite thread catches up
         time.sleep(0.05)
+    held = proc.memory_info().rss
     caught_up_s = time.perf_counter() - started
     probes = 100_000
     started = time.perf_counter()
@@ -84,6 +85,7 @@ def index_child(directory: Path, count: int) -> None:
                 "ids": count,
                 "peakRssMb": round(peak / 2**20, 1),
                 "rssAtOpenMb": round(base / 2**20, 1),
+                "rssHoldingMb": round(held / 2**20, 1),
                 "insertUsPerId": round(insert_s / count * 1e6, 2),
                 "indexedUsPerId": round(caught_up_s / count * 1e6, 2),
                 "lookupHitUs": round(hit_us, 1),

@@ -30,9 +30,9 @@ class Indexes:
         self.directory = directory
         self.opened: list[DedupeIndex] = []
 
-    def open(self, *, window: int = DAY, max_ids: int = 1000, now: int = NOW) -> DedupeIndex:
+    def open(self, *, window: int = DAY, max_ids: int = 1000) -> DedupeIndex:
         index = DedupeIndex(self.directory, window_ms=window, max_ids=max_ids)
-        index.open(now)
+        index.open()
         self.opened.append(index)
         return index
 
@@ -99,7 +99,7 @@ def test_a_crash_before_the_filter_is_saved_replays_from_the_older_checkpoint(
     committed(index)
     # kill -9 here: SQLite holds seq 7, the filter file only seq 3.
     second = DedupeIndex(indexes.directory, window_ms=DAY, max_ids=1000)
-    second.open(NOW)
+    second.open()
     indexes.opened.append(second)
     assert second.checkpoint == 3
     second.add(["c2"], NOW, 7)  # what the start-up replay does

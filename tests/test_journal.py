@@ -62,7 +62,7 @@ class RecordingIndex:
         self.checkpoint = checkpoint
         self.ids: dict[str, int] = {}
 
-    def open(self, now_ms: int) -> None:
+    def open(self) -> None:
         pass
 
     def add(self, ids: list[str], t_ms: int, last_seq: int) -> None:
