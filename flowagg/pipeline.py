@@ -16,25 +16,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from .aggregator import Aggregator, Buffered, FlushPolicy
+from .aggregator import Aggregator, FlushPolicy
 from .clock import Clock, EntryIdFactory, WindowClock
 from .config import Config
 from .dedupe import DedupeIndex
 from .entries import EntryError, validate_entry_json
 from .flusher import Flusher
-from .fsutil import is_disk_full, quarantine_file
+from .fsutil import is_disk_full
 from .journal import (
     MAX_RECORD_ENTRIES,
     Append,
     JournalWriter,
     Position,
     ScanResult,
-    read_records,
 )
 from .layout import Layout
-from .storage import Batch, CorruptBatch, find_batch, make_batch_id, read_batch
+from .published import skip_published
+from .spill import Spill
+from .storage import Batch
 
 log = logging.getLogger("flowagg.pipeline")
 
@@ -101,8 +100,7 @@ class Pipeline:
         self.pending_ids: set[str] = set()  # client ids being journaled, not yet in `dedupe`
         self.writer: JournalWriter | None = None
         self.flusher: Flusher | None = None
-        self.spilled = False
-        self.reader_pos = Position(0, 0)
+        self.spill = Spill()
         self.done_seq = 0
         self.last_acked_seq = 0
         self.stored_batches = 0
@@ -116,9 +114,6 @@ class Pipeline:
         self._batch_waiters: dict[str, asyncio.Future[None]] = {}
         self._age_timer: asyncio.TimerHandle | None = None
         self._space_waiters: list[asyncio.Future[None]] = []
-        # The record at reader_pos that did not fit, with its entry count: not parsed again
-        # until that many entries of room are free.
-        self._blocked: tuple[Position, int] | None = None
         self._dedupe_saved_at = clock.monotonic()
         self._dedupe_saving: asyncio.Future[None] | None = None
 
@@ -145,9 +140,13 @@ class Pipeline:
         self._size_records()
         self.writer.start()
         if scan.backlog is not None:
-            self.reader_pos = scan.backlog
-            self.spilled = True
-            self._skip_published()
+            self.spill.resume_at(scan.backlog)
+            skipped, done_seq = skip_published(
+                self.layout, self.clock, self.aggregator, scan.backlog, self.writer.append_done
+            )
+            if skipped:
+                self.done_seq = done_seq
+                self.counters["batchesFoundAtStart"] += skipped
         self.flusher = Flusher(
             self.layout,
             self.clock,
@@ -169,84 +168,11 @@ class Pipeline:
             self.writer.segment_bytes = config.journal_segment_bytes
             self._size_records()
         self._refill()
-        self._check_triggers()
 
     def _size_records(self) -> None:
         """Records no larger than the window always fit once it drains."""
         assert self.writer is not None
         self.writer.max_record_entries = min(MAX_RECORD_ENTRIES, self.config.memory_window_entries)
-
-    def _skip_published(self) -> None:
-        """Find batches stored after the last durable done record; their entries are done.
-
-        Batch ids follow from the journal (first entry's arrival ms and seq), so each check is
-        one lookup by name. A stored batch found here is trusted only if its entryIds are
-        exactly the next entries of the journal.
-        """
-        assert self.writer is not None
-        skipped = 0
-        pending: deque[tuple[int, int, str]] = deque()  # seq, t, entryId
-        records = read_records(self.layout.journal, self.reader_pos, None)
-        exhausted = False
-
-        def fill(n: int) -> None:
-            nonlocal exhausted
-            while len(pending) < n and not exhausted:
-                record = next(records, None)
-                if record is None:
-                    exhausted = True
-                    return
-                for i, entry in enumerate(record.entries):
-                    seq = record.first_seq + i
-                    if seq > self.aggregator.last_seq_loaded:
-                        pending.append((seq, record.t_ms, entry["entryId"]))
-
-        while True:
-            fill(1)
-            if not pending:
-                break
-            seq, t, _ = pending[0]
-            batch_id = make_batch_id(t, seq)
-            path = find_batch(self.layout, batch_id)
-            if path is None:
-                break
-            try:
-                ids = [e["entryId"] for e in read_batch(path)["entries"]]
-            except (CorruptBatch, OSError, KeyError, TypeError) as exc:
-                quarantine_file(
-                    self.layout.errors,
-                    path,
-                    reason=f"stored batch unreadable ({exc}); rebuilt from the journal",
-                    component="startup",
-                    now_ms=self.clock.now_ms(),
-                )
-                break
-            fill(len(ids))
-            journal_ids = [pending[i][2] for i in range(min(len(ids), len(pending)))]
-            if journal_ids != ids:
-                log.error(
-                    "stored batch %s does not match the journal; leaving it and rebuilding",
-                    batch_id,
-                )
-                quarantine_file(
-                    self.layout.errors,
-                    path,
-                    reason="stored batch does not match the journal entries it is named after",
-                    component="startup",
-                    now_ms=self.clock.now_ms(),
-                )
-                break
-            last_seq = pending[len(ids) - 1][0]
-            for _ in ids:
-                pending.popleft()
-            self.aggregator.last_seq_loaded = last_seq
-            self.aggregator.found_stored(len(ids))
-            self.done_seq = last_seq
-            self.writer.append_done(last_seq, batch_id)
-            skipped += 1
-            log.info("batch %s was stored before the last stop; not writing it again", batch_id)
-        if skipped:
-            self.counters["batchesFoundAtStart"] += skipped
 
     # -- intake -----------------------------------------------------------------------------
     def validate(self, raw_entries: list[Any]) -> tuple[list[Valid], list[dict[str, Any]]]:
@@ -333,7 +259,8 @@ class Pipeline:
                 dedupe.add(client_ids, now, first_seq + len(datas) - 1)
                 if datas:
                     self.last_acked_seq = first_seq + len(datas) - 1
-                    self._take_durable(first_seq, now, datas, ids, after)
+                    arrival = self.clock.monotonic()
+                    self.spill.take(self.aggregator, first_seq, now, arrival, datas, ids, after)
             done.set_result(error)
 
         try:
@@ -364,57 +291,17 @@ class Pipeline:
         for append, error, after in results:
             if append.callback is not None:
                 append.callback(error, after)
-        if self.spilled:
-            self._refill()  # checks the triggers too
-        else:
-            self._check_triggers()
+        self._refill()
 
-    def _take_durable(
-        self, first_seq: int, t_ms: int, datas: list[bytes], ids: list[str], after: Position
-    ) -> None:
-        if self.spilled or self.aggregator.room() < len(datas):
-            # reader_pos still points at the first record not in memory; _refill (run once
-            # the whole delivery is through) loads from there, record by record.
-            self.spilled = True
-            return
-        self.aggregator.load_run(first_seq, t_ms, self.clock.monotonic(), datas, ids)
-        self.reader_pos = after
-
-    def _fits(self, count: int) -> bool:
-        """A record is loaded whole: into free room, or (one larger than the window) alone."""
-        agg = self.aggregator
-        return agg.room() >= count or (not agg.window and not agg.inflight_entries)
+    @property
+    def spilled(self) -> bool:
+        return self.spill.spilled
 
     def _refill(self) -> None:
-        """Load whole records that wait on disk into the memory window, oldest first."""
-        if not self.spilled or self.writer is None:
-            return
-        blocked = self._blocked
-        if blocked is not None and blocked[0] == self.reader_pos and not self._fits(blocked[1]):
-            self._check_triggers()  # the head record still does not fit: no need to parse it
-            return
-        self._blocked = None
-        arrival = self.clock.monotonic()
-        caught_up = True
-        segments = [seg.path for seg in list(self.writer.segments)]
-        end = self.writer.durable
-        agg = self.aggregator
-        for record in read_records(self.layout.journal, self.reader_pos, end, segments):
-            skip = max(0, agg.last_seq_loaded - record.first_seq + 1)
-            count = len(record.entries) - skip
-            if count > 0:
-                if not self._fits(count):
-                    self._blocked = (self.reader_pos, count)
-                    caught_up = False
-                    break
-                for i in range(skip, len(record.entries)):
-                    entry = record.entries[i]
-                    data = bytes(memoryview(orjson.dumps(entry)))  # exact size, see entries.py
-                    seq = record.first_seq + i
-                    agg.load(Buffered(seq, record.t_ms, arrival, data, entry["entryId"]))
-            self.reader_pos = record.after
-        if caught_up:
-            self.spilled = False
+        """Load what waits on disk as room allows (after every durable append and every
+        stored batch), then check the triggers."""
+        if self.writer is not None:
+            self.spill.refill(self.aggregator, self.writer, self.clock.monotonic())
         self._check_triggers()
 
     # -- flushing ---------------------------------------------------------------------------
@@ -464,7 +351,6 @@ class Pipeline:
                 fut.set_result(None)
         self._space_waiters.clear()
         self._refill()
-        self._check_triggers()
 
     async def flush(self, trigger: str = "manual", *, include_disk: bool = True) -> dict[str, int]:
         """Store every entry acknowledged before this call; returns once they are stored.

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from flowagg import pipeline as pipeline_mod
+from flowagg import spill as spill_mod
 from flowagg.clock import EntryIdFactory, FakeClock
 from flowagg.config import load_config
 from flowagg.dedupe import DedupeIndex
@@ -98,14 +98,14 @@ async def until(predicate: Callable[[], Any], timeout: float = 20.0) -> None:
 def parsed(monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter[int]]:
     """How many times the pipeline read back each journal record (by its first seq)."""
     counts: Counter[int] = Counter()
-    real = pipeline_mod.read_records
+    real = spill_mod.read_records
 
     def counting(*args: Any, **kw: Any) -> Iterator[JournalRecord]:
         for record in real(*args, **kw):
             counts[record.first_seq] += 1
             yield record
 
-    monkeypatch.setattr(pipeline_mod, "read_records", counting)
+    monkeypatch.setattr(spill_mod, "read_records", counting)
     yield counts
 
 
