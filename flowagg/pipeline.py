@@ -31,6 +31,12 @@ from .journal import (
     ScanResult,
 )
 from .layout import Layout
+from .pipeline_status import (
+    buffered_status,
+    flusher_status,
+    journal_status,
+    latency_status,
+)
 from .published import skip_published
 from .spill import Spill
 from .storage import Batch
@@ -42,13 +48,6 @@ LATENCY_SAMPLES = 2048
 SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
 DEDUPE_SAVE_INTERVAL_S = 600.0
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
-
-
-def percentile(samples: deque[float] | list[float], q: float) -> float | None:
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclasses.dataclass
@@ -432,17 +431,8 @@ class Pipeline:
 
     # -- reporting --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        agg = self.aggregator
-        writer = self.writer
-        in_memory = len(agg.window)
         return {
-            "buffered": {
-                "entries": agg.unflushed_entries,
-                "bytes": agg.unflushed_bytes,
-                "inMemory": in_memory,
-                "inFlight": agg.inflight_entries,
-                "onDisk": max(0, agg.unflushed_entries - in_memory - agg.inflight_entries),
-            },
+            "buffered": buffered_status(self.aggregator),
             "counters": {
                 "accepted": self.counters["accepted"],
                 "duplicates": self.counters["duplicates"],
@@ -451,27 +441,8 @@ class Pipeline:
                 "journalErrors": self.counters["journalErrors"],
                 "batches": dict(self.batches_by_trigger),
             },
-            "journal": {
-                "entries": writer.entries_written if writer else 0,
-                "syncs": writer.syncs if writer else 0,
-                "bytes": writer.bytes_written if writer else 0,
-                "segments": len(writer.segments) if writer else 0,
-                "lastError": self.last_journal_error,
-            },
-            "flusher": {
-                "stalledError": self.flusher.stalled_error if self.flusher else None,
-                "parkedBatches": self.flusher.failed_batches if self.flusher else 0,
-                "inlineRetries": self.flusher.inline_retries if self.flusher else 0,
-            },
+            "journal": journal_status(self.writer, self.last_journal_error),
+            "flusher": flusher_status(self.flusher),
             "lastFlushAt": self.last_flush_at,
-            "latencyMs": {
-                "addP50": _ms(percentile(self.add_latency, 0.5)),
-                "addP99": _ms(percentile(self.add_latency, 0.99)),
-                "flushP50": _ms(percentile(self.flush_latency, 0.5)),
-                "flushP99": _ms(percentile(self.flush_latency, 0.99)),
-            },
+            "latencyMs": latency_status(self.add_latency, self.flush_latency),
         }
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
