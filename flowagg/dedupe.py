@@ -113,6 +113,7 @@ class DedupeIndex:
         self.recent: dict[str, int] = {}  # handed to SQLite, not yet committed: id -> t
         self.seq = 0  # every client id of a journal record up to this seq is in the filter
         self.checkpoint = 0  # ... and in the filter and SQLite both, as found at open
+        self.saved_seq = 0  # the seq the filter file on disk covers
         self._cond = threading.Condition()
         self._queue: list[tuple[int, int, list[tuple[str, int]]]] = []  # gen, seq, (id, t)
         self._drops: list[int] = []
@@ -200,7 +201,8 @@ class DedupeIndex:
             return 0
         for gen, buf in zip(head["gens"], bufs, strict=True):
             self.filters[gen] = Filter(self.words, buf)
-        return int(head["seq"])
+        self.saved_seq = int(head["seq"])
+        return self.saved_seq
 
     def save(self) -> None:
         """Write the filter with the seq it covers (from any one thread at a time).
@@ -214,6 +216,8 @@ class DedupeIndex:
             gens = sorted(self.filters)
             filters = [self.filters[g] for g in gens]
             seq = self.seq
+        if seq == self.saved_seq and (self.directory / FILTER_NAME).exists():
+            return  # nothing new since the file on disk (tens of MB: not rewritten for nothing)
         head = {"v": FORMAT_VERSION, "seq": seq, "windowMs": self.window_ms, "words": self.words}
         head["gens"] = gens
 
@@ -228,6 +232,7 @@ class DedupeIndex:
             yield packer.flush()
 
         atomic_write_chunks(self.directory / FILTER_NAME, chunks())
+        self.saved_seq = seq
 
     def close(self) -> None:
         """Commit what is queued, save the filter, stop the thread."""

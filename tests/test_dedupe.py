@@ -160,3 +160,16 @@ def test_the_filter_file_round_trips_across_chunks(indexes: Indexes) -> None:
     path = indexes.directory / FILTER_NAME
     path.write_bytes(path.read_bytes()[:-100])  # cut short
     assert indexes.open(max_ids=2_000_000).checkpoint == 0
+
+
+def test_the_filter_is_rewritten_only_when_it_has_news(indexes: Indexes) -> None:
+    index = indexes.open()
+    index.add(["n1"], NOW, 1)
+    index.save()
+    path = indexes.directory / FILTER_NAME
+    first = path.stat().st_ino
+    index.save()
+    assert path.stat().st_ino == first
+    index.add([], NOW, 2)
+    index.save()
+    assert path.stat().st_ino != first
