@@ -44,6 +44,40 @@ class FakeClock:
         self._now_ms += ms
         self._mono += ms / 1000.0
 
+    def jump(self, ms: int) -> None:
+        """Step the wall clock only (an operator, NTP or a VM resume); negative goes back."""
+        self._now_ms += ms
+
+
+class WindowClock:
+    """Time for windows (dedupe expiry, journal compaction) that a wall-clock step cannot move.
+
+    It advances only by monotonic elapsed time from an anchor: the newest arrival time in the
+    journal, or now if that is in the future (or the journal is empty). A forward step of the
+    wall clock therefore never forgets an id early; time spent stopped does not count either,
+    which only keeps ids longer.
+    """
+
+    def __init__(self, clock: Clock, newest_ms: int) -> None:
+        wall = clock.now_ms()
+        self._clock = clock
+        self._anchor_ms = newest_ms if 0 < newest_ms <= wall else wall
+        self._anchor_mono = clock.monotonic()
+        self._last_arrival = newest_ms
+
+    def now_ms(self) -> int:
+        return self._anchor_ms + int((self._clock.monotonic() - self._anchor_mono) * 1000)
+
+    def arrival_ms(self) -> int:
+        """A journal arrival time: wall time, never below the last one nor the window clock.
+
+        Non-decreasing, so batch ids sort by time after a backward step; never behind the
+        window clock, so an id is remembered for a whole window of elapsed time.
+        """
+        t = max(self._clock.now_ms(), self._last_arrival, self.now_ms())
+        self._last_arrival = t
+        return t
+
 
 _B32 = "0123456789abcdefghjkmnpqrstvwxyz"
 _PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits at a time: ids are on the hot path

@@ -60,6 +60,9 @@ SETTINGS: dict[str, Setting] = {
         20_000, int, 1, 10_000_000, "unflushed entries held in memory; the rest wait on disk"
     ),
     "dedupeWindowMs": Setting(DAY_MS, int, 0, 365 * DAY_MS, "how long entryIds are remembered"),
+    "dedupeMaxIds": Setting(
+        10_000_000, int, 1000, 1_000_000_000, "client entryIds per window the filter is sized for"
+    ),
     "busyRetryAfterMs": Setting(200, int, 1, 600_000, "retryAfterMs sent with busy"),
     "immediateRetries": Setting(3, int, 0, 10, "inline attempts before a batch fails"),
     "retryBaseMs": Setting(1_000, int, 1, DAY_MS, "first recovery retry delay"),

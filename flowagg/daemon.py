@@ -37,7 +37,7 @@ from .health import (
     write_snapshot,
 )
 from .jobs import reschedule, start_scheduler, start_watchdog
-from .journal import JournalVersionError, scan
+from .journal import JournalVersionError, scan_root
 from .layout import Layout
 from .logsetup import setup_logging
 from .ops import daemon_status, handle_request
@@ -171,11 +171,7 @@ class Daemon:
             log.info("removed %d stale temp files", len(removed))
         try:
             result = await asyncio.to_thread(
-                scan,
-                self.layout.journal,
-                self.layout.errors,
-                now_ms=self.clock.now_ms(),
-                dedupe_window_ms=self.config.dedupe_window_ms,
+                scan_root, self.layout, self.config, now_ms=self.clock.now_ms()
             )
         except JournalVersionError as exc:
             raise RootUnusableError(str(exc)) from None

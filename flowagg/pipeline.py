@@ -16,17 +16,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from .aggregator import Aggregator, Buffered, FlushPolicy
-from .clock import Clock, EntryIdFactory
+from .aggregator import Aggregator, FlushPolicy
+from .clock import Clock, EntryIdFactory, WindowClock
 from .config import Config
+from .dedupe import DedupeIndex
 from .entries import EntryError, validate_entry_json
 from .flusher import Flusher
-from .fsutil import is_disk_full, quarantine_file
-from .journal import Append, JournalWriter, Position, ScanResult, read_records
+from .fsutil import is_disk_full
+from .journal import (
+    MAX_RECORD_ENTRIES,
+    Append,
+    JournalWriter,
+    Position,
+    ScanResult,
+)
 from .layout import Layout
-from .storage import Batch, CorruptBatch, find_batch, make_batch_id, read_batch
+from .pipeline_status import (
+    buffered_status,
+    flusher_status,
+    journal_status,
+    latency_status,
+)
+from .published import skip_published
+from .spill import Spill
+from .storage import Batch
 from .supervise import Spawn, plain_thread
 
 log = logging.getLogger("flowagg.pipeline")
@@ -36,14 +49,8 @@ LATENCY_SAMPLES = 2048
 SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
 # Rejections listed in a reply; the rest are only counted (`rejectedCount`).
 MAX_LISTED_REJECTIONS = 100
+DEDUPE_SAVE_INTERVAL_S = 600.0
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
-
-
-def percentile(samples: deque[float] | list[float], q: float) -> float | None:
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @dataclasses.dataclass
@@ -97,12 +104,12 @@ class Pipeline:
         self._next_retry_at = next_retry_at
         self._store = store
         self.aggregator = Aggregator(FlushPolicy.from_config(config))
-        self.dedupe: dict[str, int] = {}
-        self.pending_ids: set[str] = set()
+        self.dedupe: DedupeIndex | None = None
+        self.window_clock = WindowClock(clock, 0)  # anchored on the journal at start
+        self.pending_ids: set[str] = set()  # client ids being journaled, not yet in `dedupe`
         self.writer: JournalWriter | None = None
         self.flusher: Flusher | None = None
-        self.spilled = False
-        self.reader_pos = Position(0, 0)
+        self.spill = Spill()
         self.done_seq = 0
         self.last_acked_seq = 0
         self.stored_batches = 0
@@ -116,10 +123,17 @@ class Pipeline:
         self._batch_waiters: dict[str, asyncio.Future[None]] = {}
         self._age_timer: asyncio.TimerHandle | None = None
         self._space_waiters: list[asyncio.Future[None]] = []
+        self._dedupe_saved_at = clock.monotonic()
+        self._dedupe_saving: asyncio.Future[None] | None = None
 
     # -- start ------------------------------------------------------------------------------
     def start(self, scan: ScanResult) -> None:
         self.dedupe = scan.dedupe
+        self.window_clock = WindowClock(
+            self.clock, max((s.max_t for s in scan.segments), default=0)
+        )
+        self.dedupe.expire(self.window_clock.now_ms())
+        self._dedupe_saved_at = self.clock.monotonic()
         self.done_seq = scan.done_seq
         self.last_acked_seq = scan.next_seq - 1
         self.aggregator.last_seq_loaded = scan.done_seq
@@ -133,11 +147,16 @@ class Pipeline:
             deliver=lambda results: self.loop.call_soon_threadsafe(self._journal_done, results),
             spawn=self._spawn,
         )
+        self._size_records()
         self.writer.start()
         if scan.backlog is not None:
-            self.reader_pos = scan.backlog
-            self.spilled = True
-            self._skip_published()
+            self.spill.resume_at(scan.backlog)
+            skipped, done_seq = skip_published(
+                self.layout, self.clock, self.aggregator, scan.backlog, self.writer.append_done
+            )
+            if skipped:
+                self.done_seq = done_seq
+                self.counters["batchesFoundAtStart"] += skipped
         self.flusher = Flusher(
             self.layout,
             self.clock,
@@ -158,80 +177,13 @@ class Pipeline:
             self.flusher.immediate_retries = config.immediate_retries
         if self.writer is not None:
             self.writer.segment_bytes = config.journal_segment_bytes
+            self._size_records()
         self._refill()
-        self._check_triggers()
 
-    def _skip_published(self) -> None:
-        """Find batches stored after the last durable done record; their entries are done.
-
-        Batch ids follow from the journal (first entry's arrival ms and seq), so each check is
-        one lookup by name. A stored batch found here is trusted only if its entryIds are
-        exactly the next entries of the journal.
-        """
+    def _size_records(self) -> None:
+        """Records no larger than the window always fit once it drains."""
         assert self.writer is not None
-        skipped = 0
-        pending: deque[tuple[int, int, str]] = deque()  # seq, t, entryId
-        records = read_records(self.layout.journal, self.reader_pos, None)
-        exhausted = False
-
-        def fill(n: int) -> None:
-            nonlocal exhausted
-            while len(pending) < n and not exhausted:
-                record = next(records, None)
-                if record is None:
-                    exhausted = True
-                    return
-                for i, entry in enumerate(record.entries):
-                    seq = record.first_seq + i
-                    if seq > self.aggregator.last_seq_loaded:
-                        pending.append((seq, record.t_ms, entry["entryId"]))
-
-        while True:
-            fill(1)
-            if not pending:
-                break
-            seq, t, _ = pending[0]
-            batch_id = make_batch_id(t, seq)
-            path = find_batch(self.layout, batch_id)
-            if path is None:
-                break
-            try:
-                ids = [e["entryId"] for e in read_batch(path)["entries"]]
-            except (CorruptBatch, OSError, KeyError, TypeError) as exc:
-                quarantine_file(
-                    self.layout.errors,
-                    path,
-                    reason=f"stored batch unreadable ({exc}); rebuilt from the journal",
-                    component="startup",
-                    now_ms=self.clock.now_ms(),
-                )
-                break
-            fill(len(ids))
-            journal_ids = [pending[i][2] for i in range(min(len(ids), len(pending)))]
-            if journal_ids != ids:
-                log.error(
-                    "stored batch %s does not match the journal; leaving it and rebuilding",
-                    batch_id,
-                )
-                quarantine_file(
-                    self.layout.errors,
-                    path,
-                    reason="stored batch does not match the journal entries it is named after",
-                    component="startup",
-                    now_ms=self.clock.now_ms(),
-                )
-                break
-            last_seq = pending[len(ids) - 1][0]
-            for _ in ids:
-                pending.popleft()
-            self.aggregator.last_seq_loaded = last_seq
-            self.aggregator.found_stored(len(ids))
-            self.done_seq = last_seq
-            self.writer.append_done(last_seq, batch_id)
-            skipped += 1
-            log.info("batch %s was stored before the last stop; not writing it again", batch_id)
-        if skipped:
-            self.counters["batchesFoundAtStart"] += skipped
+        self.writer.max_record_entries = min(MAX_RECORD_ENTRIES, self.config.memory_window_entries)
 
     # -- intake -----------------------------------------------------------------------------
     def validate(
@@ -284,7 +236,10 @@ class Pipeline:
                 return AddResult(error="busy", retry_after_ms=self.config.busy_retry_after_ms)
             await self.wait_for_space()
         result = AddResult()
-        now = self.clock.now_ms()
+        now = self.window_clock.arrival_ms()
+        window_now = self.window_clock.now_ms()
+        dedupe = self.dedupe
+        assert dedupe is not None
         datas: list[bytes] = []
         client_idx: list[int] = []
         ids: list[str] = []
@@ -292,7 +247,11 @@ class Pipeline:
         for entry, client_id, data in valid:
             entry_id = entry["entryId"]
             if client_id:
-                if entry_id in self.dedupe or entry_id in self.pending_ids or entry_id in seen:
+                if (
+                    entry_id in seen
+                    or entry_id in self.pending_ids
+                    or dedupe.contains(entry_id, window_now)
+                ):
                     result.duplicates += 1
                     continue
                 seen.add(entry_id)
@@ -316,11 +275,12 @@ class Pipeline:
             if error is not None:
                 self.aggregator.acknowledge(-len(datas), -size)
             else:
-                for entry_id in client_ids:
-                    self.dedupe[entry_id] = now
+                dedupe.expire(self.window_clock.now_ms())  # before a new generation starts
+                dedupe.add(client_ids, now, first_seq + len(datas) - 1)
                 if datas:
                     self.last_acked_seq = first_seq + len(datas) - 1
-                    self._take_durable(first_seq, now, datas, ids, after)
+                    arrival = self.clock.monotonic()
+                    self.spill.take(self.aggregator, first_seq, now, arrival, datas, ids, after)
             done.set_result(error)
 
         try:
@@ -353,46 +313,17 @@ class Pipeline:
         for append, error, after in results:
             if append.callback is not None:
                 append.callback(error, after)
-        self._check_triggers()
+        self._refill()
 
-    def _take_durable(
-        self, first_seq: int, t_ms: int, datas: list[bytes], ids: list[str], after: Position
-    ) -> None:
-        if self.spilled or self.aggregator.room() < len(datas):
-            self.spilled = True  # reader_pos still points at the first entry not in memory
-            return
-        self.aggregator.load_run(first_seq, t_ms, self.clock.monotonic(), datas, ids)
-        self.reader_pos = after
+    @property
+    def spilled(self) -> bool:
+        return self.spill.spilled
 
     def _refill(self) -> None:
-        """Load entries that wait on disk into the memory window, oldest first."""
-        if not self.spilled or self.writer is None:
-            return
-        room = self.aggregator.room()
-        if room <= 0:
-            return
-        arrival = self.clock.monotonic()
-        caught_up = True
-        segments = [seg.path for seg in list(self.writer.segments)]
-        end = self.writer.durable
-        for record in read_records(self.layout.journal, self.reader_pos, end, segments):
-            complete = True
-            for i, entry in enumerate(record.entries):
-                seq = record.first_seq + i
-                if seq <= self.aggregator.last_seq_loaded:
-                    continue
-                if room <= 0:
-                    complete = False
-                    break
-                data = bytes(memoryview(orjson.dumps(entry)))  # exact size, see entries.py
-                self.aggregator.load(Buffered(seq, record.t_ms, arrival, data, entry["entryId"]))
-                room -= 1
-            if not complete:
-                caught_up = False
-                break
-            self.reader_pos = record.after
-        if caught_up:
-            self.spilled = False
+        """Load what waits on disk as room allows (after every durable append and every
+        stored batch), then check the triggers."""
+        if self.writer is not None:
+            self.spill.refill(self.aggregator, self.writer, self.clock.monotonic())
         self._check_triggers()
 
     # -- flushing ---------------------------------------------------------------------------
@@ -442,7 +373,6 @@ class Pipeline:
                 fut.set_result(None)
         self._space_waiters.clear()
         self._refill()
-        self._check_triggers()
 
     async def flush(self, trigger: str = "manual", *, include_disk: bool = True) -> dict[str, int]:
         """Store every entry acknowledged before this call; returns once they are stored.
@@ -475,21 +405,30 @@ class Pipeline:
         await fut
 
     def expire_dedupe(self) -> int:
-        """Forget client entryIds older than the window (the dict is in arrival order)."""
-        horizon = self.clock.now_ms() - self.config.dedupe_window_ms
-        expired = 0
-        while self.dedupe:
-            entry_id = next(iter(self.dedupe))
-            if self.dedupe[entry_id] >= horizon:
-                break
-            del self.dedupe[entry_id]
-            expired += 1
+        """Forget client entryIds older than the window; now and then save the filter."""
+        if self.dedupe is None:
+            return 0
+        expired = self.dedupe.expire(self.window_clock.now_ms())
+        saving = self._dedupe_saving
+        if (saving is None or saving.done()) and (
+            self.clock.monotonic() - self._dedupe_saved_at >= DEDUPE_SAVE_INTERVAL_S
+        ):
+            # Bounds what a start after kill -9 replays; the filter is tens of MB, so not often.
+            self._dedupe_saved_at = self.clock.monotonic()
+            self._dedupe_saving = self.loop.run_in_executor(None, self._save_dedupe)
         return expired
+
+    def _save_dedupe(self) -> None:
+        assert self.dedupe is not None
+        try:
+            self.dedupe.save()
+        except OSError as exc:
+            log.error("cannot save the dedupe filter (%s); the next start replays more", exc)
 
     def compact_journal(self) -> int:
         if self.writer is None:
             return 0
-        horizon = self.clock.now_ms() - self.config.dedupe_window_ms
+        horizon = self.window_clock.now_ms() - self.config.dedupe_window_ms
         return len(self.writer.compact(self.writer.durable_done_seq, horizon))
 
     async def shutdown(
@@ -513,21 +452,16 @@ class Pipeline:
             busy.append("flusher")
         if writer and not await asyncio.to_thread(writer.stop, join_s):
             busy.append("journal-writer")
+        if self._dedupe_saving is not None:
+            await self._dedupe_saving
+        if self.dedupe is not None:
+            await asyncio.to_thread(self.dedupe.close)
         return busy
 
     # -- reporting --------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        agg = self.aggregator
-        writer = self.writer
-        in_memory = len(agg.window)
         return {
-            "buffered": {
-                "entries": agg.unflushed_entries,
-                "bytes": agg.unflushed_bytes,
-                "inMemory": in_memory,
-                "inFlight": agg.inflight_entries,
-                "onDisk": max(0, agg.unflushed_entries - in_memory - agg.inflight_entries),
-            },
+            "buffered": buffered_status(self.aggregator),
             "counters": {
                 "accepted": self.counters["accepted"],
                 "duplicates": self.counters["duplicates"],
@@ -536,27 +470,8 @@ class Pipeline:
                 "journalErrors": self.counters["journalErrors"],
                 "batches": dict(self.batches_by_trigger),
             },
-            "journal": {
-                "entries": writer.entries_written if writer else 0,
-                "syncs": writer.syncs if writer else 0,
-                "bytes": writer.bytes_written if writer else 0,
-                "segments": len(writer.segments) if writer else 0,
-                "lastError": self.last_journal_error,
-            },
-            "flusher": {
-                "stalledError": self.flusher.stalled_error if self.flusher else None,
-                "parkedBatches": self.flusher.failed_batches if self.flusher else 0,
-                "inlineRetries": self.flusher.inline_retries if self.flusher else 0,
-            },
+            "journal": journal_status(self.writer, self.last_journal_error),
+            "flusher": flusher_status(self.flusher),
             "lastFlushAt": self.last_flush_at,
-            "latencyMs": {
-                "addP50": _ms(percentile(self.add_latency, 0.5)),
-                "addP99": _ms(percentile(self.add_latency, 0.99)),
-                "flushP50": _ms(percentile(self.flush_latency, 0.5)),
-                "flushP99": _ms(percentile(self.flush_latency, 0.99)),
-            },
+            "latencyMs": latency_status(self.add_latency, self.flush_latency),
         }
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)

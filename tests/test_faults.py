@@ -24,7 +24,7 @@ from flowagg.clock import EntryIdFactory, FakeClock, SystemClock
 from flowagg.config import load_config
 from flowagg.fsutil import atomic_write, fsync_dir
 from flowagg.health import read_latest, write_snapshot
-from flowagg.journal import list_segments, scan
+from flowagg.journal import list_segments, scan_root
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
 from flowagg.recovery import Recovery, RetryPolicy, write_completed
@@ -58,12 +58,7 @@ class Rig:
         self._n = 0
 
     async def start(self) -> Pipeline:
-        result = scan(
-            self.layout.journal,
-            self.layout.errors,
-            now_ms=self.clock.now_ms(),
-            dedupe_window_ms=self.config.dedupe_window_ms,
-        )
+        result = scan_root(self.layout, self.config, now_ms=self.clock.now_ms())
         pipeline = Pipeline(
             self.config,
             self.layout,
@@ -295,12 +290,8 @@ def test_torn_tail_with_errors_folder_unwritable(
     assert segment.stat().st_size == size  # the bad bytes were kept
     assert len(list_segments(rig.layout.journal)) == 2
     rig.check("aggregated")
-    result = scan(
-        rig.layout.journal,
-        rig.layout.errors,
-        now_ms=rig.clock.now_ms(),
-        dedupe_window_ms=rig.config.dedupe_window_ms,
-    )
+    result = scan_root(rig.layout, rig.config, now_ms=rig.clock.now_ms())
+    result.dedupe.close()
     offset = size - len(junk)
     assert [p.name for p in result.quarantined] == [f"journal-{segment.stem}-{offset}.corrupt"]
     assert result.backlog_entries == 0

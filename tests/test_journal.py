@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import itertools
 import os
 import queue
 import threading
@@ -16,6 +17,8 @@ import orjson
 import pytest
 
 from flowagg import journal as journal_mod
+from flowagg import journal_reader
+from flowagg.dedupe import DedupeIndex
 from flowagg.journal import (
     FORMAT_VERSION,
     Append,
@@ -29,13 +32,69 @@ from flowagg.journal import (
     read_records,
     scan,
     segment_name,
+    split_add,
     unframe,
 )
+from flowagg.journal_format import summary_path
 
 NOW = 1_704_067_200_000
 HOUR = 3_600_000
 DAY = 24 * HOUR
 WAIT_S = 20.0
+
+
+_OPENED: list[DedupeIndex] = []
+_INDEX_NUMBERS = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _close_indexes() -> Iterator[None]:
+    yield
+    while _OPENED:
+        _OPENED.pop().close()
+
+
+class RecordingIndex:
+    """What scan feeds a dedupe index, kept in a dict (loops scan hundreds of times)."""
+
+    def __init__(self, window_ms: int, checkpoint: int = 0) -> None:
+        self.window_ms = window_ms
+        self.checkpoint = checkpoint
+        self.ids: dict[str, int] = {}
+
+    def open(self) -> None:
+        pass
+
+    def add(self, ids: list[str], t_ms: int, last_seq: int) -> None:
+        self.ids.update(dict.fromkeys(ids, t_ms))
+
+    def contains(self, entry_id: str, now_ms: int) -> bool:
+        t = self.ids.get(entry_id)
+        return self.window_ms > 0 and t is not None and t >= now_ms - self.window_ms
+
+
+def scan_dir(
+    jdir: Path,
+    edir: Path,
+    *,
+    now_ms: int = NOW,
+    window: int = DAY,
+    real: bool = False,
+    checkpoint: int = 0,
+) -> ScanResult:
+    """Scan with a fresh dedupe index, so the scan alone rebuilds what it remembers."""
+    index: Any = RecordingIndex(window, checkpoint)
+    if real:
+        index = DedupeIndex(
+            edir.parent / f"dedupe-{next(_INDEX_NUMBERS)}", window_ms=window, max_ids=1000
+        )
+        _OPENED.append(index)
+    return scan(jdir, edir, now_ms=now_ms, dedupe=index)
+
+
+def remembered(result: ScanResult, now_ms: int = NOW) -> set[str]:
+    """The test ids (`id-<n>`) the scan's dedupe index answers as already accepted."""
+    return {f"id-{n}" for n in range(10_000) if result.dedupe.contains(f"id-{n}", now_ms)}
 
 
 def entry(n: int, **extra: Any) -> bytes:
@@ -71,8 +130,8 @@ class Journal:
                 append.callback(error, pos)
             self.delivered.append((append, error, pos))
 
-    def scan(self, *, now_ms: int = NOW, window: int = DAY) -> ScanResult:
-        return scan(self.dir, self.errors, now_ms=now_ms, dedupe_window_ms=window)
+    def scan(self, *, now_ms: int = NOW, window: int = DAY, real: bool = False) -> ScanResult:
+        return scan_dir(self.dir, self.errors, now_ms=now_ms, window=window, real=real)
 
     def append(
         self,
@@ -187,6 +246,37 @@ def test_encode_add_layout() -> None:
     assert "src" not in plain
 
 
+def test_split_add_bounds_count_and_bytes() -> None:
+    datas = [b"x" * 10] * 7
+    assert split_add(datas, [0, 3, 6], 3, 1 << 20) == [(0, 3, [0]), (3, 6, [0]), (6, 7, [0])]
+    assert split_add(datas, [1, 2], 100, 25) == [(0, 2, [1]), (2, 4, [0]), (4, 6, []), (6, 7, [])]
+    assert split_add([b"y" * 100], [0], 3, 10) == [(0, 1, [0])]  # one entry alone may exceed
+    assert split_add([], [], 3, 10) == [(0, 0, [])]
+
+
+def test_a_spool_chunk_is_never_split_but_a_socket_add_is(tmp_path: Path) -> None:
+    # Split, a torn write could keep a chunk's first pieces without the one naming it, and the
+    # resumed intake would journal those entries twice.
+    j = Journal(tmp_path)
+    j.writer.max_record_entries = 2
+    try:
+        j.ok([entry(n) for n in range(1, 6)], client_idx=[0, 2, 4], src="f.jsonl")
+        j.ok([entry(n) for n in range(6, 9)], client_idx=[0])
+        assert j.writer.syncs == 2
+    finally:
+        j.stop()
+    records = [unframe(line) for line in list_segments(j.dir)[0].read_bytes().splitlines(True)]
+    adds = [r for r in records if r is not None and r["k"] == "a"]
+    assert [(r["q"], len(r["e"]), r.get("c"), r.get("src")) for r in adds] == [
+        (1, 5, [0, 2, 4], "f.jsonl"),
+        (6, 2, [0], None),
+        (8, 1, None, None),
+    ]
+    result = j.scan()
+    assert remembered(result) == {"id-1", "id-3", "id-5", "id-6"}
+    assert result.spool_sources == {"f.jsonl": (0, True)}
+
+
 # --------------------------------------------------------------------------------------------
 # writing and scanning
 
@@ -194,13 +284,13 @@ def test_encode_add_layout() -> None:
 def test_empty_journal_scan(tmp_path: Path) -> None:
     (tmp_path / "j").mkdir()
     (tmp_path / "e").mkdir()
-    result = scan(tmp_path / "j", tmp_path / "e", now_ms=NOW, dedupe_window_ms=DAY)
+    result = scan_dir(tmp_path / "j", tmp_path / "e")
     assert result.segments == []
     assert result.next_seq == 1
     assert result.done_seq == 0
     assert result.backlog is None
     assert result.backlog_entries == 0
-    assert result.dedupe == {}
+    assert remembered(result) == set()
     assert result.quarantined == []
 
 
@@ -221,7 +311,7 @@ def test_appends_are_read_back(jr: Journal) -> None:
     result = jr.scan()
     assert result.next_seq == 7
     assert result.done_seq == 0
-    assert result.dedupe == {"id-1": NOW, "id-3": NOW, "id-6": NOW}
+    assert remembered(result) == {"id-1", "id-3", "id-6"}
     assert result.spool_sources == {"spool-1.jsonl": (0, True)}
     assert result.backlog is not None
     assert result.backlog.segment == 1
@@ -320,16 +410,15 @@ def test_dedupe_window(jr: Journal) -> None:
     jr.ok([entry(5), entry(6)], t_ms=NOW - HOUR, client_idx=[0])
     jr.ok([entry(7)], t_ms=NOW)  # generated id: not a dedupe key
     jr.stop()
-    result = jr.scan()
-    assert result.dedupe == {"id-4": NOW - DAY, "id-5": NOW - HOUR}
-    assert jr.scan(window=2 * DAY).dedupe == {
-        "id-1": NOW - 25 * HOUR,
-        "id-2": NOW - 25 * HOUR,
-        "id-4": NOW - DAY,
-        "id-5": NOW - HOUR,
-    }
-    assert jr.scan(window=0).dedupe == {}
-    assert jr.scan(now_ms=NOW + DAY).dedupe == {}  # only id-7 is that new, and it is not a key
+    for real in (False, True):
+        result = jr.scan(real=real)
+        assert remembered(result) == {"id-4", "id-5"}
+        assert remembered(result, NOW + 1) == {"id-5"}  # id-4 leaves the window
+        wide = jr.scan(window=2 * DAY, real=real)
+        assert remembered(wide) == {"id-1", "id-2", "id-4", "id-5"}
+        assert remembered(jr.scan(window=0, real=real)) == set()
+    # Only id-7 is that new, and it is not a key.
+    assert remembered(jr.scan(now_ms=NOW + DAY, real=True), NOW + DAY) == set()
 
 
 def test_spool_sources_are_collected(jr: Journal) -> None:
@@ -387,7 +476,7 @@ def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     (tmp_path / "e").mkdir()
     write_segment(tmp_path / "j", 1, [header(1, version=FORMAT_VERSION + 1)])
     with pytest.raises(JournalVersionError, match="upgrade flowagg"):
-        scan(tmp_path / "j", tmp_path / "e", now_ms=NOW, dedupe_window_ms=DAY)
+        scan_dir(tmp_path / "j", tmp_path / "e")
     assert list((tmp_path / "e").iterdir()) == []  # refused, not quarantined
     assert (tmp_path / "j" / segment_name(1)).exists()
 
@@ -446,7 +535,7 @@ def test_group_commit_shares_fsyncs(jr_held: Held) -> None:
     j.stop()
     result = j.scan()
     assert result.next_seq == total + 1
-    assert len(result.dedupe) == total - 1
+    assert len(remembered(result)) == total - 1
 
 
 class Held:
@@ -469,7 +558,7 @@ def jr_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Held]:
             assert release.wait(WAIT_S)
         real_fsync(fd)
 
-    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     j = Journal(tmp_path)
     yield Held(j, holding, release)
     release.set()
@@ -550,7 +639,7 @@ def test_rotation_and_reading_across_segments(tmp_path: Path) -> None:
     assert middle == list(range(11, 21))
     result = j.scan()
     assert result.next_seq == 31
-    assert len(result.dedupe) == 30
+    assert len(remembered(result)) == 30
     assert [s.number for s in result.segments] == list(range(1, len(segments) + 1))
     assert [s.last_seq for s in result.segments] == sorted(s.last_seq for s in result.segments)
 
@@ -601,7 +690,7 @@ def expected_after_cut(lines: list[bytes], keep: int) -> dict[str, Any]:
 @pytest.fixture
 def fast_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip fsync in loops that rewrite files hundreds of times (durability is not tested)."""
-    monkeypatch.setattr(journal_mod.os, "fsync", lambda fd: None)
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
 
 
 @pytest.mark.parametrize("earlier_segment", [False, True])
@@ -624,7 +713,7 @@ def test_torn_tail_at_every_offset(tmp_path: Path, fast_fsync: None, earlier_seg
             write_segment(jdir, 1, earlier)
             number = 2
         seg = write_segment(jdir, number, [data[:cut]])
-        result = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)  # never raises
+        result = scan_dir(jdir, edir)  # never raises
         keep = sum(1 for end in ends if end <= cut)
         boundary = ends[keep - 1] if keep else 0
         want = expected_after_cut(lines, keep)
@@ -634,7 +723,7 @@ def test_torn_tail_at_every_offset(tmp_path: Path, fast_fsync: None, earlier_seg
         assert got_adds == want["adds"], cut
         assert result.done_seq == want["done"]
         base_ids = {"id-100"} if earlier_segment else set()
-        assert set(result.dedupe) == want["ids"] | base_ids
+        assert remembered(result) == want["ids"] | base_ids
         if earlier_segment:
             assert result.next_seq == max(want["next_seq"], 101)
         else:
@@ -653,7 +742,7 @@ def test_torn_tail_at_every_offset(tmp_path: Path, fast_fsync: None, earlier_seg
             assert result.quarantined == []
             assert list(edir.iterdir()) == []
         # A second scan finds a clean journal.
-        again = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)
+        again = scan_dir(jdir, edir)
         assert again.quarantined == []
         assert again.next_seq == result.next_seq
 
@@ -670,7 +759,7 @@ def test_junk_appended_to_the_last_segment(jr: Journal) -> None:
     assert seg.stat().st_size == pos.offset
     (q,) = result.quarantined
     assert q.read_bytes() == junk
-    assert set(result.dedupe) == {"id-1", "id-2"}
+    assert remembered(result) == {"id-1", "id-2"}
     assert result.next_seq == 3
     # The writer can carry on after the cut.
     j2 = Journal(jr.dir.parent)
@@ -695,7 +784,7 @@ def test_corrupt_record_in_the_middle_at_every_byte(tmp_path: Path, fast_fsync: 
         jdir.mkdir()
         edir.mkdir()
         seg = write_segment(jdir, 1, [bytes(data)])
-        result = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)
+        result = scan_dir(jdir, edir)
         # The bad line is copied out, the segment itself is left alone.
         assert seg.read_bytes() == bytes(data)
         (q,) = result.quarantined
@@ -708,7 +797,7 @@ def test_corrupt_record_in_the_middle_at_every_byte(tmp_path: Path, fast_fsync: 
         assert [r.first_seq for r in read_records(jdir, Position(1, 0), None)] == [1, 4, 7]
         assert result.next_seq == 8
         assert result.done_seq == 2
-        assert set(result.dedupe) == {"id-1", "id-2", "id-6", "id-7"}
+        assert remembered(result) == {"id-1", "id-2", "id-6", "id-7"}
 
 
 def test_corrupt_record_in_a_closed_segment(jr: Journal) -> None:
@@ -737,7 +826,7 @@ def test_read_records_continues_after_a_truncated_closed_segment(tmp_path: Path)
     torn = encode_add(2, NOW, [entry(2)], [0], None)[:-7]
     write_segment(jdir, 1, [header(1), encode_add(1, NOW, [entry(1)], [0], None), torn])
     write_segment(jdir, 2, [header(3), encode_add(3, NOW, [entry(3)], [0], None)])
-    result = scan(jdir, edir, now_ms=NOW, dedupe_window_ms=DAY)
+    result = scan_dir(jdir, edir)
     assert result.next_seq == 4  # scan itself gets past the torn closed segment
     assert result.backlog_entries == 2
     assert result.backlog is not None
@@ -807,6 +896,168 @@ def test_compaction_after_restart_uses_scanned_segment_info(tmp_path: Path) -> N
         j2.stop()
 
 
+def test_rollover_fsyncs_unsynced_done_records_before_closing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # segment_bytes=1: every commit rolls over. The done record rides alone (no fsync of its
+    # own), so the segment holding it is closed with unsynced bytes at the next append.
+    j = Journal(tmp_path, segment_bytes=1)
+    calls: list[tuple[str, object]] = []
+    real_open, real_write, real_fsync, real_close = os.open, os.write, os.fsync, os.close
+
+    def rec_open(path: Any, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags, *args)
+        calls.append(("open", (Path(path).name, fd)))
+        return fd
+
+    def rec_write(fd: int, data: Any) -> int:
+        calls.append(("write", fd))
+        return real_write(fd, data)
+
+    def rec_fsync(fd: int) -> None:
+        calls.append(("fsync", fd))
+        real_fsync(fd)
+
+    def rec_close(fd: int) -> None:
+        calls.append(("close", fd))
+        real_close(fd)
+
+    monkeypatch.setattr(os, "open", rec_open)
+    monkeypatch.setattr(os, "write", rec_write)
+    monkeypatch.setattr(os, "fsync", rec_fsync)
+    monkeypatch.setattr(os, "close", rec_close)
+    try:
+        j.ok([entry(1)])
+        j.done(1)
+        done_fd = j.writer._fd
+        done_segment = j.writer.segments[-1].path.name
+        assert j.writer.durable_done_seq == 0  # written, not yet synced
+        j.ok([entry(2)])
+    finally:
+        j.stop()
+    assert ("open", (done_segment, done_fd)) in calls
+    opened = calls.index(("open", (done_segment, done_fd)))
+    mine = [op for op, arg in calls[opened + 1 :] if arg == done_fd]
+    closed = mine.index("close")
+    assert "fsync" in mine[:closed]
+    last_write = max(i for i, op in enumerate(mine[:closed]) if op == "write")
+    assert "fsync" in mine[last_write:closed], mine
+    assert j.writer.durable_done_seq == 1
+
+
+@pytest.fixture
+def parsed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The segments a scan parses (the others it takes from their summaries)."""
+    names: list[str] = []
+    real_parse = journal_reader._Scan.parse
+
+    def parse(self: Any, path: Path, *, is_last: bool) -> None:
+        names.append(path.name)
+        real_parse(self, path, is_last=is_last)
+
+    monkeypatch.setattr(journal_reader._Scan, "parse", parse)
+    return names
+
+
+def scan_view(result: ScanResult) -> dict[str, Any]:
+    return {
+        "next": result.next_seq,
+        "done": result.done_seq,
+        "backlog": result.backlog,
+        "backlogEntries": result.backlog_entries,
+        "sources": result.spool_sources,
+        "segments": [
+            (s.number, s.size, s.last_seq, s.max_t, s.done_seq, s.sources, s.records)
+            for s in result.segments
+        ],
+    }
+
+
+def summarized_journal(tmp_path: Path) -> Journal:
+    j = Journal(tmp_path, segment_bytes=1)  # every commit rolls over
+    j.ok([entry(1), entry(2)], client_idx=[0, 1], t_ms=NOW - HOUR)  # seg 1
+    j.ok([entry(3)], client_idx=[0], src="a.jsonl", off=120, t_ms=NOW - HOUR)  # seg 2
+    j.done(3)  # seg 3: only the done record
+    j.ok([entry(4)], client_idx=[0], t_ms=NOW)  # seg 4: the backlog
+    j.ok([entry(5)], t_ms=NOW)  # seg 5: the open segment
+    j.stop()
+    return j
+
+
+def test_summaries_let_a_start_skip_closed_stored_segments(
+    tmp_path: Path, parsed: list[str]
+) -> None:
+    j = summarized_journal(tmp_path)
+    names = [segment_name(n) for n in range(1, 6)]
+    assert sorted(p.name for p in j.dir.glob("*.sum")) == [
+        summary_path(j.dir / n).name for n in names[:4]
+    ]
+    # The index already holds every client id up to seq 3: only the backlog and the tail.
+    fast = scan_dir(j.dir, j.errors, checkpoint=3)
+    assert parsed == names[3:]
+    assert remembered(fast) == {"id-4"}
+    parsed.clear()
+    for path in j.dir.glob("*.sum"):
+        path.unlink()
+    slow = scan_dir(j.dir, j.errors, checkpoint=3)
+    assert parsed == names
+    assert scan_view(fast) == scan_view(slow)
+    assert fast.spool_sources == {"a.jsonl": (120, False)}  # the summary keeps progress
+    assert (fast.done_seq, fast.next_seq, fast.backlog_entries) == (3, 6, 2)
+    # Without the index checkpoint the segments with live client ids are parsed again.
+    parsed.clear()
+    j2 = summarized_journal(tmp_path / "again")
+    parsed.clear()
+    assert remembered(scan_dir(j2.dir, j2.errors)) == {f"id-{n}" for n in (1, 2, 3, 4)}
+    assert parsed == names[:2] + names[3:]
+
+
+@pytest.mark.parametrize(
+    "damage", ["appended", "garbage", "newer", "stale size", "last segment", "deleted"]
+)
+def test_a_summary_that_cannot_be_trusted_means_a_parse(
+    tmp_path: Path, parsed: list[str], damage: str
+) -> None:
+    j = summarized_journal(tmp_path)
+    seg = j.dir / segment_name(1)
+    summary = summary_path(seg)
+    doc = orjson.loads(summary.read_bytes())
+    if damage == "appended":
+        with seg.open("ab") as fh:
+            fh.write(done_line(2))
+    elif damage == "garbage":
+        summary.write_bytes(b"{not json")
+    elif damage == "newer":
+        summary.write_bytes(orjson.dumps({**doc, "v": doc["v"] + 1}))
+    elif damage == "stale size":
+        summary.write_bytes(orjson.dumps({**doc, "size": doc["size"] + 1}))
+    elif damage == "deleted":
+        summary.unlink()
+    else:
+        # A crash right after a rollover summarized what is still the last segment.
+        seg = j.dir / segment_name(5)
+        summary_path(seg).write_bytes(summary.read_bytes())
+    result = scan_dir(j.dir, j.errors, checkpoint=3)
+    assert seg.name in parsed
+    if damage == "last segment":
+        assert not summary_path(seg).exists()
+    assert result.next_seq == 6
+    assert result.spool_sources == {"a.jsonl": (120, False)}
+
+
+def test_compaction_removes_summaries(tmp_path: Path) -> None:
+    j = summarized_journal(tmp_path)
+    j2 = Journal(tmp_path, segment_bytes=1)
+    try:
+        j2.ok([entry(6)], t_ms=NOW)  # rolls segment 5 over, so it gets its summary
+        assert summary_path(j.dir / segment_name(5)).exists()
+        removed = j2.writer.compact(6, NOW + 2 * DAY)
+        assert [p.name for p in removed] == [segment_name(n) for n in range(1, 6)]
+    finally:
+        j2.stop()
+    assert sorted(p.name for p in j.dir.glob("seg-*")) == [segment_name(6)]
+
+
 # --------------------------------------------------------------------------------------------
 # write failures
 
@@ -828,7 +1079,7 @@ def check_failed_append_leaves_no_trace(
     j.stop()
     result = j.scan()
     assert result.quarantined == []
-    assert set(result.dedupe) == {"id-1", "id-3"}
+    assert remembered(result) == {"id-1", "id-3"}
     assert records_in(j.dir) == [(1, ["id-1"]), (3, ["id-3"])]
     everything = b"".join(p.read_bytes() for p in list_segments(j.dir))
     assert b"id-2" not in everything
@@ -850,7 +1101,7 @@ def test_fsync_failure_is_reported_and_cut_off(
             raise enospc()
         real_fsync(fd)
 
-    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     _, error, pos = j.append([entry(2)], client_idx=[0])
     assert fired
     assert pos == Position(1, good_size)  # durable position unchanged
@@ -875,7 +1126,7 @@ def test_short_write_then_enospc_is_cut_off(
             raise enospc()
         return real_write(fd, data)
 
-    monkeypatch.setattr(journal_mod.os, "write", write)
+    monkeypatch.setattr(os, "write", write)
     _, error, _ = j.append([entry(2)], client_idx=[0])
     assert len(calls) == 2
     check_failed_append_leaves_no_trace(j, good_size, error)
@@ -889,7 +1140,7 @@ def test_every_append_in_a_failed_group_gets_the_error(
     j.writer.append_entries([entry(0)], NOW, [], None, lambda e, p: results.put((0, e)))
     assert jr_held.holding.wait(WAIT_S)
     # While the writer is held, queue a group whose fsync will fail.
-    held_fsync = journal_mod.os.fsync
+    held_fsync = os.fsync
     failing = {"armed": True}
 
     def fsync(fd: int) -> None:
@@ -898,7 +1149,7 @@ def test_every_append_in_a_failed_group_gets_the_error(
             failing["armed"] = False
             raise enospc()
 
-    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     for i in range(1, 11):
         j.writer.append_entries([entry(i)], NOW, [0], None, lambda e, p, i=i: results.put((i, e)))
     release.set()
@@ -923,7 +1174,7 @@ def test_header_fsync_failure_leaves_no_segment(
             raise enospc()
         real_fsync(fd)
 
-    monkeypatch.setattr(journal_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     j = Journal(tmp_path)
     try:
         _, error, _ = j.append([entry(1)])

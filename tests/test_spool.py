@@ -27,7 +27,7 @@ from flowagg import spool as spool_mod
 from flowagg.clock import EntryIdFactory, SystemClock
 from flowagg.config import load_config
 from flowagg.fsutil import NAME_MAX, quarantine_bytes, quarantine_file
-from flowagg.journal import list_segments, scan, unframe
+from flowagg.journal import list_segments, scan_root, unframe
 from flowagg.layout import Layout
 from flowagg.pipeline import AddResult, Pipeline
 from flowagg.recovery import write_completed
@@ -71,12 +71,7 @@ class Rig:
         self.spool: SpoolIntake | None = None
 
     async def start(self) -> SpoolIntake:
-        result = scan(
-            self.layout.journal,
-            self.layout.errors,
-            now_ms=SystemClock().now_ms(),
-            dedupe_window_ms=self.config.dedupe_window_ms,
-        )
+        result = scan_root(self.layout, self.config, now_ms=SystemClock().now_ms())
         self.pipeline = Pipeline(
             self.config,
             self.layout,

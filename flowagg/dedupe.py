@@ -1,0 +1,419 @@
+"""Remembered client entryIds (SPEC §3): a bounded filter in memory, the exact answer on disk.
+
+Memory follows the settings, never the traffic: each time generation (one dedupe window long)
+has a one-word-blocked Bloom filter of `dedupeMaxIds` x 10 bits, and at most two generations
+are alive. A filter miss is a certain "new"; a hit is checked against an SQLite table per
+generation (`<root>/journal/dedupe/index.sqlite`, id → arrival ms) with the exact window, so a
+false positive never drops an entry. Ids not yet committed to SQLite stay in `recent`.
+
+The journal is the truth: the index is written without fsync (WAL, synchronous=NORMAL keeps
+it consistent, perhaps a little behind) and each store records the journal seq up to which it
+holds every client id. At start the records after the older of the two checkpoints (filter
+file, SQLite) are replayed into both; a missing, damaged or foreign-version index file is
+simply rebuilt from the journal (it is derived data, so it is never refused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import sqlite3
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+
+from .fsutil import atomic_write_chunks, remove_stale_temps
+
+log = logging.getLogger("flowagg.dedupe")
+
+FORMAT_VERSION = 1
+BITS_PER_ID = 10
+PROBES = 7
+# Ids handed to the SQLite thread but not committed; past this the producer waits for it.
+MAX_QUEUED = 10_000
+FILTER_NAME = "filter.bin"
+CHUNK = 1 << 20
+MAX_FILTERS = 2
+DB_NAME = "index.sqlite"
+
+
+def _hash(entry_id: str) -> tuple[int, int]:
+    digest = hashlib.blake2b(entry_id.encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+def _mask(h2: int) -> int:
+    mask = 0
+    for _ in range(PROBES):
+        mask |= 1 << (h2 & 63)
+        h2 >>= 6
+    return mask
+
+
+def _inflate(fh: BinaryIO, bufs: list[bytearray]) -> None:
+    """Decompress the rest of `fh` into `bufs`, one after the other, exactly filling them."""
+    unpacker = zlib.decompressobj()
+    pending = b""
+    for buf in bufs:
+        view = memoryview(buf)
+        at = 0
+        while at < len(view):
+            if not pending:
+                pending = fh.read(CHUNK)
+                if not pending:
+                    raise ValueError("damaged: shorter than its header says")
+            out = unpacker.decompress(pending, len(view) - at)
+            pending = unpacker.unconsumed_tail
+            view[at : at + len(out)] = out
+            at += len(out)
+    if unpacker.decompress(pending + fh.read()) or not unpacker.eof:
+        raise ValueError("damaged: longer than its header says, or cut short")
+
+
+def _merge(src: Filter, dst: Filter) -> None:
+    """OR `src` into `dst`, a chunk at a time (no whole-filter temporaries)."""
+    a = memoryview(src.buf)
+    b = memoryview(dst.buf)
+    for at in range(0, len(a), CHUNK):
+        n = len(a[at : at + CHUNK])
+        x = int.from_bytes(a[at : at + n], "little") | int.from_bytes(b[at : at + n], "little")
+        b[at : at + n] = x.to_bytes(n, "little")
+
+
+class Filter:
+    """A Bloom filter whose probes for one id all fall in one 64-bit word (one memory read)."""
+
+    def __init__(self, words: int, buf: bytearray | None = None) -> None:
+        self.buf = buf if buf is not None else bytearray(words * 8)
+        self.words = memoryview(self.buf).cast("Q")
+
+    def add(self, h1: int, h2: int) -> None:
+        i = h1 % len(self.words)
+        self.words[i] |= _mask(h2)
+
+    def __contains__(self, hashes: tuple[int, int]) -> bool:
+        mask = _mask(hashes[1])
+        return self.words[hashes[0] % len(self.words)] & mask == mask
+
+
+class DedupeIndex:
+    def __init__(self, directory: Path, *, window_ms: int, max_ids: int) -> None:
+        self.directory = directory
+        self.window_ms = window_ms
+        self.words = max(1, max_ids * BITS_PER_ID // 64)
+        # generation -> filter; at most MAX_FILTERS: a filter may also hold older generations
+        self.filters: dict[int, Filter] = {}
+        self.gens: set[int] = set()  # generations with a table in SQLite
+        self._expired_below = 0
+        self.recent: dict[str, int] = {}  # handed to SQLite, not yet committed: id -> t
+        self.seq = 0  # every client id of a journal record up to this seq is in the filter
+        self.checkpoint = 0  # ... and in the filter and SQLite both, as found at open
+        self.saved_seq = 0  # the seq the filter file on disk covers
+        self._cond = threading.Condition()
+        self._queue: list[tuple[int, int, list[tuple[str, int]]]] = []  # gen, seq, (id, t)
+        self._drops: list[int] = []
+        self._queued = 0
+        self._failing = False
+        self._stopping = False
+        self._db: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._thread = threading.Thread(target=self._run, name="dedupe-index", daemon=True)
+
+    # -- open / close -----------------------------------------------------------------------
+    def open(self) -> None:
+        """Load the filter and the SQLite index; `checkpoint` says where replay starts.
+
+        Nothing expires here: the caller's clock decides that (see Pipeline.dedupe_now).
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps([self.directory])
+        db_seq = self._open_db()
+        filter_seq = self._load_filter()
+        self.checkpoint = min(db_seq, filter_seq)
+        self.seq = self.checkpoint
+        self._thread.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.directory / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA cache_size=-2048")  # KiB: the page cache is part of the RSS bound
+        return db
+
+    def _open_db(self) -> int:
+        try:
+            return self._try_open_db()
+        except sqlite3.DatabaseError as exc:
+            log.error("dedupe index unreadable (%s); rebuilding it from the journal", exc)
+            self._close_db()
+            for suffix in ("", "-wal", "-shm"):
+                (self.directory / (DB_NAME + suffix)).unlink(missing_ok=True)
+            return self._try_open_db()
+
+    def _try_open_db(self) -> int:
+        db = self._db = self._connect()
+        self._reader = self._connect()
+        db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
+        meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
+        if meta.get("version") == FORMAT_VERSION and meta.get("windowMs") == self.window_ms:
+            for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'"):
+                if name.startswith("g_"):
+                    self.gens.add(int(name[2:]))
+            return int(meta.get("seq", 0))
+        # Another layout or window: generations would not line up, so start over.
+        db.execute("BEGIN")
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+            if name.startswith("g_"):
+                db.execute(f"DROP TABLE {name}")
+        db.execute("DELETE FROM meta")
+        db.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [("version", FORMAT_VERSION), ("windowMs", self.window_ms), ("seq", 0)],
+        )
+        db.execute("COMMIT")
+        return 0
+
+    def _load_filter(self) -> int:
+        path = self.directory / FILTER_NAME
+        size = self.words * 8
+        try:
+            with path.open("rb") as fh:
+                head = orjson.loads(fh.readline())
+                if (
+                    head.get("v") != FORMAT_VERSION
+                    or head.get("windowMs") != self.window_ms
+                    or head.get("words") != self.words
+                ):
+                    raise ValueError("written with other settings or by another version")
+                bufs = [bytearray(size) for _ in head["gens"]]
+                _inflate(fh, bufs)  # zlib checks its adler32
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError, zlib.error) as exc:
+            log.warning("dedupe filter %s not used (%s); rebuilding it from the journal", path, exc)
+            return 0
+        for gen, buf in zip(head["gens"], bufs, strict=True):
+            self.filters[gen] = Filter(self.words, buf)
+        self.saved_seq = int(head["seq"])
+        return self.saved_seq
+
+    def save(self) -> None:
+        """Write the filter with the seq it covers (from any one thread at a time).
+
+        The live buffers are compressed in place, not copied: bits are only ever set, so
+        every id up to `seq` (read first) is in what is written, and extra bits do no harm.
+        """
+        if self.window_ms <= 0:
+            return
+        with self._cond:
+            gens = sorted(self.filters)
+            filters = [self.filters[g] for g in gens]
+            seq = self.seq
+        if seq == self.saved_seq and (self.directory / FILTER_NAME).exists():
+            return  # nothing new since the file on disk (tens of MB: not rewritten for nothing)
+        head = {"v": FORMAT_VERSION, "seq": seq, "windowMs": self.window_ms, "words": self.words}
+        head["gens"] = gens
+
+        def chunks() -> Iterator[bytes]:
+            yield orjson.dumps(head) + b"\n"
+            # Compressed: a young filter is mostly zeros, and every clean stop writes it.
+            packer = zlib.compressobj(1)
+            for flt in filters:
+                view = memoryview(flt.buf)
+                for at in range(0, len(view), CHUNK):
+                    yield packer.compress(view[at : at + CHUNK])
+            yield packer.flush()
+
+        atomic_write_chunks(self.directory / FILTER_NAME, chunks())
+        self.saved_seq = seq
+
+    def close(self) -> None:
+        """Commit what is queued, save the filter, stop the thread."""
+        if self._thread.is_alive():
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            self._thread.join()
+        try:
+            self.save()
+        except OSError as exc:
+            log.error("cannot save the dedupe filter (%s); the next start replays more", exc)
+        self._close_db()
+
+    def _close_db(self) -> None:
+        for db in (self._db, self._reader):
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+        self._db = self._reader = None
+
+    # -- the loop thread (and the start-up scan) -------------------------------------------
+    def generation(self, t_ms: int) -> int:
+        return t_ms // self.window_ms
+
+    def add(self, ids: list[str], t_ms: int, last_seq: int) -> None:
+        """Remember the client ids of one durable journal record (records in seq order).
+
+        Called for records without client ids too, so the checkpoint keeps up with the journal.
+        """
+        if self.window_ms <= 0:
+            self.seq = max(self.seq, last_seq)
+            return
+        gen = self.generation(t_ms)
+        if ids:
+            self.gens.add(gen)
+            flt = self.filters.get(gen) or self._new_filter(gen)
+            for entry_id in ids:
+                flt.add(*_hash(entry_id))
+                self.recent[entry_id] = t_ms
+        with self._cond:
+            while self._queued >= MAX_QUEUED and not self._failing and self._thread.is_alive():
+                self._cond.wait()
+            self._queue.append((gen, last_seq, [(i, t_ms) for i in ids]))
+            self._queued += len(ids)
+            self.seq = max(self.seq, last_seq)
+            self._cond.notify_all()
+
+    def _new_filter(self, gen: int) -> Filter:
+        """A filter for `gen`, never more than MAX_FILTERS in memory.
+
+        Over the bound (a clock step can make arrival times run ahead of the expiry clock)
+        the two oldest are merged: their union answers for both, only for longer.
+        """
+        with self._cond:
+            if len(self.filters) >= MAX_FILTERS and gen < min(self.filters):
+                return self.filters[min(self.filters)]
+            flt = self.filters[gen] = Filter(self.words)
+            while len(self.filters) > MAX_FILTERS:
+                older, newer = sorted(self.filters)[:2]
+                _merge(self.filters.pop(older), self.filters[newer])
+        return flt
+
+    def contains(self, entry_id: str, now_ms: int) -> bool:
+        """Was `entry_id` accepted within the window before `now_ms`?"""
+        if self.window_ms <= 0:
+            return False
+        horizon = now_ms - self.window_ms
+        t = self.recent.get(entry_id)
+        if t is not None:
+            return t >= horizon
+        hashes = _hash(entry_id)
+        low = self.generation(max(0, horizon))
+        if not any(hashes in f for g, f in list(self.filters.items()) if g >= low):
+            return False
+        for gen in sorted(self.gens, reverse=True):
+            if gen >= low:
+                t = self._lookup(gen, entry_id)
+                if t is not None:
+                    return t >= horizon
+        return False
+
+    def _lookup(self, gen: int, entry_id: str) -> int | None:
+        assert self._reader is not None
+        try:
+            row = self._reader.execute(
+                f"SELECT t FROM g_{gen} WHERE id = ?", (entry_id,)
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None  # the generation's first ids are still in `recent`
+            raise
+        return None if row is None else int(row[0])
+
+    def expire(self, now_ms: int) -> int:
+        """Drop the generations wholly older than the window; returns how many."""
+        if self.window_ms <= 0:
+            return 0
+        low = self.generation(max(0, now_ms - self.window_ms))
+        if low <= self._expired_below:
+            return 0
+        self._expired_below = low
+        self.gens = {g for g in self.gens if g >= low}
+        with self._cond:
+            old = [g for g in self.filters if g < low]
+            for g in old:
+                del self.filters[g]
+            self._drops.append(low)
+            self._cond.notify_all()
+        return len(old)
+
+    # -- the SQLite thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._queue and not self._drops and not self._stopping:
+                    self._cond.wait()
+                if not self._queue and not self._drops:
+                    return
+                group, drops = self._queue, self._drops
+                self._queue, self._drops = [], []
+            try:
+                self._commit(group, drops)
+            except sqlite3.Error as exc:
+                # Ids stay in `recent` (exact, in memory) until a later commit succeeds.
+                failures += 1
+                log.error("dedupe index write failed (%s); retrying", exc)
+                with self._cond:
+                    self._failing = True
+                    self._queue = group + self._queue
+                    self._drops = drops + self._drops
+                    self._cond.notify_all()
+                    self._cond.wait(min(30.0, 0.1 * 2**failures))
+                    if self._stopping:
+                        return
+                continue
+            failures = 0
+            done = 0
+            for _, _, rows in group:
+                for entry_id, t in rows:
+                    if self.recent.get(entry_id) == t:
+                        del self.recent[entry_id]
+                done += len(rows)
+            with self._cond:
+                self._failing = False
+                self._queued -= done
+                self._cond.notify_all()
+
+    def _commit(
+        self, group: list[tuple[int, int, list[tuple[str, int]]]], drops: list[int]
+    ) -> None:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN")
+        try:
+            tables = {
+                name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            if drops:
+                below = max(drops)
+                for name in tables:
+                    if name.startswith("g_") and int(name[2:]) < below:
+                        db.execute(f"DROP TABLE {name}")
+            seq = 0
+            for gen, last_seq, rows in group:
+                seq = max(seq, last_seq)
+                if not rows:
+                    continue
+                name = f"g_{gen}"
+                if name not in tables:
+                    db.execute(
+                        f"CREATE TABLE IF NOT EXISTS {name}"
+                        " (id TEXT PRIMARY KEY, t INTEGER NOT NULL) WITHOUT ROWID"
+                    )
+                    tables.add(name)
+                db.executemany(f"INSERT OR REPLACE INTO {name} VALUES (?, ?)", rows)
+            if seq:
+                db.execute("UPDATE meta SET v = max(v, ?) WHERE k = 'seq'", (seq,))
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
