@@ -298,8 +298,9 @@ class JournalWriter:
             candidates = self.segments[:-1]
         for seg in candidates:
             if seg.last_seq <= done_seq and seg.max_t < horizon_ms:
-                seg.path.unlink(missing_ok=True)
+                # The summary first: a segment left without one is only parsed at the next start.
                 summary_path(seg.path).unlink(missing_ok=True)
+                seg.path.unlink(missing_ok=True)
                 removed.append(seg.path)
             else:
                 break

@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 import flowagg.client
-import flowagg.journal
+import flowagg.journal_writer
 import flowagg.recovery
 import flowagg.spool
 from flowagg import fsutil
@@ -151,7 +151,7 @@ def rec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Recorder]:
             real_fsync_dir
         ):
             monkeypatch.setattr(module, "fsync_dir", fsync_dir)
-    assert flowagg.journal.fsync_dir is fsync_dir and flowagg.spool.fsync_dir is fsync_dir
+    assert flowagg.journal_writer.fsync_dir is fsync_dir and flowagg.spool.fsync_dir is fsync_dir
     assert flowagg.recovery.fsync_dir is fsync_dir and flowagg.client.fsync_dir is fsync_dir
     yield recorder
 
@@ -289,7 +289,9 @@ def test_journal_compaction_deletes_segments_durably(rec: Recorder, tmp_path: Pa
     finally:
         writer.stop()
     assert len(removed) == 2
-    assert [c.path for c in rec.ops("unlink")] == removed
+    assert [c.path for c in rec.ops("unlink")] == [
+        path for seg in removed for path in (seg.with_suffix(".sum"), seg)
+    ]
     assert rec.unsynced() == []
 
 
