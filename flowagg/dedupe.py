@@ -6,10 +6,11 @@ are alive. A filter miss is a certain "new"; a hit is checked against an SQLite 
 generation (`<root>/journal/dedupe/index.sqlite`, id → arrival ms) with the exact window, so a
 false positive never drops an entry. Ids not yet committed to SQLite stay in `recent`.
 
-The journal is the truth: the index is written without fsync (WAL, synchronous=NORMAL keeps
-it consistent, perhaps a little behind) and each store records the journal seq up to which it
-holds every client id. At start the records after the older of the two checkpoints (filter
-file, SQLite) are replayed into both; a missing, damaged or foreign-version index file is
+The journal is the truth: the index is written off the ack path, in grouped commits (a
+rollback journal with synchronous=FULL keeps it consistent across a power cut, perhaps a
+little behind), and each store records the journal seq up to which it holds every client id.
+At start the records after the older of the two checkpoints (filter file, SQLite) are
+replayed into both; a missing, damaged or foreign-version index file is
 simply rebuilt from the journal (it is derived data, so it is never refused).
 """
 
@@ -142,8 +143,11 @@ class DedupeIndex:
         db = sqlite3.connect(
             self.directory / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30
         )
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        # A rollback journal, not WAL: WAL maps a shared-memory file, which FUSE file systems
+        # handle badly (LazyFS crashed under it in the power-loss test). FULL keeps the index
+        # consistent across a power cut; commits are few, grouped and off the ack path.
+        db.execute("PRAGMA journal_mode=TRUNCATE")
+        db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA cache_size=-2048")  # KiB: the page cache is part of the RSS bound
         return db
 
@@ -153,7 +157,7 @@ class DedupeIndex:
         except sqlite3.DatabaseError as exc:
             log.error("dedupe index unreadable (%s); rebuilding it from the journal", exc)
             self._close_db()
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-journal", "-wal", "-shm"):
                 (self.directory / (DB_NAME + suffix)).unlink(missing_ok=True)
             return self._try_open_db()
 
