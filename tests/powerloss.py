@@ -89,15 +89,7 @@ def run_powerloss(
         after_stop=fs.clear_cache,
     )
     return PowerLossResult(
-        cuts=cuts,
-        acknowledged=len(tally.acked),
-        stored=sum(tally.counts.values()),
-        lost=tally.lost(),
-        duplicated=tally.duplicated(),
-        unexpected=tally.unexpected(),
-        torn=tally.torn,
-        batch_files=tally.batch_files,
-        seconds=time.monotonic() - started,
+        cuts=cuts, torn=tally.torn, seconds=time.monotonic() - started, **tally.figures()
     )
 
 

@@ -113,6 +113,14 @@ class Rig:
         return sorted(os.listdir(self.layout.inbox)) + sorted(os.listdir(self.layout.journal_spool))
 
 
+async def adopted(rig: Rig, name: str) -> None:
+    """Wait (with a deadline) until intake has taken `name` out of inbox/."""
+    deadline = time.monotonic() + WAIT_S
+    while rig.layout.inbox.joinpath(name).exists():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+
 def run(root: Path, scenario: Callable[[Rig], Awaitable[None]]) -> None:
     async def main() -> None:
         rig = Rig(root)
@@ -362,10 +370,7 @@ def test_stop_is_prompt_while_intake_waits_for_space(root: Path) -> None:
         rig.pipeline.aggregator.is_busy = lambda: True  # type: ignore[method-assign]
         (rig.layout.inbox / "a.jsonl").write_bytes(line(1))
         await rig.spool.start()
-        deadline = time.monotonic() + WAIT_S
-        while rig.layout.inbox.joinpath("a.jsonl").exists():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await adopted(rig, "a.jsonl")
         started = time.monotonic()
         await rig.stop()
         assert time.monotonic() - started < 3
@@ -389,10 +394,7 @@ def test_stop_cancels_intake_stuck_on_the_disk(root: Path, monkeypatch: pytest.M
         rig.pipeline.add_valid = hang  # type: ignore[method-assign]
         (rig.layout.inbox / "a.jsonl").write_bytes(line(1))
         await rig.spool.start()
-        deadline = time.monotonic() + WAIT_S
-        while rig.layout.inbox.joinpath("a.jsonl").exists():
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await adopted(rig, "a.jsonl")
         await asyncio.sleep(0.05)
         started = time.monotonic()
         await asyncio.wait_for(rig.spool.stop(), WAIT_S)

@@ -212,6 +212,17 @@ class Tally:
     def unexpected(self) -> list[str]:
         return sorted(set(self.counts) - self.acked)
 
+    def figures(self) -> dict[str, Any]:
+        """The fields both result types share."""
+        return {
+            "acknowledged": len(self.acked),
+            "stored": sum(self.counts.values()),
+            "lost": self.lost(),
+            "duplicated": self.duplicated(),
+            "unexpected": self.unexpected(),
+            "batch_files": self.batch_files,
+        }
+
 
 def crash_loop(
     layout: Layout,
@@ -323,15 +334,7 @@ def run_torture(
     )
     assert not tally.torn, tally.torn[:3]
     return TortureResult(
-        kills=kills,
-        acknowledged=len(tally.acked),
-        stored=sum(tally.counts.values()),
-        lost=tally.lost(),
-        duplicated=tally.duplicated(),
-        unexpected=tally.unexpected(),
-        batch_files=tally.batch_files,
-        junk_appends=junk,
-        seconds=time.monotonic() - started,
+        kills=kills, junk_appends=junk, seconds=time.monotonic() - started, **tally.figures()
     )
 
 
