@@ -109,7 +109,9 @@ class EntryIdFactory:
         with self._lock:
             ms = self._clock.now_ms()
             if ms <= self._last_ms:
-                self._last_rand += 1
+                rand = self._last_rand = self._last_rand + 1
+                if rand & 1023:  # the upper digits did not change: the prefix still holds
+                    return self._prefix + _PAIRS[rand & 1023]
             else:
                 self._last_ms = ms
                 self._last_rand = self._rng.getrandbits(79)

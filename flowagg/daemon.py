@@ -48,6 +48,7 @@ from .sdnotify import notify
 from .server import SocketServer
 from .sink import Completer, build_sink
 from .spool import SpoolIntake
+from .storage import completed_path
 from .supervise import EX_SOFTWARE, DaemonExecutor, Deadline, Supervisor
 
 log = logging.getLogger("flowagg.daemon")
@@ -78,7 +79,9 @@ class Daemon:
         self.retry_policy = RetryPolicy.from_config(config)
         self.sink = build_sink(config, self.clock)
         self.completer = Completer(
-            lambda batch_id, data: write_completed(self.layout, batch_id, data), lambda: self.sink
+            lambda batch_id, data: write_completed(self.layout, batch_id, data),
+            lambda: self.sink,
+            target=lambda batch_id: completed_path(self.layout, batch_id),
         )
         self.recovery = Recovery(
             self.layout, self.clock, self.rng, self.retry_policy, store=self.completer

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,10 @@ BITS_PER_ID = 10
 PROBES = 7
 # Ids handed to the SQLite thread but not committed; past this the producer waits for it.
 MAX_QUEUED = 10_000
+# Records without client ids only move the checkpoint: committing it (several fsyncs on a
+# rollback journal) at most this often keeps those fsyncs off a disk busy with batch files,
+# and costs a start after kill -9 at most this much more replay.
+CHECKPOINT_ONLY_INTERVAL_S = 1.0
 FILTER_NAME = "filter.bin"
 CHUNK = 1 << 20
 MAX_FILTERS = 2
@@ -119,6 +124,8 @@ class DedupeIndex:
         self._queue: list[tuple[int, int, list[tuple[str, int]]]] = []  # gen, seq, (id, t)
         self._drops: list[int] = []
         self._queued = 0
+        self._held_seq = 0  # a checkpoint not committed yet (records without client ids)
+        self._checkpoint_saved_at = 0.0
         self._failing = False
         self._stopping = False
         self._db: sqlite3.Connection | None = None
@@ -355,10 +362,19 @@ class DedupeIndex:
             with self._cond:
                 while not self._queue and not self._drops and not self._stopping:
                     self._cond.wait()
-                if not self._queue and not self._drops:
+                stopping = self._stopping
+                if not self._queue and not self._drops and not self._held_seq:
                     return
                 group, drops = self._queue, self._drops
                 self._queue, self._drops = [], []
+            if (
+                not stopping
+                and not drops
+                and not any(rows for _, _, rows in group)
+                and time.monotonic() - self._checkpoint_saved_at < CHECKPOINT_ONLY_INTERVAL_S
+            ):
+                self._held_seq = max([self._held_seq, *(seq for _, seq, _ in group)])
+                continue
             try:
                 self._commit(group, drops)
             except sqlite3.Error as exc:
@@ -401,7 +417,7 @@ class DedupeIndex:
                 for name in tables:
                     if name.startswith("g_") and int(name[2:]) < below:
                         db.execute(f"DROP TABLE {name}")
-            seq = 0
+            seq = self._held_seq
             for gen, last_seq, rows in group:
                 seq = max(seq, last_seq)
                 if not rows:
@@ -417,6 +433,8 @@ class DedupeIndex:
             if seq:
                 db.execute("UPDATE meta SET v = max(v, ?) WHERE k = 'seq'", (seq,))
             db.execute("COMMIT")
+            self._held_seq = 0
+            self._checkpoint_saved_at = time.monotonic()
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")

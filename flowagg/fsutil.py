@@ -63,11 +63,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Publish `data` at `path` whole or not at all."""
+def write_temp(path: Path, data: bytes) -> Path:
+    """The first half of `atomic_write`: `data` whole and fsynced in a temp file beside `path`.
+
+    Returns the temp file; the caller renames it into place (or unlinks it).
+    """
     pid = f".{os.getpid()}"
     tmp = path.with_name(fit_name(f"{TEMP_MARK}{path.name}", len(pid)) + pid)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
         view = memoryview(data)
         while view:
@@ -80,6 +83,12 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     os.close(fd)
+    return tmp
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Publish `data` at `path` whole or not at all."""
+    tmp = write_temp(path, data)
     try:
         os.rename(tmp, path)
     except BaseException:

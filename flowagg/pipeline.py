@@ -21,7 +21,7 @@ from .clock import Clock, EntryIdFactory, WindowClock
 from .config import Config
 from .dedupe import DedupeIndex
 from .entries import EntryError, validate_entry_json
-from .flusher import Flusher
+from .flusher import Flusher, Stored
 from .fsutil import is_disk_full
 from .journal import (
     MAX_RECORD_ENTRIES,
@@ -163,7 +163,7 @@ class Pipeline:
             immediate_retries=self.config.immediate_retries,
             next_retry_at=self._next_retry_at,
             store=self._store,
-            on_stored=lambda b, p, d: self.loop.call_soon_threadsafe(self._batch_stored, b, p, d),
+            on_stored=lambda stored: self.loop.call_soon_threadsafe(self._batches_stored, stored),
             spawn=self._spawn,
         )
         self.flusher.start()
@@ -348,26 +348,30 @@ class Pipeline:
         self.flusher.submit(batch)
         return waiter
 
-    def _batch_stored(self, batch: Batch, path: Path, seconds: float) -> None:
-        self.aggregator.stored(batch)
-        self.done_seq = batch.last_seq
+    def _batches_stored(self, stored: list[Stored]) -> None:
+        """Batches reached disk, in order: one done record for the last covers them all."""
+        for batch, path, seconds in stored:
+            self.aggregator.stored(batch)
+            self.batches_by_trigger[batch.trigger] += 1
+            self.stored_batches += 1
+            self.stored_entries += batch.count
+            self.flush_latency.append(seconds)
+            log.debug(
+                "batch %s: %d entries, trigger %s -> %s/%s",
+                batch.batch_id,
+                batch.count,
+                batch.trigger,
+                path.parent.name,
+                path.name,
+            )
+            waiter = self._batch_waiters.pop(batch.batch_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        last = stored[-1][0]
+        self.done_seq = last.last_seq
         assert self.writer is not None
-        self.writer.append_done(batch.last_seq, batch.batch_id)
-        self.batches_by_trigger[batch.trigger] += 1
-        self.stored_batches += 1
-        self.stored_entries += batch.count
+        self.writer.append_done(last.last_seq, last.batch_id)
         self.last_flush_at = self.clock.now_ms()
-        self.flush_latency.append(seconds)
-        log.debug(
-            "batch %s: %d entries, trigger %s -> %s",
-            batch.batch_id,
-            batch.count,
-            batch.trigger,
-            path.parent.name + "/" + path.name,
-        )
-        waiter = self._batch_waiters.pop(batch.batch_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
         for fut in self._space_waiters:
             if not fut.done():
                 fut.set_result(None)

@@ -44,7 +44,7 @@ from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, classif
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
 from .layout import Layout
 from .sink import as_completer
-from .storage import CorruptBatch, batch_file_name, decode_batch
+from .storage import CorruptBatch, batch_file_name, completed_path, decode_batch
 
 log = logging.getLogger("flowagg.recovery")
 
@@ -194,7 +194,7 @@ class RecoveryReport:
 
 
 def write_completed(layout: Layout, batch_id: str, data: bytes) -> Path:
-    target = layout.aggregated / batch_file_name(batch_id)
+    target = completed_path(layout, batch_id)
     atomic_write(target, data)
     return target
 

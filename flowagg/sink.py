@@ -339,9 +339,17 @@ class Completer:
         self,
         write: Callable[[str, bytes], Path],
         sink: Callable[[], GuardedSink | None] = _no_sink,
+        *,
+        target: Callable[[str], Path] | None = None,
     ) -> None:
         self.write = write
         self._sink = sink
+        self._target = target
+
+    def target(self) -> Callable[[str], Path] | None:
+        """Where `write` puts a batch, when the flusher may write it itself, in a run of
+        batches (batch_runs): only without a sink, which must see each batch first."""
+        return self._target if self._sink() is None else None
 
     def deliver(self, batch_id: str, data: bytes, *, resend: bool = False) -> bool:
         """True when a sink accepted the batch; False when there is no sink to accept it."""

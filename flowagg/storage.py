@@ -97,10 +97,14 @@ def read_batch(path: Path) -> dict[str, Any]:
     return decode_batch(path.read_bytes())
 
 
+def completed_path(layout: Layout, batch_id: str) -> Path:
+    return layout.aggregated / batch_file_name(batch_id)
+
+
 def batch_locations(layout: Layout, batch_id: str) -> list[Path]:
     """Every place a batch with this id may lie once stored."""
     return [
-        layout.aggregated / batch_file_name(batch_id),
+        completed_path(layout, batch_id),
         layout.recovery / f"{batch_id}.failed.json",
         layout.abandoned / f"{batch_id}.abandoned.json",
     ]

@@ -15,7 +15,7 @@ import pytest
 
 from flowagg.clock import FakeClock
 from flowagg.errors import TransientError
-from flowagg.flusher import Flusher
+from flowagg.flusher import Flusher, Stored
 from flowagg.layout import Layout
 from flowagg.recovery import Recovery, RetryPolicy, write_completed
 from flowagg.sink import CircuitBreaker, Completer, GuardedSink, HttpSink
@@ -91,8 +91,8 @@ def run_flusher(
         sleeps.append(seconds)
         return False
 
-    def on_stored(b: Batch, path: Path, seconds: float) -> None:
-        stored.append(path)
+    def on_stored(items: list[Stored]) -> None:
+        stored.extend(path for _, path, _ in items)
         done.set()
 
     flusher = Flusher(

@@ -31,7 +31,7 @@ import flowagg.spool
 from flowagg import fsutil
 from flowagg.client import write_spool_file
 from flowagg.clock import FakeClock
-from flowagg.flusher import Flusher
+from flowagg.flusher import Flusher, Stored
 from flowagg.health import write_snapshot
 from flowagg.journal import Append, JournalWriter, Position
 from flowagg.layout import Layout
@@ -186,7 +186,7 @@ def test_flusher_parks_a_failed_batch_durably_before_it_counts_as_stored(
     layout = prepared(tmp_path)
     stored = threading.Event()
 
-    def on_stored(batch: Batch, path: Path, seconds: float) -> None:
+    def on_stored(items: list[Stored]) -> None:
         rec.ack()  # the pipeline journals the done record here
         stored.set()
 

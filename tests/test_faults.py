@@ -28,7 +28,8 @@ from flowagg.journal import list_segments, scan_root
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
 from flowagg.recovery import Recovery, RetryPolicy, write_completed
-from flowagg.storage import iter_batch_files, read_batch
+from flowagg.sink import Completer
+from flowagg.storage import completed_path, iter_batch_files, read_batch
 from tests.faults import ERRNOS, FaultInjector, directory, under
 from tests.harness import entry
 
@@ -66,7 +67,11 @@ class Rig:
             asyncio.get_running_loop(),
             EntryIdFactory(SystemClock(), random.Random(1)),
             next_retry_at=lambda now: self.policy.next_retry_at(now, 0, self.rng),
-            store=lambda batch_id, data: write_completed(self.layout, batch_id, data),
+            # The daemon's completer: batches that queue up are written as runs.
+            store=Completer(
+                lambda batch_id, data: write_completed(self.layout, batch_id, data),
+                target=lambda batch_id: completed_path(self.layout, batch_id),
+            ),
         )
         pipeline.start(result)
         self.pipeline = pipeline

@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from flowagg.clock import FakeClock
-from flowagg.flusher import Flusher, Outcomes
+from flowagg.flusher import Flusher, Outcomes, Stored
 from flowagg.journal import JournalWriter
 from flowagg.layout import Layout
 from flowagg.storage import Batch
@@ -106,8 +106,8 @@ def test_flusher_parks_a_batch_whose_store_raises_anything(
     def store(batch_id: str, data: bytes) -> Path:
         raise ValueError("Invalid IPv6 URL")
 
-    def on_stored(batch: Batch, path: Path, seconds: float) -> None:
-        stored.append(path)
+    def on_stored(items: list[Stored]) -> None:
+        stored.extend(path for _, path, _ in items)
         done.release()
 
     flusher = Flusher(

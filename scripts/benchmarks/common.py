@@ -41,7 +41,7 @@ MB = 1024 * 1024
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     per_request: int = 100  # entries per request in the throughput runs
-    tp8_requests: int = 150  # requests per client in the 8-client run
+    tp8_requests: int = 250  # requests per client in the 8-client run (200,000 entries)
     tp1_requests: int = 200  # requests in the 1-client run
     pq_entry_puts: int = 2_000  # persist-queue, one put (one commit) per entry
     latency_requests: int = 2_000  # single-entry adds (and pings, and fsyncs) from 1 client

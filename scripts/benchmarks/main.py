@@ -9,6 +9,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,27 @@ from .report import OtherLoad, build_rows, meta, notes, render
 from .restart import build_backlog, restart, restart_remembered
 from .throughput import throughput
 
+FIGURES = (
+    "throughput",
+    "latency",
+    "group commit",
+    "flush",
+    "start",
+    "hostile",
+    "remembered",
+    "power cuts",
+)
+
 
 def run(b: Bench) -> None:
     s = b.sizes
     repeats = b.args.repeats
+    only = set(b.args.only or FIGURES)
+
+    def section(name: str, func: Callable[[], None]) -> None:
+        if name in only or (name == "big" and "start" in only):
+            b.section(name, func)
+
     b.pool = ClientPool(max(8, s.gc_clients))
     try:
         backlogs: dict[str, tuple[Path, int]] = {}
@@ -41,23 +59,26 @@ def run(b: Bench) -> None:
                 pristine, entries = backlogs[prefix]
                 restart(b, pristine, prefix, entries)
 
-        b.progress(f"building a journal of {s.startup_entries:,} unflushed entries")
-        b.section("start", lambda: build("start", s.startup_entries))
+        if "start" in only:
+            b.progress(f"building a journal of {s.startup_entries:,} unflushed entries")
+        section("start", lambda: build("start", s.startup_entries))
         for rep in range(1, repeats + 1):
             b.progress(f"run {rep}/{repeats}")
-            b.section("throughput", lambda: throughput(b))
-            b.section("latency", lambda: latency(b))
-            b.section("group commit", lambda: group_commit(b))
-            b.section("flush", lambda: flush_latency(b))
-            b.section("start", lambda: restart_backlog("start"))
-            b.section("hostile request", lambda: hostile(b))
+            section("throughput", lambda: throughput(b))
+            section("latency", lambda: latency(b))
+            section("group commit", lambda: group_commit(b))
+            section("flush", lambda: flush_latency(b))
+            section("start", lambda: restart_backlog("start"))
+            section("hostile", lambda: hostile(b))
         if b.args.big:
             b.progress(f"--big: building a journal of {s.big_entries:,} entries")
-            b.section("big", lambda: build("big", s.big_entries))
-            b.section("big", lambda: restart_backlog("big"))
-        remembered(b)
-        b.progress("power cuts")
-        b.section("power cuts", lambda: power_cuts(b))
+            section("big", lambda: build("big", s.big_entries))
+            section("big", lambda: restart_backlog("big"))
+        if "remembered" in only:
+            remembered(b)
+        if "power cuts" in only:
+            b.progress("power cuts")
+        section("power cuts", lambda: power_cuts(b))
     finally:
         b.pool.close()
 
@@ -101,6 +122,12 @@ def main() -> int:
         action="store_true",
         help="also restart with 1,000,000 journaled entries, remember 10,000,000 entryIds and"
         " restart with a 5,000,000-entry day of journal",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=FIGURES,
+        help="run only this figure (repeatable); the others show n/a",
     )
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers to PATH")
     parser.add_argument(

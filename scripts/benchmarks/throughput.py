@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from .baselines import baseline_persist_queue, baseline_raw, baseline_sqlite
+from .baselines import baseline_atomic_files, baseline_persist_queue, baseline_raw, baseline_sqlite
 from .common import (
     MB,
     Bench,
@@ -71,6 +71,7 @@ def throughput(b: Bench) -> None:
     s = b.sizes
     b.progress("  baselines: raw, sqlite, persist-queue")
     b.record("tp8.raw", baseline_raw(b, 8, s.tp8_requests))
+    b.record("tp8.atomic_files", baseline_atomic_files(b, 8, s.tp8_requests))
     b.record("tp1.raw", baseline_raw(b, 1, s.tp1_requests))
     b.record("tp8.sqlite", baseline_sqlite(b, 8, s.tp8_requests))
     b.record("tp1.sqlite", baseline_sqlite(b, 1, s.tp1_requests))
@@ -85,3 +86,9 @@ def throughput(b: Bench) -> None:
         flowagg = b.samples[f"{prefix}.flowagg"][-1]
         b.record(f"{prefix}.ratio_sqlite", flowagg / b.samples[f"{prefix}.sqlite"][-1])
         b.record(f"{prefix}.ratio_raw", flowagg / b.samples[f"{prefix}.raw"][-1])
+    limit = b.samples["tp8.atomic_files"][-1]
+    b.record("tp8.ratio_e2e", b.samples["tp8.stored"][-1] / limit)
+    b.record(
+        "tp8.ratio_while_adding",
+        b.samples["tp8.stored_during_run"][-1] / b.samples["tp8.flowagg"][-1],
+    )

@@ -1,0 +1,90 @@
+"""Runs of batch files: written side by side, published in order, one directory fsync each.
+
+Every batch file costs two fsyncs (its bytes, then its name), and one file at a time leaves
+the disk idle between them. When batches queue up, the flusher takes the queued run at once:
+stage threads encode each batch and write its temp file (write, fsync) in parallel, so the
+disk merges their flushes; the flusher renames the temp files strictly in batch order and
+fsyncs the directory once for every file renamed so far whenever the next one is not ready.
+
+A reader never sees batch N+1 without batch N, and every renamed file's bytes are already
+durable. The names become durable at the directory fsync, and only then are the batches
+reported stored (and the journal told): a crash before it finds the same files under the
+same names, or re-creates them from the journal.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from .fsutil import write_temp
+from .storage import Batch
+from .supervise import Spawn
+
+STAGE_WORKERS = 4  # temp files written at once: enough for the disk to merge their fsyncs
+MAX_RUN = 64  # batches taken from the queue at once (at most 64 x maxBatchBytes in memory)
+
+
+@dataclasses.dataclass
+class Staged:
+    batch: Batch
+    data: bytes
+    tmp: Path
+    target: Path
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
+Job = tuple[Callable[[], Staged], "concurrent.futures.Future[Staged]"]
+
+
+def stage(batch: Batch, data: bytes, target: Path) -> Staged:
+    return Staged(batch, data, write_temp(target, data), target)
+
+
+class Stager:
+    """A fixed set of supervised threads that run staging jobs; the flusher awaits them."""
+
+    def __init__(self, workers: int, spawn: Spawn) -> None:
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._threads = [spawn(f"flusher-stage-{n}", self._work) for n in range(workers)]
+        self._started = False
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if not self._started:
+                self._started = True
+                for thread in self._threads:
+                    thread.start()
+
+    def submit(self, job: Callable[[], Staged]) -> concurrent.futures.Future[Staged]:
+        future: concurrent.futures.Future[Staged] = concurrent.futures.Future()
+        self._jobs.put((job, future))
+        return future
+
+    def stop(self) -> None:
+        """Let the threads return once the jobs queued before this are done."""
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as exc:
+                future.set_exception(exc)
