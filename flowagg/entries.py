@@ -136,9 +136,7 @@ def validate_entry_json(
         raise EntryError(f"entry {index}: userId: must be a string of 1-128 characters, {got}")
 
     action = raw.get("action")
-    if type(action) is not str or (
-        action not in _GOOD_ACTIONS and not _remember_action(action)
-    ):
+    if type(action) is not str or (action not in _GOOD_ACTIONS and not _remember_action(action)):
         got = "missing" if "action" not in raw else f"got {_show(action)}"
         raise EntryError(
             f"entry {index}: action: must be 1-64 characters of [A-Za-z0-9_.:-], {got}"
