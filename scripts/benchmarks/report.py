@@ -255,7 +255,9 @@ def hostile_row(b: Bench) -> tuple[str, str, str, str, str]:
 def power_row(b: Bench) -> tuple[str, str, str, str, str]:
     cuts, ok = b.med("power.cuts"), b.med("power.ok")
     if cuts is None or ok is None:
-        value = b.notes.get("powerloss", "n/a (see the ERROR below)")
+        value = b.notes.get(
+            "powerloss", "n/a (see the ERROR below)" if "power cuts" in b.errors else "n/a"
+        )
         passed = None
     else:
         value = f"{cuts:,.0f} cuts, " + (
