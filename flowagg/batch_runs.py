@@ -34,9 +34,8 @@ MAX_RUN = 64  # batches taken from the queue at once (at most 64 x maxBatchBytes
 @dataclasses.dataclass
 class Staged:
     batch: Batch
-    data: bytes
-    tmp: Path
-    target: Path
+    tmp: Path  # written and fsynced
+    target: Path  # where it is renamed to
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -46,8 +45,8 @@ class Staged:
 Job = tuple[Callable[[], Staged], "concurrent.futures.Future[Staged]"]
 
 
-def stage(batch: Batch, data: bytes, target: Path) -> Staged:
-    return Staged(batch, data, write_temp(target, data), target)
+def stage(batch: Batch, target: Path, data: bytes) -> Staged:
+    return Staged(batch, write_temp(target, data), target)
 
 
 class Stager:

@@ -17,7 +17,7 @@ from .layout import Layout
 
 STALE_TEMP_MS = 3_600_000  # a temp file this old belongs to no write in progress
 _HEALTH_RE = re.compile(r"health-(\d+)\.json")
-_BATCH_RE = re.compile(r"batch_\d+_\d+\.json")
+_BATCH_RE = re.compile(r"batch_\d+_\d+\.json(\.gz|\.zst)?")
 _ROTATED_RE = re.compile(r".+\.log\.\d+")
 _DURATION_RE = re.compile(r"(\d+)(ms|s|m|h|d|w)?")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .compression import COMPRESSIONS, zstd_module
 from .errors import ConfigError
 
 
@@ -79,6 +80,9 @@ SETTINGS: dict[str, Setting] = {
     "logMaxBytes": Setting(10 << 20, int, 4096, 1 << 34, "log size before rotation"),
     "logBackups": Setting(5, int, 0, 1000, "rotated logs kept"),
     "logLevel": Setting("INFO", str, help="DEBUG, INFO, WARNING or ERROR"),
+    "batchCompression": Setting(
+        "none", str, help="none, gzip or zstd: batch files as .json, .json.gz or .json.zst"
+    ),
     "sinkType": Setting("none", str, help="none, http or command (forward every batch)"),
     "sinkUrl": Setting("", str, help="http sink: URL the batch JSON is POSTed to"),
     "sinkCommand": Setting("", str, help="command sink: program and arguments (shell words)"),
@@ -184,6 +188,13 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
         )
     if key == "logLevel" and value.upper() not in LOG_LEVELS:
         raise ConfigError(f"logLevel ({origin}): must be one of {', '.join(LOG_LEVELS)}")
+    if key == "batchCompression":
+        if value not in COMPRESSIONS:
+            raise ConfigError(
+                f"batchCompression ({origin}): must be one of {', '.join(COMPRESSIONS)}"
+            )
+        if value == "zstd":
+            zstd_module()
     if key == "sinkType" and value not in SINK_TYPES:
         raise ConfigError(f"sinkType ({origin}): must be one of {', '.join(SINK_TYPES)}")
     if key == "socketGroup" and value:

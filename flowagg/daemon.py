@@ -42,13 +42,13 @@ from .layout import Layout
 from .logsetup import setup_logging
 from .ops import daemon_status, handle_request
 from .pipeline import Pipeline
-from .recovery import Recovery, RetryPolicy, write_completed
+from .recovery import Recovery, RetryPolicy
 from .reloading import merge_reload
 from .sdnotify import notify
 from .server import SocketServer
 from .sink import Completer, build_sink
 from .spool import SpoolIntake
-from .storage import completed_path
+from .storage import CompletedFiles
 from .supervise import EX_SOFTWARE, DaemonExecutor, Deadline, Supervisor
 
 log = logging.getLogger("flowagg.daemon")
@@ -78,11 +78,8 @@ class Daemon:
         self._reload_config = reload_config
         self.retry_policy = RetryPolicy.from_config(config)
         self.sink = build_sink(config, self.clock)
-        self.completer = Completer(
-            lambda batch_id, data: write_completed(self.layout, batch_id, data),
-            lambda: self.sink,
-            target=lambda batch_id: completed_path(self.layout, batch_id),
-        )
+        files = CompletedFiles(self.layout, config.batch_compression)
+        self.completer = Completer(files.write, lambda: self.sink, files=files)
         self.recovery = Recovery(
             self.layout, self.clock, self.rng, self.retry_policy, store=self.completer
         )

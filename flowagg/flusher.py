@@ -39,7 +39,7 @@ from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError
 from .fsutil import atomic_write, fsync_dir
 from .layout import Layout
 from .sink import as_completer
-from .storage import Batch, encode_batch
+from .storage import Batch, CompletedFiles, encode_batch
 from .supervise import Spawn, plain_thread
 
 log = logging.getLogger("flowagg.flusher")
@@ -192,8 +192,8 @@ class Flusher:
     def _store_run(self, run: list[Batch]) -> bool:
         """Store `run` in order; False when a stop gave up on a batch (it stays journaled)."""
         started = self.clock.monotonic()
-        target = self.completer.target()
-        rest = self._write_run(run, target, started) if target is not None else 0
+        files = self.completer.files()
+        rest = self._write_run(run, files, started) if files is not None else 0
         for batch in run[rest:]:
             path = self._store(batch)
             if path is None:
@@ -201,7 +201,7 @@ class Flusher:
             self._on_stored([(batch, path, self.clock.monotonic() - started)])
         return True
 
-    def _write_run(self, run: list[Batch], target: Callable[[str], Path], started: float) -> int:
+    def _write_run(self, run: list[Batch], files: CompletedFiles, started: float) -> int:
         """Write the run's files side by side and publish them in order.
 
         Returns how many batches were stored; the rest go one at a time.
@@ -210,7 +210,9 @@ class Flusher:
 
         def job(batch: Batch) -> Callable[[], Staged]:
             return lambda: stage(
-                batch, encode_batch(batch, timestamp_ms=now_ms), target(batch.batch_id)
+                batch,
+                files.path(batch.batch_id),
+                files.file_bytes(encode_batch(batch, timestamp_ms=now_ms)),
             )
 
         if len(run) == 1:

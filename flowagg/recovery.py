@@ -44,7 +44,7 @@ from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, classif
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
 from .layout import Layout
 from .sink import as_completer
-from .storage import CorruptBatch, batch_file_name, completed_path, decode_batch
+from .storage import CompletedFiles, CorruptBatch, decode_batch, find_completed, read_batch
 
 log = logging.getLogger("flowagg.recovery")
 
@@ -194,9 +194,7 @@ class RecoveryReport:
 
 
 def write_completed(layout: Layout, batch_id: str, data: bytes) -> Path:
-    target = completed_path(layout, batch_id)
-    atomic_write(target, data)
-    return target
+    return CompletedFiles(layout).write(batch_id, data)
 
 
 class Recovery:
@@ -293,11 +291,11 @@ class Recovery:
 
     def _same_completed(self, batch_id: str, doc: dict[str, Any]) -> Path | None:
         """The aggregated/ copy of this batch with the same entries, if there is one."""
-        done = self.layout.aggregated / batch_file_name(batch_id)
-        if not done.exists():
+        done = find_completed(self.layout, batch_id)
+        if done is None:
             return None
         try:
-            same = decode_batch(done.read_bytes())["entriesSha256"] == doc["entriesSha256"]
+            same = read_batch(done)["entriesSha256"] == doc["entriesSha256"]
         except (CorruptBatch, OSError):
             return None
         return done if same else None
@@ -325,7 +323,7 @@ class Recovery:
             if not name.endswith(ABANDONED_SUFFIX) or name.startswith((".", TEMP_MARK)):
                 continue
             batch_id = name[: -len(ABANDONED_SUFFIX)]
-            if not (self.layout.aggregated / batch_file_name(batch_id)).exists():
+            if find_completed(self.layout, batch_id) is None:
                 continue
             path = self.layout.abandoned / name
             doc = self._load(path, report)
@@ -338,9 +336,10 @@ class Recovery:
     # -- the loop ---------------------------------------------------------------------------
     def _has_twin(self, name: str) -> bool:
         batch_id = name[: -len(FAILED_SUFFIX)]
-        return (self.layout.aggregated / batch_file_name(batch_id)).exists() or (
-            self.layout.abandoned / f"{batch_id}{ABANDONED_SUFFIX}"
-        ).exists()
+        return (
+            find_completed(self.layout, batch_id) is not None
+            or (self.layout.abandoned / f"{batch_id}{ABANDONED_SUFFIX}").exists()
+        )
 
     def _scan(self, report: RecoveryReport) -> list[tuple[_Known, Path, dict[str, Any] | None]]:
         """Every failed file with its schedule; read only when new, changed or twinned."""

@@ -14,6 +14,7 @@ RESTART_ONLY = (
     "logMaxBytes",
     "logBackups",
     "socketGroup",
+    "batchCompression",
 )
 
 

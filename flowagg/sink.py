@@ -32,6 +32,7 @@ from typing import IO, Any, Protocol
 from .clock import Clock
 from .config import Config
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, TransientError
+from .storage import CompletedFiles
 
 log = logging.getLogger("flowagg.sink")
 
@@ -340,16 +341,16 @@ class Completer:
         write: Callable[[str, bytes], Path],
         sink: Callable[[], GuardedSink | None] = _no_sink,
         *,
-        target: Callable[[str], Path] | None = None,
+        files: CompletedFiles | None = None,
     ) -> None:
         self.write = write
         self._sink = sink
-        self._target = target
+        self._files = files
 
-    def target(self) -> Callable[[str], Path] | None:
-        """Where `write` puts a batch, when the flusher may write it itself, in a run of
+    def files(self) -> CompletedFiles | None:
+        """How `write` stores a batch, when the flusher may write it itself, in a run of
         batches (batch_runs): only without a sink, which must see each batch first."""
-        return self._target if self._sink() is None else None
+        return self._files if self._sink() is None else None
 
     def deliver(self, batch_id: str, data: bytes, *, resend: bool = False) -> bool:
         """True when a sink accepted the batch; False when there is no sink to accept it."""

@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 
 from . import BATCH_FORMAT_VERSION
+from .compression import SUFFIXES, compress, decompress
+from .fsutil import atomic_write
 from .layout import Layout
 
 TRIGGERS = ("size", "age", "threshold", "manual", "shutdown")
@@ -25,8 +27,8 @@ def make_batch_id(first_arrival_ms: int, first_seq: int) -> str:
     return f"{first_arrival_ms:013d}_{first_seq:012d}"
 
 
-def batch_file_name(batch_id: str) -> str:
-    return f"batch_{batch_id}.json"
+def batch_file_name(batch_id: str, compression: str = "none") -> str:
+    return f"batch_{batch_id}{SUFFIXES[compression]}"
 
 
 @dataclasses.dataclass
@@ -94,17 +96,49 @@ def decode_batch(data: bytes) -> dict[str, Any]:
 
 
 def read_batch(path: Path) -> dict[str, Any]:
-    return decode_batch(path.read_bytes())
+    try:
+        data = decompress(path.name, path.read_bytes())
+    except ValueError as exc:
+        raise CorruptBatch(str(exc)) from None
+    return decode_batch(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletedFiles:
+    """Where and how completed batches are written: aggregated/, compressed as configured."""
+
+    layout: Layout
+    compression: str = "none"
+
+    def path(self, batch_id: str) -> Path:
+        return self.layout.aggregated / batch_file_name(batch_id, self.compression)
+
+    def file_bytes(self, data: bytes) -> bytes:
+        return compress(self.compression, data)
+
+    def write(self, batch_id: str, data: bytes) -> Path:
+        target = self.path(batch_id)
+        atomic_write(target, self.file_bytes(data))
+        return target
 
 
 def completed_path(layout: Layout, batch_id: str) -> Path:
     return layout.aggregated / batch_file_name(batch_id)
 
 
+def find_completed(layout: Layout, batch_id: str) -> Path | None:
+    """The batch's file in aggregated/, whatever its compression."""
+    for compression in SUFFIXES:
+        path = layout.aggregated / batch_file_name(batch_id, compression)
+        if path.exists():
+            return path
+    return None
+
+
 def batch_locations(layout: Layout, batch_id: str) -> list[Path]:
     """Every place a batch with this id may lie once stored."""
     return [
-        completed_path(layout, batch_id),
+        *(layout.aggregated / batch_file_name(batch_id, c) for c in SUFFIXES),
         layout.recovery / f"{batch_id}.failed.json",
         layout.abandoned / f"{batch_id}.abandoned.json",
     ]
@@ -120,10 +154,10 @@ def find_batch(layout: Layout, batch_id: str) -> Path | None:
 def iter_batch_files(layout: Layout) -> list[Path]:
     """All stored batch files, in name order within each folder."""
     files: list[Path] = []
-    for directory, pattern in (
-        (layout.aggregated, "batch_*.json"),
-        (layout.recovery, "*.failed.json"),
-        (layout.abandoned, "*.abandoned.json"),
+    for directory, patterns in (
+        (layout.aggregated, [f"batch_*{suffix}" for suffix in SUFFIXES.values()]),
+        (layout.recovery, ["*.failed.json"]),
+        (layout.abandoned, ["*.abandoned.json"]),
     ):
-        files.extend(sorted(directory.glob(pattern)))
+        files.extend(sorted(p for pattern in patterns for p in directory.glob(pattern)))
     return files

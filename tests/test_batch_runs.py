@@ -25,9 +25,15 @@ from flowagg.clock import FakeClock
 from flowagg.flusher import Flusher, Stored
 from flowagg.fsutil import TEMP_MARK
 from flowagg.layout import Layout
-from flowagg.recovery import write_completed
 from flowagg.sink import Completer
-from flowagg.storage import Batch, completed_path, iter_batch_files, read_batch
+from flowagg.storage import (
+    Batch,
+    CompletedFiles,
+    completed_path,
+    find_completed,
+    iter_batch_files,
+    read_batch,
+)
 from tests.faults import FaultInjector
 from tests.harness import DaemonProc, entry, request, stored_id_counts, wait_for
 
@@ -56,8 +62,11 @@ def make_batches(count: int, per_batch: int = 3) -> list[Batch]:
 class Run:
     """A flusher with the daemon's completer, fed a whole run before it starts."""
 
-    def __init__(self, layout: Layout, *, immediate_retries: int = 0) -> None:
+    def __init__(
+        self, layout: Layout, *, immediate_retries: int = 0, compression: str = "none"
+    ) -> None:
         self.layout = layout
+        self.files = CompletedFiles(layout, compression)
         self.reports: list[list[str]] = []
         self._done = threading.Condition()
         self.flusher = Flusher(
@@ -65,10 +74,7 @@ class Run:
             FakeClock(now_ms=5_000),
             immediate_retries=immediate_retries,
             next_retry_at=lambda now: now + 1000,
-            store=Completer(
-                lambda batch_id, data: write_completed(layout, batch_id, data),
-                target=lambda batch_id: completed_path(layout, batch_id),
-            ),
+            store=Completer(self.files.write, files=self.files),
             on_stored=self._on_stored,
             sleep=lambda seconds: False,
         )
@@ -279,3 +285,16 @@ def test_killing_a_daemon_while_runs_are_written(tmp_path: Path) -> None:
     counts = stored_id_counts(root)
     assert set(counts) == acked
     assert [i for i, c in counts.items() if c > 1] == []
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_compressed_run(layout: Layout, compression: str) -> None:
+    batches = make_batches(RUN)
+    run = Run(layout, compression=compression)
+    run.store(batches)
+    assert run.stored_ids() == [b.batch_id for b in batches]
+    for batch in batches:
+        path = find_completed(layout, batch.batch_id)
+        assert path is not None and path == run.files.path(batch.batch_id)
+        assert [e["entryId"] for e in read_batch(path)["entries"]] == batch.entry_ids
+    assert no_temp_files(layout)

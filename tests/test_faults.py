@@ -27,9 +27,9 @@ from flowagg.health import read_latest, write_snapshot
 from flowagg.journal import list_segments, scan_root
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
-from flowagg.recovery import Recovery, RetryPolicy, write_completed
+from flowagg.recovery import Recovery, RetryPolicy
 from flowagg.sink import Completer
-from flowagg.storage import completed_path, iter_batch_files, read_batch
+from flowagg.storage import CompletedFiles, iter_batch_files, read_batch
 from tests.faults import ERRNOS, FaultInjector, directory, under
 from tests.harness import entry
 
@@ -40,6 +40,7 @@ class Rig:
     def __init__(self, root: Path) -> None:
         self.layout = Layout(root)
         self.layout.prepare()
+        self.files = CompletedFiles(self.layout)
         self.config = load_config(
             flags={
                 "root": str(root),
@@ -68,10 +69,7 @@ class Rig:
             EntryIdFactory(SystemClock(), random.Random(1)),
             next_retry_at=lambda now: self.policy.next_retry_at(now, 0, self.rng),
             # The daemon's completer: batches that queue up are written as runs.
-            store=Completer(
-                lambda batch_id, data: write_completed(self.layout, batch_id, data),
-                target=lambda batch_id: completed_path(self.layout, batch_id),
-            ),
+            store=Completer(self.files.write, files=self.files),
         )
         pipeline.start(result)
         self.pipeline = pipeline
