@@ -125,6 +125,8 @@ class DedupeIndex:
         self._drops: list[int] = []
         self._queued = 0
         self._held_seq = 0  # a checkpoint not committed yet (records without client ids)
+        self._loose_seq = 0  # the same, handed over by `add`
+        self._loose_due = False
         self._checkpoint_saved_at = 0.0
         self._failing = False
         self._stopping = False
@@ -285,11 +287,19 @@ class DedupeIndex:
                 flt.add(*_hash(entry_id))
                 self.recent[entry_id] = t_ms
         with self._cond:
+            self.seq = max(self.seq, last_seq)
+            if not ids:
+                # Only the checkpoint moves: it rides on the next commit unless it is due
+                # (a wake per add would cost the loop, a commit per add the disk).
+                self._loose_seq = max(self._loose_seq, last_seq)
+                if time.monotonic() - self._checkpoint_saved_at >= CHECKPOINT_ONLY_INTERVAL_S:
+                    self._loose_due = True
+                    self._cond.notify_all()
+                return
             while self._queued >= MAX_QUEUED and not self._failing and self._thread.is_alive():
                 self._cond.wait()
             self._queue.append((gen, last_seq, [(i, t_ms) for i in ids]))
             self._queued += len(ids)
-            self.seq = max(self.seq, last_seq)
             self._cond.notify_all()
 
     def _new_filter(self, gen: int) -> Filter:
@@ -360,21 +370,21 @@ class DedupeIndex:
         failures = 0
         while True:
             with self._cond:
-                while not self._queue and not self._drops and not self._stopping:
+                while (
+                    not self._queue
+                    and not self._drops
+                    and not self._stopping
+                    and not self._loose_due
+                ):
                     self._cond.wait()
-                stopping = self._stopping
+                self._held_seq = max(self._held_seq, self._loose_seq)
+                self._loose_seq, self._loose_due = 0, False
                 if not self._queue and not self._drops and not self._held_seq:
-                    return
+                    if self._stopping:
+                        return
+                    continue
                 group, drops = self._queue, self._drops
                 self._queue, self._drops = [], []
-            if (
-                not stopping
-                and not drops
-                and not any(rows for _, _, rows in group)
-                and time.monotonic() - self._checkpoint_saved_at < CHECKPOINT_ONLY_INTERVAL_S
-            ):
-                self._held_seq = max([self._held_seq, *(seq for _, seq, _ in group)])
-                continue
             try:
                 self._commit(group, drops)
             except sqlite3.Error as exc:

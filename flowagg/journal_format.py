@@ -102,6 +102,8 @@ def split_add(
     Returns (start, end, client indexes relative to start) per record; at least one record,
     even for no entries (a spool file with none valid is still journaled).
     """
+    if len(entries) <= max_entries and sum(map(len, entries)) + len(entries) <= max_bytes:
+        return [(0, len(entries), client_idx)]
     pieces: list[tuple[int, int, list[int]]] = []
     start = 0
     size = 0
