@@ -369,6 +369,13 @@ def notes(b: Bench) -> str:
             f" put/entry = one item per entry ({s.pq_entry_puts:,} puts: the queue's natural"
             " unit, one commit per entry); put/request = one item per 100-entry request (one"
             " commit per request, the same durability unit as flowagg and sqlite).",
+            "end to end: the 8-client run, from the first add sent until `status` shows"
+            " nothing buffered (socket flush polled every 10 ms, so the last partial batch is"
+            " cut by hand); atomic files: the same entries as 50-entry batch files (bytes made"
+            " before the clock starts) written one after another by one thread in the same temp"
+            " dir: open, write, fsync, close, rename, directory fsync.",
+            "stored while adding: (entries acknowledged - growth of buffered entries) / time of"
+            " the adds, in the same 8-client run.",
             "group commit: journal.entries / journal.syncs delta from `status` (batch-done"
             " records ride on the next add's fsync and pay for none of their own).",
             "flush: batchSize=1000000, maxAgeMs=7 days, maxBatchBytes=64 MiB so only the"
