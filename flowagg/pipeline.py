@@ -8,7 +8,6 @@ back through `loop.call_soon_threadsafe`, in order.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import logging
 from collections import Counter, deque
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .add_result import AddResult
 from .aggregator import Aggregator, FlushPolicy
 from .clock import Clock, EntryIdFactory, WindowClock
 from .config import Config
@@ -51,35 +51,6 @@ SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
 MAX_LISTED_REJECTIONS = 100
 DEDUPE_SAVE_INTERVAL_S = 600.0
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
-
-
-@dataclasses.dataclass
-class AddResult:
-    accepted: int = 0
-    duplicates: int = 0
-    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    rejected_count: int = 0
-    error: str | None = None
-    retry_after_ms: int | None = None
-
-    def reply(self) -> dict[str, Any]:
-        if self.error is not None:
-            out: dict[str, Any] = {"ok": False, "error": self.error}
-            if self.retry_after_ms is not None:
-                out["retryAfterMs"] = self.retry_after_ms
-            if self.rejected:
-                out["rejected"] = self.rejected
-                out["rejectedCount"] = self.rejected_count
-            return out
-        out = {
-            "ok": True,
-            "accepted": self.accepted,
-            "duplicates": self.duplicates,
-            "rejected": self.rejected,
-        }
-        if self.rejected_count:
-            out["rejectedCount"] = self.rejected_count
-        return out
 
 
 class Pipeline:

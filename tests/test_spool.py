@@ -24,12 +24,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flowagg import spool as spool_mod
+from flowagg.add_result import AddResult
 from flowagg.clock import EntryIdFactory, SystemClock
 from flowagg.config import load_config
 from flowagg.fsutil import NAME_MAX, quarantine_bytes, quarantine_file
 from flowagg.journal import list_segments, scan_root, unframe
 from flowagg.layout import Layout
-from flowagg.pipeline import AddResult, Pipeline
+from flowagg.pipeline import Pipeline
 from flowagg.recovery import write_completed
 from flowagg.spool import CHUNK_LINES, SpoolIntake, read_chunk
 from flowagg.storage import iter_batch_files, read_batch
