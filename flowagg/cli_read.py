@@ -8,28 +8,37 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
-from .batchread import BatchPath, list_batch_files
 from .cli import client_layout, fail, get_config, handles_errors, main
 from .clock import SystemClock
 from .errors import EXIT_USAGE
-from .health import running_pid
+from .export import FORMATS
 from .layout import Layout
-from .readout import progress, table
-from .validate import FileChecker, Finding, Summary
+
+if TYPE_CHECKING:
+    from .batchread import BatchPath
+    from .selection import Selection, Unreadable
+    from .validate import FileChecker, Summary
+
+# The modules behind each command are imported inside it: `flowagg add` loads this module too.
 
 
-def _root_layout(ctx: click.Context) -> Layout:
-    layout = client_layout(ctx)
+def _require_root(layout: Layout) -> None:
     if not layout.root.is_dir():
         fail(
             f"data root {layout.root} does not exist; pass --root or set FLOWAGG_ROOT",
             EXIT_USAGE,
         )
+
+
+def _root_layout(ctx: click.Context) -> Layout:
+    """The root alone: a mistake in the daemon's config file does not stop a reader."""
+    layout = client_layout(ctx)
+    _require_root(layout)
     return layout
 
 
@@ -47,10 +56,13 @@ def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
     --full: no entryId twice across files, batch ids unique and ordered, the journal
     agrees with the files. One line per finding. Exit 0 clean, 1 findings, 2 usage.
     """
+    from .batchread import list_batch_files
+    from .readout import progress
+    from .validate import FileChecker, Finding
+
     config = get_config(ctx)
     layout = Layout.for_config(config)
-    if not layout.root.is_dir():
-        fail(f"data root {layout.root} does not exist; pass --root or set FLOWAGG_ROOT", EXIT_USAGE)
+    _require_root(layout)
     files = list_batch_files(layout)
     out = sys.stdout
     first = True
@@ -91,6 +103,7 @@ def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
 def _validate_full(
     layout: Layout, checker: FileChecker, files: list[BatchPath], advance: Callable[[], None]
 ) -> Summary:
+    from .health import running_pid
     from .validate_full import CrossCheck
 
     with tempfile.TemporaryDirectory(prefix="flowagg-validate-") as tmp:
@@ -104,6 +117,8 @@ def _validate_full(
 
 
 def _summary_table(summary: Summary, full: bool) -> None:
+    from .readout import table
+
     d = summary.as_dict()
     rows: list[list[Any]] = [[f"{k} files", f"{v:,}"] for k, v in d["files"].items()]
     rows.append(["entries", f"{d['entries']:,}"])
@@ -114,3 +129,189 @@ def _summary_table(summary: Summary, full: bool) -> None:
     table(f"{title}: {verdict}", ["what", "count"], rows, right={1})
     for note in d["notes"]:
         click.echo(f"note: {note}")
+
+
+def _selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option("--since", help="from this time on: 7d, 2024-01-31, ISO time, epoch ms"),
+            click.option("--until", help="before this time (same forms as --since)"),
+            click.option("--user", "users", multiple=True, help="only this userId (repeatable)"),
+            click.option(
+                "--action", "actions", multiple=True, help="only this action (repeatable)"
+            ),
+            click.option(
+                "--include-failed",
+                is_flag=True,
+                help="also the batches in recovery/ and recovery/abandoned/",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _selection(
+    since: str | None, until: str | None, users: tuple[str, ...], actions: tuple[str, ...]
+) -> Selection:
+    from .selection import Selection, parse_when
+
+    now = SystemClock().now_ms()
+    return Selection(
+        since_ms=parse_when(since, now_ms=now, option="--since") if since else None,
+        until_ms=parse_when(until, now_ms=now, option="--until") if until else None,
+        users=frozenset(users),
+        actions=frozenset(actions),
+    )
+
+
+def _warn_unreadable(unreadable: list[Unreadable]) -> None:
+    for item in unreadable:
+        click.echo(f"flowagg: skipped {item.file}: {item.reason}", err=True)
+    if unreadable:
+        click.echo(
+            f"flowagg: {len(unreadable)} batch files could not be read, their entries are"
+            " missing above; run `flowagg validate` for details",
+            err=True,
+        )
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="write here (atomically)")
+@_selection_options
+@click.pass_context
+@handles_errors
+def export(
+    ctx: click.Context,
+    fmt: str,
+    output: str | None,
+    since: str | None,
+    until: str | None,
+    users: tuple[str, ...],
+    actions: tuple[str, ...],
+    include_failed: bool,
+) -> None:
+    """Stored entries in timestamp order as JSON lines, CSV or Parquet (stdout or -o FILE).
+
+    \b
+    CSV: entryId, userId, action, timestamp (ms), time (ISO-8601 UTC), then one
+    metadata.<key> column per key (nested keys dotted, arrays as JSON).
+    Parquet (needs the parquet extra, and -o): entryId, userId, action, timestamp,
+    sessionId, taskId, duration, metadata (JSON text).
+    Exit 0, 1 when some batch files could not be read (named on stderr), 2 usage.
+    """
+    from .batchread import list_batch_files
+    from .export import (
+        Sorter,
+        atomic_output,
+        parquet_modules,
+        write_csv,
+        write_jsonl,
+        write_parquet,
+    )
+    from .readout import progress
+    from .selection import iter_entries
+
+    config = get_config(ctx)
+    layout = Layout.for_config(config)
+    _require_root(layout)
+    if fmt == "parquet":
+        if not output:
+            fail("--format parquet writes a binary file: give -o FILE", EXIT_USAGE)
+        parquet_modules()
+    selection = _selection(since, until, users, actions)
+    files = list_batch_files(layout, include_failed=include_failed)
+    unreadable: list[Unreadable] = []
+    with tempfile.TemporaryDirectory(prefix="flowagg-export-") as tmp:
+        sorter = Sorter(config.values["exportRunEntries"], Path(tmp))
+        sorter.collect_keys = fmt == "csv"
+        with progress(len(files), "reading") as advance:
+            sorter.add_all(iter_entries(files, selection, unreadable, on_file=advance))
+
+        def write(out: Any) -> None:
+            rows = sorter.sorted()
+            if fmt == "jsonl":
+                write_jsonl(rows, out)
+            elif fmt == "csv":
+                write_csv(rows, out, sorter.metadata_keys)
+            else:
+                write_parquet(rows, out)
+
+        if output:
+            with atomic_output(Path(output)) as fh:
+                write(fh)
+        else:
+            write(sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+    _warn_unreadable(unreadable)
+    if sorter.skipped:
+        click.echo(
+            f"flowagg: {sorter.skipped} entries without an integer timestamp were left out;"
+            " run `flowagg validate` to find them",
+            err=True,
+        )
+    if output:
+        click.echo(f"exported {sorter.count:,} entries to {output}", err=True)
+    sys.exit(1 if unreadable or sorter.skipped else 0)
+
+
+@main.command()
+@click.option(
+    "--by", "by_text", default="user", show_default=True, help="user, action, task, day or a list"
+)
+@click.option("--top", type=click.IntRange(min=1), help="only the N largest groups")
+@click.option("--json", "as_json", is_flag=True)
+@_selection_options
+@click.pass_context
+@handles_errors
+def report(
+    ctx: click.Context,
+    by_text: str,
+    top: int | None,
+    as_json: bool,
+    since: str | None,
+    until: str | None,
+    users: tuple[str, ...],
+    actions: tuple[str, ...],
+    include_failed: bool,
+) -> None:
+    """Entry counts and summed metadata.duration per group, longest first.
+
+    \b
+    --by user|action|task|day, or several comma-separated (--by user,day).
+    Durations are ms in --json, h:mm:ss in the table. Exit 0, 1 when some batch files
+    could not be read (named on stderr), 2 usage.
+    """
+    from .batchread import list_batch_files
+    from .readout import hms, progress, table
+    from .report import parse_by, totals
+    from .selection import iter_entries
+
+    try:
+        by = parse_by(by_text)
+    except ValueError as exc:
+        fail(f"--by {exc}", EXIT_USAGE)
+    layout = _root_layout(ctx)
+    selection = _selection(since, until, users, actions)
+    files = list_batch_files(layout, include_failed=include_failed)
+    unreadable: list[Unreadable] = []
+    with progress(len(files), "reading") as advance:
+        result = totals(iter_entries(files, selection, unreadable, on_file=advance), by)
+    if as_json:
+        doc = result.as_dict(top) | {"unreadableFiles": [u.file for u in unreadable]}
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        rows = [[*key, f"{g.entries:,}", hms(g.duration_ms)] for key, g in result.ranked(top)]
+        rows.append(
+            ["total", *[""] * (len(by) - 1), f"{result.entries:,}", hms(result.duration_ms)]
+        )
+        shown = f"top {top} of {len(result.groups):,}" if top else f"{len(result.groups):,}"
+        table(
+            f"time by {', '.join(by)} ({shown} groups)",
+            [*by, "entries", "duration"],
+            rows,
+            right={len(by), len(by) + 1},
+        )
+    _warn_unreadable(unreadable)
+    sys.exit(1 if unreadable else 0)
