@@ -315,3 +315,49 @@ def report(
         )
     _warn_unreadable(unreadable)
     sys.exit(1 if unreadable else 0)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def diagnostics(ctx: click.Context, as_json: bool) -> None:
+    """One page for slow processing: latencies, batch success, retries, breaker, queues,
+    oldest pending entry, disk use per folder, journal, recent log errors.
+
+    Live from the daemon when it runs, from the files otherwise. Exit 0, 2 no such root.
+    """
+    from .diagnostics import gather
+    from .readout import diagnostics_text
+
+    layout = _root_layout(ctx)
+    doc = gather(layout, SystemClock().now_ms())
+    if as_json:
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(diagnostics_text(doc))
+
+
+@main.command()
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="seconds between refreshes",
+)
+@click.pass_context
+@handles_errors
+def top(ctx: click.Context, interval: float) -> None:
+    """A live view of the running daemon: rates, buffer, latencies, queues, breaker, health.
+
+    Press q to quit. When stdout is not a terminal, prints one frame and exits.
+    Exit 0, 3 no daemon runs.
+    """
+    from .top import live, one_frame
+
+    layout = client_layout(ctx)
+    if sys.stdout.isatty():
+        live(layout, interval)
+    else:
+        click.echo(one_frame(layout, interval))
