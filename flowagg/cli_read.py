@@ -211,7 +211,7 @@ def export(
         write_parquet,
     )
     from .readout import progress
-    from .selection import iter_entries
+    from .selection import iter_entry_lists
 
     config = get_config(ctx)
     layout = Layout.for_config(config)
@@ -227,7 +227,7 @@ def export(
         sorter = Sorter(config.values["exportRunEntries"], Path(tmp))
         sorter.collect_keys = fmt == "csv"
         with progress(len(files), "reading") as advance:
-            sorter.add_all(iter_entries(files, selection, unreadable, on_file=advance))
+            sorter.add_all(iter_entry_lists(files, selection, unreadable, on_file=advance))
 
         def write(out: Any) -> None:
             rows = sorter.sorted()
@@ -286,7 +286,7 @@ def report(
     from .batchread import list_batch_files
     from .readout import hms, progress, table
     from .report import parse_by, totals
-    from .selection import iter_entries
+    from .selection import iter_entry_lists
 
     try:
         by = parse_by(by_text)
@@ -297,7 +297,7 @@ def report(
     files = list_batch_files(layout, include_failed=include_failed)
     unreadable: list[Unreadable] = []
     with progress(len(files), "reading") as advance:
-        result = totals(iter_entries(files, selection, unreadable, on_file=advance), by)
+        result = totals(iter_entry_lists(files, selection, unreadable, on_file=advance), by)
     if as_json:
         doc = result.as_dict(top) | {"unreadableFiles": [u.file for u in unreadable]}
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())

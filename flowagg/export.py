@@ -13,6 +13,7 @@ import csv
 import datetime
 import heapq
 import io
+import itertools
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -27,7 +28,14 @@ from .fsutil import FILE_MODE, TEMP_MARK, fsync_dir
 FORMATS = ("jsonl", "csv", "parquet")
 BASE_COLUMNS = ("entryId", "userId", "action", "timestamp", "time")
 PARQUET_ROWS = 65_536
-WRITE_CHUNK = 1 << 20
+
+
+# Each entry is kept as one line whose fixed-width prefix sorts as (timestamp, stored order):
+# runs then sort and merge as plain bytes, compared in C, and merge straight from the files.
+_TS_OFFSET = 1 << 63  # timestamps below zero still sort first
+_KEY = b"%016x%012x"
+KEY_BYTES = 28
+_MAX_TS = (1 << 63) - 1
 
 
 class Sorter:
@@ -36,29 +44,33 @@ class Sorter:
     def __init__(self, run_entries: int, tmp_dir: Path) -> None:
         self.run_entries = run_entries
         self.tmp_dir = tmp_dir
-        self.run: list[tuple[int, int, bytes]] = []
+        self.run: list[bytes] = []
         self.runs: list[Path] = []
         self.count = 0
         self.skipped = 0  # entries without an integer timestamp: they cannot be placed
         self.metadata_keys: set[str] = set()
         self.collect_keys = False
 
-    def add_all(self, entries: Iterable[dict[str, Any]]) -> None:
+    def add_all(self, lists: Iterable[list[dict[str, Any]]]) -> None:
+        """Every entry of every list (one list per batch file, in stored order)."""
         run = self.run
         collect = self.collect_keys
         keys = self.metadata_keys
         count = self.count
         limit = self.run_entries
-        for entry in entries:
+        dumps = orjson.dumps
+        for entry in itertools.chain.from_iterable(lists):
             ts = entry.get("timestamp")
-            if type(ts) is not int:
+            if type(ts) is not int or not -_TS_OFFSET <= ts <= _MAX_TS:
                 self.skipped += 1
                 continue
             if collect:
                 metadata = entry.get("metadata")
                 if isinstance(metadata, dict):
                     keys.update(flatten(metadata))
-            run.append((ts, count, orjson.dumps(entry)))
+            # The concatenation is also an exact-size copy: orjson's own buffer keeps
+            # kilobytes of slack per object.
+            run.append(_KEY % (ts + _TS_OFFSET, count) + dumps(entry) + b"\n")
             count += 1
             if len(run) >= limit:
                 self._spill()
@@ -68,28 +80,23 @@ class Sorter:
         self.run.sort()
         path = self.tmp_dir / f"run-{len(self.runs):06d}"
         with path.open("wb") as fh:
-            fh.writelines(b"%d %d %s\n" % item for item in self.run)
+            fh.writelines(self.run)
         self.runs.append(path)
         self.run.clear()
 
     def sorted(self) -> Iterator[bytes]:
+        """Entry JSON lines (newline-terminated), in order."""
         if not self.runs:
             self.run.sort()
-            for _, _, data in self.run:
-                yield data
+            for line in self.run:
+                yield line[KEY_BYTES:]
             return
         if self.run:
             self._spill()
         with contextlib.ExitStack() as stack:
-            readers = [_read_run(stack.enter_context(p.open("rb"))) for p in self.runs]
-            for _, _, data in heapq.merge(*readers):
-                yield data
-
-
-def _read_run(fh: IO[bytes]) -> Iterator[tuple[int, int, bytes]]:
-    for line in fh:
-        ts, seq, data = line.split(b" ", 2)
-        yield int(ts), int(seq), data[:-1]
+            files = [stack.enter_context(p.open("rb")) for p in self.runs]
+            for line in heapq.merge(*files):
+                yield line[KEY_BYTES:]
 
 
 def flatten(metadata: dict[str, Any], prefix: str = "metadata.") -> dict[str, Any]:
@@ -113,17 +120,7 @@ def iso(ms: int) -> str:
 
 
 def write_jsonl(rows: Iterator[bytes], out: IO[bytes]) -> None:
-    buffer: list[bytes] = []
-    size = 0
-    for data in rows:
-        buffer.append(data)
-        size += len(data)
-        if size >= WRITE_CHUNK:
-            out.write(b"\n".join(buffer) + b"\n")
-            buffer.clear()
-            size = 0
-    if buffer:
-        out.write(b"\n".join(buffer) + b"\n")
+    out.writelines(rows)
 
 
 def write_csv(rows: Iterator[bytes], out: IO[bytes], metadata_keys: set[str]) -> None:

@@ -26,25 +26,46 @@ def parse_by(text: str) -> tuple[str, ...]:
     return dims
 
 
-def _day(entry: dict[str, Any]) -> str:
-    ts = entry.get("timestamp")
-    if type(ts) is not int:
-        return "(no time)"
-    return datetime.datetime.fromtimestamp(ts / 1000, datetime.UTC).date().isoformat()
+def _day_key() -> Callable[[dict[str, Any]], str]:
+    days: dict[int, str] = {}  # a day's name is made once, not once per entry
+
+    def day(entry: dict[str, Any]) -> str:
+        ts = entry.get("timestamp")
+        if type(ts) is not int:
+            return "(no time)"
+        index = ts // 86_400_000
+        name = days.get(index)
+        if name is None:
+            name = days[index] = (
+                datetime.datetime.fromtimestamp(index * 86_400, datetime.UTC).date().isoformat()
+            )
+        return name
+
+    return day
 
 
 def _task(entry: dict[str, Any]) -> str:
     metadata = entry.get("metadata")
-    task = metadata.get("taskId") if isinstance(metadata, dict) else None
-    return task if isinstance(task, str) else NO_TASK
+    task = metadata.get("taskId") if type(metadata) is dict else None
+    return task if type(task) is str else NO_TASK
 
 
-_KEYS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "user": lambda e: str(e.get("userId")),
-    "action": lambda e: str(e.get("action")),
-    "task": _task,
-    "day": _day,
-}
+def _text(field: str) -> Callable[[dict[str, Any]], str]:
+    def get(entry: dict[str, Any]) -> str:
+        value = entry.get(field)
+        return value if type(value) is str else str(value)
+
+    return get
+
+
+def _key_functions(by: tuple[str, ...]) -> list[Callable[[dict[str, Any]], str]]:
+    made: dict[str, Callable[[], Callable[[dict[str, Any]], str]]] = {
+        "user": lambda: _text("userId"),
+        "action": lambda: _text("action"),
+        "task": lambda: _task,
+        "day": _day_key,
+    }
+    return [made[d]() for d in by]
 
 
 @dataclasses.dataclass
@@ -83,21 +104,23 @@ class Totals:
         }
 
 
-def totals(entries: Iterable[dict[str, Any]], by: tuple[str, ...]) -> Totals:
-    keys = [_KEYS[d] for d in by]
+def totals(lists: Iterable[list[dict[str, Any]]], by: tuple[str, ...]) -> Totals:
+    """Count and sum every entry of every list (one list per batch file)."""
+    keys = _key_functions(by)
     groups: dict[tuple[str, ...], Group] = {}
     count = duration_sum = 0
-    for entry in entries:
-        key = tuple(k(entry) for k in keys)
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = Group()
-        metadata = entry.get("metadata")
-        duration = metadata.get("duration", 0) if isinstance(metadata, dict) else 0
-        if type(duration) is not int or duration < 0:
-            duration = 0  # validate reports such an entry; here it counts, with no time
-        group.entries += 1
-        group.duration_ms += duration
-        count += 1
-        duration_sum += duration
+    for entries in lists:
+        for entry in entries:
+            key = tuple([k(entry) for k in keys])
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = Group()
+            metadata = entry.get("metadata")
+            duration = metadata.get("duration", 0) if type(metadata) is dict else 0
+            if type(duration) is not int or duration < 0:
+                duration = 0  # validate reports such an entry; here it counts, with no time
+            group.entries += 1
+            group.duration_ms += duration
+            duration_sum += duration
+        count += len(entries)
     return Totals(by, groups, count, duration_sum)

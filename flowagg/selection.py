@@ -73,14 +73,14 @@ class Unreadable:
     reason: str
 
 
-def iter_entries(
+def iter_entry_lists(
     files: list[BatchPath],
     selection: Selection,
     unreadable: list[Unreadable],
     *,
     on_file: Callable[[], None] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """The selected entries of every file, file by file, each file's in stored order.
+) -> Iterator[list[dict[str, Any]]]:
+    """The selected entries of every file, one list per file, each in stored order.
 
     A file that cannot be read or parsed goes to `unreadable` (`flowagg validate` says why
     in detail); its entries are not guessed at.
@@ -100,6 +100,7 @@ def iter_entries(
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             unreadable.append(Unreadable(str(bp.path), f"not a batch ({exc})"))
             continue
-        for entry in entries:
-            if isinstance(entry, dict) and (match is None or match(entry)):
-                yield entry
+        if match is None:
+            yield [e for e in entries if type(e) is dict]
+        else:
+            yield [e for e in entries if type(e) is dict and match(e)]

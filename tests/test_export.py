@@ -113,7 +113,7 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
 def test_sorter_spills_runs_and_merges_in_order(tmp_path: Path) -> None:
     entries = [make_entry(i) for i in range(5000)]
     sorter = Sorter(run_entries=1000, tmp_dir=tmp_path)
-    sorter.add_all(entries)
+    sorter.add_all([entries[:2500], entries[2500:]])
     merged = [orjson.loads(x) for x in sorter.sorted()]
     assert len(list(tmp_path.glob("run-*"))) == 5
     assert merged == sorted(entries, key=lambda e: e["timestamp"])
