@@ -4,6 +4,7 @@ change a file under the root."""
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -220,6 +221,8 @@ def export(
         if not output:
             fail("--format parquet writes a binary file: give -o FILE", EXIT_USAGE)
         parquet_modules()
+    if output and not Path(output).absolute().parent.is_dir():
+        fail(f"-o {output}: its folder does not exist; create it or pick another", EXIT_USAGE)
     selection = _selection(since, until, users, actions)
     files = list_batch_files(layout, include_failed=include_failed)
     unreadable: list[Unreadable] = []
@@ -242,8 +245,13 @@ def export(
             with atomic_output(Path(output)) as fh:
                 write(fh)
         else:
-            write(sys.stdout.buffer)
-            sys.stdout.buffer.flush()
+            try:
+                write(sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                # The reader stopped early (`| head`): not an error of the data root.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(1)
     _warn_unreadable(unreadable)
     if sorter.skipped:
         click.echo(

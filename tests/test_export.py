@@ -175,3 +175,10 @@ def test_report_table_top_and_usage(tmp_path: Path) -> None:
     bad = cli(r.layout.root, "report", "--by", "user,weekday")
     assert bad.returncode == 2
     assert b"group by one or more of user, action, task, day" in bad.stderr
+
+
+def test_export_to_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
+    r = standard_root(tmp_path / "root")
+    result = cli(r.layout.root, "export", "-o", str(tmp_path / "nope" / "out.jsonl"))
+    assert result.returncode == 2
+    assert b"its folder does not exist" in result.stderr
