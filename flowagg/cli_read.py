@@ -86,7 +86,9 @@ def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
     )
     with progress(len(files), "validating") as advance:
         if full:
-            summary = _validate_full(layout, checker, files, advance)
+            summary = _validate_full(
+                layout, checker, files, advance, config.values["retainBatchesMs"]
+            )
         else:
             summary = checker.check_all(files, on_file=advance)
     if as_json:
@@ -102,7 +104,11 @@ def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
 
 
 def _validate_full(
-    layout: Layout, checker: FileChecker, files: list[BatchPath], advance: Callable[[], None]
+    layout: Layout,
+    checker: FileChecker,
+    files: list[BatchPath],
+    advance: Callable[[], None],
+    retention_ms: int,
 ) -> Summary:
     from .health import running_pid
     from .validate_full import CrossCheck
@@ -111,7 +117,8 @@ def _validate_full(
         cross = CrossCheck(layout, checker.report, Path(tmp))
         try:
             summary = checker.check_all(files, cross.add, advance)
-            summary.notes.extend(cross.finish(journal=running_pid(layout) is None))
+            notes = cross.finish(journal=running_pid(layout) is None, retention=retention_ms > 0)
+            summary.notes.extend(notes)
         finally:
             cross.close()
     return summary

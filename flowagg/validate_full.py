@@ -20,6 +20,7 @@ from pathlib import Path
 from .batchread import find_batch_file
 from .journal_view import iter_waiting, view
 from .layout import Layout
+from .recovery import BATCH_ID_RE
 from .validate import Finding, GoodBatch
 
 CACHE_KIB = 8192
@@ -75,15 +76,19 @@ class CrossCheck:
         self.db.executemany("INSERT INTO ids VALUES (?, ?, ?)", self._rows)
         self._rows.clear()
 
-    def finish(self, *, journal: bool) -> list[str]:
-        """Run the checks; returns notes (what was not checked, and why)."""
+    def finish(self, *, journal: bool, retention: bool) -> list[str]:
+        """Run the checks; returns notes (what was not checked, and why).
+
+        `retention`: retainBatchesMs is set, so the batch of the last done record may have
+        been deleted on purpose.
+        """
         self._flush_rows()
         self.db.execute("COMMIT")
         self._duplicate_entries()
         self._batch_order()
         notes: list[str] = []
         if journal:
-            self._journal()
+            self._journal(retention=retention)
         else:
             notes.append(
                 "journal not compared: a daemon is running on this root and moves it;"
@@ -152,11 +157,14 @@ class CrossCheck:
                     )
             prev = row
 
-    def _journal(self) -> None:
+    def _journal(self, *, retention: bool) -> None:
         journal = view(self.layout.journal)
+        done_batch = journal.done_batch
         if (
-            journal.done_batch is not None
-            and find_batch_file(self.layout, journal.done_batch) is None
+            not retention
+            and isinstance(done_batch, str)
+            and BATCH_ID_RE.fullmatch(done_batch)
+            and find_batch_file(self.layout, done_batch) is None
         ):
             self.report(
                 Finding(
