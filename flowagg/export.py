@@ -103,13 +103,13 @@ def flatten(metadata: dict[str, Any], prefix: str = "metadata.") -> dict[str, An
     """Nested objects as dotted columns; arrays as JSON text (a column holds one value)."""
     out: dict[str, Any] = {}
     for key, value in metadata.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        elif isinstance(value, dict | list):
-            out[name] = orjson.dumps(value).decode()
+        kind = type(value)
+        if kind is dict and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        elif kind is dict or kind is list:
+            out[prefix + key] = orjson.dumps(value).decode()
         else:
-            out[name] = value
+            out[prefix + key] = value
     return out
 
 
@@ -125,18 +125,25 @@ def write_jsonl(rows: Iterator[bytes], out: IO[bytes]) -> None:
 
 def write_csv(rows: Iterator[bytes], out: IO[bytes], metadata_keys: set[str]) -> None:
     columns = [*BASE_COLUMNS, *sorted(metadata_keys)]
+    position = {name: i for i, name in enumerate(columns)}
+    blank = [""] * len(columns)
     text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=False)
-    writer = csv.DictWriter(text, columns, restval="", extrasaction="ignore")
-    writer.writeheader()
+    writer = csv.writer(text)
+    writer.writerow(columns)
+    loads = orjson.loads
     for data in rows:
-        entry = orjson.loads(data)
+        entry = loads(data)
+        row = blank.copy()
+        ts = entry["timestamp"]
+        row[0] = entry.get("entryId", "")
+        row[1] = entry.get("userId", "")
+        row[2] = entry.get("action", "")
+        row[3] = ts
+        row[4] = iso(ts)
         metadata = entry.get("metadata")
-        row = flatten(metadata) if isinstance(metadata, dict) else {}
-        row["entryId"] = entry.get("entryId", "")
-        row["userId"] = entry.get("userId", "")
-        row["action"] = entry.get("action", "")
-        row["timestamp"] = entry["timestamp"]
-        row["time"] = iso(entry["timestamp"])
+        if type(metadata) is dict:
+            for name, value in flatten(metadata).items():
+                row[position[name]] = value
         writer.writerow(row)
     text.flush()
     text.detach()

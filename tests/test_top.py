@@ -171,3 +171,16 @@ def test_diagnostics_live(writer: tuple[Path, threading.Event]) -> None:
     assert doc["health"]["status"] in ("healthy", "degraded")
     text = cli(root, "diagnostics").stdout.decode()
     assert "(live)" in text and "add latency: p50" in text
+
+
+def test_rich_is_not_loaded_by_add_or_the_daemon() -> None:
+    code = (
+        "import sys, flowagg.cli, flowagg.daemon;"
+        " from click.testing import CliRunner;"
+        " CliRunner().invoke(flowagg.cli.main, ['--root', '/nonexistent', 'add', '{}']);"
+        " print(sorted(m for m in sys.modules if m.split('.')[0] == 'rich'))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), check=True
+    )
+    assert done.stdout.strip() == "[]"
