@@ -65,19 +65,18 @@ def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
     layout = Layout.for_config(config)
     _require_root(layout)
     files = list_batch_files(layout)
-    out = sys.stdout
     first = True
 
     def report(finding: Finding) -> None:
         nonlocal first
         if as_json:
-            out.write(("" if first else ",\n") + orjson.dumps(finding.as_dict()).decode())
+            sys.stdout.write(("" if first else ",\n") + orjson.dumps(finding.as_dict()).decode())
         else:
-            out.write(finding.line() + "\n")
+            sys.stdout.write(finding.line() + "\n")
         first = False
 
     if as_json:
-        out.write('{"findings": [\n')
+        sys.stdout.write('{"findings": [\n')
     checker = FileChecker(
         layout.root,
         now_ms=SystemClock().now_ms(),
@@ -92,7 +91,7 @@ def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
         else:
             summary = checker.check_all(files, on_file=advance)
     if as_json:
-        out.write(
+        sys.stdout.write(
             "\n],\n"
             + f'"ok": {"false" if summary.findings else "true"},\n"summary": '
             + orjson.dumps(summary.as_dict() | {"full": full}).decode()

@@ -16,7 +16,7 @@ import psutil
 from .batchread import FAILED, list_batch_files
 from .errors import DaemonError, NotRunningError
 from .health import read_latest
-from .journal_view import iter_waiting, view
+from .journal_view import JournalView, Waiting, iter_waiting, view
 from .layout import Layout
 
 LOG_TAIL_BYTES = 64 * 1024
@@ -105,7 +105,7 @@ def pending(layout: Layout, now_ms: int) -> dict[str, Any]:
     }
 
 
-def _waiting(journal: Any) -> Iterator[Any]:
+def _waiting(journal: JournalView) -> Iterator[Waiting]:
     try:
         yield from iter_waiting(journal)
     except OSError:

@@ -82,7 +82,6 @@ class Summary:
 class GoodBatch:
     """What the checks across files need from one file that passed."""
 
-    bp: BatchPath
     shown: str
     batch_id: str
     doc: dict[str, Any]
@@ -117,7 +116,7 @@ class FileChecker:
             self.summary.files[bp.kind] += 1
             doc = self._check(bp, shown, data)
             if doc is not None and on_good is not None:
-                on_good(GoodBatch(bp, shown, doc["batchId"], doc))
+                on_good(GoodBatch(shown, doc["batchId"], doc))
         return self.summary
 
     def _check(self, bp: BatchPath, shown: str, data: bytes | OSError) -> dict[str, Any] | None:
