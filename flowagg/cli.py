@@ -493,3 +493,6 @@ def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -
         return "\n".join(lines)
 
     emit(result, as_json, human)
+
+
+from . import cli_read  # noqa: E402, F401  (registers the read commands on main)

@@ -26,13 +26,13 @@ class TooLarge(ValueError):
     pass
 
 
-def zstd_module() -> ModuleType:
+def zstd_module(needed_for: str = "batchCompression = zstd") -> ModuleType:
     try:
         import zstandard
     except ImportError:
         raise ConfigError(
-            "batchCompression = zstd needs the zstandard package: pip install 'flowagg[zstd]'"
-            " (or choose gzip, which needs nothing)"
+            f"{needed_for} needs the zstandard package: pip install 'flowagg[zstd]'"
+            + (" (or choose gzip, which needs nothing)" if needed_for.startswith("batch") else "")
         ) from None
     return zstandard
 
@@ -46,7 +46,9 @@ def compress(kind: str, data: bytes) -> bytes:
     return data
 
 
-def decompress(name: str, data: bytes, limit: int = MAX_INFLATED) -> bytes:
+def decompress(
+    name: str, data: bytes, limit: int = MAX_INFLATED, *, needed_for: str = "reading .zst files"
+) -> bytes:
     """The JSON of a batch file named `name`; ValueError when it does not inflate."""
     if name.endswith(".gz"):
         try:
@@ -60,7 +62,7 @@ def decompress(name: str, data: bytes, limit: int = MAX_INFLATED) -> bytes:
             raise ValueError("truncated gzip stream")
         return out
     if name.endswith(".zst"):
-        zstandard = zstd_module()
+        zstandard = zstd_module(needed_for)
         try:
             if zstandard.frame_content_size(data) > limit:
                 raise TooLarge(f"inflates past {limit} bytes")

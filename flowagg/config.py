@@ -75,6 +75,9 @@ SETTINGS: dict[str, Setting] = {
     "retainBatchesMs": Setting(
         0, int, 0, 36500 * DAY_MS, "delete completed batches older than this (0 keeps them)"
     ),
+    "exportRunEntries": Setting(
+        50_000, int, 1000, 10_000_000, "entries export sorts in memory before spilling a run"
+    ),
     "spoolRescanMs": Setting(2_000, int, 10, DAY_MS, "inbox rescan interval (events can be lost)"),
     "journalSegmentBytes": Setting(64 << 20, int, 4096, 1 << 34, "journal segment size"),
     "logMaxBytes": Setting(10 << 20, int, 4096, 1 << 34, "log size before rotation"),

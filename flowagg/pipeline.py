@@ -444,6 +444,7 @@ class Pipeline:
                 "busy": self.counters["busy"],
                 "journalErrors": self.counters["journalErrors"],
                 "batches": dict(self.batches_by_trigger),
+                "storedEntries": self.stored_entries,
             },
             "journal": journal_status(self.writer, self.last_journal_error),
             "flusher": flusher_status(self.flusher),

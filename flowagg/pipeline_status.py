@@ -53,7 +53,9 @@ def flusher_status(flusher: Flusher | None) -> dict[str, Any]:
 def latency_status(add: deque[float], flush: deque[float]) -> dict[str, float | None]:
     return {
         "addP50": _ms(percentile(add, 0.5)),
+        "addP95": _ms(percentile(add, 0.95)),
         "addP99": _ms(percentile(add, 0.99)),
         "flushP50": _ms(percentile(flush, 0.5)),
+        "flushP95": _ms(percentile(flush, 0.95)),
         "flushP99": _ms(percentile(flush, 0.99)),
     }

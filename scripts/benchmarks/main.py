@@ -17,6 +17,7 @@ import orjson
 
 from . import memory
 from .common import LIVE_DAEMONS, Bench, ClientPool, median, snapshot_flowagg
+from .data import data_figures, data_notes, data_rows
 from .flush import flush_latency
 from .group_commit import group_commit
 from .hostile import hostile
@@ -129,6 +130,12 @@ def main() -> int:
         choices=FIGURES,
         help="run only this figure (repeatable); the others show n/a",
     )
+    parser.add_argument(
+        "--data",
+        action="store_true",
+        help="only the read commands (validate, export, report) on 1,000,000 stored entries"
+        " (--quick: 100,000)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers to PATH")
     parser.add_argument(
         "--dir", metavar="DIR", help="parent of the temp directory (the disk under test)"
@@ -160,7 +167,10 @@ def main() -> int:
         bench = Bench(args, Path(tmp_name))
         bench.notes["flowagg"] = snapshot_flowagg(bench.tmp / "src", args.rev)
         try:
-            run(bench)
+            if args.data:
+                bench.section("data", lambda: data_figures(bench))
+            else:
+                run(bench)
         except KeyboardInterrupt:
             print("bench: interrupted", file=sys.stderr)
             return 130
@@ -188,10 +198,10 @@ def main() -> int:
         )
     )
     print()
-    print(render(build_rows(bench)))
+    print(render(data_rows(bench) if args.data else build_rows(bench)))
     print()
     print("Notes:")
-    for line in notes(bench).split("\n"):
+    for line in (data_notes(bench) if args.data else notes(bench)).split("\n"):
         print(f"- {line}")
     if bench.errors:
         print()

@@ -1,0 +1,377 @@
+"""The read commands of SPEC §8 (validate, export, report, diagnostics, top), registered on the
+`main` group. They work with or without a running daemon, never take its lock and never
+change a file under the root."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import orjson
+
+from .cli import client_layout, fail, get_config, handles_errors, main
+from .clock import SystemClock
+from .errors import EXIT_USAGE
+from .export import FORMATS
+from .layout import Layout
+
+if TYPE_CHECKING:
+    from .batchread import BatchPath
+    from .selection import Selection, Unreadable
+    from .validate import FileChecker, Summary
+
+# The modules behind each command are imported inside it: `flowagg add` loads this module too.
+
+
+def _require_root(layout: Layout) -> None:
+    if not layout.root.is_dir():
+        fail(
+            f"data root {layout.root} does not exist; pass --root or set FLOWAGG_ROOT",
+            EXIT_USAGE,
+        )
+
+
+def _root_layout(ctx: click.Context) -> Layout:
+    """The root alone: a mistake in the daemon's config file does not stop a reader."""
+    layout = client_layout(ctx)
+    _require_root(layout)
+    return layout
+
+
+@main.command()
+@click.option("--full", is_flag=True, help="also check across files and against the journal")
+@click.option("--json", "as_json", is_flag=True, help="findings and summary as JSON")
+@click.pass_context
+@handles_errors
+def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
+    """Check every batch file in aggregated/, recovery/ and recovery/abandoned/.
+
+    \b
+    Each file: parses, has the batch shape and version, its name matches its batchId,
+    entryCount and entriesSha256 match, every entry passes the entry rules.
+    --full: no entryId twice across files, batch ids unique and ordered, the journal
+    agrees with the files. One line per finding. Exit 0 clean, 1 findings, 2 usage.
+    """
+    from .batchread import list_batch_files
+    from .readout import progress
+    from .validate import FileChecker, Finding
+
+    config = get_config(ctx)
+    layout = Layout.for_config(config)
+    _require_root(layout)
+    files = list_batch_files(layout)
+    first = True
+
+    def report(finding: Finding) -> None:
+        nonlocal first
+        if as_json:
+            sys.stdout.write(("" if first else ",\n") + orjson.dumps(finding.as_dict()).decode())
+        else:
+            sys.stdout.write(finding.line() + "\n")
+        first = False
+
+    if as_json:
+        sys.stdout.write('{"findings": [\n')
+    checker = FileChecker(
+        layout.root,
+        now_ms=SystemClock().now_ms(),
+        max_entry_bytes=config.values["maxEntryBytes"],
+        report=report,
+    )
+    with progress(len(files), "validating") as advance:
+        if full:
+            summary = _validate_full(
+                layout, checker, files, advance, config.values["retainBatchesMs"]
+            )
+        else:
+            summary = checker.check_all(files, on_file=advance)
+    if as_json:
+        sys.stdout.write(
+            "\n],\n"
+            + f'"ok": {"false" if summary.findings else "true"},\n"summary": '
+            + orjson.dumps(summary.as_dict() | {"full": full}).decode()
+            + "}\n"
+        )
+    else:
+        _summary_table(summary, full)
+    sys.exit(1 if summary.findings else 0)
+
+
+def _validate_full(
+    layout: Layout,
+    checker: FileChecker,
+    files: list[BatchPath],
+    advance: Callable[[], None],
+    retention_ms: int,
+) -> Summary:
+    from .health import running_pid
+    from .validate_full import CrossCheck
+
+    with tempfile.TemporaryDirectory(prefix="flowagg-validate-") as tmp:
+        cross = CrossCheck(layout, checker.report, Path(tmp))
+        try:
+            summary = checker.check_all(files, cross.add, advance)
+            notes = cross.finish(journal=running_pid(layout) is None, retention=retention_ms > 0)
+            summary.notes.extend(notes)
+        finally:
+            cross.close()
+    return summary
+
+
+def _summary_table(summary: Summary, full: bool) -> None:
+    from .readout import table
+
+    d = summary.as_dict()
+    rows: list[list[Any]] = [[f"{k} files", f"{v:,}"] for k, v in d["files"].items()]
+    rows.append(["entries", f"{d['entries']:,}"])
+    rows.append(["files with findings", f"{d['badFiles']:,}"])
+    rows += [[f"finding: {what}", f"{n:,}"] for what, n in d["findings"].items()]
+    title = "validate --full" if full else "validate"
+    verdict = "clean" if not d["findingCount"] else f"{d['findingCount']:,} findings"
+    table(f"{title}: {verdict}", ["what", "count"], rows, right={1})
+    for note in d["notes"]:
+        click.echo(f"note: {note}")
+
+
+def _selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option("--since", help="from this time on: 7d, 2024-01-31, ISO time, epoch ms"),
+            click.option("--until", help="before this time (same forms as --since)"),
+            click.option("--user", "users", multiple=True, help="only this userId (repeatable)"),
+            click.option(
+                "--action", "actions", multiple=True, help="only this action (repeatable)"
+            ),
+            click.option(
+                "--include-failed",
+                is_flag=True,
+                help="also the batches in recovery/ and recovery/abandoned/",
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _selection(
+    since: str | None, until: str | None, users: tuple[str, ...], actions: tuple[str, ...]
+) -> Selection:
+    from .selection import Selection, parse_when
+
+    now = SystemClock().now_ms()
+    return Selection(
+        since_ms=parse_when(since, now_ms=now, option="--since") if since else None,
+        until_ms=parse_when(until, now_ms=now, option="--until") if until else None,
+        users=frozenset(users),
+        actions=frozenset(actions),
+    )
+
+
+def _warn_unreadable(unreadable: list[Unreadable]) -> None:
+    for item in unreadable:
+        click.echo(f"flowagg: skipped {item.file}: {item.reason}", err=True)
+    if unreadable:
+        click.echo(
+            f"flowagg: {len(unreadable)} batch files could not be read, their entries are"
+            " missing above; run `flowagg validate` for details",
+            err=True,
+        )
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="write here (atomically)")
+@_selection_options
+@click.pass_context
+@handles_errors
+def export(
+    ctx: click.Context,
+    fmt: str,
+    output: str | None,
+    since: str | None,
+    until: str | None,
+    users: tuple[str, ...],
+    actions: tuple[str, ...],
+    include_failed: bool,
+) -> None:
+    """Stored entries in timestamp order as JSON lines, CSV or Parquet (stdout or -o FILE).
+
+    \b
+    CSV: entryId, userId, action, timestamp (ms), time (ISO-8601 UTC), then one
+    metadata.<key> column per key (nested keys dotted, arrays as JSON).
+    Parquet (needs the parquet extra, and -o): entryId, userId, action, timestamp,
+    sessionId, taskId, duration, metadata (JSON text).
+    Exit 0, 1 when some batch files could not be read (named on stderr), 2 usage.
+    """
+    from .batchread import list_batch_files
+    from .export import (
+        Sorter,
+        atomic_output,
+        parquet_modules,
+        write_csv,
+        write_jsonl,
+        write_parquet,
+    )
+    from .readout import progress
+    from .selection import iter_entry_lists
+
+    config = get_config(ctx)
+    layout = Layout.for_config(config)
+    _require_root(layout)
+    if fmt == "parquet":
+        if not output:
+            fail("--format parquet writes a binary file: give -o FILE", EXIT_USAGE)
+        parquet_modules()
+    if output and not Path(output).absolute().parent.is_dir():
+        fail(f"-o {output}: its folder does not exist; create it or pick another", EXIT_USAGE)
+    selection = _selection(since, until, users, actions)
+    files = list_batch_files(layout, include_failed=include_failed)
+    unreadable: list[Unreadable] = []
+    with tempfile.TemporaryDirectory(prefix="flowagg-export-") as tmp:
+        sorter = Sorter(config.values["exportRunEntries"], Path(tmp))
+        sorter.collect_keys = fmt == "csv"
+        with progress(len(files), "reading") as advance:
+            sorter.add_all(iter_entry_lists(files, selection, unreadable, on_file=advance))
+
+        def write(out: Any) -> None:
+            rows = sorter.sorted()
+            if fmt == "jsonl":
+                write_jsonl(rows, out)
+            elif fmt == "csv":
+                write_csv(rows, out, sorter.metadata_keys)
+            else:
+                write_parquet(rows, out)
+
+        if output:
+            with atomic_output(Path(output)) as fh:
+                write(fh)
+        else:
+            try:
+                write(sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                # The reader stopped early (`| head`): not an error of the data root.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(1)
+    _warn_unreadable(unreadable)
+    if sorter.skipped:
+        click.echo(
+            f"flowagg: {sorter.skipped} entries without an integer timestamp were left out;"
+            " run `flowagg validate` to find them",
+            err=True,
+        )
+    if output:
+        click.echo(f"exported {sorter.count:,} entries to {output}", err=True)
+    sys.exit(1 if unreadable or sorter.skipped else 0)
+
+
+@main.command()
+@click.option(
+    "--by", "by_text", default="user", show_default=True, help="user, action, task, day or a list"
+)
+@click.option("--top", type=click.IntRange(min=1), help="only the N largest groups")
+@click.option("--json", "as_json", is_flag=True)
+@_selection_options
+@click.pass_context
+@handles_errors
+def report(
+    ctx: click.Context,
+    by_text: str,
+    top: int | None,
+    as_json: bool,
+    since: str | None,
+    until: str | None,
+    users: tuple[str, ...],
+    actions: tuple[str, ...],
+    include_failed: bool,
+) -> None:
+    """Entry counts and summed metadata.duration per group, longest first.
+
+    \b
+    --by user|action|task|day, or several comma-separated (--by user,day).
+    Durations are ms in --json, h:mm:ss in the table. Exit 0, 1 when some batch files
+    could not be read (named on stderr), 2 usage.
+    """
+    from .batchread import list_batch_files
+    from .readout import hms, progress, table
+    from .report import parse_by, totals
+    from .selection import iter_entry_lists
+
+    try:
+        by = parse_by(by_text)
+    except ValueError as exc:
+        fail(f"--by {exc}", EXIT_USAGE)
+    layout = _root_layout(ctx)
+    selection = _selection(since, until, users, actions)
+    files = list_batch_files(layout, include_failed=include_failed)
+    unreadable: list[Unreadable] = []
+    with progress(len(files), "reading") as advance:
+        result = totals(iter_entry_lists(files, selection, unreadable, on_file=advance), by)
+    if as_json:
+        doc = result.as_dict(top) | {"unreadableFiles": [u.file for u in unreadable]}
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        rows = [[*key, f"{g.entries:,}", hms(g.duration_ms)] for key, g in result.ranked(top)]
+        rows.append(
+            ["total", *[""] * (len(by) - 1), f"{result.entries:,}", hms(result.duration_ms)]
+        )
+        shown = f"top {top} of {len(result.groups):,}" if top else f"{len(result.groups):,}"
+        table(
+            f"time by {', '.join(by)} ({shown} groups)",
+            [*by, "entries", "duration"],
+            rows,
+            right={len(by), len(by) + 1},
+        )
+    _warn_unreadable(unreadable)
+    sys.exit(1 if unreadable else 0)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def diagnostics(ctx: click.Context, as_json: bool) -> None:
+    """One page for slow processing: latencies, batch success, retries, breaker, queues,
+    oldest pending entry, disk use per folder, journal, recent log errors.
+
+    Live from the daemon when it runs, from the files otherwise. Exit 0, 2 no such root.
+    """
+    from .diagnostics import gather
+    from .readout import diagnostics_text
+
+    layout = _root_layout(ctx)
+    doc = gather(layout, SystemClock().now_ms())
+    if as_json:
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(diagnostics_text(doc))
+
+
+@main.command()
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="seconds between refreshes",
+)
+@click.pass_context
+@handles_errors
+def top(ctx: click.Context, interval: float) -> None:
+    """A live view of the running daemon: rates, buffer, latencies, queues, breaker, health.
+
+    Press q to quit. When stdout is not a terminal, prints one frame and exits.
+    Exit 0, 3 no daemon runs.
+    """
+    from .top import live, one_frame
+
+    layout = client_layout(ctx)
+    if sys.stdout.isatty():
+        live(layout, interval)
+    else:
+        click.echo(one_frame(layout, interval))

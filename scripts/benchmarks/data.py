@@ -1,0 +1,194 @@
+"""`--data`: the read commands on a large root (validate, validate --full, export, report).
+
+A root of N entries in N/50 batch files is written directly in the SPEC batch format (with
+correct entriesSha256), timestamps shuffled so export has to sort across batches. Each
+command runs as a `python -m flowagg` subprocess (the snapshot of the run), timed from spawn
+to exit, its RSS polled every 20 ms; beside it, in the same repeat, a bare loop of
+`orjson.loads` over the same files in this process: the floor of any reader in Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+
+from .common import BASE_TS, Bench, RssSampler, clean_env
+
+PER_FILE = 50
+RATIO_GOAL = 0.5
+RSS_GOAL_MB = 100.0
+SPAN_MS = 90 * 86_400_000  # timestamps spread over 90 days
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    key: str
+    label: str
+    args: tuple[str, ...]
+
+
+def commands(out_dir: Path) -> list[Command]:
+    return [
+        Command("validate", "validate", ("validate",)),
+        Command("validate_full", "validate --full", ("validate", "--full")),
+        Command(
+            "export_jsonl",
+            "export jsonl",
+            ("export", "--format", "jsonl", "-o", str(out_dir / "out.jsonl")),
+        ),
+        Command(
+            "export_csv",
+            "export csv",
+            ("export", "--format", "csv", "-o", str(out_dir / "out.csv")),
+        ),
+        Command("report", "report --by user,day", ("report", "--by", "user,day", "--json")),
+    ]
+
+
+def data_sizes(b: Bench) -> int:
+    return 100_000 if b.args.quick else 1_000_000
+
+
+def build_root(root: Path, entries: int) -> None:
+    """Batch files as the daemon writes them: ids `<arrival ms>_<seq>`, compact entries."""
+    aggregated = root / "aggregated"
+    for sub in ("inbox", "journal", "aggregated", "recovery/abandoned", "recovery/errors"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)
+    rng = random.Random(16)
+    seq = 1
+    for f in range(entries // PER_FILE):
+        arrival = BASE_TS + f * 1000
+        batch_id = f"{arrival:013d}_{seq:012d}"
+        items = []
+        for k in range(PER_FILE):
+            i = seq + k
+            items.append(
+                orjson.dumps(
+                    {
+                        "userId": f"user{i % 40:02d}",
+                        "action": ("code_edit", "review", "meeting", "build")[i % 4],
+                        "timestamp": BASE_TS + rng.randrange(SPAN_MS),
+                        "metadata": {
+                            "sessionId": f"s{i // 500}",
+                            "taskId": f"task-{i % 97}",
+                            "duration": 1000 + i % 3600_000,
+                        },
+                        "entryId": f"{i:08x}-0000-4000-8000-{i:012x}",
+                    }
+                )
+            )
+        array = b"[" + b",".join(items) + b"]"
+        head = orjson.dumps(
+            {"batchId": batch_id, "timestamp": arrival, "version": "2.0.0", "trigger": "size"}
+        )
+        tail = orjson.dumps(
+            {
+                "entryCount": len(items),
+                "entriesSha256": hashlib.sha256(array).hexdigest(),
+                "recovered": False,
+            }
+        )
+        body = head[:-1] + b',"entries":' + array + b"," + tail[1:]
+        (aggregated / f"batch_{batch_id}.json").write_bytes(body)
+        seq += PER_FILE
+
+
+def bare_loop(root: Path) -> tuple[float, int]:
+    """(seconds, entries): list the folder, read and parse every file, count its entries."""
+    started = time.perf_counter()
+    count = 0
+    for path in sorted((root / "aggregated").iterdir()):
+        count += len(orjson.loads(path.read_bytes())["entries"])
+    return time.perf_counter() - started, count
+
+
+def run_command(root: Path, cmd: Command) -> tuple[float, float]:
+    """(seconds from spawn to exit, peak RSS in MB) of one `flowagg` command."""
+    args = [sys.executable, "-m", "flowagg", "--root", str(root), *cmd.args]
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env()
+    )
+    sampler = RssSampler(psutil.Process(proc.pid), interval=0.02)
+    sampler.start()
+    _, err = proc.communicate(timeout=1800)
+    seconds = time.perf_counter() - started
+    peak = sampler.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"flowagg {' '.join(cmd.args)} exited {proc.returncode}: {err[-500:]!r}")
+    return seconds, peak
+
+
+def data_figures(b: Bench) -> None:
+    entries = data_sizes(b)
+    root = b.fresh_dir("data")
+    b.progress(f"--data: writing {entries:,} entries in {entries // PER_FILE:,} batch files")
+    started = time.monotonic()
+    build_root(root, entries)
+    b.notes["data_build_s"] = round(time.monotonic() - started, 1)
+    out_dir = b.fresh_dir("data-out")
+    out_dir.mkdir()
+    bare_loop(root)  # the first pass reads the disk; every timed one finds the page cache warm
+    for rep in range(1, b.args.repeats + 1):
+        for cmd in commands(out_dir):
+            b.progress(f"--data run {rep}: {cmd.label}")
+            seconds, count = bare_loop(root)
+            if count != entries:
+                raise RuntimeError(f"the root holds {count} entries, not {entries}")
+            base_rate = entries / seconds
+            b.record(f"data.{cmd.key}.bare", base_rate)
+            b.record("data.bare", base_rate)
+            cmd_seconds, peak = run_command(root, cmd)
+            rate = entries / cmd_seconds
+            b.record(f"data.{cmd.key}.rate", rate)
+            b.record(f"data.{cmd.key}.ratio", rate / base_rate)
+            b.record(f"data.{cmd.key}.rss", peak)
+    b.notes["data_entries"] = entries
+
+
+def data_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
+    from .report import at_least, below, fmt, fmt_rate, verdict
+
+    m = b.med
+    entries = b.notes.get("data_entries", data_sizes(b))
+    rows = []
+    for cmd in commands(Path("out")):
+        ratio = m(f"data.{cmd.key}.ratio")
+        rss = m(f"data.{cmd.key}.rss")
+        ok_ratio, ok_rss = at_least(ratio, RATIO_GOAL), below(rss, RSS_GOAL_MB)
+        ok = None if ok_ratio is None or ok_rss is None else ok_ratio and ok_rss
+        rows.append(
+            (
+                f"flowagg {cmd.label}\n{entries:,} entries in {entries // PER_FILE:,} files",
+                f"{fmt_rate(m(f'data.{cmd.key}.rate'))}\npeak RSS {fmt(rss, ' MB', 1)}",
+                f"bare orjson.loads loop:\n{fmt_rate(m(f'data.{cmd.key}.bare'))}",
+                f"ratio {fmt(ratio)} (goal >= {RATIO_GOAL})\nRSS goal < {RSS_GOAL_MB:.0f} MB",
+                f"{verdict(ok)}\nratio {verdict(ok_ratio)}, RSS {verdict(ok_rss)}",
+            )
+        )
+    return rows
+
+
+def data_notes(b: Bench) -> str:
+    return "\n".join(
+        [
+            f"Every figure is the median of {b.args.repeats} run(s) (single runs: --json).",
+            f"root: written directly in the batch format (50 entries a file, ids in arrival"
+            f" order, timestamps shuffled over 90 days, unique entryIds) in"
+            f" {b.notes.get('data_build_s', 0)} s; no daemon runs, the journal is empty.",
+            "flowagg: `python -m flowagg --root R <command>` as a subprocess from spawn to"
+            " exit (interpreter start included), output to a file or /dev/null; peak RSS"
+            " polled every 20 ms. export uses the default exportRunEntries.",
+            "bare loop: in this process, list aggregated/, read and orjson.loads every file,"
+            " count its entries; timed right before each command, page cache warm for both.",
+        ]
+    )
