@@ -55,16 +55,18 @@ def test_batches_stored_before_their_done_record_are_not_written_again(root: Pat
     add(root, [entry(i, entryId=f"e{i}") for i in range(12)])  # two size batches + 2 buffered
     layout = Layout(root)
 
-    def done_records() -> int:  # the writer may be mid-line: count whole records only
+    def done_through() -> int:  # the writer may be mid-line: read whole records only
         lines = (
             ln for seg in list_segments(layout.journal) for ln in seg.read_bytes().splitlines(True)
         )
-        return sum((unframe(ln) or {}).get("k") == "d" for ln in lines)
+        records = (unframe(ln) or {} for ln in lines)
+        return max((r["q"] for r in records if r.get("k") == "d"), default=0)
 
-    # The add is answered once journaled; the flusher writes the batches just after.
-    wait_for(lambda: len(iter_batch_files(layout)) == 2 and done_records() == 2)
+    # The add is answered once journaled; the flusher writes the batches just after. Batches
+    # stored together share one done record, so wait for the one covering both (seq 10).
+    wait_for(lambda: len(iter_batch_files(layout)) == 2 and done_through() == 10)
     daemon.kill()
-    assert strip_done_records(layout) == 2
+    assert strip_done_records(layout) in (1, 2)
     daemon = start_daemon(root, SETTINGS)
     assert cli(root, "flush").returncode == 0
     assert daemon.stop() == 0
