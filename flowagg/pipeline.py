@@ -38,6 +38,7 @@ from .pipeline_status import (
     latency_status,
 )
 from .published import skip_published
+from .redact import Redactor
 from .spill import Spill
 from .storage import Batch
 from .supervise import Spawn, plain_thread
@@ -104,6 +105,7 @@ class Pipeline:
         self._next_retry_at = next_retry_at
         self._store = store
         self.aggregator = Aggregator(FlushPolicy.from_config(config))
+        self.redactor = Redactor(config.redact_keys, config.redact_patterns)
         self.dedupe: DedupeIndex | None = None
         self.window_clock = WindowClock(clock, 0)  # anchored on the journal at start
         self.pending_ids: set[str] = set()  # client ids being journaled, not yet in `dedupe`
@@ -173,6 +175,7 @@ class Pipeline:
         """Apply reloaded flush settings; the buffer is kept and re-checked at once."""
         self.config = config
         self.aggregator.policy = FlushPolicy.from_config(config)
+        self.redactor.reconfigure(config.redact_keys, config.redact_patterns)
         if self.flusher is not None:
             self.flusher.immediate_retries = config.immediate_retries
         if self.writer is not None:
@@ -196,13 +199,14 @@ class Pipeline:
         now = self.clock.now_ms()
         limit = self.config.max_entry_bytes
         new_id = self.ids.new
+        redact = self.redactor.metadata if self.redactor.active else None
         valid: list[Valid] = []
         rejected: list[dict[str, Any]] = []
         for index, raw in enumerate(raw_entries):
             try:
                 valid.append(
                     validate_entry_json(
-                        raw, index, now_ms=now, max_entry_bytes=limit, new_id=new_id
+                        raw, index, now_ms=now, max_entry_bytes=limit, new_id=new_id, redact=redact
                     )
                 )
             except EntryError as exc:
@@ -468,6 +472,8 @@ class Pipeline:
                 "rejected": self.counters["rejected"],
                 "busy": self.counters["busy"],
                 "journalErrors": self.counters["journalErrors"],
+                "redactedEntries": self.redactor.entries,
+                "redactedValues": self.redactor.values,
                 "batches": dict(self.batches_by_trigger),
             },
             "journal": journal_status(self.writer, self.last_journal_error),

@@ -1,0 +1,108 @@
+"""Redaction of entry metadata before it reaches the journal (SPEC §11).
+
+This runs for every valid entry on the event loop, so the common case (flat metadata, no
+matching key, no patterns) is one lower() and one set lookup per key. Only `metadata` is ever
+touched: `userId`, `action`, `timestamp` and `entryId` pass as they are. Values are replaced in
+place: the entries are the daemon's own parse of the request, nobody else holds them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .errors import ConfigError
+
+REDACTED = "[REDACTED]"
+DEFAULT_KEYS = (
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "apiKey",
+    "api_key",
+    "authorization",
+    "cookie",
+    "sessionToken",
+)
+
+
+def compile_patterns(patterns: Iterable[str], origin: str = "redactPatterns") -> re.Pattern[str]:
+    """One alternation of every pattern, so a string value is scanned once whatever their
+    number; a pattern that does not compile is refused with its text."""
+    checked = []
+    for text in patterns:
+        try:
+            re.compile(text)
+        except re.error as exc:
+            raise ConfigError(
+                f"redactPatterns ({origin}): {text!r} is not a regular expression ({exc}); fix it"
+            ) from None
+        if re.fullmatch(text, ""):
+            raise ConfigError(
+                f"redactPatterns ({origin}): {text!r} matches the empty string and would"
+                " redact between every character; anchor or tighten it"
+            )
+        checked.append(f"(?:{text})")
+    return re.compile("|".join(checked))
+
+
+class Redactor:
+    """Counts what it replaced; `reconfigure` keeps the counts across a reload."""
+
+    def __init__(self, keys: Iterable[str] = DEFAULT_KEYS, patterns: Iterable[str] = ()) -> None:
+        self.entries = 0  # entries with at least one redacted value
+        self.values = 0  # values (or pattern matches) replaced
+        self._keys: frozenset[str] = frozenset()
+        self._sub: Callable[..., tuple[str, int]] | None = None
+        self.reconfigure(keys, patterns)
+
+    def reconfigure(self, keys: Iterable[str], patterns: Iterable[str]) -> None:
+        self._keys = frozenset(k.lower() for k in keys)
+        patterns = tuple(patterns)
+        self._sub = compile_patterns(patterns).subn if patterns else None
+
+    @property
+    def active(self) -> bool:
+        return bool(self._keys) or self._sub is not None
+
+    def metadata(self, metadata: dict[str, Any]) -> None:
+        """Redact `metadata` in place, at any depth."""
+        hits = self._walk(metadata)
+        if hits:
+            self.entries += 1
+            self.values += hits
+
+    def _walk(self, root: dict[str, Any]) -> int:
+        keys, sub = self._keys, self._sub
+        hits = 0
+        stack: list[Any] = [root]
+        while stack:
+            node = stack.pop()
+            if type(node) is dict:
+                # Assigning to an existing key does not resize the dict, so iterating is safe.
+                for key, value in node.items():
+                    if key.lower() in keys:
+                        node[key] = REDACTED
+                        hits += 1
+                        continue
+                    kind = type(value)
+                    if kind is dict or kind is list:
+                        stack.append(value)
+                    elif kind is str and sub is not None:
+                        new, count = sub(REDACTED, value)
+                        if count:
+                            node[key] = new
+                            hits += count
+            else:
+                for index, value in enumerate(node):
+                    kind = type(value)
+                    if kind is dict or kind is list:
+                        stack.append(value)
+                    elif kind is str and sub is not None:
+                        new, count = sub(REDACTED, value)
+                        if count:
+                            node[index] = new
+                            hits += count
+        return hits
