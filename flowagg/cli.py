@@ -465,7 +465,7 @@ def _iso(ms: Any) -> str:
 @handles_errors
 def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove old health snapshots, rotated logs, stale temp files (never abandoned/errors)."""
-    from .cleanup import apply_cleanup, parse_duration_ms, plan_cleanup
+    from .cleanup import apply_cleanup, audit_cleanup, parse_duration_ms, plan_cleanup
 
     config = get_config(ctx)
     layout = Layout.for_config(config)
@@ -477,6 +477,8 @@ def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -
         retain_batches_ms=config.retain_batches_ms,
     )
     freed = 0 if dry_run else apply_cleanup(plan)
+    if plan and not dry_run:
+        audit_cleanup(layout, plan, freed)
     result = {
         "ok": True,
         "dryRun": dry_run,

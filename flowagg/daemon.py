@@ -22,7 +22,8 @@ import filelock
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from . import __version__
-from .cleanup import apply_cleanup, plan_cleanup
+from .audit import audit
+from .cleanup import apply_cleanup, cleanup_fields, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
 from .config import Config, config_warnings
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
@@ -40,12 +41,12 @@ from .jobs import reschedule, start_scheduler, start_watchdog
 from .journal import JournalVersionError, scan_root
 from .layout import Layout
 from .logsetup import setup_logging
-from .ops import daemon_status, handle_request
+from .ops import RECOVERY_FIELDS, daemon_status, handle_request
 from .pipeline import Pipeline
 from .recovery import Recovery, RetryPolicy, write_completed
 from .reloading import merge_reload
 from .sdnotify import notify
-from .server import SocketServer
+from .server import Peer, SocketServer
 from .sink import Completer, build_sink
 from .spool import SpoolIntake
 from .supervise import EX_SOFTWARE, DaemonExecutor, Deadline, Supervisor
@@ -215,6 +216,7 @@ class Daemon:
         self._recovery_lock = asyncio.Lock()
         self._scheduler = start_scheduler(self)
         log.info("ready in %.3f s; socket %s", time.perf_counter() - started, self.layout.socket)
+        audit("start", version=__version__, pid=os.getpid(), root=str(self.layout.root))
         notify(f"READY=1\nSTATUS=accepting entries\nMAINPID={os.getpid()}")
         start_watchdog(loop)
         while not self.stopping:
@@ -243,7 +245,11 @@ class Daemon:
             log.warning("the socket %s was gone; listening on it again", self.server.path)
 
     async def scheduled_recovery(self) -> None:
-        await self.recover(force=False)
+        report = await self.recover(force=False)
+        if any(report[key] for key in ("recovered", "abandoned", "quarantined")):
+            audit(
+                "recover", by="scheduler", **{k: report[k] for k in RECOVERY_FIELDS if k in report}
+            )
 
     async def recover(
         self, *, force: bool, requeue: bool = False, batch: str | None = None
@@ -322,6 +328,8 @@ class Daemon:
         freed = await asyncio.to_thread(apply_cleanup, plan)
         self.cleanup_runs += 1
         if plan:
+            audit("cleanup", by="scheduler", **cleanup_fields(plan, freed))
+        if plan:
             log.info("cleanup: %d files removed, %d bytes freed", len(plan), freed)
 
     async def _shutdown(self) -> int:
@@ -356,6 +364,8 @@ class Daemon:
         if left:
             log.warning("stopped with %d entries in the journal; the next start writes them", left)
         await self._final_snapshot(deadline.share(0.05))
+        code = EX_SOFTWARE if dead else 0
+        audit("stop", outcome="ok" if not dead else "thread died", exitCode=code, journaled=left)
         if dead:
             log.critical("stopped after a thread died; exit %d to be restarted", EX_SOFTWARE)
             return EX_SOFTWARE
@@ -391,14 +401,22 @@ class Daemon:
     async def _flush_for_signal(self) -> None:
         assert self.pipeline is not None
         result = await self.pipeline.flush("manual")
+        audit("flush", by="signal", **result)
         log.info("SIGUSR1 flush: %d batches, %d entries", result["batches"], result["entries"])
 
     async def handle_hup(self) -> None:
         await self.check_socket()
         self.reload()
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self, peer: Peer | None = None) -> dict[str, Any]:
         """Re-read the config; apply flush, recovery and sink settings; keep the old on error."""
+        reply = self._reload()
+        fields = ("changed", "needsRestart") if reply["ok"] else ("error",)
+        outcome = "ok" if reply["ok"] else "error"
+        audit("reload", peer=peer, by="signal", outcome=outcome, **{k: reply[k] for k in fields})
+        return reply
+
+    def _reload(self) -> dict[str, Any]:
         if self._reload_config is None:
             return {"ok": False, "error": "this daemon was started without a reloadable config"}
         notify("RELOADING=1")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import orjson
 
+from .audit import audit
 from .clock import Clock
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError
 from .fsutil import atomic_write
@@ -233,6 +234,8 @@ class Flusher:
                 atomic_write(target, doc)
                 self.failed_batches += 1
                 self.outcomes.record(self.clock.monotonic(), False)
+                if permanent:
+                    audit("abandon", batchId=batch.batch_id, reason=error, retryCount=0)
                 log.warning("batch %s parked in %s/: %s", batch.batch_id, target.parent.name, error)
                 return target
             except OSError as exc:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import orjson
 
+from .audit import audit
+
 TEMP_MARK = ".flowagg-tmp-"
 FILE_MODE = 0o600
 NAME_MAX = 255  # bytes in one file name on Linux file systems
@@ -173,6 +175,7 @@ def quarantine_file(
             **(extra or {}),
         },
     )
+    audit("quarantine", file=display_name(target.name), component=component)
     return target
 
 
@@ -203,6 +206,7 @@ def quarantine_bytes(
             **(extra or {}),
         },
     )
+    audit("quarantine", file=display_name(target.name), component=component)
     return target
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import orjson
 
+from .audit import audit
 from .clock import Clock
 from .config import Config
 from .entries import short_repr
@@ -505,6 +506,7 @@ class Recovery:
         with contextlib.suppress(OSError):
             fsync_dir(path.parent)
         report.abandoned.append(batch_id)
+        audit("abandon", batchId=batch_id, reason=why, retryCount=doc["retryCount"])
         log.error("batch %s: abandoned (%s) after %d retries", batch_id, why, doc["retryCount"])
 
     # -- operator ---------------------------------------------------------------------------
