@@ -41,6 +41,7 @@ from .jobs import reschedule, start_scheduler, start_watchdog
 from .journal import JournalVersionError, scan_root
 from .layout import Layout
 from .logsetup import setup_logging
+from .metrics import MetricsExport
 from .ops import RECOVERY_FIELDS, daemon_status, handle_request
 from .pipeline import Pipeline
 from .recovery import Recovery, RetryPolicy, write_completed
@@ -94,6 +95,7 @@ class Daemon:
         self.started_mono = 0.0
         self.pipeline: Pipeline | None = None
         self.server: SocketServer | None = None
+        self.metrics = MetricsExport(self, lambda: daemon_status(self))
         self.spool: SpoolIntake | None = None
         self.stopping = False
         self.socket_recreated = 0
@@ -212,6 +214,7 @@ class Daemon:
             allowed_uids=self.config.allowed_uids,
         )
         await self.server.start()
+        self.metrics.start()
         await self.spool.start()
         self._recovery_lock = asyncio.Lock()
         self._scheduler = start_scheduler(self)
@@ -360,6 +363,7 @@ class Daemon:
         busy = await self.pipeline.shutdown(flush_s=flush_s, join_s=deadline.share(0.1))
         for name in busy:
             log.error("thread %s did not stop in time; left to the process exit", name)
+        await self.metrics.stop()
         left = self.pipeline.aggregator.unflushed_entries
         if left:
             log.warning("stopped with %d entries in the journal; the next start writes them", left)

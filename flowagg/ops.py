@@ -13,6 +13,7 @@ from .audit import audit
 from .config import SETTINGS, Config
 from .entries import short_repr
 from .fsutil import count_files
+from .metrics import render, snapshot
 from .recovery import check_batch_id
 from .server import Peer, stopping_reply
 
@@ -72,12 +73,18 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
         return {"ok": True, **daemon.health_snapshot()}
     if op == "reload":
         return daemon.reload(peer)
+    if op == "metrics":
+        text = render(
+            snapshot(daemon, daemon_status(daemon)),
+            openmetrics=request.get("format") != "prometheus",
+        )
+        return {"ok": True, "text": text.decode()}
     if op == "config":
         return {"ok": True, **config_report(daemon.config)}
     return {
         "ok": False,
         "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
-        " reload, config or ping",
+        " reload, config, metrics or ping",
     }
 
 
@@ -163,6 +170,7 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
             "recreated": daemon.socket_recreated,
         },
         "lastReload": daemon.last_reload,
+        "metrics": daemon.metrics.status(),
         "failed": queue["failed"],
         "abandoned": queue["abandoned"],
         "errors": queue["errors"],

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import errno
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from .journal import (
     Position,
     ScanResult,
 )
+from .latency import LatencySamples
 from .layout import Layout
 from .pipeline_status import (
     buffered_status,
@@ -119,8 +120,8 @@ class Pipeline:
         self.counters: Counter[str] = Counter()
         self.batches_by_trigger: Counter[str] = Counter()
         self.last_flush_at: int | None = None
-        self.add_latency: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self.flush_latency: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.add_latency = LatencySamples(LATENCY_SAMPLES)
+        self.flush_latency = LatencySamples(LATENCY_SAMPLES)
         self.last_journal_error: str | None = None
         self._batch_waiters: dict[str, asyncio.Future[None]] = {}
         self._age_timer: asyncio.TimerHandle | None = None
