@@ -14,6 +14,9 @@ RESTART_ONLY = (
     "logMaxBytes",
     "logBackups",
     "socketGroup",
+    "metricsListen",
+    "metricsTextfile",
+    "metricsTextfileIntervalMs",
 )
 
 
