@@ -102,12 +102,13 @@ def _read_input(entries: tuple[str, ...], file: str | None) -> list[Any]:
 @click.option("--spool", is_flag=True, help="write a spool file instead of using the socket")
 @click.option("--spool-if-down", is_flag=True, help="spool when no daemon answers")
 @click.option(
+    "--retry-timeout",
     "--wait",
     "wait_s",
-    type=float,
+    type=click.FloatRange(min=0),
     default=30.0,
     show_default=True,
-    help="seconds to keep retrying while the daemon answers busy",
+    help="seconds to keep retrying while the daemon answers busy or rate_limited",
 )
 @click.option("--json", "as_json", is_flag=True, help="print the reply as JSON")
 @click.pass_context

@@ -44,6 +44,7 @@ from .logsetup import setup_logging
 from .metrics import MetricsExport
 from .ops import RECOVERY_FIELDS, daemon_status, handle_request
 from .pipeline import Pipeline
+from .ratelimit import RateLimiter
 from .recovery import Recovery, RetryPolicy, write_completed
 from .reloading import merge_reload
 from .sdnotify import notify
@@ -86,6 +87,7 @@ class Daemon:
             self.layout, self.clock, self.rng, self.retry_policy, store=self.completer
         )
         self.supervisor = Supervisor()
+        self.limiter = RateLimiter.from_config(config, self.clock.monotonic)
         self.health_checks = 0
         self.success_window = SuccessWindow(SUCCESS_WINDOW_INTERVALS)
         self.cleanup_runs = 0
@@ -452,6 +454,7 @@ class Daemon:
         self.config = config
         assert self.pipeline is not None
         self.pipeline.reconfigure(config)
+        self.limiter.reconfigure(config)
         self.retry_policy = RetryPolicy.from_config(config)
         self.recovery.policy = self.retry_policy
         if any(k.startswith(("sink", "breaker")) for k in changed):

@@ -153,6 +153,11 @@ def build_snapshot(
         "queue": st["queue"],
         "latencyMs": st["latencyMs"],
         "sink": st["sink"],
+        "security": {
+            "redactedEntries": st["counters"]["redactedEntries"],
+            "redactedValues": st["counters"]["redactedValues"],
+            "rateLimitedEntries": st["rateLimit"]["limitedEntries"],
+        },
     }
 
 

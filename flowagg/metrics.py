@@ -130,7 +130,7 @@ def families(snap: Snapshot) -> list[Metric]:
         _counter(
             "flowagg_entries_rate_limited",
             "entries answered rate_limited",
-            counters.get("rateLimited", 0),
+            st["rateLimit"]["limitedEntries"],
         )
     )
     out.append(_counter("flowagg_busy_replies", "add requests answered busy", counters["busy"]))

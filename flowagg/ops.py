@@ -14,6 +14,7 @@ from .config import SETTINGS, Config
 from .entries import short_repr
 from .fsutil import count_files
 from .metrics import render, snapshot
+from .ratelimit import add_limited
 from .recovery import check_batch_id
 from .server import Peer, stopping_reply
 
@@ -43,6 +44,8 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
             return {"ok": False, "error": 'add: "entries" must be an array of entries'}
         if daemon.stopping:
             return stopping_reply()
+        if daemon.limiter.active:
+            return await add_limited(daemon.pipeline.add, daemon.limiter, entries, peer.conn)
         return (await daemon.pipeline.add(entries)).reply()
     if op == "ping":
         return {"ok": True}
@@ -170,6 +173,7 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
             "recreated": daemon.socket_recreated,
         },
         "lastReload": daemon.last_reload,
+        "rateLimit": daemon.limiter.status(),
         "metrics": daemon.metrics.status(),
         "failed": queue["failed"],
         "abandoned": queue["abandoned"],

@@ -139,6 +139,8 @@ def test_secrets_never_reach_any_file_under_the_root(tmp_path: Path) -> None:
         assert status["counters"]["redactedValues"] == 21 * 6
     finally:
         assert daemon.stop() == 0
+    health = orjson.loads((root / "health" / "latest.json").read_bytes())
+    assert health["security"]["redactedEntries"] == 21
     stored = stored_entries(root)
     assert len(stored) == 21
     assert all(e["metadata"]["Password"] == REDACTED for e in stored)
