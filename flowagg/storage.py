@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from . import BATCH_FORMAT_VERSION
+from . import BATCH_FORMAT_VERSION, formats
 from .layout import Layout
 
 TRIGGERS = ("size", "age", "threshold", "manual", "shutdown")
@@ -71,14 +71,22 @@ class CorruptBatch(ValueError):
     pass
 
 
-def decode_batch(data: bytes) -> dict[str, Any]:
-    """Parse a batch file and check its shape, count and checksum."""
+def decode_batch(data: bytes, path: Path | str = "batch") -> dict[str, Any]:
+    """Parse a batch file and check its version, shape, count and checksum.
+
+    The version comes first: a newer flowagg's file may have another shape, and must be
+    refused (formats.NewerFormatError), not taken for corrupt.
+    """
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise CorruptBatch(f"not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise CorruptBatch("not a JSON object")
+    try:
+        formats.check(doc.get("version"), formats.BATCH_MAJOR, path)
+    except formats.BadVersionError as exc:
+        raise CorruptBatch(str(exc)) from None
     for key in ("batchId", "entries", "entryCount", "entriesSha256"):
         if key not in doc:
             raise CorruptBatch(f"missing {key}")
@@ -94,7 +102,7 @@ def decode_batch(data: bytes) -> dict[str, Any]:
 
 
 def read_batch(path: Path) -> dict[str, Any]:
-    return decode_batch(path.read_bytes())
+    return decode_batch(path.read_bytes(), path)
 
 
 def batch_locations(layout: Layout, batch_id: str) -> list[Path]:
