@@ -15,6 +15,7 @@ import psutil
 from .common import MB, Bench
 from .hostile import ITEMS, KILL_ABOVE, MAX_REQUEST_BYTES, REPLY_READ_CAP
 from .memory import LARGE_BATCHES, day_sizes, rss_sizes
+from .redaction import KEYS, PATTERNS
 
 
 def fmt_rate(v: float | None) -> str:
@@ -37,7 +38,24 @@ def below(v: float | None, goal: float) -> bool | None:
     return None if v is None else v < goal
 
 
+def redaction_row(b: Bench) -> tuple[str, str, str, str, str]:
+    m = b.med
+    overhead = m("redact.overhead_pct")
+    return (
+        f"add throughput with redaction\n8 clients x {b.sizes.per_request}-entry requests\n"
+        f"{len(KEYS)} keys, {len(PATTERNS)} patterns",
+        f"on: {fmt_rate(m('redact_on.flowagg'))}\n"
+        f"daemon CPU {fmt(m('redact_on.cpu_us_per_entry'), ' us', 1)}/entry",
+        f"off: {fmt_rate(m('redact_off.flowagg'))}\n"
+        f"daemon CPU {fmt(m('redact_off.cpu_us_per_entry'), ' us', 1)}/entry",
+        f"overhead {fmt(overhead, ' %', 1)} (goal < 20 %)",
+        verdict(None if overhead is None else overhead < 20.0),
+    )
+
+
 def build_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
+    if b.args.redaction:
+        return [redaction_row(b)]
     m = b.med
     s = b.sizes
     rows: list[tuple[str, str, str, str, str]] = []
