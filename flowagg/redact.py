@@ -44,8 +44,26 @@ def compile_patterns(patterns: Iterable[str], origin: str = "redactPatterns") ->
                 f"redactPatterns ({origin}): {text!r} matches the empty string and would"
                 " redact between every character; anchor or tighten it"
             )
-        checked.append(f"(?:{text})")
-    return re.compile("|".join(checked))
+        checked.append(_scoped(text))
+    try:
+        return re.compile("|".join(checked))
+    except re.error as exc:
+        raise ConfigError(
+            f"redactPatterns ({origin}): the patterns do not combine ({exc}); write inline"
+            " flags as scoped groups such as (?i:...)"
+        ) from None
+
+
+_GLOBAL_FLAGS = re.compile(r"\(\?([aimsux]+)\)")
+
+
+def _scoped(text: str) -> str:
+    """The pattern as one group of an alternation: global flags such as `(?i)` are allowed
+    only at the very start of the whole expression, so they become the group's own."""
+    match = _GLOBAL_FLAGS.match(text)
+    if match:
+        return f"(?{match.group(1)}:{text[match.end() :]})"
+    return f"(?:{text})"
 
 
 class Redactor:

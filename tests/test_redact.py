@@ -55,6 +55,13 @@ def test_keys_at_any_depth_and_any_case_patterns_inside_strings() -> None:
     assert (redactor.entries, redactor.values) == (1, 6)
 
 
+def test_leading_inline_flags_work_beside_other_patterns() -> None:
+    redactor = Redactor((), (r"\d{4}", r"(?i)bearer\s+\w+", r"(?s)a.b"))
+    metadata = {"h": "BEARER abc and 1234", "m": "a\nb"}
+    redactor.metadata(metadata)
+    assert metadata == {"h": f"{REDACTED} and {REDACTED}", "m": REDACTED}
+
+
 def test_patterns_are_off_by_default_and_keys_can_be_emptied() -> None:
     metadata = {"note": SECRETS[3], "token": "x"}
     Redactor().metadata(metadata)

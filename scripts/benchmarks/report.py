@@ -403,6 +403,10 @@ def notes(b: Bench) -> str:
             f" reply newline, reading at most {REPLY_READ_CAP:,} bytes for at most"
             f" {s.hostile_timeout_s:g} s; RSS polled every 10 ms until ping is polled for"
             f" 5 s afterwards; the daemon is SIGKILLed above {KILL_ABOVE / MB:,.0f} MB RSS.",
+            "redaction (--redaction only): the 8-client throughput run twice, redactKeys=[] and"
+            f" redactPatterns=[] (off) beside {len(KEYS)} keys and {len(PATTERNS)} patterns"
+            " (e-mail, card number, bearer token); the entries hold no secret, so every key is"
+            " looked up and every string value scanned; overhead = 1 - on/off.",
             "power cuts: tests/powerloss.py's run_power_loss(root, cuts, seed) when present"
             f" ({s.power_cuts} cuts); it runs the working tree's flowagg, not the snapshot.",
         ]
