@@ -15,6 +15,8 @@ from typing import Any
 from .errors import ConfigError
 
 REDACTED = "[REDACTED]"
+KEY_CACHE_SIZE = 4096
+KEY_CACHE_LENGTH = 64
 DEFAULT_KEYS = (
     "password",
     "passwd",
@@ -73,13 +75,39 @@ class Redactor:
         self.entries = 0  # entries with at least one redacted value
         self.values = 0  # values (or pattern matches) replaced
         self._keys: frozenset[str] = frozenset()
-        self._sub: Callable[..., tuple[str, int]] | None = None
+        self._sub: Callable[[str], tuple[str, int]] | None = None
+        self._subn: Callable[..., tuple[str, int]] | None = None
         self.reconfigure(keys, patterns)
 
     def reconfigure(self, keys: Iterable[str], patterns: Iterable[str]) -> None:
         self._keys = frozenset(k.lower() for k in keys)
         patterns = tuple(patterns)
-        self._sub = compile_patterns(patterns).subn if patterns else None
+        self._subn = compile_patterns(patterns).subn if patterns else None
+        self._sub = self._sub_cached if patterns else None
+        self._secret: dict[str, bool] = {}
+        self._subbed: dict[str, tuple[str, int]] = {}
+
+    def _sub_cached(self, value: str) -> tuple[str, int]:
+        """The patterns applied to one string value. Short values repeat (task ids, session
+        ids, tags): their results are kept like the keys', which saves a regex scan."""
+        done = self._subbed.get(value)
+        if done is None:
+            assert self._subn is not None
+            done = self._subn(REDACTED, value)
+            if len(value) <= KEY_CACHE_LENGTH and len(self._subbed) < KEY_CACHE_SIZE:
+                self._subbed[value] = done
+        return done
+
+    def _is_secret(self, key: str) -> bool:
+        """Whether a key is one of `redactKeys` in any case. The answers for short keys are
+        kept (at most KEY_CACHE_SIZE of them): metadata repeats the same few keys, and a dict
+        lookup costs less than lower() and a set lookup."""
+        secret = self._secret.get(key)
+        if secret is None:
+            secret = key.lower() in self._keys
+            if len(key) <= KEY_CACHE_LENGTH and len(self._secret) < KEY_CACHE_SIZE:
+                self._secret[key] = secret
+        return secret
 
     @property
     def active(self) -> bool:
@@ -87,13 +115,21 @@ class Redactor:
 
     def metadata(self, metadata: dict[str, Any]) -> None:
         """Redact `metadata` in place, at any depth."""
+        if self._sub is None:
+            # The common case, flat metadata without a secret key, in one pass and no walk.
+            is_secret = self._is_secret
+            for key, value in metadata.items():
+                if is_secret(key) or type(value) is dict or type(value) is list:
+                    break
+            else:
+                return
         hits = self._walk(metadata)
         if hits:
             self.entries += 1
             self.values += hits
 
     def _walk(self, root: dict[str, Any]) -> int:
-        keys, sub = self._keys, self._sub
+        is_secret, sub = self._is_secret, self._sub
         hits = 0
         stack: list[Any] = [root]
         while stack:
@@ -101,7 +137,7 @@ class Redactor:
             if type(node) is dict:
                 # Assigning to an existing key does not resize the dict, so iterating is safe.
                 for key, value in node.items():
-                    if key.lower() in keys:
+                    if is_secret(key):
                         node[key] = REDACTED
                         hits += 1
                         continue
@@ -109,7 +145,7 @@ class Redactor:
                     if kind is dict or kind is list:
                         stack.append(value)
                     elif kind is str and sub is not None:
-                        new, count = sub(REDACTED, value)
+                        new, count = sub(value)
                         if count:
                             node[key] = new
                             hits += count
@@ -119,7 +155,7 @@ class Redactor:
                     if kind is dict or kind is list:
                         stack.append(value)
                     elif kind is str and sub is not None:
-                        new, count = sub(REDACTED, value)
+                        new, count = sub(value)
                         if count:
                             node[index] = new
                             hits += count

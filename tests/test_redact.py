@@ -153,3 +153,16 @@ def test_secrets_never_reach_any_file_under_the_root(tmp_path: Path) -> None:
     assert all(e["metadata"]["Password"] == REDACTED for e in stored)
     assert _grep_root(root, SECRETS) == []
     assert _grep_root(root, (REDACTED,)), "the check itself must see the batch files"
+
+
+def test_remembered_verdicts_are_bounded_and_right_for_every_case() -> None:
+    from flowagg import redact
+
+    redactor = Redactor(("token",), (r"\d{3}",))
+    for i in range(redact.KEY_CACHE_SIZE + 500):
+        metadata = {f"k{i}": f"v{i}", "TOKEN": "x", "n": "abc"}
+        redactor.metadata(metadata)
+        assert metadata["TOKEN"] == REDACTED and metadata["n"] == "abc"
+        assert metadata[f"k{i}"] == (f"v{REDACTED}" if i >= 100 else f"v{i}")
+    assert len(redactor._secret) <= redact.KEY_CACHE_SIZE
+    assert len(redactor._subbed) <= redact.KEY_CACHE_SIZE
