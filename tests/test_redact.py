@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,6 @@ def test_remembered_verdicts_are_bounded_and_right_for_every_case() -> None:
         metadata = {f"k{i}": f"v{i}", "TOKEN": "x", "n": "abc"}
         redactor.metadata(metadata)
         assert metadata["TOKEN"] == REDACTED and metadata["n"] == "abc"
-        assert metadata[f"k{i}"] == (f"v{REDACTED}" if i >= 100 else f"v{i}")
+        assert metadata[f"k{i}"] == re.sub(r"\d{3}", REDACTED, f"v{i}")
     assert len(redactor._secret) <= redact.KEY_CACHE_SIZE
     assert len(redactor._subbed) <= redact.KEY_CACHE_SIZE
