@@ -65,12 +65,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Publish `data` at `path` whole or not at all."""
+def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
+    """Publish `data` at `path` whole or not at all (with `mode`, whatever the umask)."""
     pid = f".{os.getpid()}"
     tmp = path.with_name(fit_name(f"{TEMP_MARK}{path.name}", len(pid)) + pid)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     try:
+        if mode != FILE_MODE:
+            os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             written = os.write(fd, view)

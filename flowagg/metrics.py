@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("flowagg.metrics")
 
 SCRAPE_TIMEOUT_S = 10.0
+# node_exporter runs as its own user; the file holds counts and no entry contents.
+TEXTFILE_MODE = 0o644
 BREAKER_STATES = ("closed", "open", "half-open")
 Snapshot = dict[str, Any]
 
@@ -288,7 +290,7 @@ class MetricsExport:
         data = render(snapshot(self.daemon, self._status()))
         try:
             # node_exporter reads the file whole; a rename makes it see old or new, never half.
-            await asyncio.to_thread(atomic_write, path, data)
+            await asyncio.to_thread(atomic_write, path, data, mode=TEXTFILE_MODE)
         except OSError as exc:
             if self.textfile_error is None:
                 log.error("metrics: cannot write %s: %s", path, exc)

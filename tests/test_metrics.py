@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import stat
 import subprocess
 import urllib.request
 from collections import Counter
@@ -133,6 +134,7 @@ def test_textfile_is_scraped_by_node_exporter_and_agrees(tmp_path: Path) -> None
     finally:
         assert daemon.stop() == 0
     assert not [p for p in textdir.iterdir() if p != prom], "no temp file is left behind"
+    assert stat.S_IMODE(prom.stat().st_mode) == 0o644  # node_exporter is another user
     port = free_port()
     exporter = subprocess.Popen(
         [
