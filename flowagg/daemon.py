@@ -334,7 +334,6 @@ class Daemon:
         self.cleanup_runs += 1
         if plan:
             audit("cleanup", by="scheduler", **cleanup_fields(plan, freed))
-        if plan:
             log.info("cleanup: %d files removed, %d bytes freed", len(plan), freed)
 
     async def _shutdown(self) -> int:
