@@ -16,11 +16,12 @@ import orjson
 import psutil
 
 from .clock import EntryIdFactory, SystemClock
-from .config import group_name
+from .config import group_name, load_config
 from .entries import EntryError, validate_entry
-from .errors import DaemonError, NotRunningError, RootUnusableError
+from .errors import ConfigError, DaemonError, NotRunningError, RootUnusableError
 from .fsutil import fsync_dir
 from .layout import Layout
+from .redact import Redactor
 
 # Modes a spool file gets in a shared inbox/: the daemon reads it through the group.
 SHARED_SPOOL_MODE = 0o640
@@ -207,6 +208,17 @@ def _chunks(items: list[Any]) -> list[tuple[int, list[Any]]]:
     return chunks
 
 
+def spool_redactor(root: Path) -> Redactor:
+    """The daemon's redaction where its config can be read (the root's flowagg.toml or
+    FLOWAGG_CONFIG, and the environment), else the defaults: a spool file lies under the root
+    too, so it must not hold what the daemon would redact."""
+    try:
+        config = load_config(flags={"root": str(root)})
+    except ConfigError:
+        return Redactor()
+    return Redactor(config.redact_keys, config.redact_patterns)
+
+
 def spool_entries(layout: Layout, items: list[Any]) -> dict[str, Any]:
     """Validate locally, then write one spool file; all or nothing."""
     clock = SystemClock()
@@ -219,6 +231,10 @@ def spool_entries(layout: Layout, items: list[Any]) -> dict[str, Any]:
             errors.append({"index": i, "error": str(exc)})
     if errors:
         return {"ok": False, "error": "invalid entries; nothing was spooled", "rejected": errors}
+    redactor = spool_redactor(layout.root)
+    for item in items:
+        if redactor.active and item.get("metadata"):
+            redactor.metadata(item["metadata"])
     path = write_spool_file(layout, items)
     return {"ok": True, "spooled": len(items), "file": str(path)}
 

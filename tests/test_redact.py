@@ -167,3 +167,19 @@ def test_remembered_verdicts_are_bounded_and_right_for_every_case() -> None:
         assert metadata[f"k{i}"] == re.sub(r"\d{3}", REDACTED, f"v{i}")
     assert len(redactor._secret) <= redact.KEY_CACHE_SIZE
     assert len(redactor._subbed) <= redact.KEY_CACHE_SIZE
+
+
+def test_flowagg_add_spool_writes_no_secret_either(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "inbox").mkdir(parents=True)
+    metadata = {"password": SECRETS[0], "pin": "8421", "taskId": "T-1"}
+    proc = cli(root, "add", "--spool", input=orjson.dumps(_entry(metadata)))
+    assert proc.returncode == 0, proc.stderr
+    (first,) = (root / "inbox").iterdir()
+    assert orjson.loads(first.read_bytes())["metadata"] == {**metadata, "password": REDACTED}
+    first.unlink()
+    (root / "flowagg.toml").write_text('redactKeys = ["pin"]\n')
+    proc = cli(root, "add", "--spool", input=orjson.dumps(_entry(metadata)))
+    assert proc.returncode == 0, proc.stderr
+    (second,) = (root / "inbox").iterdir()
+    assert orjson.loads(second.read_bytes())["metadata"] == {**metadata, "pin": REDACTED}
