@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,11 @@ def test_flush_recover_reload_cleanup_each_leave_one_line_with_the_peer(tmp_path
             {"op": "add", "entries": [entry(i, metadata={"taskId": marker}) for i in range(5)]},
         )
         assert reply["accepted"] == 5, reply
-        old_snapshot = root / "health" / "health-1000.json"
+        # Two days old: the daemon's own cleanup (7 days) keeps it, `--age 1d` removes it.
+        born = int(time.time() * 1000) - 2 * 86_400_000
+        old_snapshot = root / "health" / f"health-{born}.json"
         old_snapshot.write_bytes(b"{}")
-        for args in (("flush",), ("recover",), ("reload",), ("cleanup",)):
+        for args in (("flush",), ("recover",), ("reload",), ("cleanup", "--age", "1d")):
             proc = cli(root, *args)
             assert proc.returncode == 0, (args, proc.stderr)
         assert not old_snapshot.exists()
@@ -55,7 +58,7 @@ def test_flush_recover_reload_cleanup_each_leave_one_line_with_the_peer(tmp_path
     assert by_event["flush"]["entries"] == 5
     assert by_event["reload"]["changed"] == []
     assert by_event["cleanup"]["removed"] == [
-        {"file": "health/health-1000.json", "bytes": 2, "why": "health snapshot"}
+        {"file": f"health/{old_snapshot.name}", "bytes": 2, "why": "health snapshot"}
     ]
     assert by_event["stop"]["exitCode"] == 0 and by_event["stop"]["peer"] is None
     assert marker.encode() not in (root / "logs" / "audit.log").read_bytes()

@@ -140,11 +140,15 @@ def test_secrets_never_reach_any_file_under_the_root(tmp_path: Path) -> None:
         spooled = root / "inbox" / "drop.json"
         spooled.with_suffix(".tmp").write_bytes(orjson.dumps(_entry(_nested(), entryId="s1")))
         os.rename(spooled.with_suffix(".tmp"), spooled)
-        wait_for(lambda: not spooled.exists())
+
+        def counters() -> dict[str, Any]:
+            return request(daemon.layout.socket, {"op": "status"})["counters"]
+
+        # Counted once the spool file's entries are validated, before they are journaled.
+        wait_for(lambda: counters()["redactedEntries"] == 21)
+        wait_for(lambda: counters()["accepted"] == 21)
+        assert counters()["redactedValues"] == 21 * 6
         assert cli(root, "flush").returncode == 0
-        status = request(daemon.layout.socket, {"op": "status"})
-        assert status["counters"]["redactedEntries"] == 21
-        assert status["counters"]["redactedValues"] == 21 * 6
     finally:
         assert daemon.stop() == 0
     health = orjson.loads((root / "health" / "latest.json").read_bytes())
