@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 
+from . import audit
 from .errors import FlowaggError
 from .fsutil import TEMP_MARK
 from .layout import Layout
@@ -68,6 +69,32 @@ def plan_cleanup(
             if _BATCH_RE.fullmatch(path.name):
                 consider(path, _mtime_ms(path), retain_batches_ms, "completed batch past retention")
     return out
+
+
+def cleanup_fields(removals: list[Removal], freed: int) -> dict[str, object]:
+    """What the audit log keeps of a cleanup: each file's name (relative to the root's
+    folders) and size, and the bytes freed."""
+    return {
+        "removed": [
+            {"file": f"{r.path.parent.name}/{r.path.name}", "bytes": r.size, "why": r.why}
+            for r in removals
+        ],
+        "bytesFreed": freed,
+    }
+
+
+def audit_cleanup(layout: Layout, removals: list[Removal], freed: int) -> None:
+    """The audit line of a cleanup run by a command rather than by the daemon."""
+    doc = audit.record("cleanup", by="command", **cleanup_fields(removals, freed))
+    doc["peer"] = audit.self_peer()
+    try:
+        audit.append_line(layout.logs, doc)
+    except OSError as exc:
+        raise FlowaggError(
+            f"removed {len(removals)} files but cannot write {layout.logs}/{audit.FILE_NAME}"
+            f" ({exc.strerror}); free space or fix its permissions",
+            1,
+        ) from None
 
 
 def apply_cleanup(removals: list[Removal]) -> int:

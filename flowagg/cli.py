@@ -3,63 +3,25 @@
 from __future__ import annotations
 
 import datetime
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import click
-import orjson
 
+from .cli_observe import metrics
+from .cli_support import client_layout, emit, fail, handles_errors
 from .client import add_entries
 from .clock import SystemClock
-from .config import Config, config_warnings, load_client_paths, load_config
+from .config import Config, config_warnings, load_config
 from .entries import EntryError, parse_entries_text
-from .errors import EXIT_ROOT_UNUSABLE, EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
+from .errors import EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
 from .layout import Layout
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"flowagg: {message}", err=True)
-    sys.exit(code)
-
-
-def handles_errors(func: F) -> F:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except FlowaggError as exc:
-            fail(str(exc), exc.exit_code)
-        except OSError as exc:
-            # A file or folder this user cannot use (another account's root, a full disk).
-            where = f"{exc.filename}: " if exc.filename else ""
-            fail(
-                f"{where}{exc.strerror or exc}; check the path and its permissions",
-                EXIT_ROOT_UNUSABLE,
-            )
-
-    return wrapper  # type: ignore[return-value]
 
 
 def get_config(ctx: click.Context, extra: dict[str, Any] | None = None) -> Config:
     flags = {"root": ctx.obj["root"], **(extra or {})}
     return load_config(flags=flags, config_path=ctx.obj["config"])
-
-
-def client_layout(ctx: click.Context) -> Layout:
-    """Where the daemon lives, for commands that only talk to it (see load_client_paths)."""
-    return Layout(*load_client_paths(root=ctx.obj["root"], config_path=ctx.obj["config"]))
-
-
-def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
-    if as_json:
-        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-    else:
-        click.echo(human(data))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -140,12 +102,13 @@ def _read_input(entries: tuple[str, ...], file: str | None) -> list[Any]:
 @click.option("--spool", is_flag=True, help="write a spool file instead of using the socket")
 @click.option("--spool-if-down", is_flag=True, help="spool when no daemon answers")
 @click.option(
+    "--retry-timeout",
     "--wait",
     "wait_s",
-    type=float,
+    type=click.FloatRange(min=0),
     default=30.0,
     show_default=True,
-    help="seconds to keep retrying while the daemon answers busy",
+    help="seconds to keep retrying while the daemon answers busy or rate_limited",
 )
 @click.option("--json", "as_json", is_flag=True, help="print the reply as JSON")
 @click.pass_context
@@ -465,7 +428,7 @@ def _iso(ms: Any) -> str:
 @handles_errors
 def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove old health snapshots, rotated logs, stale temp files (never abandoned/errors)."""
-    from .cleanup import apply_cleanup, parse_duration_ms, plan_cleanup
+    from .cleanup import apply_cleanup, audit_cleanup, parse_duration_ms, plan_cleanup
 
     config = get_config(ctx)
     layout = Layout.for_config(config)
@@ -477,6 +440,8 @@ def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -
         retain_batches_ms=config.retain_batches_ms,
     )
     freed = 0 if dry_run else apply_cleanup(plan)
+    if plan and not dry_run:
+        audit_cleanup(layout, plan, freed)
     result = {
         "ok": True,
         "dryRun": dry_run,
@@ -495,4 +460,5 @@ def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -
     emit(result, as_json, human)
 
 
+main.add_command(metrics)
 from . import cli_read  # noqa: E402, F401  (registers the read commands on main)

@@ -16,11 +16,12 @@ import orjson
 import psutil
 
 from .clock import EntryIdFactory, SystemClock
-from .config import group_name
+from .config import group_name, load_config
 from .entries import EntryError, validate_entry
-from .errors import DaemonError, NotRunningError, RootUnusableError
+from .errors import ConfigError, DaemonError, NotRunningError, RootUnusableError
 from .fsutil import fsync_dir
 from .layout import Layout
+from .redact import Redactor
 
 # Modes a spool file gets in a shared inbox/: the daemon reads it through the group.
 SHARED_SPOOL_MODE = 0o640
@@ -207,6 +208,17 @@ def _chunks(items: list[Any]) -> list[tuple[int, list[Any]]]:
     return chunks
 
 
+def spool_redactor(root: Path) -> Redactor:
+    """The daemon's redaction where its config can be read (the root's flowagg.toml or
+    FLOWAGG_CONFIG, and the environment), else the defaults: a spool file lies under the root
+    too, so it must not hold what the daemon would redact."""
+    try:
+        config = load_config(flags={"root": str(root)})
+    except ConfigError:
+        return Redactor()
+    return Redactor(config.redact_keys, config.redact_patterns)
+
+
 def spool_entries(layout: Layout, items: list[Any]) -> dict[str, Any]:
     """Validate locally, then write one spool file; all or nothing."""
     clock = SystemClock()
@@ -219,12 +231,18 @@ def spool_entries(layout: Layout, items: list[Any]) -> dict[str, Any]:
             errors.append({"index": i, "error": str(exc)})
     if errors:
         return {"ok": False, "error": "invalid entries; nothing was spooled", "rejected": errors}
+    redactor = spool_redactor(layout.root)
+    for item in items:
+        if redactor.active and item.get("metadata"):
+            redactor.metadata(item["metadata"])
     path = write_spool_file(layout, items)
     return {"ok": True, "spooled": len(items), "file": str(path)}
 
 
 def send_entries(layout: Layout, items: list[Any], wait_s: float) -> dict[str, Any]:
-    """Send entries in chunks, waiting out `busy` for up to `wait_s` per chunk.
+    """Send entries in chunks, waiting out `busy` and `rate_limited` for up to `wait_s` per
+    chunk. After `rate_limited` only the entries over the limit are sent again (the others are
+    stored), so entries without an entryId are never stored twice.
 
     A daemon whose maxRequestEntries is below the chunk size says so; the chunk is split.
     """
@@ -240,32 +258,57 @@ def send_entries(layout: Layout, items: list[Any], wait_s: float) -> dict[str, A
     with Client(layout.socket) as client:
         while work:
             start, chunk = work.pop()
+            positions = list(range(start, start + len(chunk)))
             deadline = time.monotonic() + wait_s
             while True:
                 reply = client.request({"op": "add", "entries": chunk})
+                limited = reply.get("limited")
+                if isinstance(limited, list):
+                    _tally(total, reply, positions)
+                    chunk = [chunk[i] for i in limited]
+                    positions = [positions[i] for i in limited]
                 retry = reply.get("retryAfterMs")
-                if reply.get("ok") or retry is None or time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if reply.get("ok") or retry is None or left <= 0:
                     break
-                time.sleep(retry / 1000)
+                time.sleep(min(retry / 1000, left))
             limit = reply.get("maxRequestEntries")
             if not reply.get("ok") and isinstance(limit, int) and 0 < limit < len(chunk):
                 pieces = range(0, len(chunk), limit)
                 work.extend((start + i, chunk[i : i + limit]) for i in reversed(pieces))
                 continue
             if not reply.get("ok"):
-                raise DaemonError(
-                    f"the daemon refused entries {start}-{start + len(chunk) - 1}:"
-                    f" {reply.get('error')}; {total['accepted']} entries were accepted before"
-                    " this; retry later (entries with an entryId are deduplicated)"
-                )
-            total["accepted"] += reply["accepted"]
-            total["duplicates"] += reply["duplicates"]
-            listed = reply.get("rejected", [])
-            total["rejectedCount"] += reply.get("rejectedCount", len(listed))
-            room = MAX_LISTED_REJECTIONS - len(total["rejected"])
-            for r in listed[: max(0, room)]:
-                total["rejected"].append({"index": r["index"] + start, "error": r["error"]})
+                raise DaemonError(_gave_up(reply, positions, total, wait_s))
+            _tally(total, reply, positions)
     return total
+
+
+def _tally(total: dict[str, Any], reply: dict[str, Any], positions: list[int]) -> None:
+    """Add a reply's counts; its rejection indexes point into the entries sent."""
+    total["accepted"] += reply.get("accepted", 0)
+    total["duplicates"] += reply.get("duplicates", 0)
+    listed = reply.get("rejected", [])
+    total["rejectedCount"] += reply.get("rejectedCount", len(listed))
+    room = MAX_LISTED_REJECTIONS - len(total["rejected"])
+    for r in listed[: max(0, room)]:
+        total["rejected"].append({"index": positions[r["index"]], "error": r["error"]})
+
+
+def _gave_up(
+    reply: dict[str, Any], positions: list[int], total: dict[str, Any], wait_s: float
+) -> str:
+    error = reply.get("error")
+    if error in ("busy", "rate_limited"):
+        return (
+            f"gave up after --retry-timeout {wait_s:g} s: the daemon still answers {error};"
+            f" {len(positions)} entries were not stored (the first is entry {positions[0]}),"
+            f" {total['accepted']} were; add those again later or raise --retry-timeout"
+        )
+    return (
+        f"the daemon refused entries {positions[0]}-{positions[-1]}: {error};"
+        f" {total['accepted']} entries were accepted before this; retry later (entries with"
+        " an entryId are deduplicated)"
+    )
 
 
 def add_entries(

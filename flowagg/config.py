@@ -22,6 +22,7 @@ from typing import Any
 
 from .compression import COMPRESSIONS, zstd_module
 from .errors import ConfigError
+from .redact import DEFAULT_KEYS, compile_patterns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,27 @@ SETTINGS: dict[str, Setting] = {
     "allowedUids": Setting(
         (), tuple, help="uids the socket serves besides the daemon's own (empty: any that reach it)"
     ),
+    "redactKeys": Setting(
+        DEFAULT_KEYS, list, help="metadata keys whose values become [REDACTED] (any depth or case)"
+    ),
+    "redactPatterns": Setting(
+        (), list, help="regular expressions redacted inside metadata string values"
+    ),
+    "rateLimitPerUser": Setting(0.0, float, 0, 1e9, "entries per second per userId (0: no limit)"),
+    "rateLimitPerConnection": Setting(
+        0.0, float, 0, 1e9, "entries per second per socket connection (0: no limit)"
+    ),
+    "rateLimitBurst": Setting(1000, int, 1, 1 << 40, "entries a rate limit lets through at once"),
+    "rateLimitUsers": Setting(
+        10_000, int, 1, 10_000_000, "userIds whose buckets are remembered (least recent go)"
+    ),
+    "metricsListen": Setting("", str, help="host:port serving /metrics over HTTP (empty: off)"),
+    "metricsTextfile": Setting(
+        "", str, help=".prom file rewritten for node_exporter's textfile collector (empty: off)"
+    ),
+    "metricsTextfileIntervalMs": Setting(
+        15_000, int, 100, DAY_MS, "how often metricsTextfile is rewritten"
+    ),
 }
 
 SINK_TYPES = ("none", "http", "command")
@@ -144,8 +166,13 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
     setting = SETTINGS[key]
     value: Any
     from_file = origin.startswith("file ")
-    if from_file and isinstance(raw, str) and setting.kind in (int, float, tuple):
-        kind = {int: "an integer", float: "a number", tuple: "an array of integers"}[setting.kind]
+    if from_file and isinstance(raw, str) and setting.kind in (int, float, tuple, list):
+        kind = {
+            int: "an integer",
+            float: "a number",
+            tuple: "an array of integers",
+            list: "an array of strings",
+        }[setting.kind]
         raise ConfigError(
             f"{key} ({origin}): must be {kind}, got the string {raw!r}; drop the quotes"
         )
@@ -153,6 +180,8 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
         raw = str(raw)  # a gid
     if setting.kind is tuple:
         value = _uid_list(key, raw, origin)
+    elif setting.kind is list:
+        value = _str_list(key, raw, origin)
     elif setting.kind is int:
         if isinstance(raw, str):
             try:
@@ -202,7 +231,43 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
         raise ConfigError(f"sinkType ({origin}): must be one of {', '.join(SINK_TYPES)}")
     if key == "socketGroup" and value:
         resolve_group(value, origin)
+    if key == "redactPatterns":
+        compile_patterns(value, origin)
+    if key == "metricsListen" and value:
+        parse_listen(value, origin)
     return value
+
+
+def parse_listen(value: str, origin: str = "metricsListen") -> tuple[str, int]:
+    """`host:port` (`[::1]:9464` for IPv6); port 0 picks a free one."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"metricsListen ({origin}): must be host:port such as 127.0.0.1:9464, got {value!r}"
+        )
+    return host, int(port)
+
+
+def _str_list(key: str, raw: Any, origin: str) -> tuple[str, ...]:
+    """A TOML array of strings; from the environment or a flag a JSON array, or words
+    separated by commas (a regular expression with a comma needs the JSON form)."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        if text.startswith("["):
+            import json
+
+            try:
+                raw = json.loads(text)
+            except ValueError:
+                raise ConfigError(
+                    f"{key} ({origin}): {raw!r} is not a JSON array of strings; fix the value"
+                ) from None
+        else:
+            raw = [word.strip() for word in text.split(",") if word.strip()]
+    if not isinstance(raw, list | tuple) or not all(isinstance(s, str) and s for s in raw):
+        raise ConfigError(f"{key} ({origin}): must be an array of non-empty strings, got {raw!r}")
+    return tuple(raw)
 
 
 def _uid_list(key: str, raw: Any, origin: str) -> tuple[int, ...]:

@@ -22,7 +22,8 @@ import filelock
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from . import __version__
-from .cleanup import apply_cleanup, plan_cleanup
+from .audit import audit
+from .cleanup import apply_cleanup, cleanup_fields, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
 from .config import Config, config_warnings
 from .errors import AlreadyRunningError, ConfigError, RootUnusableError
@@ -40,12 +41,14 @@ from .jobs import reschedule, start_scheduler, start_watchdog
 from .journal import JournalVersionError, scan_root
 from .layout import Layout
 from .logsetup import setup_logging
-from .ops import daemon_status, handle_request
+from .metrics import MetricsExport
+from .ops import RECOVERY_FIELDS, daemon_status, handle_request
 from .pipeline import Pipeline
+from .ratelimit import RateLimiter
 from .recovery import Recovery, RetryPolicy
 from .reloading import merge_reload
 from .sdnotify import notify
-from .server import SocketServer
+from .server import Peer, SocketServer
 from .sink import Completer, build_sink
 from .spool import SpoolIntake
 from .storage import CompletedFiles
@@ -84,6 +87,7 @@ class Daemon:
             self.layout, self.clock, self.rng, self.retry_policy, store=self.completer
         )
         self.supervisor = Supervisor()
+        self.limiter = RateLimiter.from_config(config, self.clock.monotonic)
         self.health_checks = 0
         self.success_window = SuccessWindow(SUCCESS_WINDOW_INTERVALS)
         self.cleanup_runs = 0
@@ -93,6 +97,7 @@ class Daemon:
         self.started_mono = 0.0
         self.pipeline: Pipeline | None = None
         self.server: SocketServer | None = None
+        self.metrics = MetricsExport(self, lambda: daemon_status(self))
         self.spool: SpoolIntake | None = None
         self.stopping = False
         self.socket_recreated = 0
@@ -211,10 +216,12 @@ class Daemon:
             allowed_uids=self.config.allowed_uids,
         )
         await self.server.start()
+        self.metrics.start()
         await self.spool.start()
         self._recovery_lock = asyncio.Lock()
         self._scheduler = start_scheduler(self)
         log.info("ready in %.3f s; socket %s", time.perf_counter() - started, self.layout.socket)
+        audit("start", version=__version__, pid=os.getpid(), root=str(self.layout.root))
         notify(f"READY=1\nSTATUS=accepting entries\nMAINPID={os.getpid()}")
         start_watchdog(loop)
         while not self.stopping:
@@ -243,7 +250,11 @@ class Daemon:
             log.warning("the socket %s was gone; listening on it again", self.server.path)
 
     async def scheduled_recovery(self) -> None:
-        await self.recover(force=False)
+        report = await self.recover(force=False)
+        if any(report[key] for key in ("recovered", "abandoned", "quarantined")):
+            audit(
+                "recover", by="scheduler", **{k: report[k] for k in RECOVERY_FIELDS if k in report}
+            )
 
     async def recover(
         self, *, force: bool, requeue: bool = False, batch: str | None = None
@@ -322,6 +333,7 @@ class Daemon:
         freed = await asyncio.to_thread(apply_cleanup, plan)
         self.cleanup_runs += 1
         if plan:
+            audit("cleanup", by="scheduler", **cleanup_fields(plan, freed))
             log.info("cleanup: %d files removed, %d bytes freed", len(plan), freed)
 
     async def _shutdown(self) -> int:
@@ -352,10 +364,13 @@ class Daemon:
         busy = await self.pipeline.shutdown(flush_s=flush_s, join_s=deadline.share(0.1))
         for name in busy:
             log.error("thread %s did not stop in time; left to the process exit", name)
+        await self.metrics.stop()
         left = self.pipeline.aggregator.unflushed_entries
         if left:
             log.warning("stopped with %d entries in the journal; the next start writes them", left)
         await self._final_snapshot(deadline.share(0.05))
+        code = EX_SOFTWARE if dead else 0
+        audit("stop", outcome="ok" if not dead else "thread died", exitCode=code, journaled=left)
         if dead:
             log.critical("stopped after a thread died; exit %d to be restarted", EX_SOFTWARE)
             return EX_SOFTWARE
@@ -391,14 +406,22 @@ class Daemon:
     async def _flush_for_signal(self) -> None:
         assert self.pipeline is not None
         result = await self.pipeline.flush("manual")
+        audit("flush", by="signal", **result)
         log.info("SIGUSR1 flush: %d batches, %d entries", result["batches"], result["entries"])
 
     async def handle_hup(self) -> None:
         await self.check_socket()
         self.reload()
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self, peer: Peer | None = None) -> dict[str, Any]:
         """Re-read the config; apply flush, recovery and sink settings; keep the old on error."""
+        reply = self._reload()
+        fields = ("changed", "needsRestart") if reply["ok"] else ("error",)
+        outcome = "ok" if reply["ok"] else "error"
+        audit("reload", peer=peer, by="signal", outcome=outcome, **{k: reply[k] for k in fields})
+        return reply
+
+    def _reload(self) -> dict[str, Any]:
         if self._reload_config is None:
             return {"ok": False, "error": "this daemon was started without a reloadable config"}
         notify("RELOADING=1")
@@ -430,6 +453,7 @@ class Daemon:
         self.config = config
         assert self.pipeline is not None
         self.pipeline.reconfigure(config)
+        self.limiter.reconfigure(config)
         self.retry_policy = RetryPolicy.from_config(config)
         self.recovery.policy = self.retry_policy
         if any(k.startswith(("sink", "breaker")) for k in changed):

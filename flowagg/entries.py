@@ -116,6 +116,7 @@ def validate_entry_json(
     now_ms: int,
     max_entry_bytes: int,
     new_id: Callable[[], str],
+    redact: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any], bool, bytes]:
     """validate_entry, plus the entry as the compact JSON that is journaled and stored.
 
@@ -174,6 +175,8 @@ def validate_entry_json(
                 f"entry {index}: metadata: nested deeper than {MAX_METADATA_DEPTH} levels;"
                 " flatten it"
             )
+        if redact is not None:
+            redact(metadata)
 
     client_id = "entryId" in raw
     if client_id:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import orjson
 
+from .audit import audit
 from .batch_runs import MAX_RUN, STAGE_WORKERS, Staged, Stager, stage
 from .clock import Clock
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError
@@ -342,6 +343,8 @@ class Flusher:
                 atomic_write(target, doc)
                 self.failed_batches += 1
                 self.outcomes.record(self.clock.monotonic(), False)
+                if permanent:
+                    audit("abandon", batchId=batch.batch_id, reason=error, retryCount=0)
                 log.warning("batch %s parked in %s/: %s", batch.batch_id, target.parent.name, error)
                 return target
             except OSError as exc:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import orjson
 
+from .audit import audit
+
 TEMP_MARK = ".flowagg-tmp-"
 FILE_MODE = 0o600
 NAME_MAX = 255  # bytes in one file name on Linux file systems
@@ -63,8 +65,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_temp(path: Path, data: bytes) -> Path:
-    """The first half of `atomic_write`: `data` whole and fsynced in a temp file beside `path`.
+def write_temp(path: Path, data: bytes, *, mode: int = FILE_MODE) -> Path:
+    """The first half of `atomic_write`: `data` whole and fsynced in a temp file beside `path`
+    (with `mode`, whatever the umask).
 
     Returns the temp file; the caller renames it into place (or unlinks it).
     """
@@ -72,6 +75,8 @@ def write_temp(path: Path, data: bytes) -> Path:
     tmp = path.with_name(fit_name(f"{TEMP_MARK}{path.name}", len(pid)) + pid)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
     try:
+        if mode != FILE_MODE:
+            os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
@@ -86,9 +91,9 @@ def write_temp(path: Path, data: bytes) -> Path:
     return tmp
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Publish `data` at `path` whole or not at all."""
-    tmp = write_temp(path, data)
+def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
+    """Publish `data` at `path` whole or not at all (with `mode`, whatever the umask)."""
+    tmp = write_temp(path, data, mode=mode)
     try:
         os.rename(tmp, path)
     except BaseException:
@@ -182,6 +187,7 @@ def quarantine_file(
             **(extra or {}),
         },
     )
+    audit("quarantine", file=display_name(target.name), component=component)
     return target
 
 
@@ -212,6 +218,7 @@ def quarantine_bytes(
             **(extra or {}),
         },
     )
+    audit("quarantine", file=display_name(target.name), component=component)
     return target
 
 

@@ -15,13 +15,14 @@ from typing import Any
 import orjson
 import psutil
 
+from . import formats
 from .fsutil import atomic_write
 from .layout import Layout
 
 log = logging.getLogger("flowagg.health")
 
 STALE_INTERVALS = 3
-HEALTH_FORMAT_VERSION = 1
+HEALTH_FORMAT_VERSION = formats.HEALTH
 EXIT_BY_STATUS = {"healthy": 0, "degraded": 1, "critical": 2}
 SEVERITY = {"healthy": "normal", "degraded": "warning", "critical": "critical", "stopped": "info"}
 
@@ -153,6 +154,11 @@ def build_snapshot(
         "queue": st["queue"],
         "latencyMs": st["latencyMs"],
         "sink": st["sink"],
+        "security": {
+            "redactedEntries": st["counters"]["redactedEntries"],
+            "redactedValues": st["counters"]["redactedValues"],
+            "rateLimitedEntries": st["rateLimit"]["limitedEntries"],
+        },
     }
 
 
@@ -181,12 +187,21 @@ def read_latest(layout: Layout) -> dict[str, Any] | None:
         doc = orjson.loads((layout.health / "latest.json").read_bytes())
     except (OSError, orjson.JSONDecodeError):
         return None
-    return doc if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):
+        return None
+    try:
+        formats.check(doc.get("formatVersion"), formats.HEALTH_MAJOR, "health/latest.json")
+    except formats.BadVersionError:
+        return None
+    return doc
 
 
 def abandoned_before(layout: Layout, abandoned_now: int) -> int:
     """The abandoned count the last daemon saw, so new abandonments since then still show."""
-    previous = read_latest(layout)
+    try:
+        previous = read_latest(layout)
+    except formats.NewerFormatError:
+        previous = None  # a newer flowagg's snapshot: its count means nothing here
     if previous is None:
         return abandoned_now
     queue = previous.get("queue")

@@ -1,4 +1,5 @@
-"""The daemon's logs: aggregation.log and stderr get everything; recovery.log the recovery side."""
+"""The daemon's logs: aggregation.log and stderr get everything; recovery.log the recovery side;
+audit.log the state-changing operations (see audit.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 from typing import TextIO
 
+from . import audit
 from .config import Config
 from .layout import Layout
 
@@ -68,14 +70,14 @@ def setup_logging(layout: Layout, config: Config) -> None:
     """aggregation.log and stderr get everything; recovery.log gets the recovery side too."""
     formatter = logging.Formatter(LOG_FORMAT)
 
-    def rotating(name: str) -> logging.Handler:
+    def rotating(name: str, fmt: logging.Formatter = formatter) -> logging.Handler:
         handler = LogFileHandler(
             layout.logs / name,
             maxBytes=config.log_max_bytes,
             backupCount=config.log_backups,
             encoding="utf-8",
         )
-        handler.setFormatter(formatter)
+        handler.setFormatter(fmt)
         return handler
 
     stderr = logging.StreamHandler(sys.stderr)
@@ -83,9 +85,14 @@ def setup_logging(layout: Layout, config: Config) -> None:
     root = logging.getLogger("flowagg")
     root.setLevel(config.log_level)
     root.propagate = False
+    # Audit lines are JSON in their own file whatever logLevel says, and not in the others.
+    audit_log = logging.getLogger(audit.LOGGER)
+    audit_log.setLevel(logging.INFO)
+    audit_log.propagate = False
     for logger, handlers in (
         (root, [rotating("aggregation.log"), stderr]),
         (logging.getLogger("flowagg.recovery"), [rotating("recovery.log")]),
+        (audit_log, [rotating(audit.FILE_NAME, logging.Formatter("%(message)s"))]),
     ):
         for old in list(logger.handlers):
             logger.removeHandler(old)

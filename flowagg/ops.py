@@ -9,9 +9,12 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .audit import audit
 from .config import SETTINGS, Config
 from .entries import short_repr
 from .fsutil import count_files
+from .metrics import render, snapshot
+from .ratelimit import add_limited
 from .recovery import check_batch_id
 from .server import Peer, stopping_reply
 
@@ -41,17 +44,22 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
             return {"ok": False, "error": 'add: "entries" must be an array of entries'}
         if daemon.stopping:
             return stopping_reply()
+        if daemon.limiter.active:
+            return await add_limited(daemon.pipeline.add, daemon.limiter, entries, peer.conn)
         return (await daemon.pipeline.add(entries)).reply()
     if op == "ping":
         return {"ok": True}
     if op == "flush":
-        return await bounded_flush(daemon)
+        reply = await bounded_flush(daemon)
+        audit_reply("flush", reply, peer, ("batches", "entries"))
+        return reply
     if op == "status":
         return {"ok": True, **daemon_status(daemon)}
     if op == "recover":
         batch = request.get("batch")
         if batch is not None and not isinstance(batch, str):
             return {"ok": False, "error": 'recover: "batch" must be a batch id string'}
+        event = "requeue" if request.get("abandoned") else "recover"
         try:
             if batch is not None:
                 check_batch_id(batch)
@@ -59,19 +67,40 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
                 force=True, requeue=bool(request.get("abandoned")), batch=batch
             )
         except (FileNotFoundError, ValueError) as exc:
-            return {"ok": False, "error": f"recover: {exc}"}
-        return {"ok": True, **report}
+            reply = {"ok": False, "error": f"recover: {exc}"}
+        else:
+            reply = {"ok": True, **report}
+        audit_reply(event, reply, peer, RECOVERY_FIELDS)
+        return reply
     if op == "health":
         return {"ok": True, **daemon.health_snapshot()}
     if op == "reload":
-        return daemon.reload()
+        return daemon.reload(peer)
+    if op == "metrics":
+        text = render(
+            snapshot(daemon, daemon_status(daemon)),
+            openmetrics=request.get("format") != "prometheus",
+        )
+        return {"ok": True, "text": text.decode()}
     if op == "config":
         return {"ok": True, **config_report(daemon.config)}
     return {
         "ok": False,
         "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
-        " reload, config or ping",
+        " reload, config, metrics or ping",
     }
+
+
+RECOVERY_FIELDS = ("requeued", "recovered", "failedAgain", "abandoned", "quarantined")
+
+
+def audit_reply(event: str, reply: dict[str, Any], peer: Peer, fields: tuple[str, ...]) -> None:
+    """One audit line for a socket request: its outcome and the reply's counts and ids."""
+    outcome = "ok" if reply.get("ok") else "error"
+    details = {key: reply[key] for key in fields if key in reply}
+    if not reply.get("ok"):
+        details["error"] = reply.get("error")
+    audit(event, peer=peer, outcome=outcome, **details)
 
 
 def config_report(config: Config) -> dict[str, Any]:
@@ -144,6 +173,8 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
             "recreated": daemon.socket_recreated,
         },
         "lastReload": daemon.last_reload,
+        "rateLimit": daemon.limiter.status(),
+        "metrics": daemon.metrics.status(),
         "failed": queue["failed"],
         "abandoned": queue["abandoned"],
         "errors": queue["errors"],

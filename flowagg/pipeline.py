@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from .journal import (
     Position,
     ScanResult,
 )
+from .latency import LatencySamples
 from .layout import Layout
 from .pipeline_status import (
     buffered_status,
@@ -38,6 +39,7 @@ from .pipeline_status import (
     latency_status,
 )
 from .published import skip_published
+from .redact import Redactor
 from .spill import Spill
 from .storage import Batch
 from .supervise import Spawn, plain_thread
@@ -75,6 +77,7 @@ class Pipeline:
         self._next_retry_at = next_retry_at
         self._store = store
         self.aggregator = Aggregator(FlushPolicy.from_config(config))
+        self.redactor = Redactor(config.redact_keys, config.redact_patterns)
         self.dedupe: DedupeIndex | None = None
         self.window_clock = WindowClock(clock, 0)  # anchored on the journal at start
         self.pending_ids: set[str] = set()  # client ids being journaled, not yet in `dedupe`
@@ -88,8 +91,8 @@ class Pipeline:
         self.counters: Counter[str] = Counter()
         self.batches_by_trigger: Counter[str] = Counter()
         self.last_flush_at: int | None = None
-        self.add_latency: deque[float] = deque(maxlen=LATENCY_SAMPLES)
-        self.flush_latency: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.add_latency = LatencySamples(LATENCY_SAMPLES)
+        self.flush_latency = LatencySamples(LATENCY_SAMPLES)
         self.last_journal_error: str | None = None
         self._batch_waiters: dict[str, asyncio.Future[None]] = {}
         self._age_timer: asyncio.TimerHandle | None = None
@@ -144,6 +147,7 @@ class Pipeline:
         """Apply reloaded flush settings; the buffer is kept and re-checked at once."""
         self.config = config
         self.aggregator.policy = FlushPolicy.from_config(config)
+        self.redactor.reconfigure(config.redact_keys, config.redact_patterns)
         if self.flusher is not None:
             self.flusher.immediate_retries = config.immediate_retries
         if self.writer is not None:
@@ -167,13 +171,14 @@ class Pipeline:
         now = self.clock.now_ms()
         limit = self.config.max_entry_bytes
         new_id = self.ids.new
+        redact = self.redactor.metadata if self.redactor.active else None
         valid: list[Valid] = []
         rejected: list[dict[str, Any]] = []
         for index, raw in enumerate(raw_entries):
             try:
                 valid.append(
                     validate_entry_json(
-                        raw, index, now_ms=now, max_entry_bytes=limit, new_id=new_id
+                        raw, index, now_ms=now, max_entry_bytes=limit, new_id=new_id, redact=redact
                     )
                 )
             except EntryError as exc:
@@ -443,6 +448,8 @@ class Pipeline:
                 "rejected": self.counters["rejected"],
                 "busy": self.counters["busy"],
                 "journalErrors": self.counters["journalErrors"],
+                "redactedEntries": self.redactor.entries,
+                "redactedValues": self.redactor.values,
                 "batches": dict(self.batches_by_trigger),
                 "storedEntries": self.stored_entries,
             },

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from .aggregator import Aggregator
 from .clock import Clock
+from .formats import NewerFormatError
 from .fsutil import quarantine_file
 from .journal import Position, read_records
 from .layout import Layout
@@ -58,6 +59,9 @@ def skip_published(
             break
         try:
             ids = [e["entryId"] for e in read_batch(path)["entries"]]
+        except NewerFormatError as exc:
+            # Writing the batch again would replace the newer flowagg's file.
+            raise NewerFormatError(f"aggregated/{exc}") from None
         except (CorruptBatch, OSError, KeyError, TypeError) as exc:
             quarantine_file(
                 layout.errors,

@@ -37,10 +37,12 @@ from typing import Any
 
 import orjson
 
+from .audit import audit
 from .clock import Clock
 from .config import Config
 from .entries import short_repr
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, classify
+from .formats import NewerFormatError
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
 from .layout import Layout
 from .sink import as_completer
@@ -50,7 +52,6 @@ log = logging.getLogger("flowagg.recovery")
 
 FAILED_SUFFIX = ".failed.json"
 ABANDONED_SUFFIX = ".abandoned.json"
-SUPPORTED_MAJOR = 2
 # storage.make_batch_id: arrival ms (13 digits) and journal seq (12 digits); ASCII only.
 BATCH_ID_RE = re.compile(r"[0-9]{13}_[0-9]{12}")
 HISTORY_LIMIT = 50
@@ -106,23 +107,6 @@ def check_batch_id(text: str) -> str:
             " (the file name in recovery/abandoned/ without .abandoned.json)"
         )
     return text
-
-
-class NewerFormatError(ValueError):
-    """A file written by a newer flowagg: refused, never quarantined or deleted."""
-
-
-def check_version(doc: dict[str, Any], path: Path) -> None:
-    version = str(doc.get("version", "0"))
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        raise CorruptBatch(f"version {version!r} is not a version number") from None
-    if major > SUPPORTED_MAJOR:
-        raise NewerFormatError(
-            f"{path.name} has format version {version}, newer than this flowagg reads"
-            f" ({SUPPORTED_MAJOR}.x); upgrade flowagg to handle it"
-        )
 
 
 def check_recovery_fields(doc: dict[str, Any]) -> None:
@@ -228,8 +212,7 @@ class Recovery:
     def _load(self, path: Path, report: RecoveryReport) -> dict[str, Any] | None:
         """Parse and verify a recovery file; quarantine it when it cannot be trusted."""
         try:
-            doc = decode_batch(path.read_bytes())
-            check_version(doc, path)
+            doc = decode_batch(path.read_bytes(), path)
             expected = doc["batchId"] + (
                 FAILED_SUFFIX if path.name.endswith(FAILED_SUFFIX) else ABANDONED_SUFFIX
             )
@@ -504,6 +487,7 @@ class Recovery:
         with contextlib.suppress(OSError):
             fsync_dir(path.parent)
         report.abandoned.append(batch_id)
+        audit("abandon", batchId=batch_id, reason=why, retryCount=doc["retryCount"])
         log.error("batch %s: abandoned (%s) after %d retries", batch_id, why, doc["retryCount"])
 
     # -- operator ---------------------------------------------------------------------------

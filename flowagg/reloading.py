@@ -15,6 +15,9 @@ RESTART_ONLY = (
     "logBackups",
     "socketGroup",
     "batchCompression",
+    "metricsListen",
+    "metricsTextfile",
+    "metricsTextfileIntervalMs",
 )
 
 

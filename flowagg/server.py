@@ -89,6 +89,7 @@ class Peer:
     pid: int
     uid: int
     gid: int
+    conn: int = 0  # this connection's number in the daemon's run (rate limits key on it)
 
     def __str__(self) -> str:
         return f"uid {self.uid} gid {self.gid} pid {self.pid}"
@@ -97,13 +98,13 @@ class Peer:
 UNKNOWN_PEER = Peer(0, -1, -1)
 
 
-def peer_of(writer: asyncio.StreamWriter) -> Peer:
+def peer_of(writer: asyncio.StreamWriter, conn: int = 0) -> Peer:
     sock = writer.get_extra_info("socket")
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     except (AttributeError, OSError):
-        return UNKNOWN_PEER
-    return Peer(*_UCRED.unpack(raw))
+        return dataclasses.replace(UNKNOWN_PEER, conn=conn)
+    return Peer(*_UCRED.unpack(raw), conn=conn)
 
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[dict[str, Any]]]
@@ -138,6 +139,7 @@ class SocketServer:
         self.too_many_entries = 0
         self.refused_connections = 0
         self.refused_peers = 0
+        self._accepted = 0
         self._inode: int | None = None
 
     @property
@@ -234,7 +236,8 @@ class SocketServer:
         if self._stopping or len(self._conns) >= self.max_connections:
             await self._refuse(writer)
             return
-        peer = peer_of(writer)
+        self._accepted += 1
+        peer = peer_of(writer, self._accepted)
         self._conns[conn] = writer
         try:
             while not self._stopping:

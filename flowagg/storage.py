@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from . import BATCH_FORMAT_VERSION
+from . import BATCH_FORMAT_VERSION, formats
 from .compression import SUFFIXES, compress, decompress
 from .fsutil import atomic_write
 from .layout import Layout
@@ -73,14 +73,22 @@ class CorruptBatch(ValueError):
     pass
 
 
-def decode_batch(data: bytes) -> dict[str, Any]:
-    """Parse a batch file and check its shape, count and checksum."""
+def decode_batch(data: bytes, path: Path | str = "batch") -> dict[str, Any]:
+    """Parse a batch file and check its version, shape, count and checksum.
+
+    The version comes first: a newer flowagg's file may have another shape, and must be
+    refused (formats.NewerFormatError), not taken for corrupt.
+    """
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise CorruptBatch(f"not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise CorruptBatch("not a JSON object")
+    try:
+        formats.check(doc.get("version"), formats.BATCH_MAJOR, path)
+    except formats.BadVersionError as exc:
+        raise CorruptBatch(str(exc)) from None
     for key in ("batchId", "entries", "entryCount", "entriesSha256"):
         if key not in doc:
             raise CorruptBatch(f"missing {key}")
@@ -100,7 +108,7 @@ def read_batch(path: Path) -> dict[str, Any]:
         data = decompress(path.name, path.read_bytes())
     except ValueError as exc:
         raise CorruptBatch(str(exc)) from None
-    return decode_batch(data)
+    return decode_batch(data, path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,18 @@ def test_world_writable_root_is_refused_with_the_fix(tmp_path: Path) -> None:
     assert "world-writable" in message and f"chmod 0700 {root}" in message
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another uid")
+def test_a_root_owned_by_another_user_is_refused_with_the_fix(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir(mode=0o700)
+    os.chown(root, 65534, 65534)
+    proc = cli(root, "run", timeout=30)
+    message = proc.stderr.decode()
+    assert proc.returncode == 4, message
+    assert message.count("\n") == 1
+    assert f"owned by uid 65534, not {os.geteuid()}" in message and "run as its owner" in message
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another uid")
 @pytest.mark.parametrize("daemon_is_root", [True, False])
 def test_an_adopted_file_becomes_the_daemons(

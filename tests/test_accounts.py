@@ -170,6 +170,28 @@ def test_group_members_add_and_spool_outsiders_get_one_line(
     stored = sorted(e["timestamp"] for e in stored_entries(root))
     assert stored == [entry(1)["timestamp"], entry(3)["timestamp"]]
     assert f"flush requested by uid {member_uid} gid " in daemon.log()
+    audit = [orjson.loads(line) for line in (layout.logs / "audit.log").read_bytes().splitlines()]
+    (flush,) = [line for line in audit if line["event"] == "flush"]
+    assert flush["peer"]["uid"] == member_uid and flush["outcome"] == "ok"
+
+
+def test_without_socket_group_another_user_cannot_connect(
+    accounts: Accounts, shared_root: Path, daemons: list[DaemonProc]
+) -> None:
+    root = shared_root
+    daemon = start_daemon(root)
+    daemons.append(daemon)
+    layout = Layout(root)
+    assert _mode(layout.socket) == 0o600
+    # Open the way to the socket, so that only the socket's own mode stands in between.
+    for folder in (root, layout.run):
+        os.chmod(folder, 0o711)
+    refused = accounts.run(
+        accounts.member, "--root", str(root), "add", orjson.dumps(entry(1)).decode()
+    )
+    message = refused.stderr.decode()
+    assert refused.returncode == 4, message
+    assert message.count("\n") == 1 and "permission denied on the socket" in message
 
 
 def test_spool_while_down_is_adopted_and_owned_by_the_daemon(

@@ -518,27 +518,21 @@ def build(inbox: Path, outside: Path, item: tuple[Any, ...], ids: list[str]) -> 
         return taken
     document = raw_name.endswith(b".json")
     spool = document or raw_name.endswith(b".jsonl")
-    not_json = any(k in ("garbage", "bad-utf8", "huge") for k in kinds)
+    # A huge line is a JSON array: alone (blank lines aside) a .json file of it is valid JSON.
+    parts = [k for k in kinds if k != "empty"]
+    not_json = any(k in ("garbage", "bad-utf8") for k in kinds) or (
+        "huge" in kinds and len(parts) > 1
+    )
     if document and not not_json:
-        parts = [lines_for(k, ids if taken else []) for k in kinds if k != "empty"]
-        path.write_bytes(b"[" + b",".join(parts) + b"]")
+        lines = [lines_for(k, ids if taken else []) for k in parts]
+        path.write_bytes(b"[" + b",".join(lines) + b"]")
         return False
-    keep: list[str] = []
+    keep = ids if taken and spool and not document else []
     kinds = [*kinds, *(["valid"] * (CHUNK_LINES + 1) if many else [])]
-    content = newline.join(lines_for(k, keep) for k in kinds) + (newline if trailing else b"")
-    path.write_bytes(content)
-    if not (taken and spool):
-        return taken
-    if document:
-        # A .json file is read as one JSON value. A lone "huge" line (amid empty ones) is an
-        # array of numbers: readable, its entries refused one by one, the file not moved.
-        try:
-            orjson.loads(content)
-        except orjson.JSONDecodeError:
-            return True
-        return False
-    ids.extend(keep)
-    return False
+    path.write_bytes(
+        newline.join(lines_for(k, keep) for k in kinds) + (newline if trailing else b"")
+    )
+    return taken and (not spool or document)
 
 
 _ids = itertools.count()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 import socket
@@ -116,3 +117,27 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     problems = [line for line in proc.stderr.splitlines() if "flowagg.service" in line]
     assert problems == [], proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not here")
+def test_the_sandbox_rates_at_most_2_0(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    match = re.search(r"Overall exposure level for flowagg\.service: (\d+\.\d+)", proc.stdout)
+    assert match, proc.stdout + proc.stderr
+    assert float(match.group(1)) <= 2.0, proc.stdout
+    text = UNIT.read_text()
+    for line in (
+        "CapabilityBoundingSet=\n",
+        "SystemCallFilter=@system-service",
+        "SystemCallArchitectures=native",
+        "RestrictNamespaces=true",
+        "MemoryDenyWriteExecute=true",
+        "ProtectProc=invisible",
+    ):
+        assert line in text, line

@@ -23,6 +23,7 @@ from .group_commit import group_commit
 from .hostile import hostile
 from .latency import latency
 from .powerloss import power_cuts
+from .redaction import redaction
 from .report import OtherLoad, build_rows, meta, notes, render
 from .restart import build_backlog, restart, restart_remembered
 from .throughput import throughput
@@ -49,6 +50,14 @@ def run(b: Bench) -> None:
             b.section(name, func)
 
     b.pool = ClientPool(max(8, s.gc_clients))
+    if b.args.redaction:
+        try:
+            for rep in range(1, repeats + 1):
+                b.progress(f"redaction, run {rep}/{repeats}")
+                b.section("redaction", lambda: redaction(b))
+        finally:
+            b.pool.close()
+        return
     try:
         backlogs: dict[str, tuple[Path, int]] = {}
 
@@ -135,6 +144,11 @@ def main() -> int:
         action="store_true",
         help="only the read commands (validate, export, report) on 1,000,000 stored entries"
         " (--quick: 100,000)",
+    )
+    parser.add_argument(
+        "--redaction",
+        action="store_true",
+        help="only the redaction figure: add throughput with 10 keys and 3 patterns vs off",
     )
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers to PATH")
     parser.add_argument(

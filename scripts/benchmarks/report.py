@@ -15,6 +15,7 @@ import psutil
 from .common import MB, Bench
 from .hostile import ITEMS, KILL_ABOVE, MAX_REQUEST_BYTES, REPLY_READ_CAP
 from .memory import LARGE_BATCHES, day_sizes, rss_sizes
+from .redaction import KEYS, PATTERNS
 
 
 def fmt_rate(v: float | None) -> str:
@@ -37,7 +38,24 @@ def below(v: float | None, goal: float) -> bool | None:
     return None if v is None else v < goal
 
 
+def redaction_row(b: Bench) -> tuple[str, str, str, str, str]:
+    m = b.med
+    overhead = m("redact.overhead_pct")
+    return (
+        f"add throughput with redaction\n8 clients x {b.sizes.per_request}-entry requests\n"
+        f"{len(KEYS)} keys, {len(PATTERNS)} patterns",
+        f"on: {fmt_rate(m('redact_on.flowagg'))}\n"
+        f"daemon CPU {fmt(m('redact_on.cpu_us_per_entry'), ' us', 1)}/entry",
+        f"off: {fmt_rate(m('redact_off.flowagg'))}\n"
+        f"daemon CPU {fmt(m('redact_off.cpu_us_per_entry'), ' us', 1)}/entry",
+        f"overhead {fmt(overhead, ' %', 1)} (goal < 20 %)",
+        verdict(None if overhead is None else overhead < 20.0),
+    )
+
+
 def build_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
+    if b.args.redaction:
+        return [redaction_row(b)]
     m = b.med
     s = b.sizes
     rows: list[tuple[str, str, str, str, str]] = []
@@ -404,6 +422,10 @@ def notes(b: Bench) -> str:
             f" reply newline, reading at most {REPLY_READ_CAP:,} bytes for at most"
             f" {s.hostile_timeout_s:g} s; RSS polled every 10 ms until ping is polled for"
             f" 5 s afterwards; the daemon is SIGKILLed above {KILL_ABOVE / MB:,.0f} MB RSS.",
+            "redaction (--redaction only): the 8-client throughput run twice, redactKeys=[] and"
+            f" redactPatterns=[] (off) beside {len(KEYS)} keys and {len(PATTERNS)} patterns"
+            " (e-mail, card number, bearer token); the entries hold no secret, so every key is"
+            " looked up and every string value scanned; overhead = 1 - on/off.",
             "power cuts: tests/powerloss.py's run_power_loss(root, cuts, seed) when present"
             f" ({s.power_cuts} cuts); it runs the working tree's flowagg, not the snapshot.",
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import Any
 
 from .baselines import baseline_atomic_files, baseline_persist_queue, baseline_raw, baseline_sqlite
 from .common import (
@@ -21,11 +22,18 @@ from .common import (
 )
 
 
-def flowagg_throughput(b: Bench, clients: int, requests: int, prefix: str, idle: bool) -> None:
+def flowagg_throughput(
+    b: Bench,
+    clients: int,
+    requests: int,
+    prefix: str,
+    idle: bool,
+    settings: dict[str, Any] | None = None,
+) -> None:
     s = b.sizes
     assert b.pool is not None
     root = b.fresh_dir(f"tp{clients}")
-    with running(root, b.settings(), b.logs) as daemon:
+    with running(root, b.settings() if settings is None else settings, b.logs) as daemon:
         sampler = RssSampler(daemon.ps)
         sampler.start()
         with Conn(daemon.sock) as conn:  # warm-up: first request, imports, first segment

@@ -1,0 +1,29 @@
+"""`flowagg metrics` (SPEC §11): the running daemon's Prometheus metrics."""
+
+from __future__ import annotations
+
+import click
+
+from .cli_support import client_layout, handles_errors
+from .errors import DaemonError
+
+
+@click.command()
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["openmetrics", "prometheus"]),
+    default="openmetrics",
+    show_default=True,
+    help="OpenMetrics text, or the classic Prometheus text format",
+)
+@click.pass_context
+@handles_errors
+def metrics(ctx: click.Context, fmt: str) -> None:
+    """Print the daemon's metrics (names start with flowagg_)."""
+    from .client import request
+
+    reply = request(client_layout(ctx), {"op": "metrics", "format": fmt})
+    if not reply.get("ok"):
+        raise DaemonError(f"the daemon answered: {reply.get('error')}")
+    click.echo(reply["text"], nl=False)

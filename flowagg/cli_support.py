@@ -1,0 +1,53 @@
+"""What every `flowagg` command shares: one-line errors with their exit code, the client's
+view of the root, and human or JSON output."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+import orjson
+
+from .config import load_client_paths
+from .errors import EXIT_ROOT_UNUSABLE, FlowaggError
+from .layout import Layout
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"flowagg: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FlowaggError as exc:
+            fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            # A file or folder this user cannot use (another account's root, a full disk).
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(
+                f"{where}{exc.strerror or exc}; check the path and its permissions",
+                EXIT_ROOT_UNUSABLE,
+            )
+
+    return wrapper  # type: ignore[return-value]
+
+
+def client_layout(ctx: click.Context) -> Layout:
+    """Where the daemon lives, for commands that only talk to it (see load_client_paths)."""
+    return Layout(*load_client_paths(root=ctx.obj["root"], config_path=ctx.obj["config"]))
+
+
+def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
+    if as_json:
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(human(data))
