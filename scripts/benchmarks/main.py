@@ -17,6 +17,7 @@ import orjson
 
 from . import memory
 from .common import LIVE_DAEMONS, Bench, ClientPool, median, snapshot_flowagg
+from .compression import compression
 from .data import data_figures, data_notes, data_rows
 from .flush import flush_latency
 from .group_commit import group_commit
@@ -50,11 +51,14 @@ def run(b: Bench) -> None:
             b.section(name, func)
 
     b.pool = ClientPool(max(8, s.gc_clients))
-    if b.args.redaction:
+    costs = {"redaction": redaction, "compression": compression}
+    chosen = [name for name in costs if getattr(b.args, name)]
+    if chosen:
         try:
             for rep in range(1, repeats + 1):
-                b.progress(f"redaction, run {rep}/{repeats}")
-                b.section("redaction", lambda: redaction(b))
+                for name in chosen:
+                    b.progress(f"{name}, run {rep}/{repeats}")
+                    b.section(name, functools.partial(costs[name], b))
         finally:
             b.pool.close()
         return
@@ -149,6 +153,12 @@ def main() -> int:
         "--redaction",
         action="store_true",
         help="only the redaction figure: add throughput with 10 keys and 3 patterns vs off",
+    )
+    parser.add_argument(
+        "--compression",
+        action="store_true",
+        help="only the compression figure: throughput with zstd batch files vs none"
+        " (with --redaction: both)",
     )
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers to PATH")
     parser.add_argument(
