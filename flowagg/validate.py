@@ -18,9 +18,10 @@ from typing import Any
 
 import orjson
 
+from . import formats
 from .batchread import ABANDONED, AGGREGATED, FAILED, BatchPath, iter_batch_bytes
 from .entries import EntryError, short_repr, validate_entry_json
-from .recovery import BATCH_ID_RE, SUPPORTED_MAJOR, check_recovery_fields
+from .recovery import BATCH_ID_RE, check_recovery_fields
 from .storage import TRIGGERS, CorruptBatch
 
 BATCH_FIELDS = (
@@ -172,20 +173,20 @@ class FileChecker:
         return doc if "batchId" in doc and isinstance(doc["batchId"], str) else None
 
     def _version_ok(self, shown: str, version: Any) -> bool:
-        major = str(version).split(".")[0]
-        if not major.isdigit():
-            self.report(Finding(shown, "version", "not a version number", "2.x", repr(version)))
+        """Older majors are read (formats.py); a newer one is a finding, not corruption."""
+        expected = f"{formats.BATCH_MAJOR}.x or older"
+        try:
+            major = formats.major_of(version)
+        except formats.BadVersionError:
+            self.report(Finding(shown, "version", "not a version number", expected, repr(version)))
             return False
-        if int(major) != SUPPORTED_MAJOR:
-            newer = int(major) > SUPPORTED_MAJOR
+        if major > formats.BATCH_MAJOR:
             self.report(
                 Finding(
                     shown,
                     "version",
-                    "written by a newer flowagg; upgrade to read it"
-                    if newer
-                    else "an old format this flowagg does not read",
-                    f"{SUPPORTED_MAJOR}.x",
+                    "written by a newer flowagg; upgrade to read it",
+                    expected,
                     str(version),
                 )
             )
