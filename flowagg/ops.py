@@ -12,7 +12,7 @@ from . import __version__
 from .config import SETTINGS, Config
 from .entries import short_repr
 from .fsutil import count_files
-from .recovery import check_batch_id
+from .recovery import check_batch_id, undelivered_lag_ms
 from .server import Peer, stopping_reply
 
 if TYPE_CHECKING:
@@ -149,5 +149,9 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
         "errors": queue["errors"],
         "queue": queue,
         "recovery": {"runs": daemon.recovery.runs, **daemon.recovery.totals},
-        "sink": daemon.sink.snapshot() if daemon.sink else None,
+        "sink": (
+            {**daemon.sink.snapshot(), "lagMs": undelivered_lag_ms(daemon.layout, daemon.clock)}
+            if daemon.sink
+            else None
+        ),
     }
