@@ -55,8 +55,10 @@ def unavailable_reason() -> str | None:
 class PgServer:
     """initdb, pg_ctl start/stop/restart and fresh databases, on a socket in a temp dir."""
 
-    def __init__(self, bin_dir: Path, base: Path) -> None:
+    def __init__(self, bin_dir: Path, base: Path, *, durable: bool = False) -> None:
         self.bin_dir = bin_dir
+        # Tests need no crash safety from the server; the bench wants the real commit cost.
+        self.durable = durable
         self.base = base
         self.data = base / "data"
         self.socket_dir = base / "sock"
@@ -91,8 +93,9 @@ class PgServer:
         return self
 
     def start(self) -> None:
+        fsync = "on" if self.durable else "off"
         options = (
-            f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off"
+            f"-k {self.socket_dir} -c listen_addresses='' -c fsync={fsync}"
             " -c max_connections=100 -c shared_buffers=32MB"
         )
         self._run(
@@ -120,12 +123,12 @@ class PgServer:
 
 
 @contextlib.contextmanager
-def pg_server() -> Iterator[PgServer]:
+def pg_server(*, durable: bool = False) -> Iterator[PgServer]:
     """A started cluster, stopped (immediately) and removed on the way out."""
     bin_dir = find_bin_dir()
     assert bin_dir is not None
     base = Path(tempfile.mkdtemp(prefix="flowagg-pg-"))
-    server = PgServer(bin_dir, base)
+    server = PgServer(bin_dir, base, durable=durable)
     try:
         server.init().start()
         yield server

@@ -273,3 +273,32 @@ def test_permanent_error_class_is_permanent_error(pg: PgServer) -> None:
         sink.deliver(BATCH_ID, bad)
     sink.deliver(BATCH_ID, batch_bytes(["after"]))  # the connection survives a refusal
     assert [r["entry_id"] for r in rows(dsn)] == ["after"]
+
+
+def test_a_role_with_only_the_documented_grants_delivers(pg: PgServer) -> None:
+    dsn = pg.new_database()
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute("DO $$ BEGIN CREATE ROLE inserter LOGIN; EXCEPTION WHEN duplicate_object"
+                      " THEN NULL; END $$")  # fmt: skip
+        for statement in sink_ddl():
+            admin.execute(statement)
+        admin.execute("GRANT INSERT, SELECT (entry_id) ON flowagg_entries TO inserter")
+    sink = sink_for(dsn.replace("user=postgres", "user=inserter"))
+    sink.deliver(BATCH_ID, batch_bytes(["a", "b"]))
+    assert sink.deliver(BATCH_ID, batch_bytes(["a", "b", "c"])) is True
+    assert [r["entry_id"] for r in rows(dsn)] == ["a", "b", "c"]
+
+
+def test_readme_per_user_totals_sql(pg: PgServer) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    query = readme.split("Per-user totals")[1].split("```sql\n")[1].split("```")[0]
+    dsn = pg.new_database()
+    entries = [
+        {"userId": f"u{i % 2}", "action": "a", "timestamp": BASE_TS + i,
+         "metadata": {"duration": 100 * i}, "entryId": f"d{i}"}
+        for i in range(5)
+    ]  # fmt: skip
+    sink_for(dsn).deliver(BATCH_ID, orjson.dumps({"entries": entries}))
+    with psycopg.connect(dsn) as conn:
+        got = [tuple(r[:3]) for r in conn.execute(query)]
+    assert got == [("u0", 3, 600), ("u1", 2, 400)]

@@ -23,6 +23,7 @@ from .latency import latency
 from .powerloss import power_cuts
 from .report import OtherLoad, build_rows, meta, notes, render
 from .restart import build_backlog, restart, restart_remembered
+from .sink_postgres import sink_notes, sink_postgres, sink_rows
 from .throughput import throughput
 
 
@@ -31,6 +32,9 @@ def run(b: Bench) -> None:
     repeats = b.args.repeats
     b.pool = ClientPool(max(8, s.gc_clients))
     try:
+        if b.args.sink == "postgres":
+            b.section("sink postgres", lambda: sink_postgres(b))
+            return
         backlogs: dict[str, tuple[Path, int]] = {}
 
         def build(prefix: str, entries: int) -> None:
@@ -102,6 +106,12 @@ def main() -> int:
         help="also restart with 1,000,000 journaled entries, remember 10,000,000 entryIds and"
         " restart with a 5,000,000-entry day of journal",
     )
+    parser.add_argument(
+        "--sink",
+        choices=["postgres"],
+        help="only the sink figure: entries/s delivered into a throwaway PostgreSQL beside a"
+        " plain psycopg COPY (needs PostgreSQL's server binaries)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers to PATH")
     parser.add_argument(
         "--dir", metavar="DIR", help="parent of the temp directory (the disk under test)"
@@ -161,10 +171,10 @@ def main() -> int:
         )
     )
     print()
-    print(render(build_rows(bench)))
+    print(render(sink_rows(bench) if args.sink else build_rows(bench)))
     print()
     print("Notes:")
-    for line in notes(bench).split("\n"):
+    for line in (sink_notes(bench) if args.sink else notes(bench)).split("\n"):
         print(f"- {line}")
     if bench.errors:
         print()
