@@ -77,7 +77,7 @@ def evaluate(f: Figures) -> tuple[str, list[str]]:
         critical.append(
             f"{f.abandoned_now - f.abandoned_before} batches abandoned since the last snapshot;"
             " inspect recovery/abandoned/ and run `flowagg recover --abandoned`"
-            + (f"; the sink's last refusal: {f.sink_error}" if f.sink_error else "")
+            + (f"; the sink's last error: {f.sink_error}" if f.sink_error else "")
         )
     if f.stalled_error:
         critical.append(f"batches cannot be stored anywhere: {f.stalled_error}")

@@ -170,14 +170,17 @@ class PostgresSink:
     # -- connection ---------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
         psycopg = self._psycopg
-        timeout_ms = max(1, int(self.timeout_s * 1000))
-        conn = psycopg.connect(
-            self.dsn,
-            connect_timeout=max(2, math.ceil(self.timeout_s)),
-            options=f"-c statement_timeout={timeout_ms}",
-            application_name="flowagg",
-        )
+        # Keywords win over the DSN's own: only what the user left unset is filled in.
+        given = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        defaults = {
+            "connect_timeout": max(2, math.ceil(self.timeout_s)),
+            "application_name": "flowagg",
+        }
+        extra = {key: value for key, value in defaults.items() if key not in given}
+        conn = psycopg.connect(self.dsn, **extra)
         try:
+            timeout_ms = max(1, int(self.timeout_s * 1000))
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", [str(timeout_ms)])
             table = conn.execute("SELECT to_regclass(%s)", [quote_table(self.table)]).fetchone()
             if table is None or table[0] is None:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", [DDL_LOCK_KEY])
