@@ -191,7 +191,11 @@ def _status_text(s: dict[str, Any]) -> str:
         lines.append(
             f"sink {k['type']}: breaker {k['state']}, delivered {k['delivered']},"
             f" failures {k['failures']}, opened {k['timesOpened']} times"
+            + (f", rows written {k['rowsWritten']}" if "rowsWritten" in k else "")
+            + (f", lag {k['lagMs'] / 1000:.1f} s" if k.get("lagMs") else "")
         )
+        if k.get("lastError"):
+            lines.append(f"sink last error: {k['lastError']}")
     reload = s.get("lastReload")
     if reload and reload["ok"]:
         changed = ", ".join(reload["changed"]) or "nothing changed"
@@ -462,3 +466,6 @@ def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -
 
 main.add_command(metrics)
 from . import cli_read  # noqa: E402, F401  (registers the read commands on main)
+from .cli_sink import sink  # noqa: E402 -- commands of their own module, on this group
+
+main.add_command(sink)

@@ -87,9 +87,13 @@ SETTINGS: dict[str, Setting] = {
     "batchCompression": Setting(
         "none", str, help="none, gzip or zstd: batch files as .json, .json.gz or .json.zst"
     ),
-    "sinkType": Setting("none", str, help="none, http or command (forward every batch)"),
+    "sinkType": Setting("none", str, help="none, http, command or postgres (forward every batch)"),
     "sinkUrl": Setting("", str, help="http sink: URL the batch JSON is POSTed to"),
     "sinkCommand": Setting("", str, help="command sink: program and arguments (shell words)"),
+    "sinkDsn": Setting(
+        "", str, help="postgres sink: libpq conninfo or URL, no password (use PGPASSFILE)"
+    ),
+    "sinkTable": Setting("flowagg_entries", str, help="postgres sink: table (or schema.table)"),
     "sinkTimeoutMs": Setting(10_000, int, 1, 3_600_000, "sink call timeout"),
     "breakerFailures": Setting(5, int, 1, 1_000_000, "consecutive sink failures that open"),
     "breakerCooldownMs": Setting(30_000, int, 1, DAY_MS, "open breaker's wait before a trial"),
@@ -122,7 +126,7 @@ SETTINGS: dict[str, Setting] = {
     ),
 }
 
-SINK_TYPES = ("none", "http", "command")
+SINK_TYPES = ("none", "http", "command", "postgres")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -467,6 +471,11 @@ def _check_sink(values: dict[str, Any], sources: dict[str, str]) -> None:
     kind = values["sinkType"]
     if kind == "http":
         _check_url(values["sinkUrl"], sources["sinkUrl"])
+    if kind == "postgres":
+        from .sink_postgres import check_dsn, check_table
+
+        check_table(values["sinkTable"], sources["sinkTable"])
+        check_dsn(values["sinkDsn"], sources["sinkDsn"])
     if kind == "command":
         try:
             words = shlex.split(values["sinkCommand"])

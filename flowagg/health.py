@@ -37,6 +37,7 @@ class Figures:
     abandoned_before: int
     stalled_error: str | None = None
     breaker_state: str | None = None
+    sink_error: str | None = None
     thread_issues: tuple[str, ...] = ()
 
 
@@ -77,6 +78,7 @@ def evaluate(f: Figures) -> tuple[str, list[str]]:
         critical.append(
             f"{f.abandoned_now - f.abandoned_before} batches abandoned since the last snapshot;"
             " inspect recovery/abandoned/ and run `flowagg recover --abandoned`"
+            + (f"; the sink's last error: {f.sink_error}" if f.sink_error else "")
         )
     if f.stalled_error:
         critical.append(f"batches cannot be stored anywhere: {f.stalled_error}")
@@ -84,7 +86,10 @@ def evaluate(f: Figures) -> tuple[str, list[str]]:
     if f.flush_p99_ms is not None and f.flush_p99_ms > 500:
         degraded.append(f"flush p99 {f.flush_p99_ms:.0f} ms is over 500 ms")
     if f.breaker_state in ("open", "half-open"):
-        degraded.append(f"sink circuit breaker is {f.breaker_state}: batches wait in recovery/")
+        degraded.append(
+            f"sink circuit breaker is {f.breaker_state}: batches wait in recovery/"
+            + (f" (last error: {f.sink_error})" if f.sink_error else "")
+        )
     if f.memory_percent > 80:
         degraded.append(f"system memory {f.memory_percent:.0f}% used (> 80%)")
     status = "critical" if critical else "degraded" if degraded else "healthy"
@@ -122,6 +127,7 @@ def build_snapshot(
         abandoned_before=abandoned_before,
         stalled_error=st["flusher"]["stalledError"],
         breaker_state=st["sink"]["state"] if st["sink"] else None,
+        sink_error=st["sink"].get("lastError") if st["sink"] else None,
         thread_issues=facts.thread_issues,
     )
     status, issues = evaluate(figures)

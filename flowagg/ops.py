@@ -15,7 +15,7 @@ from .entries import short_repr
 from .fsutil import count_files
 from .metrics import render, snapshot
 from .ratelimit import add_limited
-from .recovery import check_batch_id
+from .recovery import check_batch_id, undelivered_lag_ms
 from .server import Peer, stopping_reply
 
 if TYPE_CHECKING:
@@ -180,5 +180,9 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
         "errors": queue["errors"],
         "queue": queue,
         "recovery": {"runs": daemon.recovery.runs, **daemon.recovery.totals},
-        "sink": daemon.sink.snapshot() if daemon.sink else None,
+        "sink": (
+            {**daemon.sink.snapshot(), "lagMs": undelivered_lag_ms(daemon.layout, daemon.clock)}
+            if daemon.sink
+            else None
+        ),
     }

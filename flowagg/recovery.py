@@ -109,6 +109,20 @@ def check_batch_id(text: str) -> str:
     return text
 
 
+def undelivered_lag_ms(layout: Layout, clock: Clock) -> int:
+    """Age of the oldest batch waiting in recovery/, from its first entry's arrival (the
+    batch id's prefix); 0 when none waits."""
+    oldest = min(
+        (
+            name
+            for name in os.listdir(layout.recovery)
+            if name.endswith(FAILED_SUFFIX) and BATCH_ID_RE.fullmatch(name[: -len(FAILED_SUFFIX)])
+        ),
+        default=None,
+    )
+    return 0 if oldest is None else max(0, clock.now_ms() - int(oldest[:13]))
+
+
 def check_recovery_fields(doc: dict[str, Any]) -> None:
     """The fields a pass computes with, checked once on load: a hand-edited or damaged file
     is quarantined instead of raising out of every pass. Absent fields take their defaults."""

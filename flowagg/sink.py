@@ -45,7 +45,9 @@ RESPONSE_BODY_LIMIT = 64 << 10  # a reply body is read (to reuse nothing) but ne
 class Sink(Protocol):
     name: str
 
-    def deliver(self, batch_id: str, data: bytes) -> None: ...
+    def deliver(self, batch_id: str, data: bytes) -> bool | None:
+        """True when the receiver recognised (some of) the batch as one it already holds."""
+        ...
 
 
 def _tail(stream: IO[bytes], keep: collections.deque[bytes]) -> None:
@@ -273,6 +275,8 @@ class GuardedSink:
         self.delivered = 0
         self.failures = 0
         self.resends = 0
+        self.last_delivery_at: int | None = None
+        self.last_error: str | None = None
 
     def deliver(self, batch_id: str, data: bytes, *, resend: bool = False) -> None:
         """`resend`: the last attempt with this batch was ambiguous, so this may be a copy."""
@@ -280,15 +284,17 @@ class GuardedSink:
         if resend:
             self.resends += 1
         try:
-            self.sink.deliver(batch_id, data)
-        except PermanentError:
+            already_held = self.sink.deliver(batch_id, data)
+        except PermanentError as exc:
             # The sink is up and said no to this batch: not a reason to stop calling it.
             self.breaker.success()
             self.failures += 1
+            self.last_error = f"{exc} (permanent)"
             raise
         except OSError as exc:
             self.breaker.failure()
             self.failures += 1
+            self.last_error = str(exc)
             # An ambiguous trial stays ambiguous: the batch must remember it may be delivered.
             if trial and not isinstance(exc, AmbiguousDelivery):
                 # The sink is still down: that is the sink's failure, not this batch's, so it
@@ -300,14 +306,24 @@ class GuardedSink:
             raise
         self.breaker.success()
         self.delivered += 1
+        self.last_delivery_at = self.breaker.clock.now_ms()
+        self.last_error = None
+        if already_held and not resend:
+            # An idempotent receiver saw rows it had: a copy nothing here knew was one (a
+            # crash after the receiver committed, before the local write).
+            self.resends += 1
 
     def snapshot(self) -> dict[str, Any]:
+        details = getattr(self.sink, "snapshot", None)
         return {
             "type": self.sink.name,
             **self.breaker.snapshot(),
             "delivered": self.delivered,
             "failures": self.failures,
             "resends": self.resends,
+            "lastDeliveryAt": self.last_delivery_at,
+            "lastError": self.last_error,
+            **(details() if details else {}),
         }
 
 
@@ -319,6 +335,10 @@ def build_sink(config: Config, clock: Clock) -> GuardedSink | None:
         sink = HttpSink(config.sink_url, timeout_s)
     elif kind == "command":
         sink = CommandSink(shlex.split(config.sink_command), timeout_s)
+    elif kind == "postgres":
+        from .sink_postgres import PostgresSink
+
+        sink = PostgresSink(config.sink_dsn, config.sink_table, timeout_s)
     else:
         return None
     breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_ms / 1000, clock)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import DaemonProc
+from tests.pgserver import PgServer, pg_server, unavailable_reason
 
 
 @pytest.fixture
@@ -28,3 +29,21 @@ def _kill_leftover_daemons() -> Iterator[None]:
         proc = DaemonProc.started.pop()
         if proc.proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgServer]:
+    """One throwaway PostgreSQL cluster for the session; each test takes its own database."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL sink tests need a local server: {reason}")
+    with pg_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg(pg_cluster: PgServer) -> Iterator[PgServer]:
+    """The session's cluster, started again if a test stopped it."""
+    yield pg_cluster
+    if not pg_cluster.running():
+        pg_cluster.start()

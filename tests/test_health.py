@@ -39,6 +39,17 @@ OK = Figures(
         ({"abandoned_now": 2, "abandoned_before": 1}, "critical", "abandoned"),
         ({"abandoned_now": 2, "abandoned_before": 2}, "healthy", None),
         ({"stalled_error": "OSError: [Errno 28]"}, "critical", "cannot be stored"),
+        (
+            {"abandoned_now": 1, "sink_error": "permission denied (permanent)"},
+            "critical",
+            "the sink's last error: permission denied",
+        ),
+        (
+            {"breaker_state": "open", "sink_error": "connection refused"},
+            "degraded",
+            "open: batches wait in recovery/ (last error: connection refused)",
+        ),
+        ({"sink_error": "connection refused"}, "healthy", None),
     ],
 )
 def test_thresholds(change: dict, status: str, words: str | None) -> None:

@@ -237,12 +237,13 @@ def crash_loop(
     log: Callable[[str], None],
     gate: contextlib.AbstractContextManager[Any] | None = None,
     after_stop: Callable[[], None] = lambda: None,
+    before_stop: Callable[[], None] = lambda: None,
 ) -> Tally:
     """Writers run while `crash` ends a daemon `crashes` times at random instants.
 
-    Then a last daemon answers the writers' resends, takes the spool, flushes and stops
-    (`after_stop` follows), and every batch file is read back. Daemons are killed before
-    returning, even on failure.
+    Then a last daemon answers the writers' resends, takes the spool, flushes (`before_stop`
+    follows) and stops (`after_stop` follows), and every batch file is read back. Daemons are
+    killed before returning, even on failure.
     """
     started = time.monotonic()
     stop = threading.Event()
@@ -276,6 +277,7 @@ def crash_loop(
         wait_for(lambda: not any(layout.inbox.glob("*.jsonl")), timeout=60)
         reply = request(layout.socket, {"op": "flush"})
         assert reply.get("ok"), reply
+        before_stop()
         code = daemon.stop(signal.SIGTERM)
         assert code == 0, f"final daemon exited {code}: {daemon.log()}"
         after_stop()

@@ -27,6 +27,7 @@ from .powerloss import power_cuts
 from .redaction import redaction
 from .report import OtherLoad, build_rows, meta, notes, render
 from .restart import build_backlog, restart, restart_remembered
+from .sink_postgres import sink_notes, sink_postgres, sink_rows
 from .throughput import throughput
 
 FIGURES = (
@@ -63,6 +64,9 @@ def run(b: Bench) -> None:
             b.pool.close()
         return
     try:
+        if b.args.sink == "postgres":
+            b.section("sink postgres", lambda: sink_postgres(b))
+            return
         backlogs: dict[str, tuple[Path, int]] = {}
 
         def build(prefix: str, entries: int) -> None:
@@ -160,6 +164,12 @@ def main() -> int:
         help="only the compression figure: throughput with zstd batch files vs none"
         " (with --redaction: both)",
     )
+    parser.add_argument(
+        "--sink",
+        choices=["postgres"],
+        help="only the sink figure: entries/s delivered into a throwaway PostgreSQL beside a"
+        " plain psycopg COPY (needs PostgreSQL's server binaries)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the raw numbers to PATH")
     parser.add_argument(
         "--dir", metavar="DIR", help="parent of the temp directory (the disk under test)"
@@ -222,10 +232,16 @@ def main() -> int:
         )
     )
     print()
-    print(render(data_rows(bench) if args.data else build_rows(bench)))
+    if args.data:
+        rows, notes_text = data_rows(bench), data_notes(bench)
+    elif args.sink:
+        rows, notes_text = sink_rows(bench), sink_notes(bench)
+    else:
+        rows, notes_text = build_rows(bench), notes(bench)
+    print(render(rows))
     print()
     print("Notes:")
-    for line in (data_notes(bench) if args.data else notes(bench)).split("\n"):
+    for line in notes_text.split("\n"):
         print(f"- {line}")
     if bench.errors:
         print()
