@@ -1,15 +1,16 @@
-"""Runs of batch files: written side by side, published in order, one directory fsync each.
+"""Runs of batch files: their bytes written side by side, their names published in order.
 
 Every batch file costs two fsyncs (its bytes, then its name), and one file at a time leaves
 the disk idle between them. When batches queue up, the flusher takes the queued run at once:
 stage threads encode each batch and write its temp file (write, fsync) in parallel, so the
-disk merges their flushes; the flusher renames the temp files strictly in batch order and
-fsyncs the directory once for every file renamed so far whenever the next one is not ready.
+disk merges those flushes; the flusher then renames the temp files strictly in batch order,
+each rename followed by its directory fsync before the next one.
 
-A reader never sees batch N+1 without batch N, and every renamed file's bytes are already
-durable. The names become durable at the directory fsync, and only then are the batches
-reported stored (and the journal told): a crash before it finds the same files under the
-same names, or re-creates them from the journal.
+So a reader never sees batch N+1 before batch N is durable, bytes and name, and after any
+crash the stored batches are a prefix of the run, whatever the file system keeps of
+unsynced renames: a start finds them by name in order (published.py) and re-creates the
+rest from the journal. Batches are reported stored (and the journal told) in groups, after
+their renames are durable.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 
@@ -48,6 +49,7 @@ log = logging.getLogger("flowagg.flusher")
 INLINE_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6)
 STALL_MAX_DELAY_S = 5.0
 OUTCOMES_KEPT = 1000
+T = TypeVar("T")
 Stored = tuple[Batch, Path, float]  # a batch, where it lies, seconds its write took
 
 
@@ -78,6 +80,16 @@ class Delivery:
 
     accepted_at: int | None = None  # when the sink accepted it: from then on, only write
     possibly_delivered: bool = False  # the last attempt was ambiguous
+
+
+@dataclasses.dataclass
+class Pending:
+    """A batch a run handed to the one-at-a-time path, with what the run did with it."""
+
+    batch: Batch
+    data: bytes  # as delivered (empty: not encoded yet)
+    delivery: Delivery = dataclasses.field(default_factory=Delivery)
+    error: BaseException | None = None  # the run's delivery failed with this
 
 
 def failed_document(
@@ -191,30 +203,73 @@ class Flusher:
         return run, False
 
     def _store_run(self, run: list[Batch]) -> bool:
-        """Store `run` in order; False when a stop gave up on a batch (it stays journaled)."""
+        """Store `run` in order; False when a stop gave up on a batch (it stays journaled).
+
+        With a sink, the run is delivered batch by batch first (each with its inline
+        retries), then the accepted ones are written as a run; the first batch the sink
+        did not take, and every one after it, go one at a time.
+        """
         started = self.clock.monotonic()
-        files = self.completer.files()
-        rest = self._write_run(run, files, started) if files is not None else 0
-        for batch in run[rest:]:
-            path = self._store(batch)
+        files = self.completer.files
+        if files is None:
+            return self._store_each([(batch, None) for batch in run], started)
+        if not self.completer.has_sink():
+            stored = self._write_run(run, files, started)
+            return self._store_each([(batch, None) for batch in run[stored:]], started)
+        accepted, refused = self._deliver_run(run)
+        stored = self._write_run([a.batch for a in accepted], files, started, accepted)
+        rest: list[tuple[Batch, Pending | None]] = [(a.batch, a) for a in accepted[stored:]]
+        if refused is not None:
+            rest.append((refused.batch, refused))
+            rest += [(batch, None) for batch in run[len(accepted) + 1 :]]
+        return self._store_each(rest, started)
+
+    def _store_each(self, items: list[tuple[Batch, Pending | None]], started: float) -> bool:
+        for batch, pending in items:
+            path = self._store(batch, pending)
             if path is None:
                 return False
             self._on_stored([(batch, path, self.clock.monotonic() - started)])
         return True
 
-    def _write_run(self, run: list[Batch], files: CompletedFiles, started: float) -> int:
-        """Write the run's files side by side and publish them in order.
+    def _deliver_run(self, run: list[Batch]) -> tuple[list[Pending], Pending | None]:
+        """Deliver in order until one is not taken: (the accepted, the first refused)."""
+        accepted: list[Pending] = []
+        for batch in run:
+            pending = Pending(batch, encode_batch(batch, timestamp_ms=self.clock.now_ms()))
+            try:
+                self._inline(self._deliver, batch.batch_id, pending.data, pending.delivery)
+            except Exception as exc:
+                pending.error = exc
+                return accepted, pending
+            accepted.append(pending)
+        return accepted, None
+
+    def _write_run(
+        self,
+        run: list[Batch],
+        files: CompletedFiles,
+        started: float,
+        accepted: list[Pending] | None = None,
+    ) -> int:
+        """Write the run's files side by side and publish them in order, each name durable
+        before the next is published.
 
         Returns how many batches were stored; the rest go one at a time.
         """
+        if not run:
+            return 0
         now_ms = self.clock.now_ms()
 
+        # What a sink accepted is what gets written: those bytes are fixed.
+        fixed = {a.batch.batch_id: a.data for a in accepted or []}
+
         def job(batch: Batch) -> Callable[[], Staged]:
-            return lambda: stage(
-                batch,
-                files.path(batch.batch_id),
-                files.file_bytes(encode_batch(batch, timestamp_ms=now_ms)),
-            )
+            def make() -> Staged:
+                data = fixed.get(batch.batch_id) or encode_batch(batch, timestamp_ms=now_ms)
+                return stage(batch, files.path(batch.batch_id), files.file_bytes(data))
+
+            return make
 
         if len(run) == 1:
             done: concurrent.futures.Future[Staged] = concurrent.futures.Future()
@@ -226,14 +281,12 @@ class Flusher:
         else:
             self._stager.start()
             futures = [self._stager.submit(job(batch)) for batch in run]
-        renamed: list[Staged] = []
+        published: list[Staged] = []
         stored, end = 0, len(run)
         for n, future in enumerate(futures):
-            if renamed and not future.done():
-                if not self._publish(renamed, started):
-                    end, renamed = n, []
-                    break
-                stored, renamed = n, []
+            if published and not future.done():
+                self._report(published, started)
+                stored, published = n, []
             try:
                 staged = future.result()
             except Exception as exc:
@@ -247,34 +300,36 @@ class Flusher:
                 log.warning("batch %s: rename failed (%s); retried alone", run[n].batch_id, exc)
                 end = n
                 break
-            renamed.append(staged)
-        if renamed and self._publish(renamed, started):
-            stored += len(renamed)
-        for future in futures[end:]:
+            try:
+                fsync_dir(staged.target.parent)
+            except OSError as exc:
+                # Visible but perhaps not durable: the one-at-a-time path writes it again.
+                log.warning(
+                    "batch %s: directory fsync failed (%s); retried alone", run[n].batch_id, exc
+                )
+                end = n
+                break
+            published.append(staged)
+        if published:
+            self._report(published, started)
+            stored += len(published)
+        for future in futures[end + 1 :]:
             with contextlib.suppress(Exception):
                 future.result().discard()
         return stored
 
-    def _publish(self, renamed: list[Staged], started: float) -> bool:
-        """Make the renamed files' names durable, then report them stored, in order."""
-        if not renamed:
-            return True
-        try:
-            fsync_dir(renamed[0].target.parent)
-        except OSError as exc:
-            # Visible but perhaps not durable: the one-at-a-time path writes them again.
-            log.warning("run of %d batch files: directory fsync failed (%s)", len(renamed), exc)
-            return False
+    def _report(self, published: list[Staged], started: float) -> None:
         now = self.clock.monotonic()
-        self.outcomes.record(now, True, len(renamed))
+        self.outcomes.record(now, True, len(published))
         if self.stalled_error:
-            log.info("batch %s written after a stall; writes work again", renamed[0].batch.batch_id)
+            log.info(
+                "batch %s written after a stall; writes work again", published[0].batch.batch_id
+            )
             self.stalled_error = None
-        self._on_stored([(staged.batch, staged.target, now - started) for staged in renamed])
-        return True
+        self._on_stored([(staged.batch, staged.target, now - started) for staged in published])
 
-    def _attempt(self, batch_id: str, data: bytes, delivery: Delivery) -> Path:
-        """Deliver unless the sink already accepted the batch, then write it."""
+    def _deliver(self, batch_id: str, data: bytes, delivery: Delivery) -> None:
+        """Deliver unless the sink already accepted the batch."""
         if delivery.accepted_at is None:
             try:
                 if self.completer.deliver(batch_id, data, resend=delivery.possibly_delivered):
@@ -283,47 +338,51 @@ class Flusher:
                 delivery.possibly_delivered = True
                 raise
             delivery.possibly_delivered = False
+
+    def _attempt(self, batch_id: str, data: bytes, delivery: Delivery) -> Path:
+        """Deliver unless the sink already accepted the batch, then write it."""
+        self._deliver(batch_id, data, delivery)
         return self.completer.write(batch_id, data)
 
-    def _write_inline(self, batch_id: str, data: bytes, delivery: Delivery) -> Path:
+    def _inline(
+        self, step: Callable[[str, bytes, Delivery], T], batch_id: str, data: bytes, d: Delivery
+    ) -> T:
         """Layer 1: the first attempt plus `immediateRetries` more, 50/100/200 ms apart."""
         for delay in INLINE_DELAYS_S[: self.immediate_retries]:
             try:
-                return self._attempt(batch_id, data, delivery)
+                return step(batch_id, data, d)
             except (CircuitOpenError, AmbiguousDelivery):
                 raise
             except OSError:
                 self.inline_retries += 1
                 self._sleep(delay)
-        return self._attempt(batch_id, data, delivery)
+        return step(batch_id, data, d)
 
-    def _store(self, batch: Batch) -> Path | None:
+    def _store(self, batch: Batch, pending: Pending | None = None) -> Path | None:
+        """Complete one batch with every retry; `pending` carries what a run did with it
+        (the sink accepted it, or refused it with `error`, which is then not tried again)."""
         stall_delay = 0.05
-        delivery = Delivery()
-        data = b""
+        pending = pending or Pending(batch, b"")
+        delivery, data, failure = pending.delivery, pending.data, pending.error
         while True:
-            # What the sink accepted is what gets written: the bytes stay fixed from then on.
-            if delivery.accepted_at is None:
-                data = encode_batch(batch, timestamp_ms=self.clock.now_ms())
-            try:
-                written = self._write_inline(batch.batch_id, data, delivery)
-                self.outcomes.record(self.clock.monotonic(), True)
-                if self.stalled_error:
-                    log.info("batch %s written after a stall; writes work again", batch.batch_id)
-                    self.stalled_error = None
-                return written
-            except PermanentError as exc:
-                error, permanent = f"{type(exc).__name__}: {exc}", True
-                log.error("batch %s refused for good: %s", batch.batch_id, error)
-            except OSError as exc:
-                error, permanent = f"{type(exc).__name__}: {exc}", False
-                log.error("batch %s could not be completed: %s", batch.batch_id, error)
-            except Exception as exc:
-                # A bug or an unforeseen error (a sink's bad URL, say): handled like a transient
-                # failure, so the batch is parked and retried instead of dying with the thread.
-                error, permanent = f"{type(exc).__name__}: {exc}", False
-                self.unexpected_errors += 1
-                self._log_unexpected(batch.batch_id, exc)
+            if failure is None:
+                # What the sink accepted is what gets written: the bytes stay fixed from then on.
+                if delivery.accepted_at is None:
+                    data = encode_batch(batch, timestamp_ms=self.clock.now_ms())
+                try:
+                    written = self._inline(self._attempt, batch.batch_id, data, delivery)
+                except Exception as exc:
+                    failure = exc
+                else:
+                    self.outcomes.record(self.clock.monotonic(), True)
+                    if self.stalled_error:
+                        log.info(
+                            "batch %s written after a stall; writes work again", batch.batch_id
+                        )
+                        self.stalled_error = None
+                    return written
+            error, permanent = self._classify(batch.batch_id, failure)
+            failure = None
             now = self.clock.now_ms()
             if permanent:
                 target = self.layout.abandoned / f"{batch.batch_id}.abandoned.json"
@@ -358,7 +417,22 @@ class Flusher:
                 return None
             stall_delay = min(stall_delay * 2, STALL_MAX_DELAY_S)
 
-    def _log_unexpected(self, batch_id: str, exc: Exception) -> None:
+    def _classify(self, batch_id: str, exc: BaseException) -> tuple[str, bool]:
+        """(the error as recorded, permanent?) for a batch that could not be completed."""
+        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, PermanentError):
+            log.error("batch %s refused for good: %s", batch_id, error)
+            return error, True
+        if isinstance(exc, OSError):
+            log.error("batch %s could not be completed: %s", batch_id, error)
+            return error, False
+        # A bug or an unforeseen error (a sink's bad URL, say): handled like a transient
+        # failure, so the batch is parked and retried instead of dying with the thread.
+        self.unexpected_errors += 1
+        self._log_unexpected(batch_id, exc)
+        return error, False
+
+    def _log_unexpected(self, batch_id: str, exc: BaseException) -> None:
         """The traceback once per kind of error; a repeat gets one line."""
         kind = type(exc).__name__
         if kind in self._traced:

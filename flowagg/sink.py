@@ -365,12 +365,12 @@ class Completer:
     ) -> None:
         self.write = write
         self._sink = sink
-        self._files = files
+        # How `write` stores a batch, so that the flusher may write runs of batches itself
+        # (batch_runs); None for a plain store function, which is called batch by batch.
+        self.files = files
 
-    def files(self) -> CompletedFiles | None:
-        """How `write` stores a batch, when the flusher may write it itself, in a run of
-        batches (batch_runs): only without a sink, which must see each batch first."""
-        return self._files if self._sink() is None else None
+    def has_sink(self) -> bool:
+        return self._sink() is not None
 
     def deliver(self, batch_id: str, data: bytes, *, resend: bool = False) -> bool:
         """True when a sink accepted the batch; False when there is no sink to accept it."""

@@ -19,13 +19,14 @@ from typing import Any
 import orjson
 import pytest
 
-from flowagg import fsutil
+from flowagg import batch_runs, fsutil
 from flowagg.batch_runs import MAX_RUN
 from flowagg.clock import FakeClock
+from flowagg.errors import TransientError
 from flowagg.flusher import Flusher, Stored
 from flowagg.fsutil import TEMP_MARK
 from flowagg.layout import Layout
-from flowagg.sink import Completer
+from flowagg.sink import CircuitBreaker, Completer, GuardedSink
 from flowagg.storage import (
     Batch,
     CompletedFiles,
@@ -63,7 +64,12 @@ class Run:
     """A flusher with the daemon's completer, fed a whole run before it starts."""
 
     def __init__(
-        self, layout: Layout, *, immediate_retries: int = 0, compression: str = "none"
+        self,
+        layout: Layout,
+        *,
+        immediate_retries: int = 0,
+        compression: str = "none",
+        sink: GuardedSink | None = None,
     ) -> None:
         self.layout = layout
         self.files = CompletedFiles(layout, compression)
@@ -74,7 +80,7 @@ class Run:
             FakeClock(now_ms=5_000),
             immediate_retries=immediate_retries,
             next_retry_at=lambda now: now + 1000,
-            store=Completer(self.files.write, files=self.files),
+            store=Completer(self.files.write, lambda: sink, files=self.files),
             on_stored=self._on_stored,
             sleep=lambda seconds: False,
         )
@@ -110,17 +116,17 @@ def no_temp_files(layout: Layout) -> bool:
     return not [p for p in layout.root.rglob(f"{TEMP_MARK}*")]
 
 
-def test_a_run_is_stored_in_order_with_fewer_directory_fsyncs(
+def test_a_run_is_written_side_by_side_and_stored_in_order(
     layout: Layout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dir_fsyncs: list[Path] = []
-    real = fsutil.fsync_dir
+    writers: set[str] = set()
+    real = batch_runs.write_temp
 
-    def counting(path: Path) -> None:
-        dir_fsyncs.append(path)
-        real(path)
+    def recording(path: Path, data: bytes) -> Path:
+        writers.add(threading.current_thread().name)
+        return real(path, data)
 
-    monkeypatch.setattr("flowagg.flusher.fsync_dir", counting)
+    monkeypatch.setattr(batch_runs, "write_temp", recording)
     batches = make_batches(RUN)
     run = Run(layout)
     run.store(batches)
@@ -130,11 +136,11 @@ def test_a_run_is_stored_in_order_with_fewer_directory_fsyncs(
     )
     assert set(where(layout).values()) == {"aggregated"}
     assert len(where(layout)) == RUN * 3
-    assert 1 <= len(dir_fsyncs) < RUN, "a run shares directory fsyncs"
+    assert {w for w in writers if w.startswith("flusher-stage-")}, writers
     assert no_temp_files(layout)
 
 
-def test_every_report_comes_after_the_directory_fsync_of_its_renames(
+def test_each_rename_is_durable_before_the_next_and_before_its_report(
     layout: Layout, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[tuple[str, str]] = []
@@ -168,6 +174,7 @@ def test_every_report_comes_after_the_directory_fsync_of_its_renames(
     pending: set[str] = set()
     for op, name in events:
         if op == "rename":
+            assert not pending, f"{name} renamed before {pending} was durable"
             renamed.append(name)
             pending.add(name)
         elif op == "fsync_dir":
@@ -297,4 +304,85 @@ def test_a_compressed_run(layout: Layout, compression: str) -> None:
         path = find_completed(layout, batch.batch_id)
         assert path is not None and path == run.files.path(batch.batch_id)
         assert [e["entryId"] for e in read_batch(path)["entries"]] == batch.entry_ids
+    assert no_temp_files(layout)
+
+
+class RecordingSink:
+    """Accepts every batch but those in `refuse` (a 503-like transient failure)."""
+
+    name = "recording"
+
+    def __init__(self, refuse: set[str] | None = None) -> None:
+        self.calls: list[str] = []
+        self.refuse = refuse or set()
+        self.lock = threading.Lock()
+
+    def deliver(self, batch_id: str, data: bytes) -> None:
+        with self.lock:
+            self.calls.append(batch_id)
+        assert orjson.loads(data)["batchId"] == batch_id
+        if batch_id in self.refuse:
+            raise TransientError(f"HTTP 503 for {batch_id}")
+
+
+def guarded(sink: RecordingSink) -> GuardedSink:
+    return GuardedSink(sink, CircuitBreaker(1000, 30.0, FakeClock()))  # type: ignore[arg-type]
+
+
+def test_with_a_sink_a_run_is_delivered_in_order_then_written_as_a_run(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writers: set[str] = set()
+    real = batch_runs.write_temp
+
+    def recording(path: Path, data: bytes) -> Path:
+        writers.add(threading.current_thread().name)
+        return real(path, data)
+
+    monkeypatch.setattr(batch_runs, "write_temp", recording)
+    sink = RecordingSink()
+    batches = make_batches(RUN)
+    run = Run(layout, sink=guarded(sink))
+    run.store(batches)
+    assert sink.calls == [b.batch_id for b in batches], "each delivered once, in order"
+    assert run.stored_ids() == [b.batch_id for b in batches]
+    assert set(where(layout).values()) == {"aggregated"} and len(where(layout)) == RUN * 3
+    assert {w for w in writers if w.startswith("flusher-stage-")}, writers
+
+
+def test_with_a_sink_a_refused_batch_is_parked_and_the_rest_still_flow(layout: Layout) -> None:
+    batches = make_batches(RUN)
+    victim = batches[RUN // 2].batch_id
+    sink = RecordingSink(refuse={victim})
+    run = Run(layout, immediate_retries=2, sink=guarded(sink))
+    run.store(batches)
+    assert sink.calls.count(victim) == 3, "the first attempt and 2 inline retries, no more"
+    assert [c for c in sink.calls if c != victim] == [
+        b.batch_id for b in batches if b.batch_id != victim
+    ]
+    assert run.stored_ids() == [b.batch_id for b in batches], "order survives the refusal"
+    found = where(layout)
+    assert len(found) == RUN * 3
+    victim_ids = set(batches[RUN // 2].entry_ids)
+    assert {found[i] for i in victim_ids} == {"recovery"}
+    assert {f for i, f in found.items() if i not in victim_ids} == {"aggregated"}
+
+
+def test_with_a_sink_an_accepted_batch_whose_write_fails_is_only_written_again(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faults = FaultInjector(monkeypatch)
+    batches = make_batches(RUN)
+    victim = batches[3].batch_id
+    aggregated = str(layout.aggregated) + os.sep
+    faults.breaks(lambda p: p.startswith(aggregated) and victim in p, errno.ENOSPC)
+    sink = RecordingSink()
+    run = Run(layout, immediate_retries=1, sink=guarded(sink))
+    run.store(batches)
+    assert sink.calls == [b.batch_id for b in batches], "never sent twice for a local failure"
+    assert run.stored_ids() == [b.batch_id for b in batches]
+    [parked] = layout.recovery.glob("*.failed.json")
+    doc = orjson.loads(parked.read_bytes())
+    assert doc["batchId"] == victim and "sinkAcceptedAt" in doc
+    assert len(where(layout)) == RUN * 3
     assert no_temp_files(layout)
