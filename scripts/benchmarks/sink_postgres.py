@@ -177,7 +177,8 @@ def sink_notes(b: Bench) -> str:
             " 8 client processes send 100-entry adds; delivered = entries / (first add ->"
             " the daemon's sink.rowsWritten equals every entry), then a count(*) confirms it."
             " Each batch: one INSERT ... SELECT FROM jsonb_to_recordset(batch JSON) ON CONFLICT"
-            " DO NOTHING, then COMMIT; the local batch file is written after each delivery.",
+            " DO NOTHING, then COMMIT, one batch after another; batches queued meanwhile are"
+            " delivered in order, then their local files written as a run.",
             "flowagg without a sink: the same run with no sink, timed until every entry is in"
             " a batch file: the ceiling the local store (file fsync, rename, directory fsync per"
             " batch) sets for any sink at that batchSize.",
