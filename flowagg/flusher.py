@@ -32,12 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import orjson
-
 from .audit import audit
 from .batch_runs import MAX_RUN, STAGE_WORKERS, Staged, Stager, stage
 from .clock import Clock
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError
+from .failed_format import Delivery, failed_document
 from .fsutil import atomic_write, fsync_dir
 from .layout import Layout
 from .sink import as_completer
@@ -75,14 +74,6 @@ class Outcomes:
 
 
 @dataclasses.dataclass
-class Delivery:
-    """What the flusher knows of one batch's delivery while it retries it."""
-
-    accepted_at: int | None = None  # when the sink accepted it: from then on, only write
-    possibly_delivered: bool = False  # the last attempt was ambiguous
-
-
-@dataclasses.dataclass
 class Pending:
     """A batch a run handed to the one-at-a-time path, with what the run did with it."""
 
@@ -90,41 +81,6 @@ class Pending:
     data: bytes  # as delivered (empty: not encoded yet)
     delivery: Delivery = dataclasses.field(default_factory=Delivery)
     error: BaseException | None = None  # the run's delivery failed with this
-
-
-def failed_document(
-    batch_bytes: bytes,
-    *,
-    error: str,
-    now_ms: int,
-    next_retry_ms: int | None,
-    delivery: Delivery,
-) -> bytes:
-    """The failed-batch format; without a next retry it is the abandoned format."""
-    doc = orjson.loads(batch_bytes)
-    doc.update(
-        {
-            "retryCount": 0,
-            "lastRetryAt": now_ms,
-            "lastError": error,
-            "failedAt": now_ms,
-        }
-    )
-    if delivery.accepted_at is not None:
-        doc["sinkAcceptedAt"] = delivery.accepted_at
-    elif delivery.possibly_delivered:
-        doc["possiblyDelivered"] = True
-    if next_retry_ms is None:
-        doc.update(
-            {
-                "history": [{"at": now_ms, "error": error, "kind": "permanent"}],
-                "abandonedAt": now_ms,
-                "abandonReason": "permanent error",
-            }
-        )
-    else:
-        doc["nextRetryAt"] = next_retry_ms
-    return orjson.dumps(doc)
 
 
 class Flusher:
