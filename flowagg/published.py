@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from .aggregator import Aggregator
 from .clock import Clock
 from .fsutil import quarantine_file
 from .journal import Position, read_records
 from .layout import Layout
-from .storage import CorruptBatch, find_batch, make_batch_id, read_batch
+from .storage import CorruptBatch, existing_locations, make_batch_id, read_batch
 
 log = logging.getLogger("flowagg.pipeline")
 
@@ -53,34 +54,14 @@ def skip_published(
             break
         seq, t, _ = pending[0]
         batch_id = make_batch_id(t, seq)
-        path = find_batch(layout, batch_id)
-        if path is None:
-            break
-        try:
-            ids = [e["entryId"] for e in read_batch(path)["entries"]]
-        except (CorruptBatch, OSError, KeyError, TypeError) as exc:
-            quarantine_file(
-                layout.errors,
-                path,
-                reason=f"stored batch unreadable ({exc}); rebuilt from the journal",
-                component="startup",
-                now_ms=clock.now_ms(),
-            )
-            break
-        fill(len(ids))
-        journal_ids = [pending[i][2] for i in range(min(len(ids), len(pending)))]
-        if journal_ids != ids:
-            log.error(
-                "stored batch %s does not match the journal; leaving it and rebuilding",
-                batch_id,
-            )
-            quarantine_file(
-                layout.errors,
-                path,
-                reason="stored batch does not match the journal entries it is named after",
-                component="startup",
-                now_ms=clock.now_ms(),
-            )
+        # Every copy, not just the first: a bad file under one suffix must not hide the good
+        # one under another, or the batch would be written again beside it.
+        ids = None
+        for path in existing_locations(layout, batch_id):
+            ids = _matching_ids(layout, clock, path, pending, fill)
+            if ids is not None:
+                break
+        if ids is None:
             break
         done_seq = pending[len(ids) - 1][0]
         for _ in ids:
@@ -91,3 +72,30 @@ def skip_published(
         skipped += 1
         log.info("batch %s was stored before the last stop; not writing it again", batch_id)
     return skipped, done_seq
+
+
+def _matching_ids(
+    layout: Layout,
+    clock: Clock,
+    path: Path,
+    pending: deque[tuple[int, int, str]],
+    fill: Callable[[int], None],
+) -> list[str] | None:
+    """The entryIds of the batch file at `path` when they are the journal's next ones.
+
+    Otherwise the file is quarantined (kept, with the reason) and None returned.
+    """
+    try:
+        ids = [e["entryId"] for e in read_batch(path)["entries"]]
+    except (CorruptBatch, OSError, KeyError, TypeError) as exc:
+        reason = f"stored batch unreadable ({exc}); rebuilt from the journal"
+    else:
+        fill(len(ids))
+        journal_ids = [pending[i][2] for i in range(min(len(ids), len(pending)))]
+        # An empty one would mark nothing stored yet seem to: flowagg never writes one.
+        if ids and journal_ids == ids:
+            return ids
+        log.error("stored batch %s does not match the journal; leaving it", path.name)
+        reason = "stored batch does not match the journal entries it is named after"
+    quarantine_file(layout.errors, path, reason=reason, component="startup", now_ms=clock.now_ms())
+    return None

@@ -8,21 +8,25 @@ runs are in flight. After each: batches reported in order, every entry exactly o
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
-from collections.abc import Callable
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 
-from flowagg import fsutil
 from flowagg.clock import FakeClock
+from flowagg.compression import compress
 from flowagg.fsutil import TEMP_MARK
 from flowagg.layout import Layout
 from flowagg.recovery import Recovery, RetryPolicy
+from flowagg.storage import Batch, batch_file_name, encode_batch, iter_batch_files
 from tests.test_batch_runs import Run, make_batches, no_temp_files, where
+from tests.test_faults import Rig
 
 RUN = 24
 POLICY = RetryPolicy(base_ms=1000, max_delay_ms=300_000, limit=2)
@@ -122,7 +126,7 @@ class StepFaults:
 
 
 def reconcile(layout: Layout) -> None:
-    """The recovery loop before any retry is due: a failed copy beside a durable completed one goes."""
+    """The recovery pass before any retry is due: a failed copy beside a completed one goes."""
     Recovery(layout, FakeClock(now_ms=5_000), random.Random(1), POLICY).run_once()
 
 
@@ -160,13 +164,129 @@ def test_a_fault_at_any_step_and_place_of_a_run(
     assert no_temp_files(layout)
 
 
-def checked_fsync_dir(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    calls = [0]
-    real = fsutil.fsync_dir
+# -- hostile files where the journal expects a batch ---------------------------------------
 
-    def fsync_dir(path: Path) -> None:
-        calls[0] += 1
-        real(path)
 
-    monkeypatch.setattr("flowagg.flusher.fsync_dir", fsync_dir)
-    return lambda: calls[0]
+def journal_expecting_a_batch(root: Path, count: int = 30) -> tuple[Rig, Path]:
+    """A stopped pipeline whose journal has no done record for the one batch it wrote."""
+
+    async def main() -> Rig:
+        rig = Rig(root)
+        pipeline = await rig.start()
+        assert pipeline.writer is not None
+        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
+        await rig.add(count)
+        await pipeline.flush()
+        await rig.stop()
+        return rig
+
+    rig = asyncio.run(main())
+    [path] = iter_batch_files(rig.layout)
+    return rig, path
+
+
+def restart(rig: Rig, timeout: float = 10.0) -> dict[str, int]:
+    """Start the pipeline again on the same root, flush, stop; its start-up counters."""
+    box: list[dict[str, int]] = []
+
+    async def main() -> None:
+        pipeline = await rig.start()
+        box.append(dict(pipeline.counters))
+        await pipeline.flush()
+        await rig.stop()
+
+    worker = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert not worker.is_alive(), "the start hung on a file in aggregated/"
+    assert box, "the start failed"
+    return box[0]
+
+
+def test_the_untouched_batch_is_found_at_restart(tmp_path: Path) -> None:
+    rig, _ = journal_expecting_a_batch(tmp_path / "data")
+    counters = restart(rig)
+    assert counters["batchesFoundAtStart"] == 1, "the journal expected this batch"
+    rig.check("aggregated")
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_batch_under_another_suffix_is_found_not_written_again(tmp_path: Path, kind: str) -> None:
+    rig, path = journal_expecting_a_batch(tmp_path / "data")
+    moved = rig.layout.aggregated / batch_file_name(path.name[6:-5], kind)
+    moved.write_bytes(compress(kind, path.read_bytes()))
+    path.unlink()
+    counters = restart(rig)
+    assert counters["batchesFoundAtStart"] == 1
+    rig.check("aggregated")
+    assert [p.name for p in iter_batch_files(rig.layout)] == [moved.name]
+
+
+def hostile(kind: str, target: Path, data: bytes, scratch: Path) -> None:
+    """Put something that is not a batch flowagg wrote at `target`."""
+    if kind == "truncated gzip":
+        target.write_bytes(compress("gzip", data)[:-20])
+    elif kind == "garbage zstd":
+        target.write_bytes(os.urandom(300))
+    elif kind == "zstd bomb":
+        bomb = zstandard.ZstdCompressor(write_content_size=False).compress(b" " * (8 << 20))
+        target.write_bytes(bomb)
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "symlink to a fifo":
+        os.mkfifo(scratch / "fifo")
+        target.symlink_to(scratch / "fifo")
+    elif kind == "symlink to the batch":
+        (scratch / "elsewhere.json.gz").write_bytes(compress("gzip", data))
+        target.symlink_to(scratch / "elsewhere.json.gz")
+    elif kind == "empty batch":
+        target.write_bytes(
+            encode_batch(Batch(target.name[6:24], "size", [], 1, 0, []), timestamp_ms=1)
+        )
+    else:
+        raise AssertionError(kind)
+
+
+HOSTILE = [
+    "truncated gzip",
+    "garbage zstd",
+    "zstd bomb",
+    "directory",
+    "symlink to a fifo",
+    "symlink to the batch",
+    "empty batch",
+]
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_file_named_like_the_expected_batch(tmp_path: Path, kind: str) -> None:
+    """The real batch file is gone (a kill before its rename); something else has its name."""
+    rig, path = journal_expecting_a_batch(tmp_path / "data")
+    data = path.read_bytes()
+    path.unlink()
+    suffix = {"garbage zstd": ".json.zst", "zstd bomb": ".json.zst", "empty batch": ".json"}.get(
+        kind, ".json.gz"
+    )
+    hostile(kind, path.with_suffix(suffix), data, tmp_path)
+    counters = restart(rig)
+    assert counters.get("batchesFoundAtStart", 0) == 0
+    rig.check("aggregated")
+    quarantined = [p.name for p in rig.layout.errors.iterdir()]
+    assert any(n.startswith(path.name[:-5]) and not n.endswith(".reason.json") for n in quarantined)
+    assert any(n.endswith(".reason.json") for n in quarantined), "kept, with a reason"
+
+
+@pytest.mark.parametrize("kind", ["truncated gzip", "garbage zstd", "directory"])
+def test_a_hostile_file_shadowing_the_real_batch_under_another_suffix(
+    tmp_path: Path, kind: str
+) -> None:
+    """The real batch is .json.gz (written before the setting changed); a bad .json shadows it."""
+    rig, path = journal_expecting_a_batch(tmp_path / "data")
+    real = path.with_suffix(".json.gz")
+    real.write_bytes(compress("gzip", path.read_bytes()))
+    data = path.read_bytes()
+    path.unlink()
+    hostile(kind, path, data, tmp_path)  # the plain name is looked up first
+    restart(rig)
+    rig.check("aggregated")
+    assert real.exists()
