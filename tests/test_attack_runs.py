@@ -19,12 +19,19 @@ from typing import Any
 import pytest
 import zstandard
 
+from flowagg.cleanup import apply_cleanup, plan_cleanup
 from flowagg.clock import FakeClock
 from flowagg.compression import compress
 from flowagg.fsutil import TEMP_MARK
 from flowagg.layout import Layout
 from flowagg.recovery import Recovery, RetryPolicy
-from flowagg.storage import Batch, batch_file_name, encode_batch, iter_batch_files
+from flowagg.storage import (
+    Batch,
+    CompletedFiles,
+    batch_file_name,
+    encode_batch,
+    iter_batch_files,
+)
 from tests.test_batch_runs import Run, make_batches, no_temp_files, where
 from tests.test_faults import Rig
 
@@ -290,3 +297,22 @@ def test_a_hostile_file_shadowing_the_real_batch_under_another_suffix(
     restart(rig)
     rig.check("aggregated")
     assert real.exists()
+
+
+def test_cleanup_past_retention_leaves_what_flowagg_did_not_write(layout: Layout) -> None:
+    old = make_batches(1)[0]
+    files = CompletedFiles(layout, "gzip")
+    batch = files.write(old.batch_id, encode_batch(old, timestamp_ms=1))
+    odd_dir = layout.aggregated / batch_file_name("0000000000001_000000000001", "gzip")
+    odd_dir.mkdir()
+    odd_link = layout.aggregated / batch_file_name("0000000000002_000000000001", "zstd")
+    odd_link.symlink_to(batch)
+    temp_dir = layout.aggregated / f"{TEMP_MARK}batch_x.json.1"
+    temp_dir.mkdir()
+    for path in (batch, odd_dir, temp_dir):
+        os.utime(path, (1, 1))
+    plan = plan_cleanup(layout, 10**13, age_ms=1000, retain_batches_ms=1000)
+    apply_cleanup(plan)
+    assert [p.path for p in plan] == [batch], "only the batch flowagg wrote"
+    assert not batch.exists() and odd_dir.is_dir() and odd_link.is_symlink()
+    assert temp_dir.is_dir()
