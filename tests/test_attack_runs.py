@@ -12,6 +12,7 @@ import asyncio
 import errno
 import os
 import random
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from flowagg.storage import (
     encode_batch,
     iter_batch_files,
 )
+from tests import torture
+from tests.harness import DaemonProc, entry, request, stored_id_counts
 from tests.test_batch_runs import Run, make_batches, no_temp_files, where
 from tests.test_faults import Rig
 
@@ -316,3 +319,94 @@ def test_cleanup_past_retention_leaves_what_flowagg_did_not_write(layout: Layout
     assert [p.path for p in plan] == [batch], "only the batch flowagg wrote"
     assert not batch.exists() and odd_dir.is_dir() and odd_link.is_symlink()
     assert temp_dir.is_dir()
+
+
+# -- real daemons -----------------------------------------------------------------------------
+
+
+def test_sigkill_at_random_instants_with_compressed_runs(tmp_path: Path) -> None:
+    """Writers, spool and socket, while daemons writing zstd batches in runs die by SIGKILL;
+    the setting alternates, so a start finds batches under both suffixes."""
+    layout = Layout(tmp_path / "data")
+    rng = random.Random(23)
+    kinds = iter(["zstd", "none"] * 20)
+    settings = {**torture.SETTINGS, "batchSize": 3}
+
+    def crash(daemon: DaemonProc) -> None:
+        daemon.kill()
+
+    class Alternating(dict[str, Any]):
+        def items(self) -> Any:  # each DaemonProc reads the settings once, at its start
+            return [*super().items(), ("batchCompression", next(kinds))]
+
+    tally = torture.crash_loop(
+        layout,
+        Alternating(settings),
+        crashes=20,
+        rng=rng,
+        writers=3,
+        log_path=tmp_path / "daemon.log",
+        crash=crash,
+        noun="kill",
+        log=lambda _msg: None,
+    )
+    assert not tally.torn, tally.torn[:3]
+    assert tally.lost() == [] and tally.duplicated() == [] and tally.unexpected() == []
+    names = [p.name for p in layout.aggregated.iterdir()]
+    assert any(n.endswith(".json.zst") for n in names) and any(n.endswith(".json") for n in names)
+    assert len(tally.acked) > 100
+
+
+def add_many(sock: Path, first: int, count: int, prefix: str) -> list[str]:
+    entries = [entry(first + i, entryId=f"{prefix}{first + i}") for i in range(count)]
+    reply = request(sock, {"op": "add", "entries": entries})
+    assert reply["ok"] and reply["accepted"] == count, reply
+    return [e["entryId"] for e in entries]
+
+
+@pytest.mark.parametrize("timeout_ms", [200, 10_000])
+def test_a_stop_while_runs_are_in_flight(tmp_path: Path, timeout_ms: int) -> None:
+    """SIGTERM with hundreds of batches queued: exit 0 within shutdownTimeoutMs; what was not
+    stored by then is written by the next start, once."""
+    root = tmp_path / "data"
+    settings = {"batchSize": 2, "maxAgeMs": 60_000, "batchCompression": "gzip"}
+    daemon = DaemonProc(root, {**settings, "shutdownTimeoutMs": timeout_ms}).wait_ready()
+    acked = []
+    for k in range(4):
+        acked += add_many(daemon.layout.socket, k * 1000, 1000, "s")
+    assert daemon.stop() == 0, daemon.log()
+    daemon = DaemonProc(root, settings).wait_ready()
+    try:
+        assert request(daemon.layout.socket, {"op": "flush"})["ok"]
+    finally:
+        assert daemon.stop() == 0
+    counts = stored_id_counts(root)
+    assert set(counts) == set(acked) and max(counts.values()) == 1
+
+
+def test_dedupe_after_a_kill_between_entries_without_and_with_ids(tmp_path: Path) -> None:
+    """Entries without ids only move a loose checkpoint; a kill right after ids were
+    acknowledged must not let the checkpoint hide them from the index after a restart."""
+    root = tmp_path / "data"
+    settings = {"batchSize": 5, "maxAgeMs": 60_000}
+    daemon = DaemonProc(root, settings).wait_ready()
+    sock = daemon.layout.socket
+    plain = [entry(i) for i in range(300)]
+    for k in range(0, 300, 30):
+        assert request(sock, {"op": "add", "entries": plain[k : k + 30]})["accepted"] == 30
+    keyed = add_many(sock, 1000, 50, "d")
+    plain_after = [entry(i) for i in range(2000, 2040)]
+    assert request(sock, {"op": "add", "entries": plain_after})["accepted"] == 40
+    daemon.send(signal.SIGKILL)
+    daemon.kill()
+    daemon = DaemonProc(root, settings).wait_ready()
+    try:
+        again = [entry(1000 + i, entryId=f"d{1000 + i}") for i in range(50)]
+        reply = request(daemon.layout.socket, {"op": "add", "entries": again})
+        assert reply["ok"] and reply["accepted"] == 0 and reply["duplicates"] == 50, reply
+        assert request(daemon.layout.socket, {"op": "flush"})["ok"]
+    finally:
+        assert daemon.stop() == 0
+    counts = stored_id_counts(root)
+    assert sum(counts.values()) == 390 and max(counts.values()) == 1
+    assert set(keyed) <= set(counts)
