@@ -19,11 +19,14 @@ from typing import Any
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowagg.cleanup import apply_cleanup, plan_cleanup
-from flowagg.clock import FakeClock
+from flowagg.clock import EntryIdFactory, FakeClock, _b32
 from flowagg.compression import compress
 from flowagg.fsutil import TEMP_MARK
+from flowagg.journal_format import split_add
 from flowagg.layout import Layout
 from flowagg.recovery import Recovery, RetryPolicy
 from flowagg.storage import (
@@ -410,3 +413,89 @@ def test_dedupe_after_a_kill_between_entries_without_and_with_ids(tmp_path: Path
     counts = stored_id_counts(root)
     assert sum(counts.values()) == 390 and max(counts.values()) == 1
     assert set(keyed) <= set(counts)
+
+
+# -- fast paths against their slow twins -----------------------------------------------------
+
+
+class NearWrap(random.Random):
+    """Draws the random part of an id close below a 1024 boundary (or the top of 79 bits)."""
+
+    def __init__(self, offsets: list[int]) -> None:
+        super().__init__(0)
+        self._offsets = offsets
+        self._n = 0
+
+    def getrandbits(self, k: int) -> int:
+        self._n += 1
+        offset = self._offsets[self._n % len(self._offsets)]
+        top = (1 << k) if self._n % 3 == 0 else 1024 * (1 + self._n * 7919)
+        return max(0, top - 1 - offset)
+
+
+def reference_ids(steps: list[tuple[int, int]], rng: random.Random, start_ms: int) -> list[str]:
+    """The ids as first specified: every digit encoded afresh for each id."""
+    out = []
+    last_ms, last_rand, now = -1, 0, start_ms
+    for jump, count in steps:
+        now += jump
+        for _ in range(count):
+            if now <= last_ms:
+                last_rand += 1
+            else:
+                last_ms, last_rand = now, rng.getrandbits(79)
+            out.append(_b32(last_ms, 10) + _b32(last_rand >> 10, 14) + _b32(last_rand & 1023, 2))
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.integers(-3, 3), st.integers(1, 2100)), min_size=1, max_size=6),
+    offsets=st.lists(st.integers(0, 1100), min_size=1, max_size=4),
+)
+def test_entry_ids_are_unique_sorted_and_as_specified(
+    steps: list[tuple[int, int]], offsets: list[int]
+) -> None:
+    clock = FakeClock(now_ms=1_700_000_000_000)
+    factory = EntryIdFactory(clock, NearWrap(offsets))
+    ids = []
+    for jump, count in steps:
+        clock.jump(jump)
+        ids.extend(factory.new() for _ in range(count))
+    assert ids == reference_ids(steps, NearWrap(offsets), 1_700_000_000_000)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def reference_split(
+    entries: list[bytes], client_idx: list[int], max_entries: int, max_bytes: int
+) -> list[tuple[int, int, list[int]]]:
+    pieces: list[tuple[int, int, list[int]]] = []
+    start, size, chunk = 0, 0, []
+    marks = set(client_idx)
+    for i, data in enumerate(entries):
+        if i > start and (i - start >= max_entries or size + len(data) > max_bytes):
+            pieces.append((start, i, chunk))
+            start, size, chunk = i, 0, []
+        size += len(data) + 1
+        if i in marks:
+            chunk.append(i - start)
+    pieces.append((start, len(entries), chunk))
+    return pieces
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 60), max_size=30),
+    data=st.data(),
+    max_entries=st.integers(1, 12),
+    max_bytes=st.integers(1, 400),
+)
+def test_split_add_fast_path_matches_the_loop(
+    sizes: list[int], data: st.DataObject, max_entries: int, max_bytes: int
+) -> None:
+    entries = [b"x" * n for n in sizes]
+    client_idx = sorted(data.draw(st.sets(st.integers(0, max(0, len(sizes) - 1)))))
+    client_idx = [i for i in client_idx if i < len(sizes)]
+    pieces = split_add(entries, list(client_idx), max_entries, max_bytes)
+    assert pieces == reference_split(entries, client_idx, max_entries, max_bytes)
+    assert [i for s, _, idx in pieces for i in (s + j for j in idx)] == client_idx
