@@ -22,6 +22,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowagg import entries
 from flowagg.cleanup import apply_cleanup, plan_cleanup
 from flowagg.clock import EntryIdFactory, FakeClock, _b32
 from flowagg.compression import compress
@@ -499,3 +500,32 @@ def test_split_add_fast_path_matches_the_loop(
     pieces = split_add(entries, list(client_idx), max_entries, max_bytes)
     assert pieces == reference_split(entries, client_idx, max_entries, max_bytes)
     assert [i for s, _, idx in pieces for i in (s + j for j in idx)] == client_idx
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    action=st.text(max_size=70),
+    metadata=st.dictionaries(st.text(max_size=10), st.integers(-(2**63), 2**63 - 1)),
+)
+def test_the_action_cache_never_admits_what_the_rule_refuses(
+    action: str, metadata: dict[str, int]
+) -> None:
+    """Whatever the cache holds (full or not), an action is valid exactly when the rule says."""
+    for n in range(entries.GOOD_ACTIONS_KEPT + 10):
+        entries._remember_action(f"a{n}")
+    assert len(entries._GOOD_ACTIONS) <= entries.GOOD_ACTIONS_KEPT
+    raw = {"userId": "u", "action": action, "timestamp": 1_700_000_000_000, "metadata": metadata}
+    valid = bool(entries._ACTION_RE.fullmatch(action))
+    for _ in range(2):  # the second time from the cache, if it was remembered
+        try:
+            entries.validate_entry_json(
+                dict(raw), 0, now_ms=1_700_000_000_000, max_entry_bytes=65536, new_id=lambda: "i"
+            )
+            accepted = True
+        except entries.EntryError as exc:
+            accepted = False
+            assert "action" in str(exc) or "metadata" in str(exc)
+        known_bad = any(k in ("sessionId", "taskId") for k in metadata) or any(
+            k == "duration" and v < 0 for k, v in metadata.items()
+        )
+        assert accepted == (valid and not known_bad)
