@@ -38,13 +38,21 @@ from typing import Any
 import orjson
 
 from .clock import Clock
+from .compression import SUFFIXES
 from .config import Config
 from .entries import short_repr
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, classify
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
 from .layout import Layout
 from .sink import as_completer
-from .storage import CompletedFiles, CorruptBatch, decode_batch, find_completed, read_batch
+from .storage import (
+    CompletedFiles,
+    CorruptBatch,
+    batch_file_name,
+    decode_batch,
+    find_completed,
+    read_batch,
+)
 
 log = logging.getLogger("flowagg.recovery")
 
@@ -291,14 +299,14 @@ class Recovery:
 
     def _same_completed(self, batch_id: str, doc: dict[str, Any]) -> Path | None:
         """The aggregated/ copy of this batch with the same entries, if there is one."""
-        done = find_completed(self.layout, batch_id)
-        if done is None:
-            return None
-        try:
-            same = read_batch(done)["entriesSha256"] == doc["entriesSha256"]
-        except (CorruptBatch, OSError):
-            return None
-        return done if same else None
+        # Every suffix: an unreadable copy under one must not hide the same batch under another.
+        for done in (self.layout.aggregated / batch_file_name(batch_id, c) for c in SUFFIXES):
+            try:
+                if read_batch(done)["entriesSha256"] == doc["entriesSha256"]:
+                    return done
+            except (CorruptBatch, OSError):
+                continue
+        return None
 
     def _settle_failed(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> bool:
         """Settle a failed file's batch id found in a second place; True when it was dropped."""

@@ -9,14 +9,17 @@ runs are in flight. After each: batches reported in order, every entry exactly o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
 import signal
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import zstandard
 from hypothesis import given, settings
@@ -33,14 +36,17 @@ from flowagg.recovery import Recovery, RetryPolicy
 from flowagg.storage import (
     Batch,
     CompletedFiles,
+    CorruptBatch,
     batch_file_name,
     encode_batch,
     iter_batch_files,
+    read_batch,
 )
 from tests import torture
 from tests.harness import DaemonProc, entry, request, stored_id_counts
 from tests.test_batch_runs import Run, make_batches, no_temp_files, where
 from tests.test_faults import Rig
+from tests.test_recovery import failed_doc, put_failed
 
 RUN = 24
 POLICY = RetryPolicy(base_ms=1000, max_delay_ms=300_000, limit=2)
@@ -529,3 +535,24 @@ def test_the_action_cache_never_admits_what_the_rule_refuses(
             k == "duration" and v < 0 for k, v in metadata.items()
         )
         assert accepted == (valid and not known_bad)
+
+
+def test_recovery_finds_the_completed_twin_behind_an_unreadable_copy(layout: Layout) -> None:
+    """A failed batch also completed as .json.gz (its directory fsync had failed), and a bad
+    .json of the same id: the retry must drop the failed copy, not complete it a second time."""
+    doc = failed_doc("0000000001000_000000000001")
+    put_failed(layout, doc)
+    entries = [orjson.dumps(e) for e in doc["entries"]]
+    batch = Batch(doc["batchId"], "size", entries, 1, 3, [e["entryId"] for e in doc["entries"]])
+    CompletedFiles(layout, "gzip").write(batch.batch_id, encode_batch(batch, timestamp_ms=1))
+    (layout.aggregated / batch_file_name(batch.batch_id)).write_bytes(b"{torn")
+    files = CompletedFiles(layout)
+    recovery = Recovery(
+        layout, FakeClock(now_ms=5_000), random.Random(1), POLICY, store=files.write
+    )
+    recovery.run_once(force=True)
+    counts: Counter[str] = Counter()
+    for path in iter_batch_files(layout):
+        with contextlib.suppress(CorruptBatch):
+            counts.update(e["entryId"] for e in read_batch(path)["entries"])
+    assert counts == Counter(batch.entry_ids), "each entry in exactly one readable batch"
