@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from flowagg import entries
 from flowagg.cleanup import apply_cleanup, plan_cleanup
 from flowagg.clock import EntryIdFactory, FakeClock, _b32
 from flowagg.compression import compress
+from flowagg.dedupe import CHECKPOINT_ONLY_INTERVAL_S
 from flowagg.fsutil import TEMP_MARK
 from flowagg.journal_format import split_add
 from flowagg.layout import Layout
@@ -43,6 +45,7 @@ from flowagg.storage import (
     read_batch,
 )
 from tests import torture
+from tests.faults import FaultInjector
 from tests.harness import DaemonProc, entry, request, stored_id_counts
 from tests.test_batch_runs import Run, make_batches, no_temp_files, where
 from tests.test_faults import Rig
@@ -394,9 +397,13 @@ def test_a_stop_while_runs_are_in_flight(tmp_path: Path, timeout_ms: int) -> Non
     assert set(counts) == set(acked) and max(counts.values()) == 1
 
 
-def test_dedupe_after_a_kill_between_entries_without_and_with_ids(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pause_s", [0.0, CHECKPOINT_ONLY_INTERVAL_S * 1.2])
+def test_dedupe_after_a_kill_between_entries_without_and_with_ids(
+    tmp_path: Path, pause_s: float
+) -> None:
     """Entries without ids only move a loose checkpoint; a kill right after ids were
-    acknowledged must not let the checkpoint hide them from the index after a restart."""
+    acknowledged must not let the checkpoint hide them from the index after a restart.
+    After the pause the loose checkpoint is due: it is committed past the ids."""
     root = tmp_path / "data"
     settings = {"batchSize": 5, "maxAgeMs": 60_000}
     daemon = DaemonProc(root, settings).wait_ready()
@@ -405,6 +412,7 @@ def test_dedupe_after_a_kill_between_entries_without_and_with_ids(tmp_path: Path
     for k in range(0, 300, 30):
         assert request(sock, {"op": "add", "entries": plain[k : k + 30]})["accepted"] == 30
     keyed = add_many(sock, 1000, 50, "d")
+    time.sleep(pause_s)  # the interval is real time: nothing to poll for
     plain_after = [entry(i) for i in range(2000, 2040)]
     assert request(sock, {"op": "add", "entries": plain_after})["accepted"] == 40
     daemon.send(signal.SIGKILL)
@@ -556,3 +564,29 @@ def test_recovery_finds_the_completed_twin_behind_an_unreadable_copy(layout: Lay
         with contextlib.suppress(CorruptBatch):
             counts.update(e["entryId"] for e in read_batch(path)["entries"])
     assert counts == Counter(batch.entry_ids), "each entry in exactly one readable batch"
+
+
+@pytest.mark.parametrize("heal_after", [1, 5, 40])
+def test_a_full_disk_under_a_whole_run_that_heals_part_way(
+    layout: Layout, monkeypatch: pytest.MonkeyPatch, heal_after: int
+) -> None:
+    """Every temp file of the run hits ENOSPC until `heal_after` faults have struck."""
+    faults = FaultInjector(monkeypatch)
+    aggregated = os.fspath(layout.aggregated) + os.sep
+    hits = [0]
+
+    def site(path: str) -> bool:
+        if not path.startswith(aggregated) or hits[0] >= heal_after:
+            return False
+        hits[0] += 1
+        return True
+
+    heal = faults.breaks(site, errno.ENOSPC)
+    batches = make_batches(RUN)
+    run = Run(layout, immediate_retries=1)
+    run.store(batches)
+    heal()
+    assert run.stored_ids() == [b.batch_id for b in batches]
+    found = where(layout)
+    assert set(found) == {i for b in batches for i in b.entry_ids}
+    assert no_temp_files(layout)
