@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,13 @@ from .clock import Clock
 from .fsutil import quarantine_file
 from .journal import Position, read_records
 from .layout import Layout
-from .storage import CorruptBatch, existing_locations, make_batch_id, read_batch
+from .storage import (
+    CorruptBatch,
+    batch_locations,
+    existing_locations,
+    make_batch_id,
+    read_batch,
+)
 
 log = logging.getLogger("flowagg.pipeline")
 
@@ -57,11 +64,14 @@ def skip_published(
         # Every copy, not just the first: a bad file under one suffix must not hide the good
         # one under another, or the batch would be written again beside it.
         ids = None
-        for path in existing_locations(layout, batch_id):
+        copies = existing_locations(layout, batch_id)
+        for path in copies:
             ids = _matching_ids(layout, clock, path, pending, fill)
             if ids is not None:
                 break
         if ids is None:
+            if copies:
+                _set_aside_later_batches(layout, clock, pending, fill)
             break
         done_seq = pending[len(ids) - 1][0]
         for _ in ids:
@@ -99,3 +109,38 @@ def _matching_ids(
         reason = "stored batch does not match the journal entries it is named after"
     quarantine_file(layout.errors, path, reason=reason, component="startup", now_ms=clock.now_ms())
     return None
+
+
+def _set_aside_later_batches(
+    layout: Layout,
+    clock: Clock,
+    pending: deque[tuple[int, int, str]],
+    fill: Callable[[int], None],
+) -> None:
+    """After an unreadable batch, quarantine the stored batches that follow it in the journal.
+
+    Where the unreadable one ended is unknown, so its entries are rebuilt from the journal
+    together with everything after it, in new cuts: a later batch left in place would hold
+    some of them a second time. Rare (a file flowagg wrote whole was damaged), hence the scan.
+    """
+    names = {
+        name
+        for directory in (layout.aggregated, layout.recovery, layout.abandoned)
+        for name in os.listdir(directory)
+    }
+    while names:
+        fill(1)
+        if not pending:
+            return
+        seq, t, _ = pending.popleft()
+        for path in batch_locations(layout, make_batch_id(t, seq)):
+            if path.name in names and os.path.lexists(path):
+                log.error("batch %s follows an unreadable batch; rebuilding it", path.name)
+                quarantine_file(
+                    layout.errors,
+                    path,
+                    reason="stored after an unreadable batch, whose entries are rebuilt from the"
+                    " journal: rebuilt with them",
+                    component="startup",
+                    now_ms=clock.now_ms(),
+                )

@@ -590,3 +590,37 @@ def test_a_full_disk_under_a_whole_run_that_heals_part_way(
     found = where(layout)
     assert set(found) == {i for b in batches for i in b.entry_ids}
     assert no_temp_files(layout)
+
+
+@pytest.mark.parametrize("later", ["json", "gzip", "failed"])
+def test_a_torn_batch_followed_by_stored_ones(tmp_path: Path, later: str) -> None:
+    """The journal expects A then B; A is torn. Where A ended is unknown, so A and B are
+    rebuilt from the journal: B, left in place, would hold its entries a second time."""
+
+    async def main() -> Rig:
+        rig = Rig(tmp_path / "data")
+        pipeline = await rig.start()
+        assert pipeline.writer is not None
+        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
+        for _ in range(3):
+            await rig.add(30)
+            await pipeline.flush()
+        await rig.stop()
+        return rig
+
+    rig = asyncio.run(main())
+    a, b, c = iter_batch_files(rig.layout)
+    a.write_bytes(a.read_bytes()[:-30])
+    if later == "gzip":
+        b.with_suffix(".json.gz").write_bytes(compress("gzip", b.read_bytes()))
+        b.unlink()
+    elif later == "failed":
+        doc = orjson.loads(c.read_bytes())
+        doc.update({"retryCount": 0, "lastRetryAt": 1, "lastError": "x", "failedAt": 1})
+        doc["nextRetryAt"] = 10**13
+        (rig.layout.recovery / f"{doc['batchId']}.failed.json").write_bytes(orjson.dumps(doc))
+        c.unlink()
+    restart(rig)
+    rig.check("aggregated")
+    reasons = [p.name for p in rig.layout.errors.iterdir() if p.name.endswith(".reason.json")]
+    assert len(reasons) == 3, "the torn batch and the two after it, kept with reasons"
