@@ -52,6 +52,7 @@ from .storage import (
     decode_batch,
     find_completed,
     read_batch,
+    read_regular,
 )
 
 log = logging.getLogger("flowagg.recovery")
@@ -236,7 +237,7 @@ class Recovery:
     def _load(self, path: Path, report: RecoveryReport) -> dict[str, Any] | None:
         """Parse and verify a recovery file; quarantine it when it cannot be trusted."""
         try:
-            doc = decode_batch(path.read_bytes())
+            doc = decode_batch(read_regular(path))
             check_version(doc, path)
             expected = doc["batchId"] + (
                 FAILED_SUFFIX if path.name.endswith(FAILED_SUFFIX) else ABANDONED_SUFFIX

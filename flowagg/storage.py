@@ -98,11 +98,11 @@ def decode_batch(data: bytes) -> dict[str, Any]:
     return doc
 
 
-def read_batch(path: Path) -> dict[str, Any]:
-    """Read a batch file; anything but a regular file (a link, a FIFO) is a CorruptBatch.
+def read_regular(path: Path) -> bytes:
+    """The bytes of the regular file at `path`; anything else (a link, a FIFO) is a CorruptBatch.
 
     A link is not followed and a FIFO not opened for a blocking read: what lies behind a name
-    in aggregated/ that flowagg did not write must neither hang a start nor count as stored.
+    flowagg did not write must neither hang a start or the recovery loop nor count as stored.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -113,7 +113,11 @@ def read_batch(path: Path) -> dict[str, Any]:
     with os.fdopen(fd, "rb") as file:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise CorruptBatch("not a regular file")
-        raw = file.read()
+        return file.read()
+
+
+def read_batch(path: Path) -> dict[str, Any]:
+    raw = read_regular(path)
     try:
         data = decompress(path.name, raw)
     except ValueError as exc:

@@ -624,3 +624,25 @@ def test_a_torn_batch_followed_by_stored_ones(tmp_path: Path, later: str) -> Non
     rig.check("aggregated")
     reasons = [p.name for p in rig.layout.errors.iterdir() if p.name.endswith(".reason.json")]
     assert len(reasons) == 3, "the torn batch and the two after it, kept with reasons"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to a fifo"])
+def test_a_fifo_named_like_a_failed_batch_does_not_hang_recovery(
+    layout: Layout, tmp_path: Path, kind: str
+) -> None:
+    name = "0000000001000_000000000001.failed.json"
+    target = layout.recovery / name
+    fifo = target if kind == "fifo" else tmp_path / "fifo"
+    os.mkfifo(fifo)
+    if kind != "fifo":
+        target.symlink_to(fifo)
+    recovery = Recovery(layout, FakeClock(now_ms=5_000), random.Random(1), POLICY)
+    worker = threading.Thread(target=recovery.run_once, kwargs={"force": True}, daemon=True)
+    worker.start()
+    worker.join(10)
+    hung = worker.is_alive()
+    if hung:  # let the blocked open return, so that the thread ends
+        os.close(os.open(fifo, os.O_WRONLY))
+    assert not hung, "the recovery pass hung on a FIFO"
+    assert not os.path.lexists(target)
+    assert any(p.name == f"{name}.reason.json" for p in layout.errors.iterdir())
