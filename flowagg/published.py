@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,6 @@ from .journal import Position, read_records
 from .layout import Layout
 from .storage import (
     CorruptBatch,
-    batch_locations,
     existing_locations,
     make_batch_id,
     read_batch,
@@ -64,14 +62,21 @@ def skip_published(
         # Every copy, not just the first: a bad file under one suffix must not hide the good
         # one under another, or the batch would be written again beside it.
         ids = None
-        copies = existing_locations(layout, batch_id)
-        for path in copies:
-            ids = _matching_ids(layout, clock, path, pending, fill)
+        bad: list[tuple[Path, str]] = []
+        for path in existing_locations(layout, batch_id):
+            ids, reason = _matching_ids(path, pending, fill)
             if ids is not None:
                 break
+            bad.append((path, reason))
+        if ids is None and bad:
+            # The batches behind go first (this consumes `pending`): killed half way, the bad
+            # one is still found at the next start.
+            _set_aside_later_batches(layout, clock, pending, fill)
+        for path, reason in bad:
+            quarantine_file(
+                layout.errors, path, reason=reason, component="startup", now_ms=clock.now_ms()
+            )
         if ids is None:
-            if copies:
-                _set_aside_later_batches(layout, clock, pending, fill)
             break
         done_seq = pending[len(ids) - 1][0]
         for _ in ids:
@@ -85,30 +90,21 @@ def skip_published(
 
 
 def _matching_ids(
-    layout: Layout,
-    clock: Clock,
-    path: Path,
-    pending: deque[tuple[int, int, str]],
-    fill: Callable[[int], None],
-) -> list[str] | None:
-    """The entryIds of the batch file at `path` when they are the journal's next ones.
-
-    Otherwise the file is quarantined (kept, with the reason) and None returned.
-    """
+    path: Path, pending: deque[tuple[int, int, str]], fill: Callable[[int], None]
+) -> tuple[list[str] | None, str]:
+    """The entryIds of the batch file at `path` when they are the journal's next ones, or
+    None and why the file cannot be trusted."""
     try:
         ids = [e["entryId"] for e in read_batch(path)["entries"]]
     except (CorruptBatch, OSError, KeyError, TypeError) as exc:
-        reason = f"stored batch unreadable ({exc}); rebuilt from the journal"
-    else:
-        fill(len(ids))
-        journal_ids = [pending[i][2] for i in range(min(len(ids), len(pending)))]
-        # An empty one would mark nothing stored yet seem to: flowagg never writes one.
-        if ids and journal_ids == ids:
-            return ids
-        log.error("stored batch %s does not match the journal; leaving it", path.name)
-        reason = "stored batch does not match the journal entries it is named after"
-    quarantine_file(layout.errors, path, reason=reason, component="startup", now_ms=clock.now_ms())
-    return None
+        return None, f"stored batch unreadable ({exc}); rebuilt from the journal"
+    fill(len(ids))
+    journal_ids = [pending[i][2] for i in range(min(len(ids), len(pending)))]
+    # An empty one would mark nothing stored yet seem to: flowagg never writes one.
+    if ids and journal_ids == ids:
+        return ids, ""
+    log.error("stored batch %s does not match the journal; leaving it", path.name)
+    return None, "stored batch does not match the journal entries it is named after"
 
 
 def _set_aside_later_batches(
@@ -123,24 +119,19 @@ def _set_aside_later_batches(
     together with everything after it, in new cuts: a later batch left in place would hold
     some of them a second time. Rare (a file flowagg wrote whole was damaged), hence the scan.
     """
-    names = {
-        name
-        for directory in (layout.aggregated, layout.recovery, layout.abandoned)
-        for name in os.listdir(directory)
-    }
-    while names:
+    pending.popleft()  # the bad batch itself: its copies are the caller's
+    while True:
         fill(1)
         if not pending:
             return
         seq, t, _ = pending.popleft()
-        for path in batch_locations(layout, make_batch_id(t, seq)):
-            if path.name in names and os.path.lexists(path):
-                log.error("batch %s follows an unreadable batch; rebuilding it", path.name)
-                quarantine_file(
-                    layout.errors,
-                    path,
-                    reason="stored after an unreadable batch, whose entries are rebuilt from the"
-                    " journal: rebuilt with them",
-                    component="startup",
-                    now_ms=clock.now_ms(),
-                )
+        for path in existing_locations(layout, make_batch_id(t, seq)):
+            log.error("batch %s follows an unreadable batch; rebuilding it", path.name)
+            quarantine_file(
+                layout.errors,
+                path,
+                reason="stored after an unreadable batch, whose entries are rebuilt from the"
+                " journal: rebuilt with them",
+                component="startup",
+                now_ms=clock.now_ms(),
+            )
