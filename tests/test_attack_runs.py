@@ -26,12 +26,14 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowagg import entries
+from flowagg import entries, published
+from flowagg.aggregator import Aggregator, FlushPolicy
 from flowagg.cleanup import apply_cleanup, plan_cleanup
 from flowagg.clock import EntryIdFactory, FakeClock, _b32
 from flowagg.compression import compress
 from flowagg.dedupe import CHECKPOINT_ONLY_INTERVAL_S
 from flowagg.fsutil import TEMP_MARK
+from flowagg.journal import Position
 from flowagg.journal_format import split_add
 from flowagg.layout import Layout
 from flowagg.recovery import Recovery, RetryPolicy
@@ -646,3 +648,45 @@ def test_a_fifo_named_like_a_failed_batch_does_not_hang_recovery(
     assert not hung, "the recovery pass hung on a FIFO"
     assert not os.path.lexists(target)
     assert any(p.name == f"{name}.reason.json" for p in layout.errors.iterdir())
+
+
+def test_a_start_killed_while_setting_batches_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start dies after its first quarantine; the next one must still not store twice."""
+
+    async def main() -> Rig:
+        rig = Rig(tmp_path / "data")
+        pipeline = await rig.start()
+        assert pipeline.writer is not None
+        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
+        for _ in range(3):
+            await rig.add(30)
+            await pipeline.flush()
+        await rig.stop()
+        return rig
+
+    rig = asyncio.run(main())
+    a = iter_batch_files(rig.layout)[0]
+    a.write_bytes(a.read_bytes()[:-30])
+    real = published.quarantine_file
+    calls = [0]
+
+    def dying(*args: Any, **kwargs: Any) -> Path:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt  # stands for the kill: nothing after it runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(published, "quarantine_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        published.skip_published(
+            rig.layout,
+            rig.clock,
+            Aggregator(FlushPolicy.from_config(rig.config)),
+            Position(0, 0),
+            lambda seq, batch_id: None,
+        )
+    monkeypatch.setattr(published, "quarantine_file", real)
+    restart(rig)
+    rig.check("aggregated")
