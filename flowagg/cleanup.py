@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import stat
 from pathlib import Path
 
 from . import audit
@@ -49,7 +50,11 @@ def plan_cleanup(
     def consider(path: Path, born_ms: float, limit_ms: int, why: str) -> None:
         if now_ms - born_ms > limit_ms:
             with contextlib.suppress(FileNotFoundError):
-                out.append(Removal(path, path.stat().st_size, why))
+                st = path.lstat()
+                # Only files flowagg could have written: a directory or a link under such a
+                # name is not its to delete (and unlinking a directory fails the whole pass).
+                if stat.S_ISREG(st.st_mode):
+                    out.append(Removal(path, st.st_size, why))
 
     for path in _files(layout.health):
         m = _HEALTH_RE.fullmatch(path.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from .aggregator import Aggregator
 from .clock import Clock
@@ -12,7 +13,12 @@ from .formats import NewerFormatError
 from .fsutil import quarantine_file
 from .journal import Position, read_records
 from .layout import Layout
-from .storage import CorruptBatch, find_batch, make_batch_id, read_batch
+from .storage import (
+    CorruptBatch,
+    existing_locations,
+    make_batch_id,
+    read_batch,
+)
 
 log = logging.getLogger("flowagg.pipeline")
 
@@ -54,37 +60,24 @@ def skip_published(
             break
         seq, t, _ = pending[0]
         batch_id = make_batch_id(t, seq)
-        path = find_batch(layout, batch_id)
-        if path is None:
-            break
-        try:
-            ids = [e["entryId"] for e in read_batch(path)["entries"]]
-        except NewerFormatError as exc:
-            # Writing the batch again would replace the newer flowagg's file.
-            raise NewerFormatError(f"aggregated/{exc}") from None
-        except (CorruptBatch, OSError, KeyError, TypeError) as exc:
+        # Every copy, not just the first: a bad file under one suffix must not hide the good
+        # one under another, or the batch would be written again beside it.
+        ids = None
+        bad: list[tuple[Path, str]] = []
+        for path in existing_locations(layout, batch_id):
+            ids, reason = _matching_ids(path, pending, fill)
+            if ids is not None:
+                break
+            bad.append((path, reason))
+        if ids is None and bad:
+            # The batches behind go first (this consumes `pending`): killed half way, the bad
+            # one is still found at the next start.
+            _set_aside_later_batches(layout, clock, pending, fill)
+        for path, reason in bad:
             quarantine_file(
-                layout.errors,
-                path,
-                reason=f"stored batch unreadable ({exc}); rebuilt from the journal",
-                component="startup",
-                now_ms=clock.now_ms(),
+                layout.errors, path, reason=reason, component="startup", now_ms=clock.now_ms()
             )
-            break
-        fill(len(ids))
-        journal_ids = [pending[i][2] for i in range(min(len(ids), len(pending)))]
-        if journal_ids != ids:
-            log.error(
-                "stored batch %s does not match the journal; leaving it and rebuilding",
-                batch_id,
-            )
-            quarantine_file(
-                layout.errors,
-                path,
-                reason="stored batch does not match the journal entries it is named after",
-                component="startup",
-                now_ms=clock.now_ms(),
-            )
+        if ids is None:
             break
         done_seq = pending[len(ids) - 1][0]
         for _ in ids:
@@ -95,3 +88,54 @@ def skip_published(
         skipped += 1
         log.info("batch %s was stored before the last stop; not writing it again", batch_id)
     return skipped, done_seq
+
+
+def _matching_ids(
+    path: Path, pending: deque[tuple[int, int, str]], fill: Callable[[int], None]
+) -> tuple[list[str] | None, str]:
+    """The entryIds of the batch file at `path` when they are the journal's next ones, or
+    None and why the file cannot be trusted."""
+    try:
+        ids = [e["entryId"] for e in read_batch(path)["entries"]]
+    except NewerFormatError as exc:
+        # Writing the batch again would replace the newer flowagg's file.
+        raise NewerFormatError(f"{path.parent.name}/{exc}") from None
+    except (CorruptBatch, OSError, KeyError, TypeError) as exc:
+        return None, f"stored batch unreadable ({exc}); rebuilt from the journal"
+    fill(len(ids))
+    journal_ids = [pending[i][2] for i in range(min(len(ids), len(pending)))]
+    # An empty one would mark nothing stored yet seem to: flowagg never writes one.
+    if ids and journal_ids == ids:
+        return ids, ""
+    log.error("stored batch %s does not match the journal; leaving it", path.name)
+    return None, "stored batch does not match the journal entries it is named after"
+
+
+def _set_aside_later_batches(
+    layout: Layout,
+    clock: Clock,
+    pending: deque[tuple[int, int, str]],
+    fill: Callable[[int], None],
+) -> None:
+    """After an unreadable batch, quarantine the stored batches that follow it in the journal.
+
+    Where the unreadable one ended is unknown, so its entries are rebuilt from the journal
+    together with everything after it, in new cuts: a later batch left in place would hold
+    some of them a second time. Rare (a file flowagg wrote whole was damaged), hence the scan.
+    """
+    pending.popleft()  # the bad batch itself: its copies are the caller's
+    while True:
+        fill(1)
+        if not pending:
+            return
+        seq, t, _ = pending.popleft()
+        for path in existing_locations(layout, make_batch_id(t, seq)):
+            log.error("batch %s follows an unreadable batch; rebuilding it", path.name)
+            quarantine_file(
+                layout.errors,
+                path,
+                reason="stored after an unreadable batch, whose entries are rebuilt from the"
+                " journal: rebuilt with them",
+                component="startup",
+                now_ms=clock.now_ms(),
+            )

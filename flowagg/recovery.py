@@ -39,6 +39,7 @@ import orjson
 
 from .audit import audit
 from .clock import Clock
+from .compression import SUFFIXES
 from .config import Config
 from .entries import short_repr
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, classify
@@ -46,7 +47,15 @@ from .formats import NewerFormatError
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
 from .layout import Layout
 from .sink import as_completer
-from .storage import CompletedFiles, CorruptBatch, decode_batch, find_completed, read_batch
+from .storage import (
+    CompletedFiles,
+    CorruptBatch,
+    batch_file_name,
+    decode_batch,
+    find_completed,
+    read_batch,
+    read_regular,
+)
 
 log = logging.getLogger("flowagg.recovery")
 
@@ -226,7 +235,7 @@ class Recovery:
     def _load(self, path: Path, report: RecoveryReport) -> dict[str, Any] | None:
         """Parse and verify a recovery file; quarantine it when it cannot be trusted."""
         try:
-            doc = decode_batch(path.read_bytes(), path)
+            doc = decode_batch(read_regular(path), path)
             expected = doc["batchId"] + (
                 FAILED_SUFFIX if path.name.endswith(FAILED_SUFFIX) else ABANDONED_SUFFIX
             )
@@ -288,14 +297,14 @@ class Recovery:
 
     def _same_completed(self, batch_id: str, doc: dict[str, Any]) -> Path | None:
         """The aggregated/ copy of this batch with the same entries, if there is one."""
-        done = find_completed(self.layout, batch_id)
-        if done is None:
-            return None
-        try:
-            same = read_batch(done)["entriesSha256"] == doc["entriesSha256"]
-        except (CorruptBatch, OSError):
-            return None
-        return done if same else None
+        # Every suffix: an unreadable copy under one must not hide the same batch under another.
+        for done in (self.layout.aggregated / batch_file_name(batch_id, c) for c in SUFFIXES):
+            try:
+                if read_batch(done)["entriesSha256"] == doc["entriesSha256"]:
+                    return done
+            except (CorruptBatch, OSError):
+                continue
+        return None
 
     def _settle_failed(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> bool:
         """Settle a failed file's batch id found in a second place; True when it was dropped."""

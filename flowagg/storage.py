@@ -9,7 +9,10 @@ disk is the proof that those entries are stored.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +106,28 @@ def decode_batch(data: bytes, path: Path | str = "batch") -> dict[str, Any]:
     return doc
 
 
-def read_batch(path: Path) -> dict[str, Any]:
+def read_regular(path: Path) -> bytes:
+    """The bytes of the regular file at `path`; anything else (a link, a FIFO) is a CorruptBatch.
+
+    A link is not followed and a FIFO not opened for a blocking read: what lies behind a name
+    flowagg did not write must neither hang a start or the recovery loop nor count as stored.
+    """
     try:
-        data = decompress(path.name, path.read_bytes())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptBatch("a symbolic link, not a batch file") from None
+        raise
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptBatch("not a regular file")
+        return file.read()
+
+
+def read_batch(path: Path) -> dict[str, Any]:
+    raw = read_regular(path)
+    try:
+        data = decompress(path.name, raw)
     except ValueError as exc:
         raise CorruptBatch(str(exc)) from None
     return decode_batch(data, path)
@@ -157,6 +179,11 @@ def find_batch(layout: Layout, batch_id: str) -> Path | None:
         if path.exists():
             return path
     return None
+
+
+def existing_locations(layout: Layout, batch_id: str) -> list[Path]:
+    """Every name this batch id has on disk, links and other odd files included."""
+    return [path for path in batch_locations(layout, batch_id) if os.path.lexists(path)]
 
 
 def iter_batch_files(layout: Layout) -> list[Path]:

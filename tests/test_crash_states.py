@@ -14,7 +14,7 @@ import orjson
 
 from flowagg.journal import list_segments, unframe
 from flowagg.layout import Layout
-from flowagg.storage import iter_batch_files
+from flowagg.storage import iter_batch_files, read_batch
 from tests.harness import cli, entry, start_daemon, stored_id_counts, wait_for
 
 SETTINGS = {"batchSize": 5, "maxAgeMs": 3_600_000}
@@ -55,16 +55,23 @@ def test_batches_stored_before_their_done_record_are_not_written_again(root: Pat
     add(root, [entry(i, entryId=f"e{i}") for i in range(12)])  # two size batches + 2 buffered
     layout = Layout(root)
 
-    def done_through() -> int:  # the writer may be mid-line: read whole records only
+    def done_seq() -> int:  # the writer may be mid-line: read whole records only
         lines = (
             ln for seg in list_segments(layout.journal) for ln in seg.read_bytes().splitlines(True)
         )
-        records = (unframe(ln) or {} for ln in lines)
-        return max((r["q"] for r in records if r.get("k") == "d"), default=0)
+        return max((r["q"] for ln in lines if (r := unframe(ln) or {}).get("k") == "d"), default=0)
 
-    # The add is answered once journaled; the flusher writes the batches just after. Batches
-    # stored together share one done record, so wait for the one covering both (seq 10).
-    wait_for(lambda: len(iter_batch_files(layout)) == 2 and done_through() == 10)
+    def stored_seq() -> int:
+        files = iter_batch_files(layout)
+        if len(files) != 2:
+            return 0
+        return max(
+            int(p.name.split("_")[2].split(".")[0]) + read_batch(p)["entryCount"] - 1 for p in files
+        )
+
+    # The add is answered once journaled; the flusher writes the batches just after, as one
+    # run or one by one: one done record for each group of them.
+    wait_for(lambda: (seq := stored_seq()) and done_seq() == seq)
     daemon.kill()
     assert strip_done_records(layout) in (1, 2)
     daemon = start_daemon(root, SETTINGS)
