@@ -3,14 +3,15 @@
 Every batch file costs two fsyncs (its bytes, then its name), and one file at a time leaves
 the disk idle between them. When batches queue up, the flusher takes the queued run at once:
 stage threads encode each batch and write its temp file (write, fsync) in parallel, so the
-disk merges those flushes; the flusher then renames the temp files strictly in batch order,
-each rename followed by its directory fsync before the next one.
+disk merges those flushes; the flusher renames the temp files strictly in batch order and
+fsyncs the directory once for the names renamed while the next file was still being written.
+Only then are those batches reported stored (and the journal told).
 
-So a reader never sees batch N+1 before batch N is durable, bytes and name, and after any
-crash the stored batches are a prefix of the run, whatever the file system keeps of
-unsynced renames: a start finds them by name in order (published.py) and re-creates the
-rest from the journal. Batches are reported stored (and the journal told) in groups, after
-their renames are durable.
+A reader never sees batch N+1 before batch N, and every visible file's bytes are durable. A
+crash before the directory fsync finds the same names, or re-creates them from the journal.
+Journaling file systems keep renames in order through a power cut, so what survives is a
+prefix; were a later name kept and an earlier one lost, the start sees the hole and
+rebuilds from it (published.py), so nothing is stored twice either way.
 """
 
 from __future__ import annotations

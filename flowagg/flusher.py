@@ -208,8 +208,8 @@ class Flusher:
         started: float,
         accepted: list[Pending] | None = None,
     ) -> int:
-        """Write the run's files side by side and publish them in order, each name durable
-        before the next is published.
+        """Write the run's files side by side and publish them in order, one directory fsync
+        for the names renamed while the next file was still being written.
 
         Returns how many batches were stored; the rest go one at a time.
         """
@@ -237,12 +237,14 @@ class Flusher:
         else:
             self._stager.start()
             futures = [self._stager.submit(job(batch)) for batch in run]
-        published: list[Staged] = []
+        renamed: list[Staged] = []  # published, not yet durable: one directory fsync each group
         stored, end = 0, len(run)
         for n, future in enumerate(futures):
-            if published and not future.done():
-                self._report(published, started)
-                stored, published = n, []
+            if renamed and not future.done():
+                if not self._publish(renamed, started):
+                    end, renamed = n, []
+                    break
+                stored, renamed = n, []
             try:
                 staged = future.result()
             except Exception as exc:
@@ -256,23 +258,24 @@ class Flusher:
                 log.warning("batch %s: rename failed (%s); retried alone", run[n].batch_id, exc)
                 end = n
                 break
-            try:
-                fsync_dir(staged.target.parent)
-            except OSError as exc:
-                # Visible but perhaps not durable: the one-at-a-time path writes it again.
-                log.warning(
-                    "batch %s: directory fsync failed (%s); retried alone", run[n].batch_id, exc
-                )
-                end = n
-                break
-            published.append(staged)
-        if published:
-            self._report(published, started)
-            stored += len(published)
-        for future in futures[end + 1 :]:
+            renamed.append(staged)
+        if renamed and self._publish(renamed, started):
+            stored += len(renamed)
+        for future in futures[end:]:
             with contextlib.suppress(Exception):
                 future.result().discard()
         return stored
+
+    def _publish(self, renamed: list[Staged], started: float) -> bool:
+        """Make the renamed files' names durable, then report them stored, in order."""
+        try:
+            fsync_dir(renamed[0].target.parent)
+        except OSError as exc:
+            # Visible but perhaps not durable: the one-at-a-time path writes them again.
+            log.warning("run of %d batch files: directory fsync failed (%s)", len(renamed), exc)
+            return False
+        self._report(renamed, started)
+        return True
 
     def _report(self, published: list[Staged], started: float) -> None:
         now = self.clock.monotonic()

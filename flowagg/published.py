@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .aggregator import Aggregator
 from .clock import Clock
+from .config import SETTINGS
 from .formats import NewerFormatError
 from .fsutil import quarantine_file
 from .journal import Position, read_records
@@ -16,6 +17,7 @@ from .layout import Layout
 from .storage import (
     CorruptBatch,
     existing_locations,
+    find_completed,
     make_batch_id,
     read_batch,
 )
@@ -72,7 +74,9 @@ def skip_published(
         if ids is None and bad:
             # The batches behind go first (this consumes `pending`): killed half way, the bad
             # one is still found at the next start.
-            _set_aside_later_batches(layout, clock, pending, fill)
+            _set_aside_later_batches(layout, clock, pending, fill, "an unreadable batch")
+        elif ids is None and _stored_beyond_gap(layout, pending, fill, aggregator):
+            _set_aside_later_batches(layout, clock, pending, fill, "a missing batch")
         for path, reason in bad:
             quarantine_file(
                 layout.errors, path, reason=reason, component="startup", now_ms=clock.now_ms()
@@ -111,17 +115,47 @@ def _matching_ids(
     return None, "stored batch does not match the journal entries it is named after"
 
 
+def _stored_beyond_gap(
+    layout: Layout,
+    pending: deque[tuple[int, int, str]],
+    fill: Callable[[int], None],
+    aggregator: Aggregator,
+) -> bool:
+    """Whether a batch is stored after the missing next one: a hole in what was published.
+
+    Runs publish several names with one directory fsync (batch_runs). Journaling file
+    systems (ext4, xfs, btrfs) keep renames in order through a power cut, so the stored
+    batches are a prefix; one that does not could keep a later name and lose an earlier one.
+    Only a run's batches can be in that state, and a run is cut from the memory window, so
+    the look goes that far ahead (every suffix, one stat each).
+    """
+    ahead = max(aggregator.policy.memory_window, SETTINGS["memoryWindowEntries"].default)
+    fill(ahead + 1)
+    for i in range(1, min(ahead, len(pending) - 1) + 1):
+        seq, t, _ = pending[i]
+        if find_completed(layout, make_batch_id(t, seq)) is not None:
+            log.error(
+                "a batch is stored after the missing batch %s; both are rebuilt",
+                make_batch_id(pending[0][1], pending[0][0]),
+            )
+            return True
+    return False
+
+
 def _set_aside_later_batches(
     layout: Layout,
     clock: Clock,
     pending: deque[tuple[int, int, str]],
     fill: Callable[[int], None],
+    after: str,
 ) -> None:
-    """After an unreadable batch, quarantine the stored batches that follow it in the journal.
+    """After an unreadable or missing batch, quarantine the stored batches that follow it in
+    the journal.
 
-    Where the unreadable one ended is unknown, so its entries are rebuilt from the journal
-    together with everything after it, in new cuts: a later batch left in place would hold
-    some of them a second time. Rare (a file flowagg wrote whole was damaged), hence the scan.
+    Where the bad one ended is unknown, so its entries are rebuilt from the journal together
+    with everything after it, in new cuts: a later batch left in place would hold some of
+    them a second time. Rare (a file flowagg wrote whole was damaged, or a file system lost
+    an earlier rename and kept a later one), hence the scan.
     """
     pending.popleft()  # the bad batch itself: its copies are the caller's
     while True:
@@ -130,12 +164,12 @@ def _set_aside_later_batches(
             return
         seq, t, _ = pending.popleft()
         for path in existing_locations(layout, make_batch_id(t, seq)):
-            log.error("batch %s follows an unreadable batch; rebuilding it", path.name)
+            log.error("batch %s follows %s; rebuilding it", path.name, after)
             quarantine_file(
                 layout.errors,
                 path,
-                reason="stored after an unreadable batch, whose entries are rebuilt from the"
-                " journal: rebuilt with them",
+                reason=f"stored after {after}, whose entries are rebuilt from the journal:"
+                " rebuilt with them",
                 component="startup",
                 now_ms=clock.now_ms(),
             )
