@@ -29,7 +29,7 @@ from .fsutil import write_temp
 from .storage import Batch
 from .supervise import Spawn
 
-STAGE_WORKERS = 4  # temp files written at once: enough for the disk to merge their fsyncs
+STAGE_WORKERS = 4  # flushWriters' default: enough for the disk to merge the files' fsyncs
 MAX_RUN = 64  # batches taken from the queue at once (at most 64 x maxBatchBytes in memory)
 
 

@@ -84,6 +84,9 @@ SETTINGS: dict[str, Setting] = {
     "logMaxBytes": Setting(10 << 20, int, 4096, 1 << 34, "log size before rotation"),
     "logBackups": Setting(5, int, 0, 1000, "rotated logs kept"),
     "logLevel": Setting("INFO", str, help="DEBUG, INFO, WARNING or ERROR"),
+    "flushWriters": Setting(
+        4, int, 1, 64, "batch files written side by side when batches queue up"
+    ),
     "batchCompression": Setting(
         "none", str, help="none, gzip or zstd: batch files as .json, .json.gz or .json.zst"
     ),

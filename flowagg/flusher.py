@@ -95,6 +95,7 @@ class Flusher:
         on_stored: Callable[[list[Stored]], None],
         sleep: Callable[[float], bool] | None = None,
         spawn: Spawn = plain_thread,
+        writers: int = STAGE_WORKERS,
     ) -> None:
         self.layout = layout
         self.clock = clock
@@ -106,7 +107,7 @@ class Flusher:
         self._stop = threading.Event()
         self._sleep = sleep or self._stop.wait
         self._thread = spawn("flusher", self._run)
-        self._stager = Stager(STAGE_WORKERS, spawn)
+        self._stager = Stager(writers, spawn)
         self.stalled_error: str | None = None
         self.failed_batches = 0
         self.inline_retries = 0

@@ -139,6 +139,7 @@ class Pipeline:
             store=self._store,
             on_stored=lambda stored: self.loop.call_soon_threadsafe(self._batches_stored, stored),
             spawn=self._spawn,
+            writers=self.config.flush_writers,
         )
         self.flusher.start()
         self._refill()

@@ -15,6 +15,7 @@ RESTART_ONLY = (
     "logBackups",
     "socketGroup",
     "batchCompression",
+    "flushWriters",
     "metricsListen",
     "metricsTextfile",
     "metricsTextfileIntervalMs",

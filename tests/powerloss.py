@@ -76,7 +76,11 @@ def run_powerloss(
 
     tally = crash_loop(
         Layout(root, run_dir),
-        {**SETTINGS, "runDir": str(run_dir)},
+        # One batch file written at a time: with several created at once, the vendored LazyFS
+        # sometimes aborts with "Resource deadlock avoided" (about 1 run in 4 here). What a
+        # power cut tests, the order of fsyncs and renames, does not depend on how many are
+        # written side by side; the SIGKILL torture runs the default of 4.
+        {**SETTINGS, "runDir": str(run_dir), "flushWriters": 1},
         crashes=cuts,
         rng=random.Random(seed),
         writers=writers,
