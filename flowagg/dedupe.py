@@ -153,9 +153,11 @@ class DedupeIndex:
             self.directory / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30
         )
         # A rollback journal, not WAL: WAL maps a shared-memory file, which FUSE file systems
-        # handle badly (LazyFS crashed under it in the power-loss test). FULL keeps the index
-        # consistent across a power cut; commits are few, grouped and off the ack path.
-        db.execute("PRAGMA journal_mode=TRUNCATE")
+        # handle badly (LazyFS crashed under it in the power-loss test). PERSIST ends a commit
+        # by zeroing the journal's header, not truncating it: as safe, and it keeps truncates
+        # (LazyFS's fragile path) out of every commit. FULL keeps the index consistent across
+        # a power cut; commits are few, grouped and off the ack path.
+        db.execute("PRAGMA journal_mode=PERSIST")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA cache_size=-2048")  # KiB: the page cache is part of the RSS bound
         return db
