@@ -134,29 +134,19 @@ class Redactor:
         stack: list[Any] = [root]
         while stack:
             node = stack.pop()
-            if type(node) is dict:
-                # Assigning to an existing key does not resize the dict, so iterating is safe.
-                for key, value in node.items():
-                    if is_secret(key):
-                        node[key] = REDACTED
-                        hits += 1
-                        continue
-                    kind = type(value)
-                    if kind is dict or kind is list:
-                        stack.append(value)
-                    elif kind is str and sub is not None:
-                        new, count = sub(value)
-                        if count:
-                            node[key] = new
-                            hits += count
-            else:
-                for index, value in enumerate(node):
-                    kind = type(value)
-                    if kind is dict or kind is list:
-                        stack.append(value)
-                    elif kind is str and sub is not None:
-                        new, count = sub(value)
-                        if count:
-                            node[index] = new
-                            hits += count
+            keyed = type(node) is dict
+            # Assigning to an existing key or index does not resize, so iterating is safe.
+            for key, value in node.items() if keyed else enumerate(node):
+                if keyed and is_secret(key):
+                    node[key] = REDACTED
+                    hits += 1
+                    continue
+                kind = type(value)
+                if kind is dict or kind is list:
+                    stack.append(value)
+                elif kind is str and sub is not None:
+                    new, count = sub(value)
+                    if count:
+                        node[key] = new
+                        hits += count
         return hits

@@ -21,18 +21,9 @@ import orjson
 from . import formats
 from .batchread import ABANDONED, AGGREGATED, FAILED, BatchPath, iter_batch_bytes
 from .entries import EntryError, short_repr, validate_entry_json
-from .recovery import BATCH_ID_RE, check_recovery_fields
+from .recovery import BATCH_ID_RE, BATCH_KEYS, check_recovery_fields
 from .storage import TRIGGERS, CorruptBatch
 
-BATCH_FIELDS = (
-    "batchId",
-    "timestamp",
-    "version",
-    "trigger",
-    "entries",
-    "entryCount",
-    "entriesSha256",
-)
 _NO_ID = "\x00"  # what the validator's new_id hands back: a stored entry must bring its own
 
 
@@ -135,7 +126,7 @@ class FileChecker:
         if not isinstance(doc, dict):
             self.report(Finding(shown, "shape", "not a batch", "a JSON object", short_repr(doc)))
             return None
-        missing = [k for k in BATCH_FIELDS if k not in doc]
+        missing = [k for k in BATCH_KEYS if k not in doc]
         if missing:
             self.report(Finding(shown, "shape", f"missing {', '.join(missing)}"))
         if "version" in doc and not self._version_ok(shown, doc["version"]):

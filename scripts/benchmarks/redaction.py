@@ -9,21 +9,12 @@ from __future__ import annotations
 
 import orjson
 
+from flowagg.redact import DEFAULT_KEYS
+
 from .common import Bench
 from .throughput import flowagg_throughput
 
-KEYS = (
-    "password",
-    "passwd",
-    "secret",
-    "token",
-    "apiKey",
-    "api_key",
-    "authorization",
-    "cookie",
-    "sessionToken",
-    "privateKey",
-)
+KEYS = (*DEFAULT_KEYS, "privateKey")  # the 9 defaults and one more: 10 keys
 PATTERNS = (
     r"[\w.+-]+@[\w-]+\.[\w.]+",  # e-mail address
     r"\b(?:\d[ -]?){13,16}\b",  # card number
