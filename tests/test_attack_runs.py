@@ -210,6 +210,26 @@ def journal_expecting_a_batch(root: Path, count: int = 30) -> tuple[Rig, Path]:
     return rig, path
 
 
+def stored_without_done_records(root: Path, *, batches: int, unstored: int = 0) -> Rig:
+    """`batches` batches of 30 entries stored, as a crash before their done records leaves
+    them, then `unstored` entries journaled and never cut: the start must sort it out."""
+
+    async def main() -> Rig:
+        rig = Rig(root)
+        pipeline = await rig.start()
+        assert pipeline.writer is not None
+        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
+        for _ in range(batches):
+            await rig.add(30)
+            await pipeline.flush()
+        if unstored:
+            await rig.add(unstored)
+        await pipeline.shutdown(flush_s=0)
+        return rig
+
+    return asyncio.run(main())
+
+
 def restart(rig: Rig, timeout: float = 10.0) -> dict[str, int]:
     """Start the pipeline again on the same root, flush, stop; its start-up counters."""
     box: list[dict[str, int]] = []
@@ -599,18 +619,7 @@ def test_a_torn_batch_followed_by_stored_ones(tmp_path: Path, later: str) -> Non
     """The journal expects A then B; A is torn. Where A ended is unknown, so A and B are
     rebuilt from the journal: B, left in place, would hold its entries a second time."""
 
-    async def main() -> Rig:
-        rig = Rig(tmp_path / "data")
-        pipeline = await rig.start()
-        assert pipeline.writer is not None
-        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
-        for _ in range(3):
-            await rig.add(30)
-            await pipeline.flush()
-        await rig.stop()
-        return rig
-
-    rig = asyncio.run(main())
+    rig = stored_without_done_records(tmp_path / "data", batches=3)
     a, b, c = iter_batch_files(rig.layout)
     a.write_bytes(a.read_bytes()[:-30])
     if later == "gzip":
@@ -655,18 +664,7 @@ def test_a_start_killed_while_setting_batches_aside(
 ) -> None:
     """The start dies after its first quarantine; the next one must still not store twice."""
 
-    async def main() -> Rig:
-        rig = Rig(tmp_path / "data")
-        pipeline = await rig.start()
-        assert pipeline.writer is not None
-        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
-        for _ in range(3):
-            await rig.add(30)
-            await pipeline.flush()
-        await rig.stop()
-        return rig
-
-    rig = asyncio.run(main())
+    rig = stored_without_done_records(tmp_path / "data", batches=3)
     a = iter_batch_files(rig.layout)[0]
     a.write_bytes(a.read_bytes()[:-30])
     real = published.quarantine_file
@@ -697,18 +695,7 @@ def test_a_missing_batch_followed_by_stored_ones(tmp_path: Path) -> None:
     earlier rename through a power cut but kept a later one leaves a hole: the start sets the
     later batches aside and rebuilds everything from the hole on, so nothing is stored twice."""
 
-    async def main() -> Rig:
-        rig = Rig(tmp_path / "data")
-        pipeline = await rig.start()
-        assert pipeline.writer is not None
-        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
-        for _ in range(3):
-            await rig.add(30)
-            await pipeline.flush()
-        await rig.stop()
-        return rig
-
-    rig = asyncio.run(main())
+    rig = stored_without_done_records(tmp_path / "data", batches=3)
     a, _, _ = iter_batch_files(rig.layout)
     a.unlink()
     restart(rig)
@@ -721,19 +708,7 @@ def test_a_backlog_without_a_hole_sets_nothing_aside(tmp_path: Path) -> None:
     """The common start after a kill: stored batches, then entries never cut. Nothing is
     quarantined and nothing is stored twice."""
 
-    async def main() -> Rig:
-        rig = Rig(tmp_path / "data")
-        pipeline = await rig.start()
-        assert pipeline.writer is not None
-        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
-        for _ in range(2):
-            await rig.add(30)
-            await pipeline.flush()
-        await rig.add(30)  # journaled, never stored
-        await pipeline.shutdown(flush_s=0)
-        return rig
-
-    rig = asyncio.run(main())
+    rig = stored_without_done_records(tmp_path / "data", batches=2, unstored=30)
     restart(rig)
     rig.check("aggregated")
     assert not list(rig.layout.errors.iterdir())

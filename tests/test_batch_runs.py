@@ -49,6 +49,20 @@ def layout(tmp_path: Path) -> Layout:
     return layout
 
 
+@pytest.fixture
+def writers(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The names of the threads that write batch files' temp copies."""
+    names: set[str] = set()
+    real = batch_runs.write_temp
+
+    def recording(path: Path, data: bytes) -> Path:
+        names.add(threading.current_thread().name)
+        return real(path, data)
+
+    monkeypatch.setattr(batch_runs, "write_temp", recording)
+    return names
+
+
 def make_batches(count: int, per_batch: int = 3) -> list[Batch]:
     batches = []
     for b in range(count):
@@ -117,16 +131,8 @@ def no_temp_files(layout: Layout) -> bool:
 
 
 def test_a_run_is_written_side_by_side_and_stored_in_order(
-    layout: Layout, monkeypatch: pytest.MonkeyPatch
+    layout: Layout, writers: set[str]
 ) -> None:
-    writers: set[str] = set()
-    real = batch_runs.write_temp
-
-    def recording(path: Path, data: bytes) -> Path:
-        writers.add(threading.current_thread().name)
-        return real(path, data)
-
-    monkeypatch.setattr(batch_runs, "write_temp", recording)
     batches = make_batches(RUN)
     run = Run(layout)
     run.store(batches)
@@ -329,16 +335,8 @@ def guarded(sink: RecordingSink) -> GuardedSink:
 
 
 def test_with_a_sink_a_run_is_delivered_in_order_then_written_as_a_run(
-    layout: Layout, monkeypatch: pytest.MonkeyPatch
+    layout: Layout, writers: set[str]
 ) -> None:
-    writers: set[str] = set()
-    real = batch_runs.write_temp
-
-    def recording(path: Path, data: bytes) -> Path:
-        writers.add(threading.current_thread().name)
-        return real(path, data)
-
-    monkeypatch.setattr(batch_runs, "write_temp", recording)
     sink = RecordingSink()
     batches = make_batches(RUN)
     run = Run(layout, sink=guarded(sink))
