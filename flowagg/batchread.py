@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .compression import decompress
 from .layout import Layout
+from .storage import read_regular
 
 AGGREGATED = "aggregated"
 FAILED = "failed"
@@ -71,8 +72,9 @@ def list_batch_files(layout: Layout, *, include_failed: bool = True) -> list[Bat
 
 
 def read_batch_bytes(path: Path) -> bytes:
-    """The JSON text of a batch file, decompressed by its suffix."""
-    return decompress(path.name, path.read_bytes(), needed_for=f"reading {path.name}")
+    """The JSON text of a batch file, decompressed by its suffix (a link or a FIFO named like
+    one is refused, never followed or waited on)."""
+    return decompress(path.name, read_regular(path), needed_for=f"reading {path.name}")
 
 
 def iter_batch_bytes(files: list[BatchPath]) -> Iterator[tuple[BatchPath, bytes | OSError]]:

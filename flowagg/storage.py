@@ -152,10 +152,6 @@ class CompletedFiles:
         return target
 
 
-def completed_path(layout: Layout, batch_id: str) -> Path:
-    return layout.aggregated / batch_file_name(batch_id)
-
-
 def find_completed(layout: Layout, batch_id: str) -> Path | None:
     """The batch's file in aggregated/, whatever its compression."""
     for compression in SUFFIXES:

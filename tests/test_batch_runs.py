@@ -30,7 +30,6 @@ from flowagg.sink import CircuitBreaker, Completer, GuardedSink
 from flowagg.storage import (
     Batch,
     CompletedFiles,
-    completed_path,
     find_completed,
     iter_batch_files,
     read_batch,
@@ -138,7 +137,7 @@ def test_a_run_is_written_side_by_side_and_stored_in_order(
     run.store(batches)
     assert run.stored_ids() == [b.batch_id for b in batches]
     assert sorted(p.name for p in layout.aggregated.iterdir()) == sorted(
-        completed_path(layout, b.batch_id).name for b in batches
+        CompletedFiles(layout).path(b.batch_id).name for b in batches
     )
     assert set(where(layout).values()) == {"aggregated"}
     assert len(where(layout)) == RUN * 3
@@ -186,7 +185,7 @@ def test_every_report_comes_after_the_directory_fsync_of_its_renames(
             pending.clear()
         else:
             assert name not in pending, f"{name} reported stored before its directory fsync"
-    expected = [completed_path(layout, b.batch_id).name for b in batches]
+    expected = [CompletedFiles(layout).path(b.batch_id).name for b in batches]
     assert renamed == expected, "renames keep batch order"
 
 
