@@ -153,11 +153,15 @@ class CompletedFiles:
 
 
 def find_completed(layout: Layout, batch_id: str) -> Path | None:
-    """The batch's file in aggregated/, whatever its compression."""
-    for compression in SUFFIXES:
-        path = layout.aggregated / batch_file_name(batch_id, compression)
-        if path.exists():
-            return path
+    """The batch's file in aggregated/, whatever its compression.
+
+    Names are joined as text, and a Path made only for a hit: a start checks thousands of
+    ids beyond a missing batch (published.py), and Path objects cost four times the stats.
+    """
+    stem = os.path.join(layout.aggregated, f"batch_{batch_id}")
+    for suffix in SUFFIXES.values():
+        if os.path.exists(stem + suffix):
+            return Path(stem + suffix)
     return None
 
 
