@@ -445,3 +445,13 @@ def test_load_config_does_not_touch_os_environ(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("FLOWAGG_BATCH_SIZE", "3")
     config = load_config(environ={})
     assert config.values["batchSize"] == 50
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "65", "many", "1e3", "", "9" * 400])
+def test_flush_writers_out_of_range_or_not_a_number_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="flushWriters"):
+        load(environ={"FLOWAGG_FLUSH_WRITERS": value})
+
+
+def test_flush_writers_one_writes_one_at_a_time() -> None:
+    assert load(environ={"FLOWAGG_FLUSH_WRITERS": "1"}).flush_writers == 1
