@@ -3,6 +3,9 @@
 The buffer is the journal's unflushed tail. Its head lives in memory (at most
 `memoryWindowEntries`, batches being written included); the rest waits on disk and is read
 back as room frees up. Backpressure counts the whole tail, memory and disk.
+
+After a restart, the cuts the journal holds beyond the done cursor (`replay`) are cut again
+exactly as journaled, whatever today's settings say: a batch id names one set of entries.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
+from .journal_format import Cut
 from .storage import Batch, make_batch_id
 
 
@@ -59,6 +63,7 @@ class Aggregator:
         self.unflushed_entries = 0
         self.unflushed_bytes = 0
         self.last_seq_loaded = 0
+        self.replay: deque[Cut] = deque()
 
     # -- intake ------------------------------------------------------------------------------
     def acknowledge(self, count: int, size: int) -> None:
@@ -68,6 +73,14 @@ class Aggregator:
 
     def room(self) -> int:
         return self.policy.memory_window - len(self.window) - self.inflight_entries
+
+    def replay_waits(self) -> bool:
+        """Whether a journaled cut needs more of the journal than the window holds.
+
+        It is loaded whatever the room: it was cut under a larger window or batch size, and
+        no other cut may take its entries.
+        """
+        return bool(self.replay) and self.last_seq_loaded < self.replay[0].last_seq
 
     def load(self, item: Buffered) -> bool:
         """Put a durable entry in the window; False if it was loaded before (a re-read)."""
@@ -106,6 +119,16 @@ class Aggregator:
     def due(self, now: float) -> str | None:
         if not self.window:
             return None
+        self._drop_passed_cuts()
+        if self.replay:
+            cut = self.replay[0]
+            if self.window[0].seq >= cut.first_seq:
+                return None if self.replay_waits() else cut.trigger
+            if self.last_seq_loaded >= cut.first_seq:
+                # Entries before a journaled cut whose own cut was never durable (its journal
+                # write failed, a later one did not): they waited through a restart, and the
+                # journaled cut behind them cannot go first.
+                return "age"
         p = self.policy
         if len(self.window) >= p.batch_size:
             return "size"
@@ -121,23 +144,54 @@ class Aggregator:
             return None
         return self.window[0].arrival + self.policy.max_age_s
 
-    def cut(self, trigger: str) -> Batch:
-        """Take the next batch from the head of the window (at least one entry)."""
+    def cut(self, trigger: str, now_ms: int | None = None) -> Batch:
+        """Take the next batch from the head of the window (at least one entry).
+
+        `now_ms` becomes the batch's timestamp. A journaled cut at the head is taken as it
+        was journaled, trigger and timestamp included.
+        """
         p = self.policy
+        self._drop_passed_cuts()
+        replayed = self.replay[0] if self.replay else None
+        limit = None
+        if replayed is not None and self.window and self.window[0].seq >= replayed.first_seq:
+            if self.replay_waits():
+                raise ValueError("a journaled cut is not in the window yet")
+            self.replay.popleft()
+            max_entries, max_bytes, limit = len(self.window), None, replayed.last_seq
+        else:
+            # A fresh cut never takes entries of a journaled one.
+            if replayed is not None:
+                limit = replayed.first_seq - 1
+            max_entries, max_bytes, replayed = p.batch_size, p.max_batch_bytes, None
         taken: list[Buffered] = []
         size = 1
-        while self.window and len(taken) < p.batch_size:
-            cost = _cost(self.window[0])
-            if taken and size + cost > p.max_batch_bytes:
+        while self.window and len(taken) < max_entries:
+            head = self.window[0]
+            if limit is not None and head.seq > limit:
                 break
-            item = self.window.popleft()
+            cost = _cost(head)
+            if taken and max_bytes is not None and size + cost > max_bytes:
+                break
+            self.window.popleft()
             self.window_bytes -= cost
             size += cost
-            taken.append(item)
+            taken.append(head)
         if not taken:
             raise ValueError("cut from an empty window")
         self.inflight_entries += len(taken)
         first = taken[0]
+        if replayed is not None:
+            return Batch(
+                batch_id=replayed.batch_id,
+                trigger=replayed.trigger,
+                entries=[t.data for t in taken],
+                first_seq=first.seq,
+                last_seq=taken[-1].seq,
+                entry_ids=[t.entry_id for t in taken],
+                timestamp_ms=replayed.timestamp_ms,
+                replayed=True,
+            )
         return Batch(
             batch_id=make_batch_id(first.t_ms, first.seq),
             trigger=trigger,
@@ -145,18 +199,31 @@ class Aggregator:
             first_seq=first.seq,
             last_seq=taken[-1].seq,
             entry_ids=[t.entry_id for t in taken],
+            timestamp_ms=now_ms,
         )
 
-    def cut_due(self, now: float) -> list[Batch]:
+    def _drop_passed_cuts(self) -> None:
+        """Forget journaled cuts whose entries are all behind the window (found stored)."""
+        while self.replay and self.replay[0].last_seq < (
+            self.window[0].seq if self.window else self.last_seq_loaded + 1
+        ):
+            self.replay.popleft()
+
+    def cut_due(self, now: float, now_ms: int | None = None) -> list[Batch]:
         batches = []
         while (trigger := self.due(now)) is not None:
-            batches.append(self.cut(trigger))
+            batches.append(self.cut(trigger, now_ms))
         return batches
 
-    def cut_all(self, trigger: str) -> list[Batch]:
+    def cut_all(self, trigger: str, now_ms: int | None = None) -> list[Batch]:
+        """Cut the whole window; a journaled cut still loading stays (it cannot be split)."""
         batches = []
         while self.window:
-            batches.append(self.cut(trigger))
+            self._drop_passed_cuts()
+            head_is_replayed = self.replay and self.window[0].seq >= self.replay[0].first_seq
+            if head_is_replayed and self.replay_waits():
+                break
+            batches.append(self.cut(trigger, now_ms))
         return batches
 
     def stored(self, batch: Batch) -> None:

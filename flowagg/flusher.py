@@ -39,8 +39,9 @@ from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError
 from .failed_format import Delivery, failed_document
 from .fsutil import atomic_write, fsync_dir
 from .layout import Layout
+from .replayed import find_stored
 from .sink import as_completer
-from .storage import Batch, CompletedFiles, encode_batch
+from .storage import Batch, CompletedFiles
 from .supervise import Spawn, plain_thread
 
 log = logging.getLogger("flowagg.flusher")
@@ -112,6 +113,7 @@ class Flusher:
         self.failed_batches = 0
         self.inline_retries = 0
         self.unexpected_errors = 0
+        self.found_at_start = 0
         self._traced: set[str] = set()
         self.outcomes = Outcomes()
 
@@ -167,6 +169,8 @@ class Flusher:
         did not take, and every one after it, go one at a time.
         """
         started = self.clock.monotonic()
+        if run[0].replayed:
+            return self._store_replayed(run, started)
         files = self.completer.files
         if files is None:
             return self._store_each([(batch, None) for batch in run], started)
@@ -181,6 +185,22 @@ class Flusher:
             rest += [(batch, None) for batch in run[len(accepted) + 1 :]]
         return self._store_each(rest, started)
 
+    def _store_replayed(self, run: list[Batch], started: float) -> bool:
+        """Batches rebuilt at start from journaled cuts: stored ones are only reported, the
+        others stored one at a time (a sink may have taken them before the crash)."""
+        for n, batch in enumerate(run):
+            if not batch.replayed:
+                return self._store_run(run[n:])
+            path = find_stored(self.layout, self.clock, batch)
+            if path is not None:
+                self.found_at_start += 1
+                self._on_stored([(batch, path, 0.0)])
+                continue
+            pending = Pending(batch, b"", Delivery(possibly_delivered=self.completer.has_sink()))
+            if not self._store_each([(batch, pending)], started):
+                return False
+        return True
+
     def _store_each(self, items: list[tuple[Batch, Pending | None]], started: float) -> bool:
         for batch, pending in items:
             path = self._store(batch, pending)
@@ -193,7 +213,7 @@ class Flusher:
         """Deliver in order until one is not taken: (the accepted, the first refused)."""
         accepted: list[Pending] = []
         for batch in run:
-            pending = Pending(batch, encode_batch(batch, timestamp_ms=self.clock.now_ms()))
+            pending = Pending(batch, batch.encode(self.clock.now_ms()))
             try:
                 self._inline(self._deliver, batch.batch_id, pending.data, pending.delivery)
             except Exception as exc:
@@ -223,7 +243,7 @@ class Flusher:
 
         def job(batch: Batch) -> Callable[[], Staged]:
             def make() -> Staged:
-                data = fixed.get(batch.batch_id) or encode_batch(batch, timestamp_ms=now_ms)
+                data = fixed.get(batch.batch_id) or batch.encode(now_ms)
                 return stage(batch, files.path(batch.batch_id), files.file_bytes(data))
 
             return make
@@ -328,7 +348,7 @@ class Flusher:
             if failure is None:
                 # What the sink accepted is what gets written: the bytes stay fixed from then on.
                 if delivery.accepted_at is None:
-                    data = encode_batch(batch, timestamp_ms=self.clock.now_ms())
+                    data = batch.encode(self.clock.now_ms())
                 try:
                     written = self._inline(self._attempt, batch.batch_id, data, delivery)
                 except Exception as exc:

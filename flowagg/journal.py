@@ -3,9 +3,9 @@
 The format is in `journal_format`, the start-up scan and the reader in `journal_reader`, the
 group-committing writer in `journal_writer`; this module is their public face.
 
-Batches are published strictly in journal order, so a done record is a cursor. Only the
-batches published after the last durable done record need a look on disk at start (their
-names follow from the journal, see storage.make_batch_id).
+Batches are published strictly in journal order, so a done record is a cursor. Every batch's
+cut is journaled before it leaves the daemon, so a start rebuilds the cuts after the last
+durable done record exactly and looks on disk only for those.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .journal_format import (
     FORMAT_VERSION,
     MAX_RECORD_BYTES,
     MAX_RECORD_ENTRIES,
+    Cut,
     JournalVersionError,
     Position,
     SegmentInfo,
@@ -47,6 +48,7 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "MAX_RECORD_ENTRIES",
     "Append",
+    "Cut",
     "JournalRecord",
     "JournalVersionError",
     "JournalWriter",

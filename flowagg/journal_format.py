@@ -9,7 +9,15 @@ Records:
                                              dedupe); `src` names an adopted spool file, `off`
                                              the byte where this chunk of it ends and `fin`
                                              marks its last chunk (`src` alone: finished)
+  {"k":"c","b":ID,"f":F,"l":L,"g":TRIGGER,"ts":MS}
+                                             the cut: batch ID holds the entries with seqs F..L,
+                                             was cut by TRIGGER and says `timestamp` MS; durable
+                                             before the batch is delivered or written, so a
+                                             restart rebuilds it with the same id and bytes
   {"k":"d","q":Q,"b":ID}                     batch ID holding every entry up to seq Q is stored
+
+Version 2 added cut records. Segments of version 1 hold none: a batch stored from them may
+have been cut anywhere, so a start looks for it by name (published.py), as version 1 did.
 
 A segment closed at rollover gets a summary beside it, `seg-<n>.sum` (one JSON object, written
 atomically after the segment's fsync) so a start need not parse it: see `Summary`.
@@ -26,7 +34,9 @@ import orjson
 
 from .fsutil import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The first version that journals every cut before its batch leaves the daemon.
+CUTS_VERSION = 2
 # One add record stays small: the reader loads records whole, never parses one twice, and a
 # record larger than the memory window is only loaded into an empty window.
 MAX_RECORD_ENTRIES = 1000
@@ -122,6 +132,36 @@ def split_add(
     return pieces
 
 
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """Where a batch ends, journaled before the batch is delivered or written."""
+
+    batch_id: str
+    first_seq: int
+    last_seq: int
+    trigger: str
+    timestamp_ms: int
+
+
+def encode_cut(cut: Cut) -> bytes:
+    return frame(
+        orjson.dumps(
+            {
+                "k": "c",
+                "b": cut.batch_id,
+                "f": cut.first_seq,
+                "l": cut.last_seq,
+                "g": cut.trigger,
+                "ts": cut.timestamp_ms,
+            }
+        )
+    )
+
+
+def decode_cut(record: dict[str, Any]) -> Cut:
+    return Cut(record["b"], record["f"], record["l"], record["g"], record["ts"])
+
+
 SpoolProgress = dict[str, tuple[int, bool]]  # adopted name -> (journaled end, finished)
 
 
@@ -149,11 +189,13 @@ class SegmentInfo:
     last_seq: int = 0
     max_t: int = 0
     done_seq: int = 0  # the highest done record in this segment
+    cut_seq: int = 0  # the last seq of the highest cut record in this segment
+    version: int = FORMAT_VERSION  # its header's
     sources: SpoolProgress = dataclasses.field(default_factory=dict)  # spool files it names
     records: int = 0
 
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 SUMMARY_SUFFIX = ".sum"
 
 
@@ -164,9 +206,9 @@ def summary_path(segment: Path) -> Path:
 def write_summary(info: SegmentInfo, next_seq: int) -> None:
     """Describe a closed, fsync'd segment so a start can skip parsing it.
 
-    {"v":1,"size":BYTES,"lastSeq":Q,"nextSeq":S,"maxT":MS,"doneSeq":D,
-     "sources":{NAME:[END,FINISHED]},"records":N}: `size` must match the segment, or the
-    summary is not trusted.
+    {"v":2,"size":BYTES,"lastSeq":Q,"nextSeq":S,"maxT":MS,"doneSeq":D,"cutSeq":C,
+     "journalVersion":V,"sources":{NAME:[END,FINISHED]},"records":N}: `size` must match the
+    segment, or the summary is not trusted.
     """
     doc = {
         "v": SUMMARY_VERSION,
@@ -175,6 +217,8 @@ def write_summary(info: SegmentInfo, next_seq: int) -> None:
         "nextSeq": next_seq,
         "maxT": info.max_t,
         "doneSeq": info.done_seq,
+        "cutSeq": info.cut_seq,
+        "journalVersion": info.version,
         "sources": {name: list(progress) for name, progress in sorted(info.sources.items())},
         "records": info.records,
     }
@@ -199,6 +243,8 @@ def read_summary(segment: Path) -> tuple[SegmentInfo, int] | None:
             last_seq=int(doc["lastSeq"]),
             max_t=int(doc["maxT"]),
             done_seq=int(doc["doneSeq"]),
+            cut_seq=int(doc["cutSeq"]),
+            version=int(doc["journalVersion"]),
             sources={
                 str(name): (int(end), bool(done)) for name, (end, done) in doc["sources"].items()
             },

@@ -12,11 +12,14 @@ from typing import Any
 from .dedupe import DedupeIndex
 from .fsutil import quarantine_bytes
 from .journal_format import (
+    CUTS_VERSION,
     FORMAT_VERSION,
+    Cut,
     JournalVersionError,
     Position,
     SegmentInfo,
     SpoolProgress,
+    decode_cut,
     list_segments,
     note_spool_chunk,
     read_summary,
@@ -40,6 +43,11 @@ class ScanResult:
     spool_sources: SpoolProgress
     quarantined: list[Path]
     clean_tail: bool = True  # False: the last segment ends in bytes that are not a record
+    # Journaled cuts not yet covered by the done cursor, by first seq: rebuilt exactly.
+    cuts: list[Cut] = dataclasses.field(default_factory=list)
+    # Backlog entries up to this seq lie in segments older than cut records: batches made
+    # of them may be stored without a cut on record (see published.py).
+    uncut_until: int = 0
 
 
 def scan(
@@ -79,7 +87,7 @@ def scan(
         if summary is not None:
             info, next_seq = summary
             holds_ids = info.last_seq > dedupe.checkpoint and info.max_t >= horizon
-            if info.last_seq <= done_seq and not holds_ids:
+            if max(info.last_seq, info.cut_seq) <= done_seq and not holds_ids:
                 state.skip(info, next_seq)
                 continue
         state.parse(path, is_last=index == len(paths) - 1)
@@ -116,6 +124,8 @@ class _Scan:
         self.backlog: Position | None = None
         self.backlog_entries = 0
         self.backlog_bytes = 0
+        self.cuts: dict[int, Cut] = {}
+        self.uncut_until = 0
 
     def skip(self, info: SegmentInfo, next_seq: int) -> None:
         """Take a summarized segment as it describes itself."""
@@ -127,7 +137,8 @@ class _Scan:
             self.dedupe.add([], info.max_t, info.last_seq)  # all its client ids have expired
 
     def parse(self, path: Path, *, is_last: bool) -> None:
-        info = SegmentInfo(number=segment_number(path), path=path)
+        # Until its header is read, a segment is taken for the oldest kind.
+        info = SegmentInfo(number=segment_number(path), path=path, version=1)
         bad_from: int | None = None
         offset = 0
         with path.open("rb") as fh:
@@ -179,11 +190,19 @@ class _Scan:
                 note_spool_chunk(info.sources, record["src"], off, fin)
                 note_spool_chunk(self.spool_sources, record["src"], off, fin)
             if last >= first and last > self.done_seq:  # a spool file with no valid entry has none
+                if info.version < CUTS_VERSION:
+                    self.uncut_until = max(self.uncut_until, last)
                 if self.backlog is None:
                     self.backlog = Position(info.number, offset)
                 pending = last - max(first - 1, self.done_seq)
                 self.backlog_entries += pending
                 self.backlog_bytes += size * pending // (last - first + 1)
+        elif kind == "c":
+            cut = decode_cut(record)
+            info.cut_seq = max(info.cut_seq, cut.last_seq)
+            if cut.last_seq > self.done_seq:
+                # A cut journaled again after a failed write is the same cut.
+                self.cuts[cut.first_seq] = cut
         elif kind == "d":
             info.done_seq = max(info.done_seq, record["q"])
         elif kind == "h":
@@ -193,6 +212,7 @@ class _Scan:
                     f" than this flowagg ({FORMAT_VERSION}); upgrade flowagg"
                 )
             self.next_seq = max(self.next_seq, record["seq"])
+            info.version = record.get("v", 1)
 
     def _quarantine(self, path: Path, start: int, end: int, what: str) -> bool:
         return _quarantine_range(
@@ -211,6 +231,8 @@ class _Scan:
             spool_sources=self.spool_sources,
             quarantined=self.quarantined,
             clean_tail=self.clean_tail,
+            cuts=[self.cuts[first] for first in sorted(self.cuts)],
+            uncut_until=self.uncut_until,
         )
 
 

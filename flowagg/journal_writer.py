@@ -21,9 +21,11 @@ from .journal_format import (
     FORMAT_VERSION,
     MAX_RECORD_BYTES,
     MAX_RECORD_ENTRIES,
+    Cut,
     Position,
     SegmentInfo,
     encode_add,
+    encode_cut,
     frame,
     note_spool_chunk,
     segment_name,
@@ -44,6 +46,7 @@ class Append:
     count: int = 0
     max_t: int = 0
     done_seq: int = 0
+    cut_seq: int = 0
     src: str | None = None
     off: int | None = None
     fin: bool = False
@@ -74,7 +77,11 @@ class JournalWriter:
         self._stopping = False
         self._broken: BaseException | None = None
         self._fd: int | None = None
-        self._need_new_segment = not self.segments or not clean_tail
+        # Version 2 records go to a version 2 segment: a start reads a segment's version to
+        # know whether its batches were cut on the record.
+        self._need_new_segment = (
+            not self.segments or not clean_tail or self.segments[-1].version < FORMAT_VERSION
+        )
         last = self.segments[-1] if self.segments else None
         self.durable = Position(last.number, last.size) if last else Position(0, 0)
         self.entries_written = 0
@@ -131,6 +138,16 @@ class JournalWriter:
                 )
             self._cond.notify()
         return first
+
+    def append_cut(
+        self, cut: Cut, callback: Callable[[BaseException | None, Position], None]
+    ) -> None:
+        """Queue a cut; `callback` runs once it is durable (or not). Raises when broken."""
+        with self._cond:
+            if self._broken is not None:
+                raise self._broken
+            self._queue.append(Append(encode_cut(cut), callback, cut_seq=cut.last_seq))
+            self._cond.notify()
 
     def append_done(self, last_seq: int, batch_id: str) -> None:
         payload = orjson.dumps({"k": "d", "q": last_seq, "b": batch_id})
@@ -259,6 +276,8 @@ class JournalWriter:
                 seg.last_seq = max(seg.last_seq, append.first_seq + append.count - 1)
                 seg.max_t = max(seg.max_t, append.max_t)
                 self.entries_written += append.count
+            if append.cut_seq:
+                seg.cut_seq = max(seg.cut_seq, append.cut_seq)
             if append.done_seq:
                 self._unsynced_done_seq = max(self._unsynced_done_seq, append.done_seq)
                 seg.done_seq = max(seg.done_seq, append.done_seq)
@@ -297,7 +316,8 @@ class JournalWriter:
         with self._cond:
             candidates = self.segments[:-1]
         for seg in candidates:
-            if seg.last_seq <= done_seq and seg.max_t < horizon_ms:
+            # A segment's cut records name batches as much as its entries do.
+            if max(seg.last_seq, seg.cut_seq) <= done_seq and seg.max_t < horizon_ms:
                 # The summary first: a segment left without one is only parsed at the next start.
                 summary_path(seg.path).unlink(missing_ok=True)
                 seg.path.unlink(missing_ok=True)

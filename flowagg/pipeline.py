@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,11 @@ from .config import Config
 from .dedupe import DedupeIndex
 from .entries import EntryError, validate_entry_json
 from .flusher import Flusher, Stored
-from .fsutil import is_disk_full
+from .fsutil import fsync_dir, is_disk_full
 from .journal import (
     MAX_RECORD_ENTRIES,
     Append,
+    Cut,
     JournalWriter,
     Position,
     ScanResult,
@@ -52,6 +53,7 @@ SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
 # Rejections listed in a reply; the rest are only counted (`rejectedCount`).
 MAX_LISTED_REJECTIONS = 100
 DEDUPE_SAVE_INTERVAL_S = 600.0
+CUT_RETRY_S = 1.0  # a cut whose journal write failed is journaled again after this
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
 
 
@@ -95,6 +97,9 @@ class Pipeline:
         self.flush_latency = LatencySamples(LATENCY_SAMPLES)
         self.last_journal_error: str | None = None
         self._batch_waiters: dict[str, asyncio.Future[None]] = {}
+        # Cut batches in cut order, held until their cut is durable, then handed on in order.
+        self._cuts: deque[Batch] = deque()
+        self._durable_cuts: set[str] = set()
         self._age_timer: asyncio.TimerHandle | None = None
         self._space_waiters: list[asyncio.Future[None]] = []
         self._dedupe_saved_at = clock.monotonic()
@@ -102,6 +107,7 @@ class Pipeline:
 
     # -- start ------------------------------------------------------------------------------
     def start(self, scan: ScanResult) -> None:
+        self._sync_folders()
         self.dedupe = scan.dedupe
         self.window_clock = WindowClock(
             self.clock, max((s.max_t for s in scan.segments), default=0)
@@ -112,6 +118,7 @@ class Pipeline:
         self.last_acked_seq = scan.next_seq - 1
         self.aggregator.last_seq_loaded = scan.done_seq
         self.aggregator.acknowledge(scan.backlog_entries, scan.backlog_bytes)
+        self.aggregator.replay.extend(scan.cuts)
         self.writer = JournalWriter(
             self.layout.journal,
             segments=scan.segments,
@@ -125,12 +132,22 @@ class Pipeline:
         self.writer.start()
         if scan.backlog is not None:
             self.spill.resume_at(scan.backlog)
-            skipped, done_seq = skip_published(
-                self.layout, self.clock, self.aggregator, scan.backlog, self.writer.append_done
+            # Only what an older flowagg journaled without cuts is looked for by name.
+            uncut_until = min(
+                scan.uncut_until, scan.cuts[0].first_seq - 1 if scan.cuts else scan.uncut_until
             )
-            if skipped:
-                self.done_seq = done_seq
-                self.counters["batchesFoundAtStart"] += skipped
+            if uncut_until > scan.done_seq:
+                skipped, done_seq = skip_published(
+                    self.layout,
+                    self.clock,
+                    self.aggregator,
+                    scan.backlog,
+                    self.writer.append_done,
+                    until_seq=uncut_until,
+                )
+                if skipped:
+                    self.done_seq = done_seq
+                    self.counters["batchesFoundAtStart"] += skipped
         self.flusher = Flusher(
             self.layout,
             self.clock,
@@ -143,6 +160,24 @@ class Pipeline:
         )
         self.flusher.start()
         self._refill()
+
+    def _sync_folders(self) -> None:
+        """Make the previous run's renames durable before anything relies on them.
+
+        A kill between a rename and its directory fsync leaves a name that a power cut may
+        still take; the done records, journal progress and deletions this run writes about
+        such a file must not outlive it.
+        """
+        layout = self.layout
+        for directory in (
+            layout.aggregated,
+            layout.recovery,
+            layout.abandoned,
+            layout.errors,
+            layout.inbox,
+            layout.journal_spool,
+        ):
+            fsync_dir(directory)
 
     def reconfigure(self, config: Config) -> None:
         """Apply reloaded flush settings; the buffer is kept and re-checked at once."""
@@ -293,6 +328,12 @@ class Pipeline:
         self._refill()
 
     @property
+    def batches_found_at_start(self) -> int:
+        """Batches a start found stored, not yet marked done: written again would be twice."""
+        found = self.flusher.found_at_start if self.flusher is not None else 0
+        return self.counters["batchesFoundAtStart"] + found
+
+    @property
     def spilled(self) -> bool:
         return self.spill.spilled
 
@@ -301,11 +342,16 @@ class Pipeline:
         stored batch), then check the triggers."""
         if self.writer is not None:
             self.spill.refill(self.aggregator, self.writer, self.clock.monotonic())
+            if self.aggregator.replay_waits() and not self.spill.spilled:
+                # Every durable record is loaded, yet a journaled cut lacks entries: they were
+                # in a record damaged since and quarantined. What is left is cut anew.
+                cut = self.aggregator.replay.popleft()
+                log.error("journaled batch %s lost entries to a damaged record", cut.batch_id)
         self._check_triggers()
 
     # -- flushing ---------------------------------------------------------------------------
     def _check_triggers(self) -> None:
-        for batch in self.aggregator.cut_due(self.clock.monotonic()):
+        for batch in self.aggregator.cut_due(self.clock.monotonic(), self.clock.now_ms()):
             self._submit(batch)
         self._arm_age_timer()
 
@@ -319,11 +365,54 @@ class Pipeline:
             self._age_timer = self.loop.call_later(delay, self._check_triggers)
 
     def _submit(self, batch: Batch) -> asyncio.Future[None]:
-        assert self.flusher is not None
+        """Journal the batch's cut; the flusher gets it once the cut is durable, in order.
+
+        A batch rebuilt from a journaled cut is durable already.
+        """
         waiter: asyncio.Future[None] = self.loop.create_future()
         self._batch_waiters[batch.batch_id] = waiter
-        self.flusher.submit(batch)
+        self._cuts.append(batch)
+        if batch.replayed:
+            self._durable_cuts.add(batch.batch_id)
+            self._hand_over()
+        else:
+            self._journal_cut(batch)
         return waiter
+
+    def _journal_cut(self, batch: Batch) -> None:
+        assert self.writer is not None and batch.timestamp_ms is not None
+        cut = Cut(
+            batch.batch_id, batch.first_seq, batch.last_seq, batch.trigger, batch.timestamp_ms
+        )
+
+        def durable(error: BaseException | None, _after: Position) -> None:
+            if error is None:
+                self._durable_cuts.add(batch.batch_id)
+                self._hand_over()
+            else:
+                self._cut_failed(batch, error)
+
+        try:
+            self.writer.append_cut(cut, durable)
+        except OSError as exc:
+            self._cut_failed(batch, exc)
+
+    def _cut_failed(self, batch: Batch, error: BaseException) -> None:
+        """The batch stays cut and waits (its entries are journaled); its cut is retried.
+
+        The batches behind it wait too: batches are stored in cut order.
+        """
+        self.last_journal_error = f"{type(error).__name__}: {error}"
+        self.counters["journalErrors"] += 1
+        log.error("cannot journal the cut of batch %s (%s); retrying", batch.batch_id, error)
+        self.loop.call_later(CUT_RETRY_S, self._journal_cut, batch)
+
+    def _hand_over(self) -> None:
+        assert self.flusher is not None
+        while self._cuts and self._cuts[0].batch_id in self._durable_cuts:
+            batch = self._cuts.popleft()
+            self._durable_cuts.discard(batch.batch_id)
+            self.flusher.submit(batch)
 
     def _batches_stored(self, stored: list[Stored]) -> None:
         """Batches reached disk, in order: one done record for the last covers them all."""
@@ -364,7 +453,7 @@ class Pipeline:
         target = self.last_acked_seq if include_disk else self.aggregator.last_seq_loaded
         batches, entries = self.stored_batches, self.stored_entries
         while self.done_seq < target:
-            for batch in self.aggregator.cut_all(trigger):
+            for batch in self.aggregator.cut_all(trigger, self.clock.now_ms()):
                 self._submit(batch)
             pending = list(self._batch_waiters.values())
             if pending:

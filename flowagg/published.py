@@ -1,4 +1,9 @@
-"""At start: batches stored after the last durable done record need no second write."""
+"""At start, for journals an older flowagg wrote: batches stored without a journaled cut.
+
+Version 1 journals hold no cut records, so where such a batch ended is guessed from the
+files found. Journals of version 2 never need this: every batch's cut is on record before
+the batch leaves the daemon, and a start rebuilds exactly those (aggregator.replay).
+"""
 
 from __future__ import annotations
 
@@ -31,12 +36,15 @@ def skip_published(
     aggregator: Aggregator,
     start: Position,
     append_done: Callable[[int, str], None],
+    *,
+    until_seq: int,
 ) -> tuple[int, int]:
     """Find batches stored after the last durable done record; their entries are done.
 
     Batch ids follow from the journal (first entry's arrival ms and seq), so each check is
     one lookup by name. A stored batch found here is trusted only if its entryIds are
-    exactly the next entries of the journal. Returns (batches found, last seq they hold).
+    exactly the next entries of the journal. Only entries up to `until_seq` (those no cut
+    covers) are looked at. Returns (batches found, last seq they hold).
     """
     skipped = 0
     done_seq = 0
@@ -51,9 +59,12 @@ def skip_published(
             if record is None:
                 exhausted = True
                 return
+            if record.first_seq > until_seq:
+                exhausted = True
+                return
             for i, entry in enumerate(record.entries):
                 seq = record.first_seq + i
-                if seq > aggregator.last_seq_loaded:
+                if aggregator.last_seq_loaded < seq <= until_seq:
                     pending.append((seq, record.t_ms, entry["entryId"]))
 
     while True:

@@ -45,8 +45,10 @@ class Spill:
 
     @staticmethod
     def _fits(aggregator: Aggregator, count: int) -> bool:
-        return aggregator.room() >= count or (
-            not aggregator.window and not aggregator.inflight_entries
+        return (
+            aggregator.room() >= count
+            or (not aggregator.window and not aggregator.inflight_entries)
+            or aggregator.replay_waits()
         )
 
     def refill(self, aggregator: Aggregator, writer: JournalWriter, arrival: float) -> None:

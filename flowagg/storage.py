@@ -42,10 +42,19 @@ class Batch:
     first_seq: int
     last_seq: int
     entry_ids: list[str]
+    # The batch's `timestamp`, fixed with its cut so that every copy has the same bytes
+    # (None: taken when it is encoded, for batches made outside the pipeline).
+    timestamp_ms: int | None = None
+    # Rebuilt at start from a journaled cut: it may already be stored, so look first.
+    replayed: bool = False
 
     @property
     def count(self) -> int:
         return len(self.entries)
+
+    def encode(self, now_ms: int) -> bytes:
+        stamp = self.timestamp_ms if self.timestamp_ms is not None else now_ms
+        return encode_batch(self, timestamp_ms=stamp)
 
 
 def entries_array(entries: list[bytes]) -> bytes:

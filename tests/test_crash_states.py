@@ -129,10 +129,11 @@ def test_adopted_spool_file_without_journal_record_is_ingested_at_start(root: Pa
 def test_damaged_stored_batch_is_quarantined_and_rebuilt_from_the_journal(root: Path) -> None:
     daemon = start_daemon(root, SETTINGS)
     add(root, [entry(i, entryId=f"d{i}") for i in range(5)])
-    daemon.kill()
     layout = Layout(root)
+    # The size trigger fired; the batch is written off the ack path, so wait for it.
+    [batch] = wait_for(lambda: iter_batch_files(layout))
+    daemon.kill()
     strip_done_records(layout)
-    [batch] = iter_batch_files(layout)
     batch.write_bytes(batch.read_bytes()[:-40])  # damaged after the crash
     daemon = start_daemon(root, SETTINGS)
     assert cli(root, "flush").returncode == 0

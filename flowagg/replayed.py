@@ -1,0 +1,49 @@
+"""At start: is a batch rebuilt from its journaled cut stored already?
+
+A cut is journaled before its batch is delivered or written, so after a crash the batch may
+lie on disk under its id (written, not yet marked done), or not (a hole: never written, or a
+rename a power cut took). Found whole, it counts as stored; a copy that is damaged or holds
+other entries is moved to errors/ and the batch written again under its own id, from its own
+cut, with the same bytes. Batches after a hole stay where they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .clock import Clock
+from .formats import NewerFormatError
+from .fsutil import quarantine_file
+from .layout import Layout
+from .storage import Batch, CorruptBatch, existing_locations, read_batch
+
+log = logging.getLogger("flowagg.flusher")
+
+
+def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
+    """Where the batch is stored whole, or None after moving every bad copy aside."""
+    for path in existing_locations(layout, batch.batch_id):
+        try:
+            ids = [entry["entryId"] for entry in read_batch(path)["entries"]]
+        except NewerFormatError:
+            # A newer flowagg stored this batch: writing it again would replace its file.
+            log.warning("batch %s: %s is of a newer format; taken as stored", batch.batch_id, path)
+            return path
+        except (CorruptBatch, OSError, KeyError, TypeError) as exc:
+            reason = f"stored batch unreadable ({exc}); written again from its journaled cut"
+        else:
+            if ids == batch.entry_ids:
+                log.info("batch %s was stored before the last stop", batch.batch_id)
+                return path
+            reason = "stored batch does not hold the entries its journaled cut names"
+        log.error("batch %s: %s: %s", batch.batch_id, path.name, reason)
+        try:
+            quarantine_file(
+                layout.errors, path, reason=reason, component="startup", now_ms=clock.now_ms()
+            )
+        except OSError as exc:
+            # Left in place: the copy in aggregated/ is replaced by the new write; recovery
+            # quarantines a bad failed file itself when it reads it.
+            log.error("batch %s: cannot move %s aside (%s)", batch.batch_id, path.name, exc)
+    return None
