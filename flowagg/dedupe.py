@@ -17,7 +17,6 @@ simply rebuilt from the journal (it is derived data, so it is never refused).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import sqlite3
 import threading
@@ -25,17 +24,15 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import orjson
 
+from .dedupe_filter import BITS_PER_ID, CHUNK, Filter, hash_id, inflate, merge
 from .fsutil import atomic_write_chunks, remove_stale_temps
 
 log = logging.getLogger("flowagg.dedupe")
 
 FORMAT_VERSION = 1
-BITS_PER_ID = 10
-PROBES = 7
 # Ids handed to the SQLite thread but not committed; past this the producer waits for it.
 MAX_QUEUED = 10_000
 # Records without client ids only move the checkpoint: committing it (several fsyncs on a
@@ -43,68 +40,8 @@ MAX_QUEUED = 10_000
 # and costs a start after kill -9 at most this much more replay.
 CHECKPOINT_ONLY_INTERVAL_S = 1.0
 FILTER_NAME = "filter.bin"
-CHUNK = 1 << 20
 MAX_FILTERS = 2
 DB_NAME = "index.sqlite"
-
-
-def _hash(entry_id: str) -> tuple[int, int]:
-    digest = hashlib.blake2b(entry_id.encode(), digest_size=16).digest()
-    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
-
-
-def _mask(h2: int) -> int:
-    mask = 0
-    for _ in range(PROBES):
-        mask |= 1 << (h2 & 63)
-        h2 >>= 6
-    return mask
-
-
-def _inflate(fh: BinaryIO, bufs: list[bytearray]) -> None:
-    """Decompress the rest of `fh` into `bufs`, one after the other, exactly filling them."""
-    unpacker = zlib.decompressobj()
-    pending = b""
-    for buf in bufs:
-        view = memoryview(buf)
-        at = 0
-        while at < len(view):
-            if not pending:
-                pending = fh.read(CHUNK)
-                if not pending:
-                    raise ValueError("damaged: shorter than its header says")
-            out = unpacker.decompress(pending, len(view) - at)
-            pending = unpacker.unconsumed_tail
-            view[at : at + len(out)] = out
-            at += len(out)
-    if unpacker.decompress(pending + fh.read()) or not unpacker.eof:
-        raise ValueError("damaged: longer than its header says, or cut short")
-
-
-def _merge(src: Filter, dst: Filter) -> None:
-    """OR `src` into `dst`, a chunk at a time (no whole-filter temporaries)."""
-    a = memoryview(src.buf)
-    b = memoryview(dst.buf)
-    for at in range(0, len(a), CHUNK):
-        n = len(a[at : at + CHUNK])
-        x = int.from_bytes(a[at : at + n], "little") | int.from_bytes(b[at : at + n], "little")
-        b[at : at + n] = x.to_bytes(n, "little")
-
-
-class Filter:
-    """A Bloom filter whose probes for one id all fall in one 64-bit word (one memory read)."""
-
-    def __init__(self, words: int, buf: bytearray | None = None) -> None:
-        self.buf = buf if buf is not None else bytearray(words * 8)
-        self.words = memoryview(self.buf).cast("Q")
-
-    def add(self, h1: int, h2: int) -> None:
-        i = h1 % len(self.words)
-        self.words[i] |= _mask(h2)
-
-    def __contains__(self, hashes: tuple[int, int]) -> bool:
-        mask = _mask(hashes[1])
-        return self.words[hashes[0] % len(self.words)] & mask == mask
 
 
 class DedupeIndex:
@@ -208,7 +145,7 @@ class DedupeIndex:
                 ):
                     raise ValueError("written with other settings or by another version")
                 bufs = [bytearray(size) for _ in head["gens"]]
-                _inflate(fh, bufs)  # zlib checks its adler32
+                inflate(fh, bufs)  # zlib checks its adler32
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, KeyError, TypeError, zlib.error) as exc:
@@ -286,7 +223,7 @@ class DedupeIndex:
             self.gens.add(gen)
             flt = self.filters.get(gen) or self._new_filter(gen)
             for entry_id in ids:
-                flt.add(*_hash(entry_id))
+                flt.add(*hash_id(entry_id))
                 self.recent[entry_id] = t_ms
         with self._cond:
             self.seq = max(self.seq, last_seq)
@@ -316,7 +253,7 @@ class DedupeIndex:
             flt = self.filters[gen] = Filter(self.words)
             while len(self.filters) > MAX_FILTERS:
                 older, newer = sorted(self.filters)[:2]
-                _merge(self.filters.pop(older), self.filters[newer])
+                merge(self.filters.pop(older), self.filters[newer])
         return flt
 
     def contains(self, entry_id: str, now_ms: int) -> bool:
@@ -327,7 +264,7 @@ class DedupeIndex:
         t = self.recent.get(entry_id)
         if t is not None:
             return t >= horizon
-        hashes = _hash(entry_id)
+        hashes = hash_id(entry_id)
         low = self.generation(max(0, horizon))
         if not any(hashes in f for g, f in list(self.filters.items()) if g >= low):
             return False
