@@ -5,6 +5,8 @@ has a one-word-blocked Bloom filter of `dedupeMaxIds` x 10 bits, and at most two
 are alive. A filter miss is a certain "new"; a hit is checked against an SQLite table per
 generation (`<root>/journal/dedupe/index.sqlite`, id → arrival ms) with the exact window, so a
 false positive never drops an entry. Ids not yet committed to SQLite stay in `recent`.
+The loop thread answers from memory (`check`); the rare filter hits are confirmed in SQLite on
+a lookup thread (`confirm`), which answers LookupBusy rather than guess when SQLite cannot.
 
 The journal is the truth: the index is written off the ack path, in grouped commits (a
 rollback journal with synchronous=FULL keeps it consistent across a power cut, perhaps a
@@ -22,7 +24,8 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -42,6 +45,15 @@ CHECKPOINT_ONLY_INTERVAL_S = 1.0
 FILTER_NAME = "filter.bin"
 MAX_FILTERS = 2
 DB_NAME = "index.sqlite"
+# How long a lookup waits for a lock on the index before the add is answered busy: a commit
+# holds it for a few fsyncs; anything longer is someone else's lock, and the client retries.
+LOOKUP_BUSY_TIMEOUT_S = 1.0
+# Ids per SELECT ... IN (...): under SQLite's oldest bound on parameters (999).
+LOOKUP_CHUNK = 500
+
+
+class LookupBusy(Exception):
+    """SQLite could not answer (locked, unreadable): the id is neither new nor a duplicate."""
 
 
 class DedupeIndex:
@@ -52,6 +64,9 @@ class DedupeIndex:
         # generation -> filter; at most MAX_FILTERS: a filter may also hold older generations
         self.filters: dict[int, Filter] = {}
         self.gens: set[int] = set()  # generations with a table in SQLite
+        # The tables the SQLite thread has committed, as it records them: a lookup that finds
+        # one of these missing could not read the schema, which is not "never stored".
+        self._tables: frozenset[int] = frozenset()
         self._expired_below = 0
         self.recent: dict[str, int] = {}  # handed to SQLite, not yet committed: id -> t
         self.seq = 0  # every client id of a journal record up to this seq is in the filter
@@ -70,6 +85,9 @@ class DedupeIndex:
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._thread = threading.Thread(target=self._run, name="dedupe-index", daemon=True)
+        # One thread owns the reader connection; lookups queue behind each other.
+        self._lookups = ThreadPoolExecutor(1, thread_name_prefix="dedupe-lookup")
+        self._busy_at = float("-inf")  # when a lookup last found the index locked (monotonic)
 
     # -- open / close -----------------------------------------------------------------------
     def open(self) -> None:
@@ -85,9 +103,9 @@ class DedupeIndex:
         self.seq = self.checkpoint
         self._thread.start()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, timeout: float = 30.0) -> sqlite3.Connection:
         db = sqlite3.connect(
-            self.directory / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30
+            self.directory / DB_NAME, isolation_level=None, check_same_thread=False, timeout=timeout
         )
         # A rollback journal, not WAL: WAL maps a shared-memory file, which FUSE file systems
         # handle badly (LazyFS crashed under it in the power-loss test). PERSIST ends a commit
@@ -111,13 +129,14 @@ class DedupeIndex:
 
     def _try_open_db(self) -> int:
         db = self._db = self._connect()
-        self._reader = self._connect()
+        self._reader = self._connect(LOOKUP_BUSY_TIMEOUT_S)
         db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
         meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
         if meta.get("version") == FORMAT_VERSION and meta.get("windowMs") == self.window_ms:
             for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'"):
                 if name.startswith("g_"):
                     self.gens.add(int(name[2:]))
+            self._tables = frozenset(self.gens)
             return int(meta.get("seq", 0))
         # Another layout or window: generations would not line up, so start over.
         db.execute("BEGIN")
@@ -193,6 +212,7 @@ class DedupeIndex:
                 self._stopping = True
                 self._cond.notify_all()
             self._thread.join()
+        self._lookups.shutdown(wait=True)
         try:
             self.save()
         except OSError as exc:
@@ -257,7 +277,15 @@ class DedupeIndex:
         return flt
 
     def contains(self, entry_id: str, now_ms: int) -> bool:
-        """Was `entry_id` accepted within the window before `now_ms`?"""
+        """Was `entry_id` accepted within the window before `now_ms`? (Blocks on SQLite.)"""
+        known = self.check(entry_id, now_ms)
+        if known is None:
+            return entry_id in self.confirm([entry_id], now_ms, self.live_gens(now_ms))
+        return known
+
+    def check(self, entry_id: str, now_ms: int) -> bool | None:
+        """From memory only: True accepted within the window, False never (or expired),
+        None when only SQLite can tell (a filter hit: `confirm` it off the loop)."""
         if self.window_ms <= 0:
             return False
         horizon = now_ms - self.window_ms
@@ -266,26 +294,60 @@ class DedupeIndex:
             return t >= horizon
         hashes = hash_id(entry_id)
         low = self.generation(max(0, horizon))
-        if not any(hashes in f for g, f in list(self.filters.items()) if g >= low):
-            return False
-        for gen in sorted(self.gens, reverse=True):
-            if gen >= low:
-                t = self._lookup(gen, entry_id)
-                if t is not None:
-                    return t >= horizon
+        if any(hashes in f for g, f in list(self.filters.items()) if g >= low):
+            return None
         return False
 
-    def _lookup(self, gen: int, entry_id: str) -> int | None:
+    def live_gens(self, now_ms: int) -> list[int]:
+        """The generations a lookup at `now_ms` reads, newest first (taken on the loop thread)."""
+        low = self.generation(max(0, now_ms - self.window_ms))
+        return sorted((g for g in self.gens if g >= low), reverse=True)
+
+    def confirm_later(self, ids: list[str], now_ms: int) -> Future[set[str]]:
+        """`confirm` on the lookup thread; the loop awaits the future."""
+        return self._lookups.submit(
+            self.confirm, ids, now_ms, self.live_gens(now_ms), time.monotonic()
+        )
+
+    def confirm(
+        self, ids: Iterable[str], now_ms: int, gens: list[int], asked_at: float | None = None
+    ) -> set[str]:
+        """Those of `ids` that SQLite holds within the window; LookupBusy when it cannot say.
+
+        `ids` are ones `check` left open: not in `recent` when it looked, so a table missing
+        from SQLite that the SQLite thread never committed holds none of them.
+        """
+        if asked_at is not None and self._busy_at > asked_at:
+            # Queued behind a lookup that found the index locked: each waiting its own busy
+            # timeout in turn would hold the last request for the sum of them.
+            raise LookupBusy("the dedupe index was locked while this lookup waited")
+        horizon = now_ms - self.window_ms
+        open_ids = list(ids)
+        found: set[str] = set()
+        for gen in gens:  # newest first: an id is stored again only once it has expired
+            if not open_ids:
+                break
+            times = self._select(gen, open_ids)
+            found.update(i for i, t in times.items() if t >= horizon)
+            open_ids = [i for i in open_ids if i not in times]
+        return found
+
+    def _select(self, gen: int, ids: list[str]) -> dict[str, int]:
         assert self._reader is not None
+        times: dict[str, int] = {}
         try:
-            row = self._reader.execute(
-                f"SELECT t FROM g_{gen} WHERE id = ?", (entry_id,)
-            ).fetchone()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return None  # the generation's first ids are still in `recent`
-            raise
-        return None if row is None else int(row[0])
+            for at in range(0, len(ids), LOOKUP_CHUNK):
+                chunk = ids[at : at + LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT id, t FROM g_{gen} WHERE id IN ({marks})"
+                times.update((i, int(t)) for i, t in self._reader.execute(query, chunk))
+        except sqlite3.Error as exc:
+            if "no such table" in str(exc) and gen not in self._tables:
+                return {}  # not committed yet: the generation's ids are still in `recent`
+            self._busy_at = time.monotonic()
+            log.warning("dedupe index lookup failed (%s); adds with remembered ids wait", exc)
+            raise LookupBusy(str(exc)) from exc
+        return times
 
     def expire(self, now_ms: int) -> int:
         """Drop the generations wholly older than the window; returns how many."""
@@ -363,9 +425,10 @@ class DedupeIndex:
             }
             if drops:
                 below = max(drops)
-                for name in tables:
+                for name in sorted(tables):
                     if name.startswith("g_") and int(name[2:]) < below:
                         db.execute(f"DROP TABLE {name}")
+                        tables.discard(name)
             seq = self._held_seq
             for gen, last_seq, rows in group:
                 seq = max(seq, last_seq)
@@ -382,6 +445,8 @@ class DedupeIndex:
             if seq:
                 db.execute("UPDATE meta SET v = max(v, ?) WHERE k = 'seq'", (seq,))
             db.execute("COMMIT")
+            # Before the committed ids leave `recent` (see `_select`).
+            self._tables = frozenset(int(n[2:]) for n in tables if n.startswith("g_"))
             self._held_seq = 0
             self._checkpoint_saved_at = time.monotonic()
         except BaseException:
