@@ -24,13 +24,13 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
 
-from .dedupe_filter import BITS_PER_ID, CHUNK, Filter, hash_id, inflate, merge
+from .dedupe_filter import BITS_PER_ID, Filter, filter_chunks, hash_id, merge, read_filters
 from .fsutil import atomic_write_chunks, remove_stale_temps
 
 log = logging.getLogger("flowagg.dedupe")
@@ -153,7 +153,6 @@ class DedupeIndex:
 
     def _load_filter(self) -> int:
         path = self.directory / FILTER_NAME
-        size = self.words * 8
         try:
             with path.open("rb") as fh:
                 head = orjson.loads(fh.readline())
@@ -163,15 +162,13 @@ class DedupeIndex:
                     or head.get("words") != self.words
                 ):
                     raise ValueError("written with other settings or by another version")
-                bufs = [bytearray(size) for _ in head["gens"]]
-                inflate(fh, bufs)  # zlib checks its adler32
+                filters = read_filters(fh, head["gens"], self.words)
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, KeyError, TypeError, zlib.error) as exc:
             log.warning("dedupe filter %s not used (%s); rebuilding it from the journal", path, exc)
             return 0
-        for gen, buf in zip(head["gens"], bufs, strict=True):
-            self.filters[gen] = Filter(self.words, buf)
+        self.filters.update(filters)
         self.saved_seq = int(head["seq"])
         return self.saved_seq
 
@@ -191,18 +188,7 @@ class DedupeIndex:
             return  # nothing new since the file on disk (tens of MB: not rewritten for nothing)
         head = {"v": FORMAT_VERSION, "seq": seq, "windowMs": self.window_ms, "words": self.words}
         head["gens"] = gens
-
-        def chunks() -> Iterator[bytes]:
-            yield orjson.dumps(head) + b"\n"
-            # Compressed: a young filter is mostly zeros, and every clean stop writes it.
-            packer = zlib.compressobj(1)
-            for flt in filters:
-                view = memoryview(flt.buf)
-                for at in range(0, len(view), CHUNK):
-                    yield packer.compress(view[at : at + CHUNK])
-            yield packer.flush()
-
-        atomic_write_chunks(self.directory / FILTER_NAME, chunks())
+        atomic_write_chunks(self.directory / FILTER_NAME, filter_chunks(head, filters))
         self.saved_seq = seq
 
     def close(self) -> None:
@@ -280,7 +266,7 @@ class DedupeIndex:
         """Was `entry_id` accepted within the window before `now_ms`? (Blocks on SQLite.)"""
         known = self.check(entry_id, now_ms)
         if known is None:
-            return entry_id in self.confirm([entry_id], now_ms, self.live_gens(now_ms))
+            return entry_id in self.confirm_later([entry_id], now_ms).result()
         return known
 
     def check(self, entry_id: str, now_ms: int) -> bool | None:
@@ -310,14 +296,14 @@ class DedupeIndex:
         )
 
     def confirm(
-        self, ids: Iterable[str], now_ms: int, gens: list[int], asked_at: float | None = None
+        self, ids: Iterable[str], now_ms: int, gens: list[int], asked_at: float
     ) -> set[str]:
         """Those of `ids` that SQLite holds within the window; LookupBusy when it cannot say.
 
         `ids` are ones `check` left open: not in `recent` when it looked, so a table missing
         from SQLite that the SQLite thread never committed holds none of them.
         """
-        if asked_at is not None and self._busy_at > asked_at:
+        if self._busy_at > asked_at:
             # Queued behind a lookup that found the index locked: each waiting its own busy
             # timeout in turn would hold the last request for the sum of them.
             raise LookupBusy("the dedupe index was locked while this lookup waited")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import BinaryIO
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import orjson
 
 BITS_PER_ID = 10
 PROBES = 7
@@ -68,3 +71,22 @@ class Filter:
     def __contains__(self, hashes: tuple[int, int]) -> bool:
         mask = probe_mask(hashes[1])
         return self.words[hashes[0] % len(self.words)] & mask == mask
+
+
+def read_filters(fh: BinaryIO, gens: list[int], words: int) -> dict[int, Filter]:
+    """The filters after a filter file's header line, one per generation it names."""
+    bufs = [bytearray(words * 8) for _ in gens]
+    inflate(fh, bufs)  # zlib checks its adler32
+    return {gen: Filter(words, buf) for gen, buf in zip(gens, bufs, strict=True)}
+
+
+def filter_chunks(head: dict[str, Any], filters: list[Filter]) -> Iterator[bytes]:
+    """A filter file: the header line, then the filters' bits compressed."""
+    yield orjson.dumps(head) + b"\n"
+    # Compressed: a young filter is mostly zeros, and every clean stop writes it.
+    packer = zlib.compressobj(1)
+    for flt in filters:
+        view = memoryview(flt.buf)
+        for at in range(0, len(view), CHUNK):
+            yield packer.compress(view[at : at + CHUNK])
+    yield packer.flush()
