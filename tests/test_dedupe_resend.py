@@ -228,3 +228,44 @@ def test_ping_answers_and_nothing_is_stored_twice_while_the_index_is_locked(
     counts = stored_id_counts(root)
     assert counts == {e["entryId"]: 1 for e in sent}
     assert "dedupe index lookup failed" in daemon.log()
+
+
+def test_concurrent_resends_through_failing_writes_store_each_acknowledged_id_once(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every third fsync of a segment fails (never the undo right after one, which must
+    # succeed for the journal to go on); senders resend overlapping ids while writes fail.
+    journal = root.resolve() / "journal"
+    calls = 0
+    real = os.fsync
+
+    def flaky(fd: int) -> None:
+        nonlocal calls
+        if HeldFsync._is_segment(fd, journal):
+            calls += 1
+            if calls % 3 == 0:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    async def scenario(rig: Rig) -> None:
+        pipeline = rig.pipeline
+        assert pipeline is not None
+        monkeypatch.setattr(os, "fsync", flaky)
+        acked: set[str] = set()
+
+        async def sender(first: int) -> None:
+            for round_ in range(8):
+                ids = [f"c{(first + round_ + k) % 12}" for k in range(4)]
+                result = await pipeline.add([entry(n, entryId=i) for n, i in enumerate(ids)])
+                if result.error is None:
+                    assert result.accepted + result.duplicates == len(ids)
+                    acked.update(ids)
+
+        await asyncio.gather(*(sender(n) for n in range(6)))
+        monkeypatch.setattr(os, "fsync", real)
+        assert calls >= 3  # some writes did fail
+        rig.acked = acked
+        await pipeline.flush()
+        rig.check("aggregated")  # each acknowledged id stored once, nothing else stored
+
+    run(root, scenario)
