@@ -5,6 +5,8 @@ has a one-word-blocked Bloom filter of `dedupeMaxIds` x 10 bits, and at most two
 are alive. A filter miss is a certain "new"; a hit is checked against an SQLite table per
 generation (`<root>/journal/dedupe/index.sqlite`, id → arrival ms) with the exact window, so a
 false positive never drops an entry. Ids not yet committed to SQLite stay in `recent`.
+The loop thread answers from memory (`check`); the rare filter hits are confirmed in SQLite on
+a lookup thread (`confirm`), which answers LookupBusy rather than guess when SQLite cannot.
 
 The journal is the truth: the index is written off the ack path, in grouped commits (a
 rollback journal with synchronous=FULL keeps it consistent across a power cut, perhaps a
@@ -17,25 +19,23 @@ simply rebuilt from the journal (it is derived data, so it is never refused).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
 
 import orjson
 
+from .dedupe_filter import BITS_PER_ID, Filter, filter_chunks, hash_id, merge, read_filters
 from .fsutil import atomic_write_chunks, remove_stale_temps
 
 log = logging.getLogger("flowagg.dedupe")
 
 FORMAT_VERSION = 1
-BITS_PER_ID = 10
-PROBES = 7
 # Ids handed to the SQLite thread but not committed; past this the producer waits for it.
 MAX_QUEUED = 10_000
 # Records without client ids only move the checkpoint: committing it (several fsyncs on a
@@ -43,68 +43,17 @@ MAX_QUEUED = 10_000
 # and costs a start after kill -9 at most this much more replay.
 CHECKPOINT_ONLY_INTERVAL_S = 1.0
 FILTER_NAME = "filter.bin"
-CHUNK = 1 << 20
 MAX_FILTERS = 2
 DB_NAME = "index.sqlite"
+# How long a lookup waits for a lock on the index before the add is answered busy: a commit
+# holds it for a few fsyncs; anything longer is someone else's lock, and the client retries.
+LOOKUP_BUSY_TIMEOUT_S = 1.0
+# Ids per SELECT ... IN (...): under SQLite's oldest bound on parameters (999).
+LOOKUP_CHUNK = 500
 
 
-def _hash(entry_id: str) -> tuple[int, int]:
-    digest = hashlib.blake2b(entry_id.encode(), digest_size=16).digest()
-    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
-
-
-def _mask(h2: int) -> int:
-    mask = 0
-    for _ in range(PROBES):
-        mask |= 1 << (h2 & 63)
-        h2 >>= 6
-    return mask
-
-
-def _inflate(fh: BinaryIO, bufs: list[bytearray]) -> None:
-    """Decompress the rest of `fh` into `bufs`, one after the other, exactly filling them."""
-    unpacker = zlib.decompressobj()
-    pending = b""
-    for buf in bufs:
-        view = memoryview(buf)
-        at = 0
-        while at < len(view):
-            if not pending:
-                pending = fh.read(CHUNK)
-                if not pending:
-                    raise ValueError("damaged: shorter than its header says")
-            out = unpacker.decompress(pending, len(view) - at)
-            pending = unpacker.unconsumed_tail
-            view[at : at + len(out)] = out
-            at += len(out)
-    if unpacker.decompress(pending + fh.read()) or not unpacker.eof:
-        raise ValueError("damaged: longer than its header says, or cut short")
-
-
-def _merge(src: Filter, dst: Filter) -> None:
-    """OR `src` into `dst`, a chunk at a time (no whole-filter temporaries)."""
-    a = memoryview(src.buf)
-    b = memoryview(dst.buf)
-    for at in range(0, len(a), CHUNK):
-        n = len(a[at : at + CHUNK])
-        x = int.from_bytes(a[at : at + n], "little") | int.from_bytes(b[at : at + n], "little")
-        b[at : at + n] = x.to_bytes(n, "little")
-
-
-class Filter:
-    """A Bloom filter whose probes for one id all fall in one 64-bit word (one memory read)."""
-
-    def __init__(self, words: int, buf: bytearray | None = None) -> None:
-        self.buf = buf if buf is not None else bytearray(words * 8)
-        self.words = memoryview(self.buf).cast("Q")
-
-    def add(self, h1: int, h2: int) -> None:
-        i = h1 % len(self.words)
-        self.words[i] |= _mask(h2)
-
-    def __contains__(self, hashes: tuple[int, int]) -> bool:
-        mask = _mask(hashes[1])
-        return self.words[hashes[0] % len(self.words)] & mask == mask
+class LookupBusy(Exception):
+    """SQLite could not answer (locked, unreadable): the id is neither new nor a duplicate."""
 
 
 class DedupeIndex:
@@ -115,6 +64,9 @@ class DedupeIndex:
         # generation -> filter; at most MAX_FILTERS: a filter may also hold older generations
         self.filters: dict[int, Filter] = {}
         self.gens: set[int] = set()  # generations with a table in SQLite
+        # The tables the SQLite thread has committed, as it records them: a lookup that finds
+        # one of these missing could not read the schema, which is not "never stored".
+        self._tables: frozenset[int] = frozenset()
         self._expired_below = 0
         self.recent: dict[str, int] = {}  # handed to SQLite, not yet committed: id -> t
         self.seq = 0  # every client id of a journal record up to this seq is in the filter
@@ -133,6 +85,9 @@ class DedupeIndex:
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._thread = threading.Thread(target=self._run, name="dedupe-index", daemon=True)
+        # One thread owns the reader connection; lookups queue behind each other.
+        self._lookups = ThreadPoolExecutor(1, thread_name_prefix="dedupe-lookup")
+        self._busy_at = float("-inf")  # when a lookup last found the index locked (monotonic)
 
     # -- open / close -----------------------------------------------------------------------
     def open(self) -> None:
@@ -148,9 +103,9 @@ class DedupeIndex:
         self.seq = self.checkpoint
         self._thread.start()
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, timeout: float = 30.0) -> sqlite3.Connection:
         db = sqlite3.connect(
-            self.directory / DB_NAME, isolation_level=None, check_same_thread=False, timeout=30
+            self.directory / DB_NAME, isolation_level=None, check_same_thread=False, timeout=timeout
         )
         # A rollback journal, not WAL: WAL maps a shared-memory file, which FUSE file systems
         # handle badly (LazyFS crashed under it in the power-loss test). PERSIST ends a commit
@@ -174,13 +129,14 @@ class DedupeIndex:
 
     def _try_open_db(self) -> int:
         db = self._db = self._connect()
-        self._reader = self._connect()
+        self._reader = self._connect(LOOKUP_BUSY_TIMEOUT_S)
         db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
         meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
         if meta.get("version") == FORMAT_VERSION and meta.get("windowMs") == self.window_ms:
             for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'"):
                 if name.startswith("g_"):
                     self.gens.add(int(name[2:]))
+            self._tables = frozenset(self.gens)
             return int(meta.get("seq", 0))
         # Another layout or window: generations would not line up, so start over.
         db.execute("BEGIN")
@@ -197,7 +153,6 @@ class DedupeIndex:
 
     def _load_filter(self) -> int:
         path = self.directory / FILTER_NAME
-        size = self.words * 8
         try:
             with path.open("rb") as fh:
                 head = orjson.loads(fh.readline())
@@ -207,15 +162,13 @@ class DedupeIndex:
                     or head.get("words") != self.words
                 ):
                     raise ValueError("written with other settings or by another version")
-                bufs = [bytearray(size) for _ in head["gens"]]
-                _inflate(fh, bufs)  # zlib checks its adler32
+                filters = read_filters(fh, head["gens"], self.words)
         except FileNotFoundError:
             return 0
         except (OSError, ValueError, KeyError, TypeError, zlib.error) as exc:
             log.warning("dedupe filter %s not used (%s); rebuilding it from the journal", path, exc)
             return 0
-        for gen, buf in zip(head["gens"], bufs, strict=True):
-            self.filters[gen] = Filter(self.words, buf)
+        self.filters.update(filters)
         self.saved_seq = int(head["seq"])
         return self.saved_seq
 
@@ -235,18 +188,7 @@ class DedupeIndex:
             return  # nothing new since the file on disk (tens of MB: not rewritten for nothing)
         head = {"v": FORMAT_VERSION, "seq": seq, "windowMs": self.window_ms, "words": self.words}
         head["gens"] = gens
-
-        def chunks() -> Iterator[bytes]:
-            yield orjson.dumps(head) + b"\n"
-            # Compressed: a young filter is mostly zeros, and every clean stop writes it.
-            packer = zlib.compressobj(1)
-            for flt in filters:
-                view = memoryview(flt.buf)
-                for at in range(0, len(view), CHUNK):
-                    yield packer.compress(view[at : at + CHUNK])
-            yield packer.flush()
-
-        atomic_write_chunks(self.directory / FILTER_NAME, chunks())
+        atomic_write_chunks(self.directory / FILTER_NAME, filter_chunks(head, filters))
         self.saved_seq = seq
 
     def close(self) -> None:
@@ -256,6 +198,7 @@ class DedupeIndex:
                 self._stopping = True
                 self._cond.notify_all()
             self._thread.join()
+        self._lookups.shutdown(wait=True)
         try:
             self.save()
         except OSError as exc:
@@ -286,7 +229,7 @@ class DedupeIndex:
             self.gens.add(gen)
             flt = self.filters.get(gen) or self._new_filter(gen)
             for entry_id in ids:
-                flt.add(*_hash(entry_id))
+                flt.add(*hash_id(entry_id))
                 self.recent[entry_id] = t_ms
         with self._cond:
             self.seq = max(self.seq, last_seq)
@@ -316,39 +259,81 @@ class DedupeIndex:
             flt = self.filters[gen] = Filter(self.words)
             while len(self.filters) > MAX_FILTERS:
                 older, newer = sorted(self.filters)[:2]
-                _merge(self.filters.pop(older), self.filters[newer])
+                merge(self.filters.pop(older), self.filters[newer])
         return flt
 
     def contains(self, entry_id: str, now_ms: int) -> bool:
-        """Was `entry_id` accepted within the window before `now_ms`?"""
+        """Was `entry_id` accepted within the window before `now_ms`? (Blocks on SQLite.)"""
+        known = self.check(entry_id, now_ms)
+        if known is None:
+            return entry_id in self.confirm_later([entry_id], now_ms).result()
+        return known
+
+    def check(self, entry_id: str, now_ms: int) -> bool | None:
+        """From memory only: True accepted within the window, False never (or expired),
+        None when only SQLite can tell (a filter hit: `confirm` it off the loop)."""
         if self.window_ms <= 0:
             return False
         horizon = now_ms - self.window_ms
         t = self.recent.get(entry_id)
         if t is not None:
             return t >= horizon
-        hashes = _hash(entry_id)
+        hashes = hash_id(entry_id)
         low = self.generation(max(0, horizon))
-        if not any(hashes in f for g, f in list(self.filters.items()) if g >= low):
-            return False
-        for gen in sorted(self.gens, reverse=True):
-            if gen >= low:
-                t = self._lookup(gen, entry_id)
-                if t is not None:
-                    return t >= horizon
+        if any(hashes in f for g, f in list(self.filters.items()) if g >= low):
+            return None
         return False
 
-    def _lookup(self, gen: int, entry_id: str) -> int | None:
+    def live_gens(self, now_ms: int) -> list[int]:
+        """The generations a lookup at `now_ms` reads, newest first (taken on the loop thread)."""
+        low = self.generation(max(0, now_ms - self.window_ms))
+        return sorted((g for g in self.gens if g >= low), reverse=True)
+
+    def confirm_later(self, ids: list[str], now_ms: int) -> Future[set[str]]:
+        """`confirm` on the lookup thread; the loop awaits the future."""
+        return self._lookups.submit(
+            self.confirm, ids, now_ms, self.live_gens(now_ms), time.monotonic()
+        )
+
+    def confirm(
+        self, ids: Iterable[str], now_ms: int, gens: list[int], asked_at: float
+    ) -> set[str]:
+        """Those of `ids` that SQLite holds within the window; LookupBusy when it cannot say.
+
+        `ids` are ones `check` left open: not in `recent` when it looked, so a table missing
+        from SQLite that the SQLite thread never committed holds none of them.
+        """
+        if self._busy_at > asked_at:
+            # Queued behind a lookup that found the index locked: each waiting its own busy
+            # timeout in turn would hold the last request for the sum of them.
+            raise LookupBusy("the dedupe index was locked while this lookup waited")
+        horizon = now_ms - self.window_ms
+        open_ids = list(ids)
+        found: set[str] = set()
+        for gen in gens:  # newest first: an id is stored again only once it has expired
+            if not open_ids:
+                break
+            times = self._select(gen, open_ids)
+            found.update(i for i, t in times.items() if t >= horizon)
+            open_ids = [i for i in open_ids if i not in times]
+        return found
+
+    def _select(self, gen: int, ids: list[str]) -> dict[str, int]:
         assert self._reader is not None
+        times: dict[str, int] = {}
         try:
-            row = self._reader.execute(
-                f"SELECT t FROM g_{gen} WHERE id = ?", (entry_id,)
-            ).fetchone()
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return None  # the generation's first ids are still in `recent`
-            raise
-        return None if row is None else int(row[0])
+            for at in range(0, len(ids), LOOKUP_CHUNK):
+                chunk = ids[at : at + LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT id, t FROM g_{gen} WHERE id IN ({marks})"
+                times.update((i, int(t)) for i, t in self._reader.execute(query, chunk))
+        except sqlite3.Error as exc:
+            if "no such table" in str(exc) and gen not in self._tables:
+                return {}  # not committed yet: the generation's ids are still in `recent`
+            self._busy_at = time.monotonic()
+            log.warning("dedupe index lookup failed (%s); adds with remembered ids wait", exc)
+            raise LookupBusy(str(exc)) from exc
+        return times
 
     def expire(self, now_ms: int) -> int:
         """Drop the generations wholly older than the window; returns how many."""
@@ -426,9 +411,10 @@ class DedupeIndex:
             }
             if drops:
                 below = max(drops)
-                for name in tables:
+                for name in sorted(tables):
                     if name.startswith("g_") and int(name[2:]) < below:
                         db.execute(f"DROP TABLE {name}")
+                        tables.discard(name)
             seq = self._held_seq
             for gen, last_seq, rows in group:
                 seq = max(seq, last_seq)
@@ -445,6 +431,8 @@ class DedupeIndex:
             if seq:
                 db.execute("UPDATE meta SET v = max(v, ?) WHERE k = 'seq'", (seq,))
             db.execute("COMMIT")
+            # Before the committed ids leave `recent` (see `_select`).
+            self._tables = frozenset(int(n[2:]) for n in tables if n.startswith("g_"))
             self._held_seq = 0
             self._checkpoint_saved_at = time.monotonic()
         except BaseException:

@@ -20,6 +20,7 @@ from .aggregator import Aggregator, FlushPolicy
 from .clock import Clock, EntryIdFactory, WindowClock
 from .config import Config
 from .dedupe import DedupeIndex
+from .dedupe_gate import DedupeGate, LookupBusy, Valid
 from .entries import EntryError, validate_entry_json
 from .flusher import Flusher, Stored
 from .fsutil import fsync_dir, is_disk_full
@@ -54,7 +55,6 @@ SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
 MAX_LISTED_REJECTIONS = 100
 DEDUPE_SAVE_INTERVAL_S = 600.0
 CUT_RETRY_S = 1.0  # a cut whose journal write failed is journaled again after this
-Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
 
 
 class Pipeline:
@@ -82,7 +82,7 @@ class Pipeline:
         self.redactor = Redactor(config.redact_keys, config.redact_patterns)
         self.dedupe: DedupeIndex | None = None
         self.window_clock = WindowClock(clock, 0)  # anchored on the journal at start
-        self.pending_ids: set[str] = set()  # client ids being journaled, not yet in `dedupe`
+        self.gate = DedupeGate(loop)  # client ids being decided or journaled
         self.writer: JournalWriter | None = None
         self.flusher: Flusher | None = None
         self.spill = Spill()
@@ -242,40 +242,29 @@ class Pipeline:
     ) -> AddResult:
         """Dedupe, journal (one record, one group commit) and buffer validated entries."""
         started = self.clock.monotonic()
-        while self.aggregator.is_busy():
-            if not wait_for_space:
-                self.counters["busy"] += 1
-                return AddResult(error="busy", retry_after_ms=self.config.busy_retry_after_ms)
-            await self.wait_for_space()
-        result = AddResult()
-        now = self.window_clock.arrival_ms()
-        window_now = self.window_clock.now_ms()
+        if not await self._room(wait_for_space):
+            return self._busy()
         dedupe = self.dedupe
         assert dedupe is not None
-        datas: list[bytes] = []
-        client_idx: list[int] = []
-        ids: list[str] = []
-        seen: set[str] = set()
-        for entry, client_id, data in valid:
-            entry_id = entry["entryId"]
-            if client_id:
-                if (
-                    entry_id in seen
-                    or entry_id in self.pending_ids
-                    or dedupe.contains(entry_id, window_now)
-                ):
-                    result.duplicates += 1
-                    continue
-                seen.add(entry_id)
-                client_idx.append(len(datas))
-            datas.append(data)
-            ids.append(entry_id)
+        try:
+            screened = await self.gate.screen(valid, dedupe, self.window_clock.now_ms)
+        except LookupBusy:
+            # Neither new nor a duplicate for sure: accepting could store it twice.
+            return self._busy()
+        claim, claimed = screened.claim, screened.claimed
+        # The screen may have waited: check the bound again before counting these entries.
+        if not await self._room(wait_for_space):
+            self.gate.release(claim, claimed, known=False)
+            return self._busy()
+        result = AddResult(duplicates=screened.duplicates)
+        datas, ids = screened.datas, screened.ids
         if not datas and src is None:
+            self.gate.release(claim, claimed, known=True)
             self.counters["duplicates"] += result.duplicates
             return result
         assert self.writer is not None
-        client_ids = [ids[i] for i in client_idx]
-        self.pending_ids.update(client_ids)
+        now = self.window_clock.arrival_ms()
+        client_ids = screened.client_ids
         # Counted before the await, so concurrent requests cannot all pass the busy check.
         size = sum(len(d) + 1 for d in datas)
         self.aggregator.acknowledge(len(datas), size)
@@ -283,7 +272,6 @@ class Pipeline:
         first_seq = 0
 
         def durable(error: BaseException | None, after: Position) -> None:
-            self.pending_ids.difference_update(client_ids)
             if error is not None:
                 self.aggregator.acknowledge(-len(datas), -size)
             else:
@@ -293,14 +281,16 @@ class Pipeline:
                     self.last_acked_seq = first_seq + len(datas) - 1
                     arrival = self.clock.monotonic()
                     self.spill.take(self.aggregator, first_seq, now, arrival, datas, ids, after)
+            # Resends of these ids waited for this: now they are duplicates, or new again.
+            self.gate.release(claim, claimed, known=error is None)
             done.set_result(error)
 
         try:
             first_seq = self.writer.append_entries(
-                datas, now, client_idx, src, durable, off=off, fin=fin
+                datas, now, screened.client_idx, src, durable, off=off, fin=fin
             )
         except OSError as exc:
-            self.pending_ids.difference_update(client_ids)
+            self.gate.release(claim, claimed, known=False)
             self.aggregator.acknowledge(-len(datas), -size)
             return self._journal_failure(exc)
         error = await done
@@ -312,6 +302,18 @@ class Pipeline:
         self.counters["duplicates"] += result.duplicates
         self.add_latency.append(self.clock.monotonic() - started)
         return result
+
+    async def _room(self, wait_for_space: bool) -> bool:
+        """False when the buffer is over its bound and this add may not wait."""
+        while self.aggregator.is_busy():
+            if not wait_for_space:
+                return False
+            await self.wait_for_space()
+        return True
+
+    def _busy(self) -> AddResult:
+        self.counters["busy"] += 1
+        return AddResult(error="busy", retry_after_ms=self.config.busy_retry_after_ms)
 
     def _journal_failure(self, exc: BaseException) -> AddResult:
         self.last_journal_error = f"{type(exc).__name__}: {exc}"

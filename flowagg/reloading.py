@@ -15,6 +15,10 @@ RESTART_ONLY = (
     "logBackups",
     "socketGroup",
     "batchCompression",
+    # The dedupe index is laid out in generations one window long, its filters sized by
+    # dedupeMaxIds: both are fixed when it opens (a start rebuilds it for new values).
+    "dedupeWindowMs",
+    "dedupeMaxIds",
     "flushWriters",
     "metricsListen",
     "metricsTextfile",

@@ -204,3 +204,32 @@ def test_bridge_that_cannot_set_up_its_environment_answers_json(tmp_path: Path) 
     assert proc.returncode == 1
     reply = orjson.loads(proc.stdout)
     assert reply["ok"] is False and "cannot set up its Python environment" in reply["error"]
+
+
+def test_dedupe_settings_are_reported_for_the_next_start_and_applied_there(
+    root: Path, tmp_path: Path, daemons: list[DaemonProc]
+) -> None:
+    # Reported "changed", a longer window was not in force: a resend was stored twice.
+    conf = tmp_path / "flowagg.toml"
+    conf.write_text("dedupeWindowMs = 0\nmaxAgeMs = 3600000\n")
+    env = {"FLOWAGG_CONFIG": str(conf)}
+    daemon = DaemonProc(root, {}, env=env).wait_ready()
+    daemons.append(daemon)
+    sock = Layout(root).socket
+
+    def add(entry_id: str) -> dict[str, Any]:
+        return request(sock, {"op": "add", "entries": [entry(1, entryId=entry_id)]})
+
+    conf.write_text("dedupeWindowMs = 86400000\ndedupeMaxIds = 5000\nmaxAgeMs = 3600000\n")
+    reloaded = cli(root, "reload", "--json")
+    assert reloaded.returncode == 0, reloaded.stderr
+    reply = orjson.loads(reloaded.stdout)
+    assert reply["changed"] == []
+    assert sorted(reply["needsRestart"]) == ["dedupeMaxIds", "dedupeWindowMs"]
+    assert daemon.stop() == 0
+    daemon = DaemonProc(root, {}, env=env).wait_ready()
+    daemons.append(daemon)
+    assert add("w1")["accepted"] == 1
+    assert add("w1")["duplicates"] == 1  # the window in force after the start
+    assert request(sock, {"op": "flush"})["ok"]
+    assert [e["entryId"] for b in batches(root) for e in b["entries"]] == ["w1"]

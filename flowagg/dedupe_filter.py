@@ -1,0 +1,92 @@
+"""The Bloom filter behind the dedupe index: probes for one id fall in one 64-bit word."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import orjson
+
+BITS_PER_ID = 10
+PROBES = 7
+CHUNK = 1 << 20
+
+
+def hash_id(entry_id: str) -> tuple[int, int]:
+    digest = hashlib.blake2b(entry_id.encode(), digest_size=16).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little")
+
+
+def probe_mask(h2: int) -> int:
+    mask = 0
+    for _ in range(PROBES):
+        mask |= 1 << (h2 & 63)
+        h2 >>= 6
+    return mask
+
+
+def inflate(fh: BinaryIO, bufs: list[bytearray]) -> None:
+    """Decompress the rest of `fh` into `bufs`, one after the other, exactly filling them."""
+    unpacker = zlib.decompressobj()
+    pending = b""
+    for buf in bufs:
+        view = memoryview(buf)
+        at = 0
+        while at < len(view):
+            if not pending:
+                pending = fh.read(CHUNK)
+                if not pending:
+                    raise ValueError("damaged: shorter than its header says")
+            out = unpacker.decompress(pending, len(view) - at)
+            pending = unpacker.unconsumed_tail
+            view[at : at + len(out)] = out
+            at += len(out)
+    if unpacker.decompress(pending + fh.read()) or not unpacker.eof:
+        raise ValueError("damaged: longer than its header says, or cut short")
+
+
+def merge(src: Filter, dst: Filter) -> None:
+    """OR `src` into `dst`, a chunk at a time (no whole-filter temporaries)."""
+    a = memoryview(src.buf)
+    b = memoryview(dst.buf)
+    for at in range(0, len(a), CHUNK):
+        n = len(a[at : at + CHUNK])
+        x = int.from_bytes(a[at : at + n], "little") | int.from_bytes(b[at : at + n], "little")
+        b[at : at + n] = x.to_bytes(n, "little")
+
+
+class Filter:
+    """A Bloom filter whose probes for one id all fall in one 64-bit word (one memory read)."""
+
+    def __init__(self, words: int, buf: bytearray | None = None) -> None:
+        self.buf = buf if buf is not None else bytearray(words * 8)
+        self.words = memoryview(self.buf).cast("Q")
+
+    def add(self, h1: int, h2: int) -> None:
+        i = h1 % len(self.words)
+        self.words[i] |= probe_mask(h2)
+
+    def __contains__(self, hashes: tuple[int, int]) -> bool:
+        mask = probe_mask(hashes[1])
+        return self.words[hashes[0] % len(self.words)] & mask == mask
+
+
+def read_filters(fh: BinaryIO, gens: list[int], words: int) -> dict[int, Filter]:
+    """The filters after a filter file's header line, one per generation it names."""
+    bufs = [bytearray(words * 8) for _ in gens]
+    inflate(fh, bufs)  # zlib checks its adler32
+    return {gen: Filter(words, buf) for gen, buf in zip(gens, bufs, strict=True)}
+
+
+def filter_chunks(head: dict[str, Any], filters: list[Filter]) -> Iterator[bytes]:
+    """A filter file: the header line, then the filters' bits compressed."""
+    yield orjson.dumps(head) + b"\n"
+    # Compressed: a young filter is mostly zeros, and every clean stop writes it.
+    packer = zlib.compressobj(1)
+    for flt in filters:
+        view = memoryview(flt.buf)
+        for at in range(0, len(view), CHUNK):
+            yield packer.compress(view[at : at + CHUNK])
+    yield packer.flush()
