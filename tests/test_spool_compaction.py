@@ -1,0 +1,251 @@
+"""Journal compaction never drops how far a spool file still in journal/spool/ was journaled.
+
+A spool intake resumes an adopted file from the progress the journal names (SPEC §4.2). Once
+its chunks are stored and older than the dedupe window, compaction may delete their segments:
+the progress must survive them, or a restart ingests the file again from the start and the
+entries already stored are stored twice (the dedupe index has forgotten them by then).
+
+An in-process pipeline and intake on real files with an injected clock, so the dedupe window
+and compaction passes are driven by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from flowagg.add_result import AddResult
+from flowagg.clock import EntryIdFactory, FakeClock
+from flowagg.config import load_config
+from flowagg.journal import list_segments, scan_root
+from flowagg.layout import Layout
+from flowagg.pipeline import Pipeline
+from flowagg.recovery import write_completed
+from flowagg.spool import CHUNK_LINES, SpoolIntake
+from flowagg.storage import iter_batch_files, read_batch
+from tests.harness import BASE_TS, entry
+
+WAIT_S = 20.0
+WINDOW_MS = 60_000
+# The report: one chunk of 4 002 lines journaled before the intake stalled.
+LINES = 4 * CHUNK_LINES + 2
+
+
+class Rig:
+    """A pipeline plus spool intake on `root`, both on one fake clock that outlives restarts."""
+
+    def __init__(self, root: Path) -> None:
+        self.layout = Layout(root)
+        self.layout.prepare()
+        self.config = load_config(
+            flags={
+                "root": str(root),
+                "maxAgeMs": 3_600_000,
+                "batchSize": 100_000,
+                "dedupeWindowMs": WINDOW_MS,
+                # The minimum: a 1 000-entry chunk fills a segment, so the next commit rolls it.
+                "journalSegmentBytes": 4096,
+            },
+            environ={},
+        )
+        self.clock = FakeClock(now_ms=BASE_TS + 60_000)
+        self.pipeline: Pipeline | None = None
+        self.spool: SpoolIntake | None = None
+        self._socket_ids = 0
+
+    async def start(self) -> tuple[Pipeline, SpoolIntake]:
+        result = scan_root(self.layout, self.config, now_ms=self.clock.now_ms())
+        self.pipeline = Pipeline(
+            self.config,
+            self.layout,
+            self.clock,
+            asyncio.get_running_loop(),
+            EntryIdFactory(self.clock, random.Random(1)),
+            next_retry_at=lambda now: now + 1000,
+            store=lambda batch_id, data: write_completed(self.layout, batch_id, data),
+        )
+        self.pipeline.start(result)
+        self.spool = SpoolIntake(self.layout, self.pipeline, rescan_s=0.05, max_file_bytes=1 << 20)
+        await asyncio.wait_for(self.spool.recover(result.spool_sources), WAIT_S)
+        return self.pipeline, self.spool
+
+    async def stop(self) -> None:
+        if self.spool is not None:
+            await asyncio.wait_for(self.spool.stop(), WAIT_S)
+        if self.pipeline is not None:
+            await asyncio.wait_for(self.pipeline.shutdown(), WAIT_S)
+        self.spool = self.pipeline = None
+
+    async def add(self) -> None:
+        """One entry over the socket path: its fsync makes pending done records durable."""
+        assert self.pipeline is not None
+        self._socket_ids += 1
+        result = await self.pipeline.add([entry(0, entryId=f"s{self._socket_ids}")])
+        assert result.error is None and result.accepted == 1
+
+    async def store_and_age(self) -> None:
+        """Store everything journaled, durably mark it done, then let the window pass."""
+        assert self.pipeline is not None and self.pipeline.writer is not None
+        await self.pipeline.flush()
+        await self.add()
+        await self.pipeline.flush()
+        self.clock.advance(WINDOW_MS + 60_000)
+        self.pipeline.expire_dedupe()
+
+    async def compact_until_gone(self, segment: Path) -> None:
+        """Maintenance passes until `segment` is deleted (a pass may first carry progress)."""
+        assert self.pipeline is not None
+        deadline = time.monotonic() + WAIT_S
+        while segment.exists():
+            assert time.monotonic() < deadline, f"{segment.name} was never compacted"
+            self.pipeline.compact_journal()
+            await asyncio.sleep(0.01)
+
+    def stored(self) -> Counter[str]:
+        return Counter(
+            e["entryId"] for p in iter_batch_files(self.layout) for e in read_batch(p)["entries"]
+        )
+
+    def adopted(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.layout.journal_spool) if not n.startswith("."))
+
+
+def spool_body(count: int) -> bytes:
+    return b"".join(orjson.dumps(entry(i, entryId=f"e{i}")) + b"\n" for i in range(count))
+
+
+def stall_after(pipeline: Pipeline, chunks: int) -> Callable[[], None]:
+    """Journal `chunks` spool chunks, then answer disk_full; returns the undo."""
+    real = pipeline.add_valid
+    calls = 0
+
+    async def stalling(*args: Any, **kw: Any) -> AddResult:
+        nonlocal calls
+        if kw.get("src") is not None:
+            calls += 1
+            if calls > chunks:
+                return AddResult(error="disk_full", retry_after_ms=1000)
+        return await real(*args, **kw)
+
+    pipeline.add_valid = stalling  # type: ignore[method-assign]
+    return lambda: setattr(pipeline, "add_valid", real)
+
+
+def run(root: Path, scenario: Callable[[Rig], Awaitable[None]]) -> Rig:
+    rig = Rig(root)
+
+    async def main() -> None:
+        try:
+            await scenario(rig)
+        finally:
+            await rig.stop()
+
+    asyncio.run(main())
+    return rig
+
+
+def expected(lines: int, socket_adds: int) -> Counter[str]:
+    return Counter([f"e{i}" for i in range(lines)] + [f"s{n + 1}" for n in range(socket_adds)])
+
+
+def test_a_stalled_intake_is_resumed_not_restarted_after_compaction(root: Path) -> None:
+    async def scenario(rig: Rig) -> None:
+        pipeline, spool = await rig.start()
+        undo = stall_after(pipeline, 1)
+        (rig.layout.inbox / "big.jsonl").write_bytes(spool_body(LINES))
+        await spool.scan_once()
+        [adopted] = rig.adopted()
+        first = list_segments(rig.layout.journal)[0]
+        await rig.store_and_age()
+        await rig.compact_until_gone(first)
+        undo()
+        await rig.stop()
+        # The only records of the first chunk are gone: the restart must still know them.
+        assert scan_root(rig.layout, rig.config, now_ms=rig.clock.now_ms()).spool_sources == {
+            adopted: (spool_first_chunk_end(), False)
+        }
+        _, spool = await rig.start()
+        await spool.scan_once()
+        assert rig.adopted() == []
+
+    rig = run(root, scenario)
+    assert rig.stored() == expected(LINES, 1)
+
+
+def spool_first_chunk_end() -> int:
+    return len(spool_body(CHUNK_LINES))
+
+
+def test_a_file_stalled_through_many_compactions_keeps_the_journal_bounded(root: Path) -> None:
+    rounds = 6
+
+    async def scenario(rig: Rig) -> None:
+        pipeline, spool = await rig.start()
+        undo = stall_after(pipeline, 1)
+        (rig.layout.inbox / "big.jsonl").write_bytes(spool_body(LINES))
+        await spool.scan_once()
+        [adopted] = rig.adopted()
+        for _ in range(rounds):
+            # Enough traffic to fill the live segment, so each round rolls it over.
+            for _ in range(40):
+                await rig.add()
+            await rig.store_and_age()
+            segments = list_segments(rig.layout.journal)
+            await rig.compact_until_gone(segments[-2])
+            # Only the live segment and the one the last done record rolled over to are left.
+            assert len(list_segments(rig.layout.journal)) <= 2
+            result = scan_root(rig.layout, rig.config, now_ms=rig.clock.now_ms())
+            assert result.spool_sources[adopted] == (spool_first_chunk_end(), False)
+        undo()
+        await rig.stop()
+        _, spool = await rig.start()
+        await spool.scan_once()
+        assert rig.adopted() == []
+
+    rig = run(root, scenario)
+    assert rig.stored() == expected(LINES, rounds * 41)
+
+
+@pytest.fixture
+def undeletable_spool(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+    """While its flag is set, files in journal/spool/ cannot be unlinked (a read-only mount)."""
+    blocked = [True]
+    real = os.unlink
+
+    def unlink(path: Any, *args: Any, **kw: Any) -> None:
+        if blocked[0] and Path(os.fsdecode(path)).parent.name == "spool":
+            raise PermissionError(1, "Operation not permitted", path)
+        real(path, *args, **kw)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    yield blocked
+
+
+def test_a_finished_file_that_cannot_be_deleted_is_not_ingested_again(
+    root: Path, undeletable_spool: list[bool]
+) -> None:
+    async def scenario(rig: Rig) -> None:
+        _, spool = await rig.start()
+        (rig.layout.inbox / "small.jsonl").write_bytes(spool_body(CHUNK_LINES))
+        await spool.scan_once()
+        [adopted] = rig.adopted()  # finished, but its deletion failed
+        first = list_segments(rig.layout.journal)[0]
+        await rig.store_and_age()
+        await rig.compact_until_gone(first)
+        await rig.stop()
+        undeletable_spool[0] = False
+        _, spool = await rig.start()
+        assert rig.adopted() == []  # the journal still says it is finished: deleted unread
+        assert adopted not in os.listdir(rig.layout.journal_spool)
+
+    rig = run(root, scenario)
+    assert rig.stored() == expected(CHUNK_LINES, 1)
