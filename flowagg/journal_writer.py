@@ -367,8 +367,8 @@ class JournalWriter:
             return set()  # no folder, no file a start could resume
         except OSError as exc:
             log.error(
-                "journal compaction cannot read %s (%s); the progress of every spool file it"
-                " names is kept",
+                "journal compaction cannot read %s (%s); the progress of every spool file the"
+                " journal names is kept until it can",
                 folder,
                 exc,
             )
@@ -384,10 +384,14 @@ class JournalWriter:
             if self._broken is not None:
                 return  # the segments stay; a later pass tries again
             queued = {append.src for append in self._queue}
+            copied = 0
             for name, (end, fin) in sorted(progress.items()):
                 if name in queued:
                     continue  # a newer chunk, or a copy a previous pass queued
                 spool: dict[str, Any] = {"src": name, "off": end, "fin": fin}
                 line = encode_add(self._next_seq, t_ms, [], [], **spool)
                 self._queue.append(Append(line, None, self._next_seq, 0, t_ms, **spool))
+                copied += 1
             self._cond.notify()
+        if copied:
+            log.info("journal: copying the progress of %d adopted spool files to compact", copied)

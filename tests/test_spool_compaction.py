@@ -12,8 +12,10 @@ and compaction passes are driven by hand.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
+import shutil
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -26,18 +28,28 @@ import pytest
 from flowagg.add_result import AddResult
 from flowagg.clock import EntryIdFactory, FakeClock
 from flowagg.config import load_config
-from flowagg.journal import list_segments, scan_root
+from flowagg.journal import list_segments, scan_root, segment_name, unframe
+from flowagg.journal_format import SPOOL_FOLDER
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
 from flowagg.recovery import write_completed
 from flowagg.spool import CHUNK_LINES, SpoolIntake
 from flowagg.storage import iter_batch_files, read_batch
-from tests.harness import BASE_TS, entry
+from tests.harness import BASE_TS, DaemonProc, entry, start_daemon, stored_id_counts, wait_for
+from tests.test_journal import DAY, NOW, Journal, wait_until
+from tests.test_journal import entry as entry_bytes
 
 WAIT_S = 20.0
 WINDOW_MS = 60_000
 # The report: one chunk of 4 002 lines journaled before the intake stalled.
 LINES = 4 * CHUNK_LINES + 2
+DAEMON_SETTINGS = {
+    "maxAgeMs": 3_600_000,
+    "batchSize": 100_000,
+    "dedupeWindowMs": WINDOW_MS,
+    # The minimum: a 1 000-entry chunk fills a segment, so the next commit rolls it.
+    "journalSegmentBytes": 4096,
+}
 
 
 class Rig:
@@ -46,17 +58,7 @@ class Rig:
     def __init__(self, root: Path) -> None:
         self.layout = Layout(root)
         self.layout.prepare()
-        self.config = load_config(
-            flags={
-                "root": str(root),
-                "maxAgeMs": 3_600_000,
-                "batchSize": 100_000,
-                "dedupeWindowMs": WINDOW_MS,
-                # The minimum: a 1 000-entry chunk fills a segment, so the next commit rolls it.
-                "journalSegmentBytes": 4096,
-            },
-            environ={},
-        )
+        self.config = load_config(flags={"root": str(root), **DAEMON_SETTINGS}, environ={})
         self.clock = FakeClock(now_ms=BASE_TS + 60_000)
         self.pipeline: Pipeline | None = None
         self.spool: SpoolIntake | None = None
@@ -249,3 +251,134 @@ def test_a_finished_file_that_cannot_be_deleted_is_not_ingested_again(
 
     rig = run(root, scenario)
     assert rig.stored() == expected(CHUNK_LINES, 1)
+
+
+@pytest.mark.parametrize("step", ["copied", "deleted"])
+def test_a_kill_at_either_step_of_compaction_leaves_a_start_that_resumes(
+    root: Path, tmp_path: Path, daemons: list[DaemonProc], step: str
+) -> None:
+    """The root as a kill -9 leaves it once the copy is durable, before or after the unlink."""
+    crashed = tmp_path / "crashed"
+
+    async def scenario(rig: Rig) -> None:
+        pipeline, spool = await rig.start()
+        undo = stall_after(pipeline, 1)
+        (rig.layout.inbox / "big.jsonl").write_bytes(spool_body(LINES))
+        await spool.scan_once()
+        [adopted] = rig.adopted()
+        first = list_segments(rig.layout.journal)[0]
+        await rig.store_and_age()
+        if step == "copied":
+            assert pipeline.compact_journal() == 0
+            assert pipeline.writer is not None
+            deadline = time.monotonic() + WAIT_S
+            while adopted not in pipeline.writer.segments[-1].sources:
+                assert time.monotonic() < deadline, "the copy never became durable"
+                await asyncio.sleep(0.01)
+            assert first.exists()
+        else:
+            await rig.compact_until_gone(first)
+        shutil.copytree(rig.layout.root, crashed)
+        undo()
+
+    run(root, scenario)
+    daemon = start_daemon(crashed, DAEMON_SETTINGS)
+    daemons.append(daemon)
+    wait_for(lambda: not os.listdir(Layout(crashed).journal_spool))
+    assert daemon.stop() == 0
+    assert stored_id_counts(crashed) == expected(LINES, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# the writer alone
+
+
+def adopted_journal(tmp_path: Path, *names: str) -> Journal:
+    """Segments 1-3 (one commit each): chunks of a.jsonl and b.jsonl, old; a young entry.
+
+    `names` are the files still in journal/spool/.
+    """
+    j = Journal(tmp_path, segment_bytes=1)
+    (j.dir / SPOOL_FOLDER).mkdir()
+    for name in names:
+        (j.dir / SPOOL_FOLDER / name).write_bytes(b"")
+    j.ok([entry_bytes(1)], src="a.jsonl", off=100, t_ms=NOW - 3 * DAY)
+    j.ok([entry_bytes(2)], src="b.jsonl", off=50, fin=True, t_ms=NOW - 3 * DAY)
+    j.ok([entry_bytes(3)], t_ms=NOW)
+    return j
+
+
+def copies(j: Journal) -> list[dict[str, Any]]:
+    """The add records of no entries in the journal: compaction's copies of progress."""
+    found = []
+    for seg in list_segments(j.dir):
+        for raw in seg.read_bytes().splitlines(keepends=True):
+            record = unframe(raw)
+            assert record is not None
+            if record["k"] == "a" and not record["e"]:
+                found.append(record)
+    return found
+
+
+def test_progress_only_an_old_segment_holds_is_copied_before_it_goes(tmp_path: Path) -> None:
+    j = adopted_journal(tmp_path, "a.jsonl")
+    try:
+        # Segment 1 alone says how far a.jsonl went: it stays until the copy is durable.
+        assert j.writer.compact(3, NOW - DAY) == []
+        wait_until(lambda: "a.jsonl" in j.writer.segments[-1].sources)
+        assert j.writer.compact(3, NOW - DAY) == [j.dir / segment_name(n) for n in (1, 2)]
+        assert j.writer.compact(3, NOW - DAY) == []
+        first, _ = j.ok([entry_bytes(4)])
+        assert first == 4  # the copy used no seq
+    finally:
+        j.stop()
+    # b.jsonl is no longer adopted (deleted once finished): its progress is not kept.
+    assert j.scan().spool_sources == {"a.jsonl": (100, False)}
+    [copy] = copies(j)
+    assert (copy["q"], copy["t"], copy["src"], copy["off"]) == (4, NOW - 3 * DAY, "a.jsonl", 100)
+    assert "fin" not in copy
+
+
+def test_a_finished_file_still_adopted_keeps_its_finished_mark(tmp_path: Path) -> None:
+    j = adopted_journal(tmp_path, "b.jsonl")
+    try:
+        assert j.writer.compact(3, NOW - DAY) == [j.dir / segment_name(1)]
+        wait_until(lambda: "b.jsonl" in j.writer.segments[-1].sources)
+        assert j.writer.compact(3, NOW - DAY) == [j.dir / segment_name(2)]
+    finally:
+        j.stop()
+    assert j.scan().spool_sources == {"b.jsonl": (50, True)}
+
+
+def test_progress_a_newer_record_holds_is_not_copied(tmp_path: Path) -> None:
+    j = adopted_journal(tmp_path, "a.jsonl", "b.jsonl")
+    try:
+        j.ok([entry_bytes(4)], src="a.jsonl", off=200, t_ms=NOW)
+        j.ok([], src="b.jsonl", off=50, fin=True, t_ms=NOW)  # a last chunk of invalid lines
+        before = copies(j)
+        assert j.writer.compact(3, NOW - DAY) == [j.dir / segment_name(n) for n in (1, 2)]
+    finally:
+        j.stop()  # drains the queue: a copy compaction queued would be written now
+    assert copies(j) == before
+    assert j.scan().spool_sources == {"a.jsonl": (200, False), "b.jsonl": (50, True)}
+
+
+def test_an_unreadable_spool_folder_keeps_every_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    j = adopted_journal(tmp_path)
+    real = os.listdir
+
+    def listdir(path: Any = ".") -> list[str]:
+        if Path(path).name == SPOOL_FOLDER:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    try:
+        assert j.writer.compact(3, NOW - DAY) == []
+        wait_until(lambda: len(j.writer.segments[-1].sources) == 2)
+        assert j.writer.compact(3, NOW - DAY) == [j.dir / segment_name(n) for n in (1, 2)]
+    finally:
+        j.stop()
+    assert j.scan().spool_sources == {"a.jsonl": (100, False), "b.jsonl": (50, True)}
