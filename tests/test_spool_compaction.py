@@ -29,7 +29,6 @@ from flowagg.add_result import AddResult
 from flowagg.clock import EntryIdFactory, FakeClock
 from flowagg.config import load_config
 from flowagg.journal import list_segments, scan_root, segment_name, unframe
-from flowagg.journal_format import SPOOL_FOLDER
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
 from flowagg.recovery import write_completed
@@ -299,9 +298,11 @@ def adopted_journal(tmp_path: Path, *names: str) -> Journal:
     `names` are the files still in journal/spool/.
     """
     j = Journal(tmp_path, segment_bytes=1)
-    (j.dir / SPOOL_FOLDER).mkdir()
+    folder = Layout(tmp_path).journal_spool
+    assert folder.parent == j.dir
+    folder.mkdir()
     for name in names:
-        (j.dir / SPOOL_FOLDER / name).write_bytes(b"")
+        (folder / name).write_bytes(b"")
     j.ok([entry_bytes(1)], src="a.jsonl", off=100, t_ms=NOW - 3 * DAY)
     j.ok([entry_bytes(2)], src="b.jsonl", off=50, fin=True, t_ms=NOW - 3 * DAY)
     j.ok([entry_bytes(3)], t_ms=NOW)
@@ -367,10 +368,11 @@ def test_an_unreadable_spool_folder_keeps_every_progress(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     j = adopted_journal(tmp_path)
+    folder = Layout(tmp_path).journal_spool
     real = os.listdir
 
     def listdir(path: Any = ".") -> list[str]:
-        if Path(path).name == SPOOL_FOLDER:
+        if Path(path) == folder:
             raise OSError(errno.EIO, os.strerror(errno.EIO), path)
         return real(path)
 
