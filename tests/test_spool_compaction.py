@@ -6,7 +6,8 @@ the progress must survive them, or a restart ingests the file again from the sta
 entries already stored are stored twice (the dedupe index has forgotten them by then).
 
 An in-process pipeline and intake on real files with an injected clock, so the dedupe window
-and compaction passes are driven by hand.
+and compaction passes are driven by hand; a real daemon starts on roots copied as a kill -9
+leaves them; the writer alone for which progress a pass copies.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ def spool_body(count: int) -> bytes:
     return b"".join(orjson.dumps(entry(i, entryId=f"e{i}")) + b"\n" for i in range(count))
 
 
+def spool_first_chunk_end() -> int:
+    return len(spool_body(CHUNK_LINES))
+
+
 def stall_after(pipeline: Pipeline, chunks: int) -> Callable[[], None]:
     """Journal `chunks` spool chunks, then answer disk_full; returns the undo."""
     real = pipeline.add_valid
@@ -182,10 +187,6 @@ def test_a_stalled_intake_is_resumed_not_restarted_after_compaction(root: Path) 
     assert rig.stored() == expected(LINES, 1)
 
 
-def spool_first_chunk_end() -> int:
-    return len(spool_body(CHUNK_LINES))
-
-
 def test_a_file_stalled_through_many_compactions_keeps_the_journal_bounded(root: Path) -> None:
     rounds = 6
 
@@ -202,7 +203,7 @@ def test_a_file_stalled_through_many_compactions_keeps_the_journal_bounded(root:
             await rig.store_and_age()
             segments = list_segments(rig.layout.journal)
             await rig.compact_until_gone(segments[-2])
-            # Only the live segment and the one the last done record rolled over to are left.
+            # Only the newest two are left: the stalled file holds no segment back.
             assert len(list_segments(rig.layout.journal)) <= 2
             result = scan_root(rig.layout, rig.config, now_ms=rig.clock.now_ms())
             assert result.spool_sources[adopted] == (spool_first_chunk_end(), False)
