@@ -8,12 +8,18 @@ Records:
                                              indexes whose entryId came from the client (for
                                              dedupe); `src` names an adopted spool file, `off`
                                              the byte where this chunk of it ends and `fin`
+<<<<<<< HEAD
                                              marks its last chunk (`src` alone: finished)
   {"k":"c","b":ID,"f":F,"l":L,"g":TRIGGER,"ts":MS}
                                              the cut: batch ID holds the entries with seqs F..L,
                                              was cut by TRIGGER and says `timestamp` MS; durable
                                              before the batch is delivered or written, so a
                                              restart rebuilds it with the same id and bytes
+=======
+                                             marks its last chunk (`src` alone: finished); with
+                                             no entries it may also be compaction's copy of
+                                             that progress (see JournalWriter.compact)
+>>>>>>> spoolfix
   {"k":"d","q":Q,"b":ID}                     batch ID holding every entry up to seq Q is stored
 
 Version 2 added cut records. Segments of version 1 hold none: a batch stored from them may
@@ -43,6 +49,8 @@ MAX_RECORD_ENTRIES = 1000
 MAX_RECORD_BYTES = 1 << 20
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".log"
+# Inside the journal folder: the spool files the daemon adopted, named by the add records.
+SPOOL_FOLDER = "spool"
 
 
 def segment_name(number: int) -> str:
@@ -170,6 +178,19 @@ def note_spool_chunk(sources: SpoolProgress, src: str, off: int | None, fin: boo
     end, done = (off, fin) if off is not None else (0, True)
     known_end, known_done = sources.get(src, (0, False))
     sources[src] = (max(end, known_end), done or known_done)
+
+
+def merge_sources(*sources: SpoolProgress) -> SpoolProgress:
+    merged: SpoolProgress = {}
+    for progress in sources:
+        for name, (end, done) in progress.items():
+            note_spool_chunk(merged, name, end, done)
+    return merged
+
+
+def covers(known: tuple[int, bool] | None, needed: tuple[int, bool]) -> bool:
+    """Whether progress `known` says at least as much as `needed` (as far, finished if it is)."""
+    return known is not None and known[0] >= needed[0] and (known[1] or not needed[1])
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ fsync makes the whole group durable.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -21,12 +22,16 @@ from .journal_format import (
     FORMAT_VERSION,
     MAX_RECORD_BYTES,
     MAX_RECORD_ENTRIES,
+    SPOOL_FOLDER,
     Cut,
     Position,
     SegmentInfo,
+    SpoolProgress,
+    covers,
     encode_add,
     encode_cut,
     frame,
+    merge_sources,
     note_spool_chunk,
     segment_name,
     split_add,
@@ -255,8 +260,9 @@ class JournalWriter:
         start = seg.size
         data = b"".join(a.line for a in group)
         # Done records only save work at the next start, and their batches are already
-        # durable: they ride on the next fsync instead of paying for one of their own.
-        needs_sync = any(a.callback is not None for a in group)
+        # durable: they ride on the next fsync instead of paying for one of their own. Spool
+        # progress never does: compaction trusts the live segment's sources as durable.
+        needs_sync = any(a.callback is not None or a.src is not None for a in group)
         try:
             view = memoryview(data)
             while view:
@@ -282,7 +288,8 @@ class JournalWriter:
                 self._unsynced_done_seq = max(self._unsynced_done_seq, append.done_seq)
                 seg.done_seq = max(seg.done_seq, append.done_seq)
             if append.src is not None:
-                note_spool_chunk(seg.sources, append.src, append.off, append.fin)
+                with self._cond:  # compaction reads the live segment's sources
+                    note_spool_chunk(seg.sources, append.src, append.off, append.fin)
             seg.records += 1
         seg.size = offset
         self.bytes_written += len(data)
@@ -311,21 +318,101 @@ class JournalWriter:
         self._need_new_segment = True
 
     def compact(self, done_seq: int, horizon_ms: int) -> list[Path]:
-        """Delete closed segments whose entries are all stored and older than the dedupe window."""
-        removed = []
+        """Delete closed segments whose entries are all stored and older than the dedupe window.
+
+        A segment may also hold the only record of how far a spool file still in
+        journal/spool/ was journaled, or that it is finished: a start resumes (or deletes) the
+        file by that record, and without it would ingest the file again from its start. Such
+        progress is first copied into the live segment (`_carry`); the segment goes at a later
+        pass, once the copy is durable, so no kill or power cut finds neither. A file stalled
+        forever so costs one small record per segment generation, never a kept segment.
+        """
         with self._cond:
             candidates = self.segments[:-1]
-        for seg in candidates:
-            # A segment's cut records name batches as much as its entries do.
-            if max(seg.last_seq, seg.cut_seq) <= done_seq and seg.max_t < horizon_ms:
-                # The summary first: a segment left without one is only parsed at the next start.
-                summary_path(seg.path).unlink(missing_ok=True)
-                seg.path.unlink(missing_ok=True)
-                removed.append(seg.path)
-            else:
-                break
+            live = dict(self.segments[-1].sources) if self.segments else {}
+        expired = list(
+            itertools.takewhile(
+                # A segment's cut records name batches as much as its entries do.
+                lambda seg: max(seg.last_seq, seg.cut_seq) <= done_seq and seg.max_t < horizon_ms,
+                candidates,
+            )
+        )
+        later = [seg.sources for seg in candidates[len(expired) :]]
+        removable = expired[: self._progress_safe(expired, merge_sources(*later, live))]
+        removed = []
+        for seg in removable:
+            # The summary first: a segment left without one is only parsed at the next start.
+            summary_path(seg.path).unlink(missing_ok=True)
+            seg.path.unlink(missing_ok=True)
+            removed.append(seg.path)
         if removed:
             with self._cond:
                 self.segments = self.segments[len(removed) :]
             fsync_dir(self.directory)
         return removed
+
+    def _progress_safe(self, expired: list[SegmentInfo], kept: SpoolProgress) -> int:
+        """How many of `expired` (oldest first) can go without losing a spool file's progress.
+
+        The progress only they record, of files still adopted, is queued for the live segment.
+        """
+        needed = merge_sources(*(seg.sources for seg in expired))
+        adopted = self._adopted(set(needed))
+        missing = {
+            name: progress
+            for name, progress in needed.items()
+            if name in adopted and not covers(kept.get(name), progress)
+        }
+        if not missing:
+            return len(expired)
+        self._carry(missing, max(seg.max_t for seg in expired))
+        return next(
+            n for n, seg in enumerate(expired) if not missing.keys().isdisjoint(seg.sources)
+        )
+
+    def _adopted(self, names: set[str]) -> set[str]:
+        """Which of `names` are still in journal/spool/; all of them when that is unknown.
+
+        The intake deletes a file once the journal says it is finished; that unlink is made
+        durable here before its records may go, or a power cut could bring the file back
+        with nothing to say it was ingested.
+        """
+        if not names:
+            return set()
+        folder = self.directory / SPOOL_FOLDER
+        try:
+            present = set(os.listdir(folder))
+            if not names <= present:
+                fsync_dir(folder)
+        except FileNotFoundError:
+            return set()  # no folder, no file a start could resume
+        except OSError as exc:
+            log.error(
+                "journal compaction cannot read %s (%s); the progress of every spool file the"
+                " journal names is kept until it can",
+                folder,
+                exc,
+            )
+            return names
+        return names & present
+
+    def _carry(self, progress: SpoolProgress, t_ms: int) -> None:
+        """Queue a copy of each file's progress: an add record of no entries, as old as them.
+
+        Any reader takes it as it takes a chunk whose lines were all invalid; it uses no seq.
+        """
+        with self._cond:
+            if self._broken is not None:
+                return  # the segments stay; a later pass tries again
+            queued = {append.src for append in self._queue}
+            copied = 0
+            for name, (end, fin) in sorted(progress.items()):
+                if name in queued:
+                    continue  # a newer chunk, or a copy a previous pass queued
+                spool: dict[str, Any] = {"src": name, "off": end, "fin": fin}
+                line = encode_add(self._next_seq, t_ms, [], [], **spool)
+                self._queue.append(Append(line, None, self._next_seq, 0, t_ms, **spool))
+                copied += 1
+            self._cond.notify()
+        if copied:
+            log.info("journal: copying the progress of %d adopted spool files to compact", copied)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import RootUnusableError
 from .fsutil import fsync_dir
+from .journal_format import SPOOL_FOLDER
 
 ROOT_MODE = 0o700
 # With socketGroup the group may pass through the root to inbox/ (but not list it), drop files
@@ -49,7 +50,7 @@ class Layout:
 
     @property
     def journal_spool(self) -> Path:
-        return self.root / "journal" / "spool"
+        return self.journal / SPOOL_FOLDER
 
     @property
     def aggregated(self) -> Path:

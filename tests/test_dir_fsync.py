@@ -295,6 +295,41 @@ def test_journal_compaction_deletes_segments_durably(rec: Recorder, tmp_path: Pa
     assert rec.unsynced() == []
 
 
+def test_journal_compaction_copies_spool_progress_durably_first(
+    rec: Recorder, tmp_path: Path
+) -> None:
+    layout = prepared(tmp_path)
+    (layout.journal_spool / "a.jsonl").write_bytes(b"")  # partly journaled; gone.jsonl is not
+    acked = threading.Semaphore(0)
+    writer = JournalWriter(
+        layout.journal,
+        segments=[],
+        next_seq=1,
+        segment_bytes=64,
+        deliver=lambda results: acked.release(),
+    )
+    writer.start()
+    try:
+        for n, src, fin in ((0, "a.jsonl", False), (1, "gone.jsonl", True), (2, None, False)):
+            entry = orjson.dumps({"userId": "u", "entryId": f"e{n}", "pad": "x" * 64})
+            writer.append_entries([entry], 1, [0], src, lambda error, pos: None, off=10, fin=fin)
+            assert acked.acquire(timeout=WAIT_S)
+        rec.calls.clear()
+        assert writer.compact(done_seq=3, horizon_ms=2) == []
+        assert acked.acquire(timeout=WAIT_S)  # the copy of a.jsonl's progress
+        removed = writer.compact(done_seq=3, horizon_ms=2)
+        rec.ack()
+    finally:
+        writer.stop()
+    assert len(removed) == 3
+    live = writer.segments[-1].path
+    copied = next(i for i, c in enumerate(rec.calls) if c == Call("fsync", live))
+    spool_synced = rec.calls.index(Call("fsync_dir", layout.journal_spool))
+    first_unlink = rec.calls.index(rec.ops("unlink")[0])
+    assert copied < first_unlink and spool_synced < first_unlink
+    assert rec.unsynced() == []
+
+
 def test_spool_adoption_ingest_and_quarantine_are_durable(rec: Recorder, tmp_path: Path) -> None:
     async def scenario() -> None:
         rig = Rig(tmp_path / "data")
