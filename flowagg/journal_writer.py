@@ -174,6 +174,11 @@ class JournalWriter:
         return True
 
     @property
+    def broken(self) -> bool:
+        """Whether every append fails from now on (a write could not be cut off)."""
+        return self._broken is not None
+
+    @property
     def next_seq(self) -> int:
         return self._next_seq
 

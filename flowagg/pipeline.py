@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,15 +19,15 @@ from .add_result import AddResult
 from .aggregator import Aggregator, FlushPolicy
 from .clock import Clock, EntryIdFactory, WindowClock
 from .config import Config
+from .cut_queue import CutQueue
 from .dedupe import DedupeIndex
 from .dedupe_gate import DedupeGate, LookupBusy, Valid
 from .entries import EntryError, validate_entry_json
 from .flusher import Flusher, Stored
-from .fsutil import fsync_dir, is_disk_full
+from .fsutil import is_disk_full
 from .journal import (
     MAX_RECORD_ENTRIES,
     Append,
-    Cut,
     JournalWriter,
     Position,
     ScanResult,
@@ -40,8 +40,9 @@ from .pipeline_status import (
     journal_status,
     latency_status,
 )
-from .published import skip_published
+from .published import skip_uncut
 from .redact import Redactor
+from .replayed import sync_folders
 from .spill import Spill
 from .storage import Batch
 from .supervise import Spawn, plain_thread
@@ -54,7 +55,6 @@ SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
 # Rejections listed in a reply; the rest are only counted (`rejectedCount`).
 MAX_LISTED_REJECTIONS = 100
 DEDUPE_SAVE_INTERVAL_S = 600.0
-CUT_RETRY_S = 1.0  # a cut whose journal write failed is journaled again after this
 
 
 class Pipeline:
@@ -97,9 +97,7 @@ class Pipeline:
         self.flush_latency = LatencySamples(LATENCY_SAMPLES)
         self.last_journal_error: str | None = None
         self._batch_waiters: dict[str, asyncio.Future[None]] = {}
-        # Cut batches in cut order, held until their cut is durable, then handed on in order.
-        self._cuts: deque[Batch] = deque()
-        self._durable_cuts: set[str] = set()
+        self.cuts: CutQueue | None = None
         self._age_timer: asyncio.TimerHandle | None = None
         self._space_waiters: list[asyncio.Future[None]] = []
         self._dedupe_saved_at = clock.monotonic()
@@ -107,7 +105,7 @@ class Pipeline:
 
     # -- start ------------------------------------------------------------------------------
     def start(self, scan: ScanResult) -> None:
-        self._sync_folders()
+        sync_folders(self.layout)
         self.dedupe = scan.dedupe
         self.window_clock = WindowClock(
             self.clock, max((s.max_t for s in scan.segments), default=0)
@@ -132,22 +130,12 @@ class Pipeline:
         self.writer.start()
         if scan.backlog is not None:
             self.spill.resume_at(scan.backlog)
-            # Only what an older flowagg journaled without cuts is looked for by name.
-            uncut_until = min(
-                scan.uncut_until, scan.cuts[0].first_seq - 1 if scan.cuts else scan.uncut_until
+            skipped, done_seq = skip_uncut(
+                self.layout, self.clock, self.aggregator, scan, self.writer.append_done
             )
-            if uncut_until > scan.done_seq:
-                skipped, done_seq = skip_published(
-                    self.layout,
-                    self.clock,
-                    self.aggregator,
-                    scan.backlog,
-                    self.writer.append_done,
-                    until_seq=uncut_until,
-                )
-                if skipped:
-                    self.done_seq = done_seq
-                    self.counters["batchesFoundAtStart"] += skipped
+            if skipped:
+                self.done_seq = done_seq
+                self.counters["batchesFoundAtStart"] += skipped
         self.flusher = Flusher(
             self.layout,
             self.clock,
@@ -159,25 +147,8 @@ class Pipeline:
             writers=self.config.flush_writers,
         )
         self.flusher.start()
+        self.cuts = CutQueue(self.loop, self.writer, self.flusher.submit, self._cut_failed)
         self._refill()
-
-    def _sync_folders(self) -> None:
-        """Make the previous run's renames durable before anything relies on them.
-
-        A kill between a rename and its directory fsync leaves a name that a power cut may
-        still take; the done records, journal progress and deletions this run writes about
-        such a file must not outlive it.
-        """
-        layout = self.layout
-        for directory in (
-            layout.aggregated,
-            layout.recovery,
-            layout.abandoned,
-            layout.errors,
-            layout.inbox,
-            layout.journal_spool,
-        ):
-            fsync_dir(directory)
 
     def reconfigure(self, config: Config) -> None:
         """Apply reloaded flush settings; the buffer is kept and re-checked at once."""
@@ -367,54 +338,16 @@ class Pipeline:
             self._age_timer = self.loop.call_later(delay, self._check_triggers)
 
     def _submit(self, batch: Batch) -> asyncio.Future[None]:
-        """Journal the batch's cut; the flusher gets it once the cut is durable, in order.
-
-        A batch rebuilt from a journaled cut is durable already.
-        """
+        """Hand a cut batch on; the flusher gets it once its cut is durable (cut_queue)."""
+        assert self.cuts is not None
         waiter: asyncio.Future[None] = self.loop.create_future()
         self._batch_waiters[batch.batch_id] = waiter
-        self._cuts.append(batch)
-        if batch.replayed:
-            self._durable_cuts.add(batch.batch_id)
-            self._hand_over()
-        else:
-            self._journal_cut(batch)
+        self.cuts.put(batch)
         return waiter
 
-    def _journal_cut(self, batch: Batch) -> None:
-        assert self.writer is not None and batch.timestamp_ms is not None
-        cut = Cut(
-            batch.batch_id, batch.first_seq, batch.last_seq, batch.trigger, batch.timestamp_ms
-        )
-
-        def durable(error: BaseException | None, _after: Position) -> None:
-            if error is None:
-                self._durable_cuts.add(batch.batch_id)
-                self._hand_over()
-            else:
-                self._cut_failed(batch, error)
-
-        try:
-            self.writer.append_cut(cut, durable)
-        except OSError as exc:
-            self._cut_failed(batch, exc)
-
-    def _cut_failed(self, batch: Batch, error: BaseException) -> None:
-        """The batch stays cut and waits (its entries are journaled); its cut is retried.
-
-        The batches behind it wait too: batches are stored in cut order.
-        """
+    def _cut_failed(self, error: BaseException) -> None:
         self.last_journal_error = f"{type(error).__name__}: {error}"
         self.counters["journalErrors"] += 1
-        log.error("cannot journal the cut of batch %s (%s); retrying", batch.batch_id, error)
-        self.loop.call_later(CUT_RETRY_S, self._journal_cut, batch)
-
-    def _hand_over(self) -> None:
-        assert self.flusher is not None
-        while self._cuts and self._cuts[0].batch_id in self._durable_cuts:
-            batch = self._cuts.popleft()
-            self._durable_cuts.discard(batch.batch_id)
-            self.flusher.submit(batch)
 
     def _batches_stored(self, stored: list[Stored]) -> None:
         """Batches reached disk, in order: one done record for the last covers them all."""
@@ -512,7 +445,10 @@ class Pipeline:
         """
         if self._age_timer is not None:
             self._age_timer.cancel()
-        stalled = self.flusher is not None and self.flusher.stalled_error is not None
+        # Nothing can be stored while the flusher is stalled, nor cut without the journal.
+        stalled = (self.flusher is not None and self.flusher.stalled_error is not None) or (
+            self.writer is not None and self.writer.broken
+        )
         if not stalled and flush_s > 0:
             try:
                 await asyncio.wait_for(self.flush("shutdown", include_disk=False), flush_s)

@@ -17,7 +17,7 @@ from .clock import Clock
 from .config import SETTINGS
 from .formats import NewerFormatError
 from .fsutil import quarantine_file
-from .journal import Position, read_records
+from .journal import Position, ScanResult, read_records
 from .layout import Layout
 from .storage import (
     CorruptBatch,
@@ -28,6 +28,22 @@ from .storage import (
 )
 
 log = logging.getLogger("flowagg.pipeline")
+
+
+def skip_uncut(
+    layout: Layout,
+    clock: Clock,
+    aggregator: Aggregator,
+    scan: ScanResult,
+    append_done: Callable[[int, str], None],
+) -> tuple[int, int]:
+    """`skip_published` over the backlog an older flowagg journaled without cuts, if any."""
+    until = scan.uncut_until
+    if scan.cuts:
+        until = min(until, scan.cuts[0].first_seq - 1)
+    if scan.backlog is None or until <= scan.done_seq:
+        return 0, scan.done_seq
+    return skip_published(layout, clock, aggregator, scan.backlog, append_done, until_seq=until)
 
 
 def skip_published(

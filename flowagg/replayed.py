@@ -14,11 +14,29 @@ from pathlib import Path
 
 from .clock import Clock
 from .formats import NewerFormatError
-from .fsutil import quarantine_file
+from .fsutil import fsync_dir, quarantine_file
 from .layout import Layout
 from .storage import Batch, CorruptBatch, existing_locations, read_batch
 
 log = logging.getLogger("flowagg.flusher")
+
+
+def sync_folders(layout: Layout) -> None:
+    """Make the previous run's renames durable before anything relies on them.
+
+    A kill between a rename and its directory fsync leaves a name that a power cut may still
+    take; the done records, journal progress and deletions this run writes about such a file
+    must not outlive it. So this runs at start, before anything is journaled.
+    """
+    for directory in (
+        layout.aggregated,
+        layout.recovery,
+        layout.abandoned,
+        layout.errors,
+        layout.inbox,
+        layout.journal_spool,
+    ):
+        fsync_dir(directory)
 
 
 def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:

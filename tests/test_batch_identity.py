@@ -9,6 +9,7 @@ that batches already visible stay where they are.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import sys
@@ -19,10 +20,10 @@ from typing import Any
 import orjson
 import pytest
 
-from flowagg import published
+from flowagg import cut_queue, published
 from flowagg.aggregator import Aggregator, FlushPolicy
 from flowagg.config import load_config
-from flowagg.journal import Position, frame, list_segments, unframe
+from flowagg.journal import Cut, Position, frame, list_segments, unframe
 from flowagg.journal_format import summary_path
 from flowagg.journal_writer import JournalWriter
 from flowagg.layout import Layout
@@ -312,3 +313,83 @@ def test_a_sink_gets_the_same_batch_again_after_a_kill(tmp_path: Path) -> None:
     assert set(counts.values()) == {1}
     first_batch = read_batch(sorted(layout.aggregated.glob("batch_*"))[0])
     assert [e["entryId"] for e in first_batch["entries"]] == [e["entryId"] for e in first]
+
+
+def test_a_cut_whose_journal_write_fails_is_journaled_again_and_keeps_its_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first cut's journal write fails twice: no batch leaves before its cut is durable,
+    and the batches cut after it wait, so they are still stored in order."""
+    monkeypatch.setattr(cut_queue, "CUT_RETRY_S", 0.01)
+    real = JournalWriter.append_cut
+    failures = [2]
+    handed: list[str] = []
+
+    def flaky(self: JournalWriter, cut: Any, callback: Any) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.EIO, "injected")
+        real(self, cut, callback)
+
+    monkeypatch.setattr(JournalWriter, "append_cut", flaky)
+
+    async def main() -> Rig:
+        rig = Rig(tmp_path / "data")
+        configure(rig, batchSize=30)
+        pipeline = await rig.start()
+        assert pipeline.flusher is not None
+        submit = pipeline.flusher.submit
+
+        def record(batch: Any) -> None:
+            handed.append(batch.batch_id)
+            submit(batch)
+
+        assert pipeline.cuts is not None
+        pipeline.cuts._hand_over = record  # what the flusher is handed, in that order
+        await rig.add(90)
+        await asyncio.wait_for(pipeline.flush(), 30)
+        assert pipeline.counters["journalErrors"] == 2
+        await rig.stop()
+        return rig
+
+    rig = asyncio.run(main())
+    rig.check("aggregated")
+    assert handed == sorted(handed) and len(handed) == 3
+    cuts = [
+        r["b"]
+        for seg in list_segments(rig.layout.journal)
+        for r in map(unframe, seg.read_bytes().splitlines(keepends=True))
+        if r is not None and r["k"] == "c"
+    ]
+    assert sorted(cuts) == handed
+
+
+def test_entries_before_a_journaled_cut_are_cut_apart_from_it() -> None:
+    """A later cut reached the journal and an earlier one did not (its write failed before a
+    crash): the entries before the journaled cut are cut fresh, never into it."""
+    agg = Aggregator(
+        FlushPolicy(
+            batch_size=50,
+            max_age_s=3600,
+            max_batch_bytes=1 << 20,
+            threshold_bytes=1 << 20,
+            memory_window=1000,
+            max_buffered_entries=10**6,
+            max_buffered_bytes=1 << 30,
+        )
+    )
+    agg.replay.append(Cut("0000000000005_000000000011", 11, 20, "manual", 77))
+    agg.load_run(
+        1, 5, 0.0, [b'{"n":%d}' % i for i in range(1, 26)], [f"e{i}" for i in range(1, 26)]
+    )
+    first, second = agg.cut_due(0.0, now_ms=99)
+    assert (first.first_seq, first.last_seq, first.trigger) == (1, 10, "age")
+    assert (second.batch_id, second.first_seq, second.last_seq) == (
+        "0000000000005_000000000011",
+        11,
+        20,
+    )
+    assert (second.trigger, second.timestamp_ms, second.replayed) == ("manual", 77, True)
+    assert agg.cut_due(0.0, now_ms=99) == [], "the rest waits for its own trigger"
+    (rest,) = agg.cut_all("manual", now_ms=99)
+    assert (rest.first_seq, rest.last_seq, rest.replayed) == (21, 25, False)
