@@ -48,6 +48,8 @@ def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
             # A newer flowagg stored this batch: writing it again would replace its file.
             log.warning("batch %s: %s is of a newer format; taken as stored", batch.batch_id, path)
             return path
+        except FileNotFoundError:
+            continue  # moved meanwhile (recovery completing a failed copy): look at the rest
         except (CorruptBatch, OSError, KeyError, TypeError) as exc:
             reason = f"stored batch unreadable ({exc}); written again from its journaled cut"
         else:
