@@ -33,7 +33,7 @@ from flowagg.client import write_spool_file
 from flowagg.journal import list_segments
 from flowagg.layout import Layout
 from flowagg.storage import CorruptBatch, iter_batch_files, read_batch
-from tests.harness import BASE_TS, DaemonProc, request, wait_for
+from tests.harness import BASE_TS, DaemonProc, request, wait_for_drain
 
 SETTINGS = {
     "batchSize": 7,
@@ -274,7 +274,7 @@ def crash_loop(
             w.join(60)
             assert not w.is_alive(), f"writer {w.name} did not finish"
         # The spool is acknowledged by rename alone: wait until the daemon took every file.
-        wait_for(lambda: not any(layout.inbox.glob("*.jsonl")), timeout=60)
+        wait_for_drain(lambda: sum(1 for _ in layout.inbox.glob("*.jsonl")))
         reply = request(layout.socket, {"op": "flush"})
         assert reply.get("ok"), reply
         before_stop()
