@@ -9,13 +9,22 @@ uid are the operator: their connections come from a budget of their own, so no m
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
 import os
 import socket
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
+
+import orjson
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# A refused uid is logged once per this many seconds: a flood of refusals is counted in
+# status, not written to the log a line at a time.
+REFUSAL_LOG_INTERVAL_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,3 +140,52 @@ class UidBudget:
 
     def held_bytes(self, uid: int) -> int:
         return self._bytes.get(uid, 0)
+
+
+class AdmittingProtocol(asyncio.StreamReaderProtocol):
+    """A stream whose connection is admitted when it is accepted, before its transport reads:
+    `admit` returns None to serve it, or the one reply a refused peer gets."""
+
+    def __init__(
+        self,
+        admit: Callable[[asyncio.BaseTransport], dict[str, Any] | None],
+        serve: Any,
+        limit: int,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(asyncio.StreamReader(limit=limit, loop=loop), serve, loop=loop)
+        self._admit = admit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        refusal = self._admit(transport)
+        if refusal is None:
+            super().connection_made(transport)
+            return
+        # The transport has not read yet and never will: one line says why, then it closes.
+        writing = cast(asyncio.WriteTransport, transport)
+        with contextlib.suppress(OSError):
+            writing.write(orjson.dumps(refusal) + b"\n")
+        writing.close()
+
+
+class RefusalLog:
+    """Warnings about refused peers, at most one per uid per REFUSAL_LOG_INTERVAL_S."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self._last: dict[int, float] = {}
+
+    def warn(self, peer: Peer, reason: str) -> None:
+        now = asyncio.get_running_loop().time()
+        last = self._last.get(peer.uid)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL_S:
+            return
+        if len(self._last) > 1024:
+            self._last.clear()  # uids are few; this only bounds a pathological run
+        self._last[peer.uid] = now
+        self._log.warning(
+            "refused a request from %s: %s (repeats within %g s are only counted)",
+            peer,
+            reason,
+            REFUSAL_LOG_INTERVAL_S,
+        )

@@ -23,13 +23,13 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
 from .entries import short_repr
 from .errors import RootUnusableError
-from .peers import UNKNOWN_PEER, Peer, UidBudget, peer_of
+from .peers import UNKNOWN_PEER, AdmittingProtocol, Peer, RefusalLog, UidBudget, peer_of
 from .request_shape import CONTAINERS_PER_ENTRY, PRECHECK_BYTES, largest_top_array, request_shape
 
 __all__ = ["Peer", "SocketServer", "largest_top_array", "request_shape", "stopping_reply"]
@@ -44,30 +44,6 @@ STOPPING_RETRY_AFTER_MS = 1000
 # Reads are taken in pieces this size, so every byte held for a request is counted against
 # its uid as it arrives; the stream's own buffer stops reading from the socket at twice this.
 READ_CHUNK = 64 << 10
-# A refused uid is logged once per this many seconds: a flood of refusals is counted in
-# status, not written to the log a line at a time.
-REFUSAL_LOG_INTERVAL_S = 60.0
-
-
-class _Gate(asyncio.StreamReaderProtocol):
-    """Admits a connection when it is accepted, before its transport reads from the socket."""
-
-    def __init__(self, server: SocketServer) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=READ_CHUNK, loop=loop)
-        super().__init__(reader, server._serve, loop=loop)
-        self._server = server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        refusal = self._server._admit(transport)
-        if refusal is None:
-            super().connection_made(transport)
-            return
-        # The transport has not read yet and never will: one line says why, then it closes.
-        writing = cast(asyncio.WriteTransport, transport)
-        with contextlib.suppress(OSError):
-            writing.write(orjson.dumps(refusal) + b"\n")
-        writing.close()
 
 
 class _Timeout(Exception):
@@ -113,7 +89,7 @@ class SocketServer:
         self._busy: dict[asyncio.Task[Any], asyncio.Future[dict[str, Any]]] = {}
         # Admitted connections whose task has not started yet, by transport.
         self._admitted: dict[asyncio.BaseTransport, Peer] = {}
-        self._refusals_logged: dict[int, float] = {}
+        self._refusal_log = RefusalLog(log)
         self._stopping = False
         self.requests = 0
         self.bad_requests = 0
@@ -163,7 +139,10 @@ class SocketServer:
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
         try:
             loop = asyncio.get_running_loop()
-            server = await loop.create_unix_server(lambda: _Gate(self), path=str(self.path))
+            server = await loop.create_unix_server(
+                lambda: AdmittingProtocol(self._admit, self._serve, READ_CHUNK),
+                path=str(self.path),
+            )
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, "error")
             raise RootUnusableError(
@@ -241,7 +220,7 @@ class SocketServer:
         refusal = self.budget.open_refusal(peer)
         if refusal is not None:
             self.refused_connections += 1
-            self._log_refusal(peer, refusal.partition(":")[0])
+            self._refusal_log.warn(peer, refusal.partition(":")[0])
             return _error(refusal)
         self._admitted[transport] = peer
         return None
@@ -343,30 +322,15 @@ class SocketServer:
 
     def _not_allowed(self, peer: Peer) -> dict[str, Any]:
         self.refused_peers += 1
-        self._log_refusal(peer, "not in allowedUids (closed at connect, nothing read)")
+        self._refusal_log.warn(peer, "not in allowedUids (closed at connect, nothing read)")
         return _error(
             f"not_allowed: uid {peer.uid} is not in this daemon's allowedUids; ask its admin"
             " to add it"
         )
 
-    def _log_refusal(self, peer: Peer, reason: str) -> None:
-        now = asyncio.get_running_loop().time()
-        last = self._refusals_logged.get(peer.uid)
-        if last is not None and now - last < REFUSAL_LOG_INTERVAL_S:
-            return
-        if len(self._refusals_logged) > 1024:
-            self._refusals_logged.clear()  # uids are few; this only bounds a pathological run
-        self._refusals_logged[peer.uid] = now
-        log.warning(
-            "refused a request from %s: %s (repeats within %g s are only counted)",
-            peer,
-            reason,
-            REFUSAL_LOG_INTERVAL_S,
-        )
-
     def _over_pending(self, peer: Peer) -> dict[str, Any]:
         self.over_pending_bytes += 1
-        self._log_refusal(peer, "over maxPendingBytesPerUid")
+        self._refusal_log.warn(peer, "over maxPendingBytesPerUid")
         limit = self.budget.per_uid_bytes
         return _error(
             f"too_much_pending: uid {peer.uid} holds {self.budget.held_bytes(peer.uid)} bytes of"

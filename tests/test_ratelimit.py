@@ -145,3 +145,19 @@ def test_the_client_gives_up_with_a_clear_message(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0
     assert sum(stored_id_counts(root).values()) == 1
+
+
+def test_a_claimed_user_id_is_counted_within_the_senders_uid() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock)
+    assert limiter.split(_user("alice", 8), _peer(1, uid=1001))[0] == [5, 6, 7]
+    assert limiter.split(_user("alice", 5), _peer(2, uid=1000))[0] == []  # alice's own bucket
+
+
+def test_the_uid_bucket_holds_across_processes_and_reconnects() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, per_user=0.0, per_uid=1.0)
+    assert limiter.split(_user("a", 3) + _user("b", 3), _peer(1))[0] == [5]
+    assert limiter.split(_user("c", 1), _peer(2))[0] == [0]  # another process, the same uid
+    assert limiter.split(_user("c", 5), _peer(2, uid=1001))[0] == []  # another uid
+    assert limiter.status()["uids"] == 2
