@@ -22,6 +22,7 @@ from typing import Any
 
 from .compression import COMPRESSIONS, zstd_module
 from .errors import ConfigError
+from .masking import redact_url
 from .redact import DEFAULT_KEYS, compile_patterns
 
 
@@ -48,7 +49,18 @@ SETTINGS: dict[str, Setting] = {
     "maxRequestEntries": Setting(
         10_000, int, 1, 10_000_000, "entries in one socket request; more are refused"
     ),
-    "maxConnections": Setting(256, int, 1, 100_000, "socket connections open at once"),
+    "maxConnections": Setting(
+        256, int, 1, 100_000, "socket connections open at once (root and the daemon's user apart)"
+    ),
+    "maxConnectionsPerUid": Setting(
+        32, int, 1, 100_000, "socket connections one other uid may hold open at once"
+    ),
+    "maxPendingBytesPerUid": Setting(
+        64 << 20, int, 1024, 1 << 40, "unanswered socket request bytes one other uid may hold"
+    ),
+    "partialRequestTimeoutMs": Setting(
+        10_000, int, 100, 3_600_000, "a socket request line must end this long after it starts"
+    ),
     "shutdownTimeoutMs": Setting(
         30_000, int, 100, 3_600_000, "SIGTERM exits within this; the rest stays journaled"
     ),
@@ -114,7 +126,10 @@ SETTINGS: dict[str, Setting] = {
     ),
     "rateLimitPerUser": Setting(0.0, float, 0, 1e9, "entries per second per userId (0: no limit)"),
     "rateLimitPerConnection": Setting(
-        0.0, float, 0, 1e9, "entries per second per socket connection (0: no limit)"
+        0.0, float, 0, 1e9, "entries per second per client process, uid and pid (0: no limit)"
+    ),
+    "rateLimitPerUid": Setting(
+        0.0, float, 0, 1e9, "entries per second per peer uid, all its processes (0: no limit)"
     ),
     "rateLimitBurst": Setting(1000, int, 1, 1 << 40, "entries a rate limit lets through at once"),
     "rateLimitUsers": Setting(
@@ -458,15 +473,18 @@ def config_warnings(config: Config) -> list[str]:
 
 
 def _check_url(url: str, source: str) -> None:
+    # The URL may carry a token: messages show it through redact_url, never as written.
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigError(f"sinkUrl ({source}): {url!r} is not a URL ({exc}); fix it") from None
+    except ValueError:
+        raise ConfigError(
+            f"sinkUrl ({source}): not a URL (a bad port, or an unclosed [ in the host); fix it"
+        ) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
             f"sinkUrl ({source}): sinkType is http, so sinkUrl must be an http:// or https://"
-            f" URL with a host, got {url!r}"
+            f" URL with a host, got {redact_url(url)!r}"
         )
 
 

@@ -212,6 +212,9 @@ class Daemon:
             max_request_bytes=self.config.max_request_bytes,
             max_request_entries=self.config.max_request_entries,
             max_connections=self.config.max_connections,
+            max_connections_per_uid=self.config.max_connections_per_uid,
+            max_pending_bytes_per_uid=self.config.max_pending_bytes_per_uid,
+            partial_request_timeout_s=self.config.partial_request_timeout_ms / 1000,
             group=self.layout.group,
             allowed_uids=self.config.allowed_uids,
         )
@@ -461,7 +464,12 @@ class Daemon:
         if self.spool is not None:
             self.spool.rescan_s = config.spool_rescan_ms / 1000
         if self.server is not None:
-            self.server.allowed_uids = config.allowed_uids
+            self.server.reconfigure(
+                allowed_uids=config.allowed_uids,
+                max_connections_per_uid=config.max_connections_per_uid,
+                max_pending_bytes_per_uid=config.max_pending_bytes_per_uid,
+                partial_request_timeout_s=config.partial_request_timeout_ms / 1000,
+            )
         logging.getLogger("flowagg").setLevel(config.log_level)
         if self._scheduler is not None:
             reschedule(self._scheduler, config, changed)

@@ -13,7 +13,9 @@ from .audit import audit
 from .config import SETTINGS, Config
 from .entries import short_repr
 from .fsutil import count_files
+from .masking import mask_config_report, mask_report
 from .metrics import render, snapshot
+from .peers import privileged
 from .ratelimit import add_limited
 from .recovery import check_batch_id, undelivered_lag_ms
 from .server import Peer, stopping_reply
@@ -45,7 +47,7 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
         if daemon.stopping:
             return stopping_reply()
         if daemon.limiter.active:
-            return await add_limited(daemon.pipeline.add, daemon.limiter, entries, peer.conn)
+            return await add_limited(daemon.pipeline.add, daemon.limiter, entries, peer)
         return (await daemon.pipeline.add(entries)).reply()
     if op == "ping":
         return {"ok": True}
@@ -54,7 +56,7 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
         audit_reply("flush", reply, peer, ("batches", "entries"))
         return reply
     if op == "status":
-        return {"ok": True, **daemon_status(daemon)}
+        return {"ok": True, **shown_to(peer, daemon, daemon_status(daemon))}
     if op == "recover":
         batch = request.get("batch")
         if batch is not None and not isinstance(batch, str):
@@ -73,7 +75,7 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
         audit_reply(event, reply, peer, RECOVERY_FIELDS)
         return reply
     if op == "health":
-        return {"ok": True, **daemon.health_snapshot()}
+        return {"ok": True, **shown_to(peer, daemon, daemon.health_snapshot())}
     if op == "reload":
         return daemon.reload(peer)
     if op == "metrics":
@@ -83,12 +85,19 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
         )
         return {"ok": True, "text": text.decode()}
     if op == "config":
-        return {"ok": True, **config_report(daemon.config)}
+        report = config_report(daemon.config)
+        return {"ok": True, **(report if privileged(peer) else mask_config_report(report))}
     return {
         "ok": False,
         "error": f"unknown op {short_repr(op)}; use add, flush, recover, status, health,"
         " reload, config, metrics or ping",
     }
+
+
+def shown_to(peer: Peer, daemon: Daemon, doc: dict[str, Any]) -> dict[str, Any]:
+    """`status` or `health` as this peer may see it: whole for root and the daemon's own user,
+    with the sink's credentials and errors masked for everyone else."""
+    return doc if privileged(peer) else mask_report(doc, dict(daemon.config.values))
 
 
 RECOVERY_FIELDS = ("requeued", "recovered", "failedAgain", "abandoned", "quarantined")

@@ -4,22 +4,23 @@ Nothing a client sends can crash the daemon: malformed JSON, a non-object, an un
 an oversized line each get `{"ok": false, "error": ...}`. After an oversized line the
 connection is closed (its remainder cannot be framed); other errors leave it usable.
 
-What one client can cost is bounded: `maxConnections` open at once (the next one gets one
-error line and is closed), and a stop never waits on a client: idle connections are closed,
-requests in progress get a short grace and are then answered `stopping`.
+What one client can cost is bounded (SPEC §11): the peer's uid is taken from the kernel
+(SO_PEERCRED) when the connection is accepted, before anything is read from it, and a uid
+outside `allowedUids`, or over its connection cap, gets one error line and a closed socket.
+Bytes of requests not yet answered are counted per uid (`maxPendingBytesPerUid`), a request
+line must end within `partialRequestTimeoutMs` of its first byte, and root and the daemon's
+own user have a connection budget no other uid can use up (see peers.py). A stop never waits
+on a client: idle connections are closed, requests in progress get a short grace and are then
+answered `stopping`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
-import re
-import socket
-import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -28,83 +29,25 @@ import orjson
 
 from .entries import short_repr
 from .errors import RootUnusableError
+from .peers import UNKNOWN_PEER, AdmittingProtocol, Peer, RefusalLog, UidBudget, peer_of
+from .request_shape import CONTAINERS_PER_ENTRY, PRECHECK_BYTES, largest_top_array, request_shape
+
+__all__ = ["Peer", "SocketServer", "largest_top_array", "request_shape", "stopping_reply"]
 
 log = logging.getLogger("flowagg.server")
 
 SOCKET_MODE = 0o600
 GROUP_SOCKET_MODE = 0o660
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 STOPPING_RETRY_AFTER_MS = 1000
-# Lines from this size on are measured before they are parsed: a parse costs ~14 bytes of
-# memory per byte of tiny values (`[0,0,...]`), so 16 MiB of them would cost ~230 MB.
-PRECHECK_BYTES = 1 << 20
-# Past this many arrays and objects per allowed entry a request is refused unparsed: each
-# container costs a Python object, and a line of `[],[],...` would cost ~40 bytes per byte.
-CONTAINERS_PER_ENTRY = 16
-MAX_DEPTH = 1024  # orjson refuses deeper documents anyway
-_STRING = re.compile(rb'"[^"]*"')
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
-_STRUCTURE = re.compile(rb"[\[\]{}]|,+")
+# Reads are taken in pieces this size, so every byte held for a request is counted against
+# its uid as it arrives; the stream's own buffer stops reading from the socket at twice this.
+READ_CHUNK = 64 << 10
 
 
-def request_shape(line: bytes) -> bytes:
-    """The structure of a JSON line (brackets, braces, commas), strings removed, in linear time.
-
-    Escapes go first (an escaped backslash, then an escaped quote), so every quote left opens or
-    closes a string and `"[^"]*"` never backtracks: a line full of `\\"` stays linear.
-    """
-    unescaped = line.replace(b"\\\\", b"").replace(b'\\"', b"")
-    return _STRING.sub(b"", unescaped).translate(None, _NOT_STRUCTURE)
-
-
-def largest_top_array(shape: bytes) -> int:
-    """Elements of the largest array directly inside the request object (see request_shape).
-
-    A run of commas is one match, so a million scalars cost one step.
-    """
-    depth = commas = largest = 0
-    in_array = False
-    for match in _STRUCTURE.finditer(shape):
-        token = match.group()
-        if token in (b"[", b"{"):
-            depth += 1
-            if depth > MAX_DEPTH:
-                break
-            if depth == 2:
-                in_array, commas = token == b"[", 0
-        elif token in (b"]", b"}"):
-            depth -= 1
-        elif depth == 2 and in_array:
-            commas += len(token)
-            largest = max(largest, commas + 1)
-    return largest
-
-
-@dataclasses.dataclass(frozen=True)
-class Peer:
-    """Who is on the other end of a connection, as the kernel saw it at connect time."""
-
-    pid: int
-    uid: int
-    gid: int
-    conn: int = 0  # this connection's number in the daemon's run (rate limits key on it)
-
-    def __str__(self) -> str:
-        return f"uid {self.uid} gid {self.gid} pid {self.pid}"
-
-
-UNKNOWN_PEER = Peer(0, -1, -1)
-
-
-def peer_of(writer: asyncio.StreamWriter, conn: int = 0) -> Peer:
-    sock = writer.get_extra_info("socket")
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    except (AttributeError, OSError):
-        return dataclasses.replace(UNKNOWN_PEER, conn=conn)
-    return Peer(*_UCRED.unpack(raw), conn=conn)
+class _Timeout(Exception):
+    pass
 
 
 Handler = Callable[[dict[str, Any], Peer], Awaitable[dict[str, Any]]]
@@ -119,32 +62,65 @@ class SocketServer:
         max_request_bytes: int,
         max_request_entries: int,
         max_connections: int,
+        max_connections_per_uid: int | None = None,
+        max_pending_bytes_per_uid: int | None = None,
+        partial_request_timeout_s: float = 10.0,
         group: int | None = None,
         allowed_uids: tuple[int, ...] = (),
     ) -> None:
         self.path = path
         self.handler = handler
         self.group = group
-        self.allowed_uids = allowed_uids
         self.max_request_bytes = max_request_bytes
         self.max_request_entries = max_request_entries
         self.max_connections = max_connections
+        self.budget = UidBudget(
+            max_connections=max_connections, per_uid_connections=1, per_uid_bytes=1
+        )
+        self.reconfigure(
+            allowed_uids=allowed_uids,
+            max_connections_per_uid=max_connections_per_uid or max_connections,
+            max_pending_bytes_per_uid=max_pending_bytes_per_uid or max_request_bytes,
+            partial_request_timeout_s=partial_request_timeout_s,
+        )
         self._server: asyncio.AbstractServer | None = None
         # Open connections (their tasks), and the request each one is busy with.
         self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
         self._busy: dict[asyncio.Task[Any], asyncio.Future[dict[str, Any]]] = {}
+        # Admitted connections whose task has not started yet, by transport.
+        self._admitted: dict[asyncio.BaseTransport, Peer] = {}
+        self._refusal_log = RefusalLog(log)
         self._stopping = False
         self.requests = 0
         self.bad_requests = 0
         self.too_many_entries = 0
         self.refused_connections = 0
         self.refused_peers = 0
+        self.timed_out_requests = 0
+        self.over_pending_bytes = 0
         self._accepted = 0
         self._inode: int | None = None
 
+    def reconfigure(
+        self,
+        *,
+        allowed_uids: tuple[int, ...],
+        max_connections_per_uid: int,
+        max_pending_bytes_per_uid: int,
+        partial_request_timeout_s: float,
+    ) -> None:
+        """The settings a reload may change; connections already open keep their slots."""
+        self.allowed_uids = allowed_uids
+        self.budget.per_uid_connections = max_connections_per_uid
+        # One request of maxRequestBytes (and the start of the next) must always fit.
+        self.budget.per_uid_bytes = max(
+            max_pending_bytes_per_uid, self.max_request_bytes + READ_CHUNK
+        )
+        self.partial_request_timeout_s = partial_request_timeout_s
+
     @property
     def connections(self) -> int:
-        return len(self._conns)
+        return self.budget.connections
 
     async def start(self) -> None:
         size = len(os.fsencode(self.path))
@@ -162,8 +138,10 @@ class SocketServer:
     async def _listen(self) -> asyncio.AbstractServer:
         old_umask = os.umask(0o177)  # the socket is born 0600: no window where others connect
         try:
-            server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=self.max_request_bytes
+            loop = asyncio.get_running_loop()
+            server = await loop.create_unix_server(
+                lambda: AdmittingProtocol(self._admit, self._serve, READ_CHUNK),
+                path=str(self.path),
             )
         except OSError as exc:
             code = errno.errorcode.get(exc.errno or 0, "error")
@@ -230,47 +208,100 @@ class SocketServer:
             writer.transport.abort()  # a client that does not read its reply
             conn.cancel()
 
+    def _admit(self, transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+        """Called as a connection is accepted: None admits it, else the one reply it gets."""
+        self._accepted += 1
+        peer = peer_of(transport.get_extra_info("socket"), self._accepted)
+        if self._stopping:
+            self.refused_connections += 1
+            return stopping_reply()
+        if not self._allowed(peer):
+            return self._not_allowed(peer)
+        refusal = self.budget.open_refusal(peer)
+        if refusal is not None:
+            self.refused_connections += 1
+            self._refusal_log.warn(peer, refusal.partition(":")[0])
+            return _error(refusal)
+        self._admitted[transport] = peer
+        return None
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = asyncio.current_task()
         assert conn is not None
-        if self._stopping or len(self._conns) >= self.max_connections:
-            await self._refuse(writer)
-            return
-        self._accepted += 1
-        peer = peer_of(writer, self._accepted)
+        peer = self._admitted.pop(writer.transport)
         self._conns[conn] = writer
+        held = 0  # bytes read for requests not answered yet, counted against the peer's uid
         try:
+            pieces: list[bytes] = []  # the unfinished line
+            size = 0
+            deadline = 0.0
             while not self._stopping:
                 try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as exc:
-                    if exc.partial.strip():
-                        await self._reply(writer, _error("request is not terminated by a newline"))
-                    return
-                except asyncio.LimitOverrunError:
-                    self.bad_requests += 1
+                    data = await self._read(reader, deadline if size else None)
+                except _Timeout:
+                    self.timed_out_requests += 1
+                    timeout_ms = round(self.partial_request_timeout_s * 1000)
                     await self._reply(
                         writer,
                         _error(
-                            f"request_too_large: over maxRequestBytes={self.max_request_bytes};"
-                            " split it into smaller requests"
+                            f"request_timeout: a request line was not finished within"
+                            f" partialRequestTimeoutMs={timeout_ms}; send whole lines, each"
+                            " ending in a newline"
                         ),
                     )
                     return
-                if not line.strip():
-                    continue
-                if not self._allowed(peer):
-                    # Answered after a request arrives, so the client reads the reason instead
-                    # of a reset connection.
-                    await self._reply(writer, self._not_allowed(peer))
+                if not data:
+                    if b"".join(pieces).strip():
+                        await self._reply(writer, _error("request is not terminated by a newline"))
                     return
-                await self._reply(writer, await self._answer(conn, line, peer))
+                if not self.budget.take_bytes(peer, len(data)):
+                    await self._reply(writer, self._over_pending(peer))
+                    return
+                held += len(data)
+                if not size:
+                    deadline = asyncio.get_running_loop().time() + self.partial_request_timeout_s
+                start = 0
+                while (end := data.find(b"\n", start)) >= 0:
+                    line = (
+                        b"".join([*pieces, data[start : end + 1]])
+                        if pieces
+                        else data[start : end + 1]
+                    )
+                    pieces, size, start = [], 0, end + 1
+                    if len(line) - 1 > self.max_request_bytes:  # the newline is free
+                        await self._reply(writer, self._too_large())
+                        return
+                    if line.strip():
+                        await self._reply(writer, await self._answer(conn, line, peer))
+                    self.budget.release_bytes(peer, len(line))
+                    held -= len(line)
+                    if self._stopping:
+                        return
+                    deadline = asyncio.get_running_loop().time() + self.partial_request_timeout_s
+                if start < len(data):
+                    pieces.append(data[start:] if start else data)
+                    size += len(data) - start
+                    if size > self.max_request_bytes:
+                        await self._reply(writer, self._too_large())
+                        return
         except (ConnectionError, asyncio.CancelledError):
             return
         finally:
+            self.budget.release_bytes(peer, held)
+            self.budget.close(peer)
             self._conns.pop(conn, None)
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _read(self, reader: asyncio.StreamReader, deadline: float | None) -> bytes:
+        """The next bytes; _Timeout past the deadline of a line already started."""
+        if deadline is None:
+            return await reader.read(READ_CHUNK)
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(reader.read(READ_CHUNK), max(left, 0.0))
+        except TimeoutError:
+            raise _Timeout from None
 
     async def _answer(self, conn: asyncio.Task[Any], line: bytes, peer: Peer) -> dict[str, Any]:
         """Run one request in its own task, so a stop can answer for it without waiting."""
@@ -291,10 +322,27 @@ class SocketServer:
 
     def _not_allowed(self, peer: Peer) -> dict[str, Any]:
         self.refused_peers += 1
-        log.warning("refused a request from %s: not in allowedUids", peer)
+        self._refusal_log.warn(peer, "not in allowedUids (closed at connect, nothing read)")
         return _error(
             f"not_allowed: uid {peer.uid} is not in this daemon's allowedUids; ask its admin"
             " to add it"
+        )
+
+    def _over_pending(self, peer: Peer) -> dict[str, Any]:
+        self.over_pending_bytes += 1
+        self._refusal_log.warn(peer, "over maxPendingBytesPerUid")
+        limit = self.budget.per_uid_bytes
+        return _error(
+            f"too_much_pending: uid {peer.uid} holds {self.budget.held_bytes(peer.uid)} bytes of"
+            f" unanswered requests, over maxPendingBytesPerUid={limit}; send fewer requests at"
+            " once or ask the daemon's admin to raise maxPendingBytesPerUid"
+        )
+
+    def _too_large(self) -> dict[str, Any]:
+        self.bad_requests += 1
+        return _error(
+            f"request_too_large: over maxRequestBytes={self.max_request_bytes};"
+            " split it into smaller requests"
         )
 
     def _too_many_entries(self, count: int) -> dict[str, Any]:
@@ -307,20 +355,6 @@ class SocketServer:
             " split the request",
             "maxRequestEntries": limit,
         }
-
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
-        self.refused_connections += 1
-        if self._stopping:
-            reply = stopping_reply()
-        else:
-            reply = _error(
-                f"too_many_connections: {len(self._conns)} open, over"
-                f" maxConnections={self.max_connections}; raise maxConnections or reuse"
-                " connections"
-            )
-        with contextlib.suppress(ConnectionError):
-            await self._reply(writer, reply)
-        writer.close()
 
     async def _handle_line(self, line: bytes, peer: Peer = UNKNOWN_PEER) -> dict[str, Any]:
         self.requests += 1

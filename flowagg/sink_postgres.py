@@ -58,8 +58,44 @@ def check_table(table: str, source: str = "sinkTable") -> str:
     return table
 
 
+# libpq's secret parameters: those it marks "*" (password-like: never shown) in PQconndefaults,
+# and the SCRAM keys it marks as debug options, which stand in for the password. Asked of the
+# installed libpq too (dsn_secret_keys), so a newer one's secrets are known without a release.
+SECRET_DSN_KEYS = frozenset(
+    ("password", "sslpassword", "oauth_client_secret", "scram_client_key", "scram_server_key")
+)
+# A libpq parse error quotes pieces of the DSN, which may be pieces of a secret: only these
+# fragments (separators it names) are shown as they are; anything else quoted becomes "…".
+_QUOTED = re.compile(r'"([^"]*)"')
+_SHOWN_FRAGMENTS = frozenset(("=", "]", "?", "&", ":", "/", "@"))
+
+
+def dsn_secret_keys() -> frozenset[str]:
+    try:
+        from psycopg import pq
+
+        marked = {
+            option.keyword.decode()
+            for option in pq.Conninfo.get_defaults()
+            if option.dispchar == b"*"
+        }
+    except Exception:  # no libpq here: the list above is what is known
+        marked = set()
+    return SECRET_DSN_KEYS | marked
+
+
+def safe_dsn_error(message: str) -> str:
+    """libpq's first line with every quoted piece of the DSN hidden."""
+
+    def hide(match: re.Match[str]) -> str:
+        return match.group(0) if match.group(1) in _SHOWN_FRAGMENTS else '"…"'
+
+    return _QUOTED.sub(hide, message)
+
+
 def check_dsn(dsn: str, source: str = "sinkDsn") -> None:
-    """A DSN libpq can parse, and without a password: that goes in PGPASSFILE or PGPASSWORD."""
+    """A DSN libpq can parse, and without a secret: a password goes in PGPASSFILE or
+    PGPASSWORD, other secrets in a service file (PGSERVICEFILE)."""
     psycopg = import_psycopg()
     if not dsn:
         raise ConfigError(
@@ -70,17 +106,25 @@ def check_dsn(dsn: str, source: str = "sinkDsn") -> None:
         params = psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
-            f"sinkDsn ({source}): not a libpq connection string or URL ({_first_line(exc)})"
+            f"sinkDsn ({source}): not a libpq connection string or URL"
+            f" ({safe_dsn_error(_first_line(exc))}); fix its syntax"
         ) from None
-    if params.get("password"):
+    held = sorted(key for key in dsn_secret_keys() if params.get(key))
+    if held:
+        where = (
+            "PGPASSFILE (~/.pgpass) or PGPASSWORD"
+            if held == ["password"]
+            else "a service file (PGSERVICEFILE, then service=<name> in sinkDsn)"
+        )
+        what = "a password" if held == ["password"] else f"a secret ({', '.join(held)})"
         raise ConfigError(
-            f"sinkDsn ({source}): holds a password, which would be shown and stored in the"
-            " clear; remove it and use PGPASSFILE (~/.pgpass) or PGPASSWORD instead"
+            f"sinkDsn ({source}): holds {what}, which would be shown and stored in the clear;"
+            f" remove it and use {where} instead"
         )
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN as it may be shown: key=value form, any password replaced."""
+    """The DSN as it may be shown: key=value form, every secret parameter replaced."""
     try:
         from psycopg.conninfo import conninfo_to_dict
     except ImportError:
@@ -89,9 +133,8 @@ def redact_dsn(dsn: str) -> str:
         params = conninfo_to_dict(dsn)
     except Exception:
         return "(unparsable dsn)"
-    if "password" in params:
-        params["password"] = "***"
-    return " ".join(f"{k}={v}" for k, v in params.items())
+    secret = dsn_secret_keys()
+    return " ".join(f"{k}={'***' if k in secret else v}" for k, v in params.items())
 
 
 def quote_table(table: str) -> str:

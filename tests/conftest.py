@@ -8,6 +8,9 @@ import pytest
 from tests.harness import DaemonProc
 from tests.pgserver import PgServer, pg_server, unavailable_reason
 
+# The throwaway accounts (`accounts`, `shared_root`) for the tests of other users' reach.
+pytest_plugins = ["tests.accounts"]
+
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:

@@ -118,7 +118,7 @@ def test_bind_failure_names_the_errno_and_the_run_dir_fix(
     async def refuse(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    monkeypatch.setattr(asyncio, "start_unix_server", refuse)
+    monkeypatch.setattr(asyncio.SelectorEventLoop, "create_unix_server", refuse)
     server = SocketServer(tmp_path / "s.sock", _no_handler, **LIMITS)
     with pytest.raises(RootUnusableError) as caught:
         asyncio.run(server.start())

@@ -1,4 +1,4 @@
-"""Rate limits (SPEC §11): token buckets per userId and per connection, and the client's retry."""
+"""Rate limits (SPEC §11): buckets per uid, process and (uid, userId); the client's retry."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from flowagg.peers import Peer
 from flowagg.ratelimit import RateLimiter, add_limited
 from tests.harness import cli, entry, request, start_daemon, stored_id_counts
 
@@ -25,6 +26,10 @@ def _limiter(clock: FakeClock, **kw: Any) -> RateLimiter:
     return RateLimiter(**settings, clock=clock)
 
 
+def _peer(pid: int = 1, uid: int = 1000) -> Peer:
+    return Peer(pid=pid, uid=uid, gid=uid)
+
+
 def _user(name: str, n: int) -> list[dict[str, Any]]:
     return [{"userId": name}] * n
 
@@ -32,14 +37,14 @@ def _user(name: str, n: int) -> list[dict[str, Any]]:
 def test_a_burst_passes_then_the_rate_refills() -> None:
     clock = FakeClock()
     limiter = _limiter(clock)
-    limited, retry_ms = limiter.split(_user("a", 8), conn=1)
+    limited, retry_ms = limiter.split(_user("a", 8), _peer(1))
     assert limited == [5, 6, 7]
     assert retry_ms == 300  # three tokens at 10/s
     clock.now += 0.2
-    assert limiter.split(_user("a", 3), conn=1)[0] == [2]
+    assert limiter.split(_user("a", 3), _peer(1))[0] == [2]
     clock.now += 10
-    assert limiter.split(_user("a", 5), conn=1)[0] == []  # refilled to the burst, never above
-    assert limiter.split(_user("a", 1), conn=1)[0] == [0]
+    assert limiter.split(_user("a", 5), _peer(1))[0] == []  # refilled to the burst, never above
+    assert limiter.split(_user("a", 1), _peer(1))[0] == [0]
     assert limiter.limited_entries == 5
 
 
@@ -47,20 +52,21 @@ def test_users_are_limited_apart_and_the_connection_limits_them_all() -> None:
     clock = FakeClock()
     limiter = _limiter(clock)
     entries = _user("a", 6) + _user("b", 6) + [{"userId": 7}, "junk"]
-    assert limiter.split(entries, conn=1)[0] == [5, 11]
+    assert limiter.split(entries, _peer(1))[0] == [5, 11]
     limiter = _limiter(clock, per_user=0.0, per_connection=1.0)
-    assert limiter.split(entries, conn=1)[0] == list(range(5, 14))
-    assert limiter.split(entries[:5], conn=2)[0] == []  # another connection, another bucket
+    assert limiter.split(entries, _peer(1))[0] == list(range(5, 14))
+    assert limiter.split(entries[:5], _peer(2))[0] == []  # another process, another bucket
+    assert limiter.split(entries[:1], _peer(1))[0] == [0]  # a reconnect keeps its bucket
 
 
 def test_buckets_are_bounded_by_the_setting_not_by_traffic() -> None:
     clock = FakeClock()
     limiter = _limiter(clock, size=3)
     for i in range(1000):
-        limiter.split(_user(f"u{i}", 5), conn=i)
+        limiter.split(_user(f"u{i}", 5), _peer(i))
     assert limiter.status()["users"] == 3
-    assert limiter.split(_user("u999", 1), conn=1)[0] == [0]  # recent ones are remembered
-    assert limiter.split(_user("u0", 5), conn=1)[0] == []  # the oldest was forgotten
+    assert limiter.split(_user("u999", 1), _peer(1))[0] == [0]  # recent ones are remembered
+    assert limiter.split(_user("u0", 5), _peer(1))[0] == []  # the oldest was forgotten
 
 
 def test_off_means_no_limiter_work() -> None:
@@ -91,7 +97,7 @@ def test_the_reply_names_the_limited_indexes_and_maps_rejections_back() -> None:
 
     limiter = _limiter(FakeClock(), per_user=1.0, burst=2)
     entries = [{"userId": "a"}, {"userId": "b"}, {"userId": "a"}, {"userId": "a"}, {"bad": 1}]
-    reply = asyncio.run(add_limited(add, limiter, entries, conn=1))
+    reply = asyncio.run(add_limited(add, limiter, entries, _peer(1)))
     assert sent == [[entries[0], entries[1], entries[2], entries[4]]]
     assert reply["ok"] is False and reply["error"] == "rate_limited"
     assert reply["limited"] == [3] and reply["retryAfterMs"] == 1000
@@ -139,3 +145,19 @@ def test_the_client_gives_up_with_a_clear_message(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0
     assert sum(stored_id_counts(root).values()) == 1
+
+
+def test_a_claimed_user_id_is_counted_within_the_senders_uid() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock)
+    assert limiter.split(_user("alice", 8), _peer(1, uid=1001))[0] == [5, 6, 7]
+    assert limiter.split(_user("alice", 5), _peer(2, uid=1000))[0] == []  # alice's own bucket
+
+
+def test_the_uid_bucket_holds_across_processes_and_reconnects() -> None:
+    clock = FakeClock()
+    limiter = _limiter(clock, per_user=0.0, per_uid=1.0)
+    assert limiter.split(_user("a", 3) + _user("b", 3), _peer(1))[0] == [5]
+    assert limiter.split(_user("c", 1), _peer(2))[0] == [0]  # another process, the same uid
+    assert limiter.split(_user("c", 5), _peer(2, uid=1001))[0] == []  # another uid
+    assert limiter.status()["uids"] == 2

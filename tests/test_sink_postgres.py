@@ -243,6 +243,13 @@ def test_sink_init_prints_and_applies_the_ddl(tmp_path: Path, pg: PgServer) -> N
         ({"sinkDsn": "postgresql://u:s3cret@db/x"}, "holds a password"),
         ({"sinkDsn": "host=db password=s3cret"}, "holds a password"),
         ({"sinkDsn": "host='unclosed"}, "not a libpq connection string"),
+        ({"sinkDsn": "host=db sslpassword=s3cret"}, r"holds a secret \(sslpassword\)"),
+        ({"sinkDsn": "postgresql://u@db/x?sslpassword=s3cret"}, "holds a secret"),
+        ({"sinkDsn": "host=db oauth_client_secret=s3cret"}, "holds a secret"),
+        ({"sinkDsn": "postgresql://u:s3cret%ZZ@db/x"}, "invalid percent-encoded token"),
+        ({"sinkDsn": "postgresql://u@db/x?sslpassword=s3cret%00"}, "forbidden value"),
+        ({"sinkDsn": "host=db password=s3cret s3cret"}, "not a libpq connection string"),
+        ({"sinkDsn": "host=db password=x s3cret=1"}, "invalid connection option"),
         ({"sinkDsn": "host=db", "sinkTable": "x; drop"}, "is not a table name"),
     ],
 )
@@ -261,6 +268,12 @@ def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
 def test_redacted_dsn_hides_a_password() -> None:
     shown = redact_dsn("postgresql://me:s3cret@db:5433/x?sslmode=require")
     assert "s3cret" not in shown and "host=db" in shown and "password=***" in shown
+
+
+def test_redacted_dsn_hides_every_libpq_secret() -> None:
+    secret = "host=db sslpassword=s3cret oauth_client_secret=s3cret scram_client_key=s3cret"
+    shown = redact_dsn(secret)
+    assert "s3cret" not in shown and "host=db" in shown and shown.count("=***") == 3
 
 
 def test_permanent_error_class_is_permanent_error(pg: PgServer) -> None:
