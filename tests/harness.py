@@ -160,18 +160,3 @@ def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.02) -> A
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(interval)
-
-
-def wait_for_drain(remaining: Any, stall_s: float = 60.0, interval: float = 0.05) -> None:
-    """Wait until `remaining()` is 0, however long that takes while it keeps going down;
-    fail only when it has not gone down for `stall_s` (a deadline that scales with the
-    backlog, so a slow, loaded machine is not taken for a stuck daemon)."""
-    best = remaining()
-    last_progress = time.monotonic()
-    while best:
-        time.sleep(interval)
-        now_left = remaining()
-        if now_left < best:
-            best, last_progress = now_left, time.monotonic()
-        elif time.monotonic() - last_progress > stall_s:
-            raise TimeoutError(f"{best} left, none taken for {stall_s:.0f} s")

@@ -7,6 +7,7 @@ mounts it over a folder; `clear_cache()` is a synchronous simulated power cut.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import select
 import shutil
@@ -36,7 +37,10 @@ def ensure_lazyfs() -> Path:
     if not Path("/dev/fuse").exists():
         raise LazyFSUnavailable("/dev/fuse is missing: FUSE (and so LazyFS) cannot run here")
     binary = BUILD_DIR / "bin" / "lazyfs"
-    if not binary.exists():
+    if not binary.exists() or not patches_built_in():
+        # A fresh copy of the source, so that a changed patch applies too (CMake then
+        # rebuilds in place).
+        shutil.rmtree(BUILD_DIR / "src", ignore_errors=True)
         try:
             proc = subprocess.run(
                 [str(VENDORED / "build.sh"), str(BUILD_DIR)],
@@ -55,6 +59,24 @@ def ensure_lazyfs() -> Path:
     if shutil.which("fusermount3") is None:
         raise LazyFSUnavailable("fusermount3 is missing (Debian package fuse3): cannot unmount")
     return binary
+
+
+def patches_built_in() -> bool:
+    """Whether the build has exactly the vendored patches (a build from before one was added
+    would still have the bug it fixes; build.sh applies the missing one and rebuilds)."""
+    try:
+        recorded = (BUILD_DIR / "patches.sha256").read_text()
+    except OSError:
+        return False
+    built = {}
+    for line in recorded.splitlines():  # sha256sum's "DIGEST  NAME"
+        digest, _, name = line.partition("  ")
+        built[name] = digest
+    wanted = {
+        patch.name: hashlib.sha256(patch.read_bytes()).hexdigest()
+        for patch in VENDORED.glob("*.patch")
+    }
+    return built == wanted
 
 
 class LazyFS:

@@ -33,7 +33,7 @@ from flowagg.client import write_spool_file
 from flowagg.journal import list_segments
 from flowagg.layout import Layout
 from flowagg.storage import CorruptBatch, iter_batch_files, read_batch
-from tests.harness import BASE_TS, DaemonProc, request, wait_for_drain
+from tests.harness import BASE_TS, DaemonProc, request
 
 SETTINGS = {
     "batchSize": 7,
@@ -274,7 +274,7 @@ def crash_loop(
             w.join(60)
             assert not w.is_alive(), f"writer {w.name} did not finish"
         # The spool is acknowledged by rename alone: wait until the daemon took every file.
-        wait_for_drain(lambda: sum(1 for _ in layout.inbox.glob("*.jsonl")))
+        wait_for_intake(layout)
         reply = request(layout.socket, {"op": "flush"})
         assert reply.get("ok"), reply
         before_stop()
@@ -302,6 +302,22 @@ def crash_loop(
         except CorruptBatch as exc:
             torn.append(f"{path.relative_to(layout.root)}: {exc}")
     return Tally(acked, counts, torn, len(files))
+
+
+def wait_for_intake(layout: Layout, stall_s: float = 60.0) -> None:
+    """Wait until the daemon took every spool file, however many; fail once it takes none for
+    `stall_s`. Long power-loss runs leave thousands behind: each short-lived daemon spends
+    most of its life starting on LazyFS while the spool writer keeps writing."""
+    left = len(list(layout.inbox.glob("*.jsonl")))
+    deadline = time.monotonic() + stall_s
+    while left:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the daemon took no spool file in {stall_s} s; {left} left")
+        time.sleep(0.05)
+        now = len(list(layout.inbox.glob("*.jsonl")))
+        if now < left:
+            deadline = time.monotonic() + stall_s
+        left = now
 
 
 def run_torture(
