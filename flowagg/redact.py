@@ -11,9 +11,9 @@ Keys are compared as Sentry's data scrubber does: normalized, then by substring,
 
 from __future__ import annotations
 
-import functools
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 from .redact_patterns import PatternSet
@@ -56,7 +56,14 @@ def compile_patterns(patterns: Iterable[str], origin: str = "redactPatterns") ->
 
 
 class Redactor:
-    """Counts what it replaced; `reconfigure` keeps the counts across a reload."""
+    """Counts what it replaced; `reconfigure` keeps the counts across a reload.
+
+    Verdicts on short keys, and pattern results on short values, are kept in bounded dicts
+    (KEY_CACHE_SIZE each, the oldest dropped first): metadata repeats the same few keys and
+    values, so the usual cost is one dict lookup, made inline in the loops below. Strict LRU
+    order would need a reorder on every hit, which measured twice the cost of the lookup.
+    Long strings are not kept, so the memory stays bounded whatever is sent.
+    """
 
     def __init__(self, keys: Iterable[str] = DEFAULT_KEYS, patterns: Iterable[str] = ()) -> None:
         self.entries = 0  # entries with at least one redacted value
@@ -66,27 +73,43 @@ class Redactor:
     def reconfigure(self, keys: Iterable[str], patterns: Iterable[str]) -> None:
         # A key of separators only normalizes to "", which every key contains: it names nothing.
         self._needles = tuple(sorted({normalize_key(k) for k in keys} - {""}))
-        self._is_secret = self._secret_cache = _Cached(self._verdict)
+        self._verdicts: OrderedDict[str, bool] = OrderedDict()
         patterns = tuple(patterns)
-        # Short values repeat (task ids, session ids, tags): a kept result saves a scan.
-        self._sub = self._sub_cache = _Cached(compile_patterns(patterns).subn) if patterns else None
+        self._subn = compile_patterns(patterns).subn if patterns else None
+        self._subbed: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
     def _verdict(self, key: str) -> bool:
-        """Whether `key`, normalized, contains one of `redactKeys` normalized."""
+        """Whether `key`, normalized, contains one of `redactKeys` normalized (a cache miss)."""
         normal = normalize_key(key)
-        return any(needle in normal for needle in self._needles)
+        secret = any(needle in normal for needle in self._needles)
+        if len(key) <= KEY_CACHE_LENGTH:
+            _keep(self._verdicts, key, secret)
+        return secret
+
+    def _sub(self, value: str) -> tuple[str, int]:
+        """The patterns applied to one string value: task ids, session ids and tags repeat."""
+        done = self._subbed.get(value)
+        if done is None:
+            assert self._subn is not None
+            done = self._subn(value)
+            if len(value) <= KEY_CACHE_LENGTH:
+                _keep(self._subbed, value, done)
+        return done
 
     @property
     def active(self) -> bool:
-        return bool(self._needles) or self._sub is not None
+        return bool(self._needles) or self._subn is not None
 
     def metadata(self, metadata: dict[str, Any]) -> None:
         """Redact `metadata` in place, at any depth."""
-        if self._sub is None:
+        if self._subn is None:
             # The common case, flat metadata without a secret key, in one pass and no walk.
-            is_secret = self._is_secret
+            verdicts, verdict = self._verdicts, self._verdict
             for key, value in metadata.items():
-                if is_secret(key) or type(value) is dict or type(value) is list:
+                secret = verdicts.get(key)
+                if secret is None:
+                    secret = verdict(key)
+                if secret or type(value) is dict or type(value) is list:
                     break
             else:
                 return
@@ -96,7 +119,8 @@ class Redactor:
             self.values += hits
 
     def _walk(self, root: dict[str, Any]) -> int:
-        is_secret, sub = self._is_secret, self._sub
+        verdicts, verdict = self._verdicts, self._verdict
+        sub = self._sub if self._subn is not None else None
         hits = 0
         stack: list[Any] = [root]
         while stack:
@@ -104,10 +128,14 @@ class Redactor:
             keyed = type(node) is dict
             # Assigning to an existing key or index does not resize, so iterating is safe.
             for key, value in node.items() if keyed else enumerate(node):
-                if keyed and is_secret(key):
-                    node[key] = REDACTED
-                    hits += 1
-                    continue
+                if keyed:
+                    secret = verdicts.get(key)
+                    if secret is None:
+                        secret = verdict(key)
+                    if secret:
+                        node[key] = REDACTED
+                        hits += 1
+                        continue
                 kind = type(value)
                 if kind is dict or kind is list:
                     stack.append(value)
@@ -119,19 +147,7 @@ class Redactor:
         return hits
 
 
-class _Cached:
-    """`func` with its answers for short arguments kept in a bounded LRU: metadata repeats the
-    same few keys and values, so the usual cost is one lookup. Long ones are not kept, so the
-    memory stays at KEY_CACHE_SIZE short strings whatever is sent."""
-
-    __slots__ = ("_func", "_lru")
-
-    def __init__(self, func: Callable[[str], Any]) -> None:
-        self._func = func
-        self._lru = functools.lru_cache(maxsize=KEY_CACHE_SIZE)(func)
-
-    def __call__(self, text: str) -> Any:
-        return self._lru(text) if len(text) <= KEY_CACHE_LENGTH else self._func(text)
-
-    def size(self) -> int:
-        return self._lru.cache_info().currsize
+def _keep(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+    if len(cache) >= KEY_CACHE_SIZE:
+        cache.popitem(last=False)
+    cache[key] = value

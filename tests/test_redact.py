@@ -169,9 +169,8 @@ def test_remembered_verdicts_are_bounded_and_right_for_every_case() -> None:
         redactor.metadata(metadata)
         assert metadata["TOKEN"] == REDACTED and metadata["n"] == "abc"
         assert metadata[f"k{i}"] == re.sub(r"\d{3}", REDACTED, f"v{i}")
-    assert redactor._secret_cache.size() <= redact.KEY_CACHE_SIZE
-    assert redactor._sub_cache is not None
-    assert redactor._sub_cache.size() <= redact.KEY_CACHE_SIZE
+    assert len(redactor._verdicts) <= redact.KEY_CACHE_SIZE
+    assert len(redactor._subbed) <= redact.KEY_CACHE_SIZE
 
 
 def test_flowagg_add_spool_writes_no_secret_either(tmp_path: Path) -> None:
