@@ -108,7 +108,7 @@ SETTINGS: dict[str, Setting] = {
         (), tuple, help="uids the socket serves besides the daemon's own (empty: any that reach it)"
     ),
     "redactKeys": Setting(
-        DEFAULT_KEYS, list, help="metadata keys whose values become [REDACTED] (any depth or case)"
+        DEFAULT_KEYS, list, help="metadata keys (normalized, by substring) whose values are hidden"
     ),
     "redactPatterns": Setting(
         (), list, help="regular expressions redacted inside metadata string values"
