@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 import psutil
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from flowagg.config import load_config
 from flowagg.errors import ConfigError
@@ -111,6 +113,32 @@ def test_only_get_metrics_is_answered_and_bad_requests_do_not_stop_it(
     assert b"application/openmetrics-text" in reply.split(b"\r\n\r\n")[0]
     assert reply.endswith(b"# EOF\n")
     assert "flowagg_buffer_entries" in _scrape(*address)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.tuples(
+            st.sampled_from([b"GET", b"HEAD", b"POST", b"", b"get"]),
+            st.sampled_from([b"/metrics", b"/", b"/metrics?a=b", b"*", b""]),
+            st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"", b"FTP"]),
+            st.binary(max_size=100),
+        ).map(lambda t: b" ".join(t[:3]) + b"\r\n" + t[3]),
+    )
+)
+def test_any_request_head_gets_an_http_answer(head: bytes) -> None:
+    from flowagg.metrics_server import MetricsServer
+
+    server = MetricsServer(lambda accept: (f"x 1 {accept}\n".encode(), "text/plain"))
+    reply = server._answer(head + b"\r\n\r\n")
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.split(b" ")[:2] in (
+        [b"HTTP/1.1", code] for code in (b"200", b"400", b"404", b"405")
+    )
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert b"Connection: close" in headers
+    if not head.startswith(b"HEAD "):
+        assert f"Content-Length: {len(body)}".encode() in headers
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:9464", "[::]:0", "192.0.2.1:9464", "example.org:1"])
