@@ -3,6 +3,7 @@ Sentry's data scrubber catches them, and patterns cannot stall the daemon."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,33 @@ def test_an_adversarial_megabyte_does_not_stall_the_daemon(tmp_path: Path) -> No
             daemon.kill()
     (stored,) = stored_entries(root)
     assert stored["metadata"]["note"] == f"{'a' * (1 << 20)} then mail {REDACTED}"
+
+
+ALPHABET = (
+    "abcXYZ019 _@.+-]\\[:^"
+    "\u00e4\u00f6\u00fc\u00df\u00e9\u00f1\u00e6\u0153"  # Latin letters beyond ASCII
+    "\u65e5\u672c\u03b1\u03b2\u0430\u0431"  # CJK, Greek, Cyrillic
+    "\u0663\u0664\u0968\u00b2\u2460"  # Arabic-Indic and Devanagari digits, superscript, circled
+    "\u00a0\u2003\u3000\t\n\x0b\x1c\u0301"  # spaces of every kind, a combining accent
+)
+SAME_AS_PYTHON = (
+    r"\w+",
+    r"\W+",
+    r"\d+",
+    r"\D+",
+    r"\s+",
+    r"\S+",
+    r"[^\d\s]+",
+    r"[\\\w]+",
+    r"[]\w]+",
+    r"[\w:]+x",
+    EMAIL,
+    r"(?i)[A-Z]\w*",
+)
+
+
+@given(st.sampled_from(SAME_AS_PYTHON), st.text(ALPHABET, max_size=40))
+def test_patterns_match_what_pythons_re_matches(pattern: str, text: str) -> None:
+    metadata = {"v": text}
+    Redactor((), (pattern,)).metadata(metadata)
+    assert metadata["v"] == re.sub(pattern, REDACTED, text)
