@@ -220,10 +220,14 @@ def families(snap: Snapshot) -> list[Metric]:
     return out
 
 
-def render(snap: Snapshot, *, openmetrics: bool = False) -> bytes:
+def _registry(snap: Snapshot) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: snap))  # type: ignore[arg-type]
-    return (generate_openmetrics if openmetrics else generate_latest)(registry)
+    return registry
+
+
+def render(snap: Snapshot, *, openmetrics: bool = False) -> bytes:
+    return (generate_openmetrics if openmetrics else generate_latest)(_registry(snap))
 
 
 class MetricsExport:
@@ -257,10 +261,7 @@ class MetricsExport:
     def scrape(self, accept: str) -> tuple[bytes, str]:
         """One HTTP scrape: the format the Accept header prefers, from a fresh snapshot."""
         encoder, content_type = choose_encoder(accept)
-        snap = snapshot(self.daemon, self._status())
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(SnapshotCollector(lambda: snap))  # type: ignore[arg-type]
-        return encoder(registry), content_type
+        return encoder(_registry(snapshot(self.daemon, self._status()))), content_type
 
     def _serve(self, host: str, port: int) -> None:
         from .errors import FlowaggError
