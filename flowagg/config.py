@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import grp
+import ipaddress
 import math
 import os
 import re
@@ -119,7 +120,7 @@ SETTINGS: dict[str, Setting] = {
         (), tuple, help="uids the socket serves besides the daemon's own (empty: any that reach it)"
     ),
     "redactKeys": Setting(
-        DEFAULT_KEYS, list, help="metadata keys whose values become [REDACTED] (any depth or case)"
+        DEFAULT_KEYS, list, help="metadata keys (normalized, by substring) whose values are hidden"
     ),
     "redactPatterns": Setting(
         (), list, help="regular expressions redacted inside metadata string values"
@@ -136,6 +137,9 @@ SETTINGS: dict[str, Setting] = {
         10_000, int, 1, 10_000_000, "userIds whose buckets are remembered (least recent go)"
     ),
     "metricsListen": Setting("", str, help="host:port serving /metrics over HTTP (empty: off)"),
+    "metricsAllowRemote": Setting(
+        False, bool, help="let metricsListen bind an address other hosts reach (no auth)"
+    ),
     "metricsTextfile": Setting(
         "", str, help=".prom file rewritten for node_exporter's textfile collector (empty: off)"
     ),
@@ -188,8 +192,9 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
     setting = SETTINGS[key]
     value: Any
     from_file = origin.startswith("file ")
-    if from_file and isinstance(raw, str) and setting.kind in (int, float, tuple, list):
+    if from_file and isinstance(raw, str) and setting.kind in (int, float, tuple, list, bool):
         kind = {
+            bool: "true or false",
             int: "an integer",
             float: "a number",
             tuple: "an array of integers",
@@ -200,7 +205,9 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
         )
     if key == "socketGroup" and from_file and isinstance(raw, int) and not isinstance(raw, bool):
         raw = str(raw)  # a gid
-    if setting.kind is tuple:
+    if setting.kind is bool:
+        value = _bool(key, raw, origin)
+    elif setting.kind is tuple:
         value = _uid_list(key, raw, origin)
     elif setting.kind is list:
         value = _str_list(key, raw, origin)
@@ -269,6 +276,32 @@ def parse_listen(value: str, origin: str = "metricsListen") -> tuple[str, int]:
             f"metricsListen ({origin}): must be host:port such as 127.0.0.1:9464, got {value!r}"
         )
     return host, int(port)
+
+
+def _bool(key: str, raw: Any, origin: str) -> bool:
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if isinstance(raw, str) and raw.strip().lower() in words:
+        return words[raw.strip().lower()]
+    if not isinstance(raw, bool):
+        raise ConfigError(f"{key} ({origin}): must be true or false, got {raw!r}; fix the value")
+    return raw
+
+
+def _check_metrics(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """/metrics has no authentication: an address other hosts reach must be asked for."""
+    if not values["metricsListen"] or values["metricsAllowRemote"]:
+        return
+    host, _ = parse_listen(values["metricsListen"], sources["metricsListen"])
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: only localhost is known not to leave the machine
+        loopback = host.lower() == "localhost"
+    if not loopback:
+        raise ConfigError(
+            f"metricsListen ({sources['metricsListen']}): {host} is not a loopback address and"
+            " /metrics has no authentication; listen on 127.0.0.1 or [::1], or set"
+            " metricsAllowRemote = true to serve other hosts"
+        )
 
 
 def _str_list(key: str, raw: Any, origin: str) -> tuple[str, ...]:
@@ -446,6 +479,7 @@ def load_config(
         sources[key] = "flag"
     values["logLevel"] = values["logLevel"].upper()
     _check_sink(values, sources)
+    _check_metrics(values, sources)
     return Config(values=values, sources=sources, config_file=file_path, file_root=file_root)
 
 

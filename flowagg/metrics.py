@@ -2,7 +2,7 @@
 
 Nothing is counted twice: a scrape takes one snapshot of the daemon's own counters and
 status on the event loop (where they live, so no locks) and a custom collector turns it into
-metric families. The HTTP server's thread asks the loop for that snapshot; the textfile is
+metric families. The HTTP server (metrics_server) answers on the loop too; the textfile is
 rendered on the loop and written atomically in a worker thread.
 """
 
@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,19 +25,19 @@ from prometheus_client.core import (
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import generate_latest
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from . import __version__
 from .config import parse_listen
 from .fsutil import atomic_write
+from .metrics_server import MetricsServer, listen_socket
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
 log = logging.getLogger("flowagg.metrics")
 
-SCRAPE_TIMEOUT_S = 10.0
 # node_exporter runs as its own user; the file holds counts and no entry contents.
 TEXTFILE_MODE = 0o644
 BREAKER_STATES = ("closed", "open", "half-open")
@@ -221,10 +220,14 @@ def families(snap: Snapshot) -> list[Metric]:
     return out
 
 
-def render(snap: Snapshot, *, openmetrics: bool = False) -> bytes:
+def _registry(snap: Snapshot) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: snap))  # type: ignore[arg-type]
-    return (generate_openmetrics if openmetrics else generate_latest)(registry)
+    return registry
+
+
+def render(snap: Snapshot, *, openmetrics: bool = False) -> bytes:
+    return (generate_openmetrics if openmetrics else generate_latest)(_registry(snap))
 
 
 class MetricsExport:
@@ -236,13 +239,14 @@ class MetricsExport:
         self.listen: str | None = None
         self.textfile_writes = 0
         self.textfile_error: str | None = None
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._server: MetricsServer | None = None
+        self._serving: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def status(self) -> dict[str, Any]:
         return {
             "listen": self.listen,
+            "droppedConnections": self._server.dropped if self._server else 0,
             "textfileWrites": self.textfile_writes,
             "textfileError": self.textfile_error,
         }
@@ -254,29 +258,24 @@ class MetricsExport:
         if config.metrics_textfile:
             self._task = asyncio.get_running_loop().create_task(self._textfile_loop())
 
-    def _serve(self, host: str, port: int) -> None:
-        from prometheus_client import start_http_server
+    def scrape(self, accept: str) -> tuple[bytes, str]:
+        """One HTTP scrape: the format the Accept header prefers, from a fresh snapshot."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(_registry(snapshot(self.daemon, self._status()))), content_type
 
+    def _serve(self, host: str, port: int) -> None:
         from .errors import FlowaggError
 
-        loop = asyncio.get_running_loop()
-
-        def take() -> Snapshot:
-            async def on_loop() -> Snapshot:
-                return snapshot(self.daemon, self._status())
-
-            return asyncio.run_coroutine_threadsafe(on_loop(), loop).result(SCRAPE_TIMEOUT_S)
-
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(SnapshotCollector(take))  # type: ignore[arg-type]
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+            sock = listen_socket(host, port)
         except OSError as exc:
             raise FlowaggError(
                 f"metricsListen: cannot listen on {host}:{port} ({exc.strerror or exc});"
                 " pick a free port or clear metricsListen"
             ) from None
-        bound = self._server.server_address
+        self._server = MetricsServer(self.scrape)
+        self._serving = asyncio.get_running_loop().create_task(self._server.start(sock))
+        bound = sock.getsockname()
         self.listen = f"{host if ':' not in host else f'[{host}]'}:{bound[1]}"
         log.info("metrics: serving http://%s/metrics", self.listen)
 
@@ -305,6 +304,7 @@ class MetricsExport:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             await self.write_textfile()  # the last figures, for a scrape after the stop
+        if self._serving is not None:
+            await self._serving
         if self._server is not None:
-            await asyncio.to_thread(self._server.shutdown)
-            self._server.server_close()
+            await self._server.stop()

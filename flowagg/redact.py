@@ -1,18 +1,22 @@
 """Redaction of entry metadata before it reaches the journal (SPEC §11).
 
 This runs for every valid entry on the event loop, so the common case (flat metadata, no
-matching key, no patterns) is one lower() and one set lookup per key. Only `metadata` is ever
+matching key, no patterns) costs one cached verdict per key. Only `metadata` is ever
 touched: `userId`, `action`, `timestamp` and `entryId` pass as they are. Values are replaced in
 place: the entries are the daemon's own parse of the request, nobody else holds them.
+
+Keys are compared as Sentry's data scrubber does: normalized, then by substring, so that
+`user_password`, `Access-Token`, `API KEY` and `password` spelt with a Cyrillic a are all caught.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
-from .errors import ConfigError
+from .redact_patterns import PatternSet
 
 REDACTED = "[REDACTED]"
 KEY_CACHE_SIZE = 4096
@@ -29,97 +33,83 @@ DEFAULT_KEYS = (
     "sessionToken",
 )
 
-
-def compile_patterns(patterns: Iterable[str], origin: str = "redactPatterns") -> re.Pattern[str]:
-    """One alternation of every pattern, so a string value is scanned once whatever their
-    number; a pattern that does not compile is refused with its text."""
-    checked = []
-    for text in patterns:
-        try:
-            re.compile(text)
-        except re.error as exc:
-            raise ConfigError(
-                f"redactPatterns ({origin}): {text!r} is not a regular expression ({exc}); fix it"
-            ) from None
-        if re.fullmatch(text, ""):
-            raise ConfigError(
-                f"redactPatterns ({origin}): {text!r} matches the empty string and would"
-                " redact between every character; anchor or tighten it"
-            )
-        checked.append(_scoped(text))
-    try:
-        return re.compile("|".join(checked))
-    except re.error as exc:
-        raise ConfigError(
-            f"redactPatterns ({origin}): the patterns do not combine ({exc}); write inline"
-            " flags as scoped groups such as (?i:...)"
-        ) from None
+# Letters of other scripts drawn like Latin ones, as a key-name forger would use them. Mapped
+# before case folding, since an uppercase Greek Eta looks like H and a lowercase one like n.
+_LOOKALIKES = str.maketrans(
+    "аеорсухіјѕԁԛԝһӏАВЕКМНОРСТХІЈЅαβεικνορτυχημϲΑΒΕΖΗΙΚΜΝΟΡΤΥΧıɑɡ",
+    "aeopcyxijsdqwhlABEKMHOPCTXIJSabeikvoptuxnucABEZHIKMNOPTYXiag",
+)
+# Separators between the words of a key, and invisible characters that split it unseen.
+_DROPPED = dict.fromkeys(map(ord, "_-. \t\n\r\f\v\u00ad\u200b\u200c\u200d\u2060\ufeff"))
 
 
-_GLOBAL_FLAGS = re.compile(r"\(\?([aimsux]+)\)")
+def normalize_key(key: str) -> str:
+    """The form keys are compared in: compatibility forms (fullwidth letters, the long s) and
+    look-alike letters folded to ASCII, case folded, separators dropped."""
+    folded = unicodedata.normalize("NFKC", key).translate(_LOOKALIKES).casefold()
+    return folded.translate(_DROPPED)
 
 
-def _scoped(text: str) -> str:
-    """The pattern as one group of an alternation: global flags such as `(?i)` are allowed
-    only at the very start of the whole expression, so they become the group's own."""
-    match = _GLOBAL_FLAGS.match(text)
-    if match:
-        return f"(?{match.group(1)}:{text[match.end() :]})"
-    return f"(?:{text})"
+def compile_patterns(patterns: Iterable[str], origin: str = "redactPatterns") -> PatternSet:
+    """The patterns as one linear-time scan; one that RE2 cannot run is refused by its text."""
+    return PatternSet(patterns, origin)
 
 
 class Redactor:
-    """Counts what it replaced; `reconfigure` keeps the counts across a reload."""
+    """Counts what it replaced; `reconfigure` keeps the counts across a reload.
+
+    Verdicts on short keys, and pattern results on short values, are kept in bounded dicts
+    (KEY_CACHE_SIZE each, the oldest dropped first): metadata repeats the same few keys and
+    values, so the usual cost is one dict lookup, made inline in the loops below. Strict LRU
+    order would need a reorder on every hit, which measured twice the cost of the lookup.
+    Long strings are not kept, so the memory stays bounded whatever is sent.
+    """
 
     def __init__(self, keys: Iterable[str] = DEFAULT_KEYS, patterns: Iterable[str] = ()) -> None:
         self.entries = 0  # entries with at least one redacted value
         self.values = 0  # values (or pattern matches) replaced
-        self._keys: frozenset[str] = frozenset()
-        self._sub: Callable[[str], tuple[str, int]] | None = None
-        self._subn: Callable[..., tuple[str, int]] | None = None
         self.reconfigure(keys, patterns)
 
     def reconfigure(self, keys: Iterable[str], patterns: Iterable[str]) -> None:
-        self._keys = frozenset(k.lower() for k in keys)
+        # A key of separators only normalizes to "", which every key contains: it names nothing.
+        self._needles = tuple(sorted({normalize_key(k) for k in keys} - {""}))
+        self._verdicts: OrderedDict[str, bool] = OrderedDict()
         patterns = tuple(patterns)
         self._subn = compile_patterns(patterns).subn if patterns else None
-        self._sub = self._sub_cached if patterns else None
-        self._secret: dict[str, bool] = {}
-        self._subbed: dict[str, tuple[str, int]] = {}
+        self._subbed: OrderedDict[str, tuple[str, int]] = OrderedDict()
 
-    def _sub_cached(self, value: str) -> tuple[str, int]:
-        """The patterns applied to one string value. Short values repeat (task ids, session
-        ids, tags): their results are kept like the keys', which saves a regex scan."""
+    def _verdict(self, key: str) -> bool:
+        """Whether `key`, normalized, contains one of `redactKeys` normalized (a cache miss)."""
+        normal = normalize_key(key)
+        secret = any(needle in normal for needle in self._needles)
+        if len(key) <= KEY_CACHE_LENGTH:
+            _keep(self._verdicts, key, secret)
+        return secret
+
+    def _sub(self, value: str) -> tuple[str, int]:
+        """The patterns applied to one string value: task ids, session ids and tags repeat."""
         done = self._subbed.get(value)
         if done is None:
             assert self._subn is not None
-            done = self._subn(REDACTED, value)
-            if len(value) <= KEY_CACHE_LENGTH and len(self._subbed) < KEY_CACHE_SIZE:
-                self._subbed[value] = done
+            done = self._subn(value)
+            if len(value) <= KEY_CACHE_LENGTH:
+                _keep(self._subbed, value, done)
         return done
-
-    def _is_secret(self, key: str) -> bool:
-        """Whether a key is one of `redactKeys` in any case. The answers for short keys are
-        kept (at most KEY_CACHE_SIZE of them): metadata repeats the same few keys, and a dict
-        lookup costs less than lower() and a set lookup."""
-        secret = self._secret.get(key)
-        if secret is None:
-            secret = key.lower() in self._keys
-            if len(key) <= KEY_CACHE_LENGTH and len(self._secret) < KEY_CACHE_SIZE:
-                self._secret[key] = secret
-        return secret
 
     @property
     def active(self) -> bool:
-        return bool(self._keys) or self._sub is not None
+        return bool(self._needles) or self._subn is not None
 
     def metadata(self, metadata: dict[str, Any]) -> None:
         """Redact `metadata` in place, at any depth."""
-        if self._sub is None:
+        if self._subn is None:
             # The common case, flat metadata without a secret key, in one pass and no walk.
-            is_secret = self._is_secret
+            verdicts, verdict = self._verdicts, self._verdict
             for key, value in metadata.items():
-                if is_secret(key) or type(value) is dict or type(value) is list:
+                secret = verdicts.get(key)
+                if secret is None:
+                    secret = verdict(key)
+                if secret or type(value) is dict or type(value) is list:
                     break
             else:
                 return
@@ -129,7 +119,8 @@ class Redactor:
             self.values += hits
 
     def _walk(self, root: dict[str, Any]) -> int:
-        is_secret, sub = self._is_secret, self._sub
+        verdicts, verdict = self._verdicts, self._verdict
+        sub = self._sub if self._subn is not None else None
         hits = 0
         stack: list[Any] = [root]
         while stack:
@@ -137,10 +128,14 @@ class Redactor:
             keyed = type(node) is dict
             # Assigning to an existing key or index does not resize, so iterating is safe.
             for key, value in node.items() if keyed else enumerate(node):
-                if keyed and is_secret(key):
-                    node[key] = REDACTED
-                    hits += 1
-                    continue
+                if keyed:
+                    secret = verdicts.get(key)
+                    if secret is None:
+                        secret = verdict(key)
+                    if secret:
+                        node[key] = REDACTED
+                        hits += 1
+                        continue
                 kind = type(value)
                 if kind is dict or kind is list:
                     stack.append(value)
@@ -150,3 +145,9 @@ class Redactor:
                         node[key] = new
                         hits += count
         return hits
+
+
+def _keep(cache: OrderedDict[str, Any], key: str, value: Any) -> None:
+    if len(cache) >= KEY_CACHE_SIZE:
+        cache.popitem(last=False)
+    cache[key] = value

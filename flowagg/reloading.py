@@ -21,6 +21,7 @@ RESTART_ONLY = (
     "dedupeMaxIds",
     "flushWriters",
     "metricsListen",
+    "metricsAllowRemote",
     "metricsTextfile",
     "metricsTextfileIntervalMs",
 )

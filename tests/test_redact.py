@@ -169,7 +169,7 @@ def test_remembered_verdicts_are_bounded_and_right_for_every_case() -> None:
         redactor.metadata(metadata)
         assert metadata["TOKEN"] == REDACTED and metadata["n"] == "abc"
         assert metadata[f"k{i}"] == re.sub(r"\d{3}", REDACTED, f"v{i}")
-    assert len(redactor._secret) <= redact.KEY_CACHE_SIZE
+    assert len(redactor._verdicts) <= redact.KEY_CACHE_SIZE
     assert len(redactor._subbed) <= redact.KEY_CACHE_SIZE
 
 

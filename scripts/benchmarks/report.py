@@ -15,7 +15,7 @@ import psutil
 from .common import MB, Bench
 from .hostile import ITEMS, KILL_ABOVE, MAX_REQUEST_BYTES, REPLY_READ_CAP
 from .memory import LARGE_BATCHES, day_sizes, rss_sizes
-from .redaction import KEYS, PATTERNS
+from .redaction import KEYS, METADATA, PATTERNS
 
 
 def fmt_rate(v: float | None) -> str:
@@ -53,6 +53,19 @@ def redaction_row(b: Bench) -> tuple[str, str, str, str, str]:
     )
 
 
+def redaction_scan_row(b: Bench) -> tuple[str, str, str, str, str]:
+    m = b.med
+    re2_ms = m("redact.email_60kb_re2_ms")
+    return (
+        f"README e-mail pattern on 60 KB\nwithout @; key check on\n{len(METADATA)}-key metadata",
+        f"RE2: {fmt(re2_ms, ' ms', 2)}\n1 MB: {fmt(m('redact.email_1mb_re2_ms'), ' ms', 1)}\n"
+        f"keys: {fmt(m('redact.keys_us_per_entry'), ' us', 2)}/entry",
+        f"backtracking re:\n{fmt(m('redact.email_60kb_re_s'), ' s', 1)}",
+        "milliseconds (goal < 100 ms)",
+        verdict(below(re2_ms, 100.0)),
+    )
+
+
 def compression_row(b: Bench) -> tuple[str, str, str, str, str]:
     m = b.med
     ack, stored = m("compress.flowagg_overhead_pct"), m("compress.stored_overhead_pct")
@@ -72,7 +85,11 @@ def compression_row(b: Bench) -> tuple[str, str, str, str, str]:
 def build_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
     costs = [
         row(b)
-        for flag, row in (("redaction", redaction_row), ("compression", compression_row))
+        for flag, row in (
+            ("redaction", redaction_row),
+            ("redaction", redaction_scan_row),
+            ("compression", compression_row),
+        )
         if getattr(b.args, flag)
     ]
     if costs:
@@ -446,7 +463,10 @@ def notes(b: Bench) -> str:
             "redaction (--redaction only): the 8-client throughput run twice, redactKeys=[] and"
             f" redactPatterns=[] (off) beside {len(KEYS)} keys and {len(PATTERNS)} patterns"
             " (e-mail, card number, bearer token); the entries hold no secret, so every key is"
-            " looked up and every string value scanned; overhead = 1 - on/off.",
+            " looked up and every string value scanned; overhead = 1 - on/off. In process: the"
+            " e-mail pattern on 60 KB (and 1 MB) of `a` without `@`, median of 21 (5) scans with"
+            " RE2 as the daemon runs it, and once with Python's re; the key check is the median"
+            " of 3 passes over 100,000 copies of a 4-key metadata without a secret.",
             "compression (--compression only): the 8-client throughput run twice,"
             " batchCompression=none beside zstd (level 3); overhead = 1 - zstd/none, for the"
             " acknowledged rate and the end-to-end rate.",
