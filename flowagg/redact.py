@@ -36,8 +36,8 @@ DEFAULT_KEYS = (
 # Letters of other scripts drawn like Latin ones, as a key-name forger would use them. Mapped
 # before case folding, since an uppercase Greek Eta looks like H and a lowercase one like n.
 _LOOKALIKES = str.maketrans(
-    "аеорсухіјѕԁԛԝһӏАВЕКМНОРСТХІЈЅαβεικνορτυχημϲΑΒΕΖΗΙΚΜΝΟΡΤΥΧıɑɡ",
-    "aeopcyxijsdqwhlABEKMHOPCTXIJSabeikvoptuxnucABEZHIKMNOPTYXiag",
+    "аеорксухіјѕԁԛԝһӏАВЕКМНОРСТХІЈЅαβεικνορτυχημϲΑΒΕΖΗΙΚΜΝΟΡΤΥΧıɑɡ",
+    "aeopkcyxijsdqwhlABEKMHOPCTXIJSabeikvoptuxnucABEZHIKMNOPTYXiag",
 )
 # Separators between the words of a key, and invisible characters that split it unseen.
 _DROPPED = dict.fromkeys(map(ord, "_-. \t\n\r\f\v\u00ad\u200b\u200c\u200d\u2060\ufeff"))
