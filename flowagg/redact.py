@@ -46,7 +46,9 @@ _DROPPED = dict.fromkeys(map(ord, "_-. \t\n\r\f\v\u00ad\u200b\u200c\u200d\u2060\
 def normalize_key(key: str) -> str:
     """The form keys are compared in: compatibility forms (fullwidth letters, the long s) and
     look-alike letters folded to ASCII, case folded, separators dropped."""
-    folded = unicodedata.normalize("NFKC", key).translate(_LOOKALIKES).casefold()
+    # Folded before NFKC too: it turns some look-alikes (lunate sigma) into other letters.
+    plain = unicodedata.normalize("NFKC", key.translate(_LOOKALIKES))
+    folded = plain.translate(_LOOKALIKES).casefold()
     return folded.translate(_DROPPED)
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from flowagg.config import load_config
 from flowagg.errors import ConfigError
-from flowagg.redact import DEFAULT_KEYS, REDACTED, Redactor
+from flowagg.redact import DEFAULT_KEYS, REDACTED, Redactor, normalize_key
 from tests.harness import BASE_TS, ping, request, start_daemon, stored_entries
 
 EMAIL = r"[\w.+-]+@[\w-]+\.[\w.]+"  # the README's example
@@ -104,6 +104,14 @@ def test_a_key_is_redacted_exactly_when_its_skeleton_holds_a_listed_key(
     expected = REDACTED if any(listed in skeleton for listed in LISTED) else "v"
     assert metadata[key] == expected, (skeleton, key)
     assert metadata["plain"] == "w"
+
+
+@pytest.mark.parametrize("letter", sorted(LOOKALIKE))
+def test_every_look_alike_letter_folds_to_its_latin_one(letter: str) -> None:
+    """Every entry of the table, not only those the random spellings happen to draw."""
+    assert {c: normalize_key(c) for c in LOOKALIKE[letter]} == dict.fromkeys(
+        LOOKALIKE[letter], letter
+    )
 
 
 def test_a_repeated_key_keeps_its_verdict_after_many_others() -> None:
