@@ -7,7 +7,8 @@ leave it. At the end the daemon is started once more and flushed, and every batc
 read back: the stored entryIds must equal the acknowledged ones, each exactly once.
 
 Run longer with `scripts/torture --kills N --seed S`; `scripts/torture --power-loss --cuts N`
-runs the power-loss variant (tests/powerloss.py) instead.
+runs the power-loss variant (tests/powerloss.py) instead, and `scripts/torture --crash-states`
+checks every crash state of the explorer's workloads (tests/crashmodel).
 """
 
 from __future__ import annotations
@@ -352,11 +353,19 @@ def main(argv: list[str] | None = None) -> int:
         help="root on LazyFS; each cut is SIGKILL plus dropping what was not fsync'd",
     )
     parser.add_argument("--cuts", type=int, default=500, help="power cuts with --power-loss")
+    parser.add_argument(
+        "--crash-states",
+        action="store_true",
+        help="check every distinct crash state of the explorer's workloads (tests/crashmodel)",
+    )
+    parser.add_argument("--workload", action="append", help="with --crash-states: only these")
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--writers", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the data root for inspection")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="flowagg-torture-"))
+    if args.crash_states:
+        return crash_states(tmp, args.workload, args.keep)
     result: TortureResult | PowerLossResult
     if args.power_loss:
         print(f"seed {args.seed}, data root {tmp / 'lower' / 'data'}", flush=True)
@@ -382,6 +391,21 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(tmp)
     return 0 if result.ok else 1
+
+
+def crash_states(tmp: Path, names: list[str] | None, keep: bool) -> int:
+    from tests.crashmodel.explore import explore
+
+    print(f"crash states under {tmp}", flush=True)
+    summaries = explore(tmp, None, lambda m: print(m, flush=True), names)
+    for summary in summaries:
+        print(summary.line())
+    ok = not any(s.findings for s in summaries)
+    if not keep and ok:
+        import shutil
+
+        shutil.rmtree(tmp)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
