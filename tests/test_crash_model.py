@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tests.crashmodel.model import DIR, Barrier, Data, Fs, Link
+from flowagg.fsutil import TEMP_MARK
+from tests.crashmodel.explore import kill_points, ranked
+from tests.crashmodel.model import DIR, Barrier, Data, Fs, Link, Op
+from tests.crashmodel.record import Recording
 from tests.crashmodel.states import crash_points, distinct_states, fixed_at
 from tests.crashmodel.strace import parse
 
@@ -74,3 +77,48 @@ def test_strace_lines_are_parsed_and_interrupted_calls_joined() -> None:
     assert calls[0].ret == 3 and calls[0].ret_path == b"/r/f"
     assert calls[2].args[1].path == b"ab" and calls[2].ret == 2
     assert calls[3].ret is None
+
+
+def test_the_sample_takes_names_lost_out_of_order_first_then_the_most_names_lost() -> None:
+    fs = Fs.from_state({"d": DIR, "d/t1": b"1", "d/t2": b"2", "d/t3": b"3"})
+    ops: list[Op] = [Link(((1, f"t{n}", None), (1, f"b{n}", n + 1))) for n in (1, 2, 3)]
+    _, found = distinct_states(fs, ops, [len(ops)])
+    picked = [(f.reordered, f.names_lost, sorted(f.choice.dropped)) for f in ranked(found, ops, 5)]
+    assert picked == [
+        (True, 2, [0, 1]),  # b3 outlived b1 and b2
+        (True, 2, [0, 2]),  # b2 outlived b1 and b3
+        (True, 1, [0]),
+        (True, 1, [1]),
+        (False, 3, [0, 1, 2]),
+    ]
+    assert len(ranked(found, ops, None)) == len(found) == 8
+
+
+def test_a_temp_file_lost_is_not_a_name_lost() -> None:
+    fs = Fs.from_state({"d": DIR})
+    ops: list[Op] = [Link(((1, f"{TEMP_MARK}x", 7),)), Link(((1, "b", 8),))]
+    _, found = distinct_states(fs, ops, [len(ops)])
+    temp_only = next(f for f in found if f.choice.dropped == frozenset([0]))
+    assert temp_only.names_lost == 0 and not temp_only.reordered
+
+
+def test_kill_points_with_a_budget_leave_the_most_names_unsynced_per_directory() -> None:
+    base = {"aggregated": DIR, "inbox": DIR, "inbox/x.json": b"[]"}  # 1, 2, inbox/x 3
+    ops: list[Op] = [
+        Link(((1, "a", 10),)),
+        Barrier(1, True),  # one name unsynced before it
+        Link(((1, "b", 11),)),
+        Link(((1, "c", 12),)),
+        Barrier(1, True),  # two
+        Link(((1, "d", 13),)),
+        Barrier(1, True),  # one again
+        Barrier(2, True),  # nothing unsynced in inbox/: no kill there
+    ]
+    rec = Recording(base, ops, Fs.from_state(base), [], [])
+    assert kill_points(rec, None) == [
+        (1, "aggregated"),
+        (4, "aggregated"),
+        (6, "aggregated"),
+        (7, "inbox"),
+    ]
+    assert kill_points(rec, 3) == [(4, "aggregated")]

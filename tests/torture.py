@@ -359,13 +359,18 @@ def main(argv: list[str] | None = None) -> int:
         help="check every distinct crash state of the explorer's workloads (tests/crashmodel)",
     )
     parser.add_argument("--workload", action="append", help="with --crash-states: only these")
+    parser.add_argument(
+        "--count-only",
+        action="store_true",
+        help="with --crash-states: count the distinct states, start no daemon on them",
+    )
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--writers", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the data root for inspection")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="flowagg-torture-"))
     if args.crash_states:
-        return crash_states(tmp, args.workload, args.keep)
+        return crash_states(tmp, args.workload, args.keep, not args.count_only)
     result: TortureResult | PowerLossResult
     if args.power_loss:
         print(f"seed {args.seed}, data root {tmp / 'lower' / 'data'}", flush=True)
@@ -393,13 +398,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result.ok else 1
 
 
-def crash_states(tmp: Path, names: list[str] | None, keep: bool) -> int:
-    from tests.crashmodel.explore import explore
+def crash_states(tmp: Path, names: list[str] | None, keep: bool, check: bool) -> int:
+    from tests.crashmodel.explore import explore, table
 
     print(f"crash states under {tmp}", flush=True)
-    summaries = explore(tmp, None, lambda m: print(m, flush=True), names)
-    for summary in summaries:
-        print(summary.line())
+    summaries = explore(tmp, None, lambda m: print(m, flush=True), names, check=check)
+    print(table(summaries))
     ok = not any(s.findings for s in summaries)
     if not keep and ok:
         import shutil

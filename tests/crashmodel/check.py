@@ -22,6 +22,8 @@ from tests.harness import DaemonProc, request, wait_for
 
 START_DEADLINE_S = 20.0
 SINK_LOG = "sink.log"
+SINK_FAILS = "sink-fails"  # beside the sink script: it refuses every batch
+SINK_HOLDS = "sink-holds"  # beside the sink script: it waits before taking a batch
 VISIBLE_DIRS = ("aggregated/", "recovery/")
 
 
@@ -70,11 +72,14 @@ def visible_batches(state: State, external: dict[str, bytes]) -> list[dict[str, 
 
 
 def sink_script(where: Path) -> Path:
-    """A command sink that appends each batch, one line, to the file named by its argument,
-    and refuses every batch while a file `sink-fails` lies beside it."""
+    """A command sink that appends each batch, one line, to the file named by its argument;
+    it refuses every batch while SINK_FAILS lies beside it and waits while SINK_HOLDS does."""
     script = where / "sink.sh"
     script.write_text(
-        '#!/bin/sh\n[ -e "$(dirname "$0")/sink-fails" ] && exit 1\n{ cat; echo; } >> "$1"\n'
+        '#!/bin/sh\nhere="$(dirname "$0")"\n'
+        f'while [ -e "$here/{SINK_HOLDS}" ]; do sleep 0.01; done\n'
+        f'[ -e "$here/{SINK_FAILS}" ] && exit 1\n'
+        '{ cat; echo; } >> "$1"\n'
     )
     script.chmod(0o755)
     return script

@@ -1,17 +1,20 @@
-"""The workloads, and the loop that checks every crash state of each.
+"""The loop that checks the crash states of every workload (workloads.py).
 
-`explore(work, budget)` records each workload, enumerates its distinct crash states and
-checks up to `budget` of them per workload (None: all), spread over the crash points. The
-start-up workloads are two-level: the daemon of a first run is taken as killed just before
-one of its directory fsyncs (the process-visible state, page cache and all), a second
-daemon starts on that state under strace, and the crash states of that second run may still
-lose what the first had not made durable and the second never fsynced.
+`explore(work, budget)` records each workload once, enumerates its distinct crash states and
+checks them: all of them (budget None), or the `budget` that matter most (per kill point
+for a start-up workload). Those lose the
+most names not yet durable: for a start-up workload, names the killed run left unsynced;
+then states where a later name outlived an earlier one (only POSIX allows it); then by how
+many names they drop. The start-up workloads are two-level: the daemon of a first run is
+taken as killed just before one of its directory fsyncs (the process-visible state, page
+cache and all), a second daemon starts on that state under strace, and the crash states of
+that second run may still lose what the first had not made durable and the second never
+fsynced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -19,72 +22,30 @@ from typing import Any
 
 from flowagg.layout import Layout
 from tests.crashmodel.check import Verdict, acked_ids, check_state
-from tests.crashmodel.model import Barrier, Fs, Op, materialize
-from tests.crashmodel.record import Driver, Recording, Step, record, traced_run
+from tests.crashmodel.model import Barrier, Fs, Link, Op, materialize
+from tests.crashmodel.record import Recording, record, traced_run
 from tests.crashmodel.resolve import Resolver
-from tests.crashmodel.states import Choice, Found, build, crash_points, distinct_states
+from tests.crashmodel.states import (
+    Choice,
+    Found,
+    build,
+    crash_points,
+    distinct_states,
+    droppable,
+    fixed_at,
+    publishes,
+)
 from tests.crashmodel.strace import parse
-from tests.harness import entry
+from tests.crashmodel.workloads import KILL_DIRS, WORKLOADS, Workload
 
-BASE = {"batchSize": 3, "maxAgeMs": 3_600_000, "spoolRescanMs": 50}
-
-
-def adds(*sizes: int, flush_after: tuple[int, ...] = ()) -> Step:
-    def step(d: Driver) -> None:
-        n = sum(len(r) for r in d.replies)
-        for k, size in enumerate(sizes):
-            d.add([entry(n + i, entryId=f"e{n + i}") for i in range(size)])
-            n += size
-            if k in flush_after:
-                assert d.op("flush").get("ok")
-
-    return step
-
-
-def spool_files(count: int, size: int) -> list[list[dict[str, Any]]]:
-    return [
-        [entry(100 + f * size + i, entryId=f"s{f}-{i}") for i in range(size)] for f in range(count)
-    ]
-
-
-def fail_sink(d: Driver) -> None:
-    (d.work / "sink-fails").touch()
-
-
-def heal_sink_and_recover(d: Driver) -> None:
-    (d.work / "sink-fails").unlink()
-    assert d.op("recover").get("ok")
-
-
-@dataclasses.dataclass
-class Workload:
-    name: str
-    settings: dict[str, Any]
-    steps: list[Step]
-    spool: list[list[dict[str, Any]]] = dataclasses.field(default_factory=list)
-    restart: bool = False  # two-level: kill at a directory fsync, start a second daemon
-
-
-WORKLOADS = [
-    Workload("adds", BASE, [adds(4, 3, 5)]),
-    Workload("manual", BASE, [adds(2, 1, 4, flush_after=(0, 1))]),
-    Workload("runs", {**BASE, "flushWriters": 4}, [adds(2, 10, 2, 7, flush_after=(0, 1))]),
-    Workload("sink", {**BASE, "sinkType": "command"}, [adds(2, 5, 1, 4, flush_after=(0, 2))]),
-    Workload("spool", BASE, [adds(1)], spool=spool_files(3, 2)),
-    Workload(
-        "recovery",
-        {**BASE, "sinkType": "command", "immediateRetries": 0},
-        [fail_sink, adds(4, 1, flush_after=(1,)), heal_sink_and_recover],
-    ),
-    Workload("rollover", {**BASE, "journalSegmentBytes": 4096}, [adds(9, 9, 9, 9, 9)]),
-    Workload(
-        "start-runs",
-        {**BASE, "flushWriters": 4},
-        [adds(2, 10, 2, 7, flush_after=(0, 1))],
-        restart=True,
-    ),
-    Workload("start-spool", BASE, [adds(1)], spool=spool_files(3, 2), restart=True),
-]
+Log = Callable[[str], None]
+FAILURES = {
+    "lost": "lost",
+    "duplicated": "duplicated",
+    "two_ids": "entries under two ids",
+    "two_contents": "two-content ids",
+    "blocked": "blocked starts",
+}
 
 
 @dataclasses.dataclass
@@ -102,37 +63,55 @@ class Summary:
     checked: int = 0
     findings: list[Finding] = dataclasses.field(default_factory=list)
 
+    def counts(self) -> dict[str, int]:
+        """How many states showed each kind of failure."""
+        return {
+            label: sum(1 for f in self.findings if getattr(f.verdict, key))
+            for key, label in FAILURES.items()
+        }
+
     def line(self) -> str:
-        counts = {"lost": 0, "duplicated": 0, "two_ids": 0, "two_contents": 0, "blocked": 0}
-        for f in self.findings:
-            for key in counts:
-                counts[key] += bool(getattr(f.verdict, key))
-        bad = ", ".join(f"{k} {v}" for k, v in counts.items())
+        bad = ", ".join(f"{label} {n}" for label, n in self.counts().items())
         return (
-            f"{self.workload}: {self.subsets} subsets, {self.distinct} distinct states,"
+            f"{self.workload}: {self.distinct} distinct states ({self.subsets} subsets),"
             f" {self.checked} checked; states with {bad}"
         )
 
 
-def spread(found: list[Found], budget: int | None, seed: int, first: int = 0) -> list[Found]:
-    """Up to `budget` states, taken round robin over the crash points (systematic first);
-    those that lose an operation before index `first` (the killed run's) come first."""
-    if budget is None or len(found) <= budget:
+class Recordings:
+    """Each workload's recording, made once and shared (by the tests of a session too)."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self._made: dict[str, tuple[Recording, dict[str, Any]]] = {}
+
+    def get(self, w: Workload) -> tuple[Recording, dict[str, Any]]:
+        if w.key not in self._made:
+            source = next(s for s in WORKLOADS if s.name == w.key)
+            self._made[w.key] = record(
+                self.work / source.name,
+                source.settings,
+                source.steps,
+                source.spool,
+                source.maintenance_s,
+            )
+        return self._made[w.key]
+
+
+def ranked(found: list[Found], ops: list[Op], budget: int | None, first: int = 0) -> list[Found]:
+    """Up to `budget` states, those that matter most first (see the module's note); among
+    equals, one per crash point in turn, from the last point."""
+    if budget is None:
         return found
-    by_point: dict[int, list[Found]] = {}
-    # Out-of-order losses first: ordered ones are what the kill-based tests already reach.
-    for f in sorted(
-        found, key=lambda f: (min(f.choice.dropped, default=first) >= first, not f.reordered)
-    ):
-        by_point.setdefault(f.choice.point, []).append(f)
-    queues = list(by_point.values())
-    random.Random(seed).shuffle(queues)
-    picked: list[Found] = []
-    while len(picked) < budget:
-        for q in queues:
-            if q and len(picked) < budget:
-                picked.append(q.pop(0))
-    return picked
+    seen_at: dict[int, int] = {}
+    order: list[tuple[tuple[int, ...], Found]] = []
+    for f in found:  # in the order tried: systematic choices first at each point
+        turn = seen_at.get(f.choice.point, 0)
+        seen_at[f.choice.point] = turn + 1
+        killed = sum(1 for i in f.choice.dropped if i < first and publishes(ops[i]))
+        order.append(((-killed, -f.reordered, -f.names_lost, turn, -f.choice.point), f))
+    order.sort(key=lambda pair: pair[0])
+    return [f for _, f in order[:budget]]
 
 
 def check_all(
@@ -143,14 +122,15 @@ def check_all(
     points: list[int],
     settings: dict[str, Any],
     budget: int | None,
-    log: Callable[[str], None],
+    log: Log,
     label: str = "",
     first: int = 0,
+    check: bool = True,
 ) -> None:
     subsets, found = distinct_states(Fs.from_state(rec.base), ops, points)
     summary.subsets += subsets
     summary.distinct += len(found)
-    for f in spread(found, budget, len(found), first):
+    for f in ranked(found, ops, budget, first) if check else []:
         case = work / f"state-{summary.checked}"
         summary.checked += 1
         acked = acked_ids(rec.replies, f.replies, rec.upfront)
@@ -163,51 +143,96 @@ def check_all(
         log(f"  {summary.workload}: {verdict.summary()} at {where}")
 
 
-def kill_points(ops: list[Op]) -> list[int]:
-    """Just before each directory fsync: names are visible there, not yet durable."""
-    return [i for i, op in enumerate(ops) if isinstance(op, Barrier) and op.is_dir]
+def kill_points(rec: Recording, budget: int | None) -> list[tuple[int, str]]:
+    """(op index, directory) just before directory fsyncs: names are visible there, not yet
+    durable. All of them, or with a budget, for each of KILL_DIRS the point that leaves the
+    most names unsynced there (the latest among equals: less is left for the restart to
+    write, whose own directory fsync would make the killed run's names durable too)."""
+    fs = Fs.from_state(rec.base)
+    fixed = fixed_at(rec.ops)
+    points: list[tuple[int, str, int]] = []
+    for i, op in enumerate(rec.ops):
+        if isinstance(op, Barrier) and op.is_dir:
+            unsynced = sum(
+                1
+                for j in droppable(rec.ops, i, fixed)
+                if publishes(rec.ops[j]) and op.ino in _link_dirs(rec.ops[j])
+            )
+            points.append((i, fs.path_of(op.ino) or "", unsynced))
+        fs.apply(op)
+    if budget is None:
+        return [(i, d) for i, d, _ in points]
+    best = [
+        max((p for p in points if p[1] == d and p[2]), key=lambda p: (p[2], p[0]), default=None)
+        for d in KILL_DIRS
+    ]
+    return sorted((p[0], p[1]) for p in best if p is not None)
 
 
-def explore_one(work: Path, w: Workload, budget: int | None, log: Callable[[str], None]) -> Summary:
+def _link_dirs(op: Op) -> frozenset[int]:
+    return op.dirs if isinstance(op, Link) else frozenset()
+
+
+def restarted(work: Path, rec: Recording, settings: dict[str, Any], kill: int) -> list[Op]:
+    """The killed run's operations up to `kill`, then those of a daemon started on what the
+    process saw there (and stopped cleanly)."""
+    visible = build(Fs.from_state(rec.base), rec.ops, Choice(kill, frozenset()))
+    layout = Layout(work / "data", work / "run")
+    materialize(visible, layout.root)
+    layout.run.mkdir(parents=True)
+    text, _ = traced_run(work, layout, {**settings, "runDir": str(layout.run)}, [])
+    fs = Fs.from_state(rec.base)
+    for op in rec.ops[:kill]:
+        fs.apply(op)
+    return rec.ops[:kill] + Resolver(fs, layout.root).feed(parse(text))
+
+
+def explore_one(
+    work: Path, w: Workload, recordings: Recordings, budget: int | None, log: Log, check: bool
+) -> Summary:
     summary = Summary(w.name)
-    rec, settings = record(work / "record", w.settings, w.steps, w.spool)
+    rec, settings = recordings.get(w)
+    settings = {**settings, **w.check_settings}
     if not w.restart:
-        check_all(work, summary, rec, rec.ops, crash_points(rec.ops), settings, budget, log)
+        points = crash_points(rec.ops)
+        check_all(work, summary, rec, rec.ops, points, settings, budget, log, check=check)
         return summary
-    kills = kill_points(rec.ops)
-    if budget is not None:
-        kills = kills[:: max(1, len(kills) // 4)][:4]
-    per_kill = None if budget is None else max(1, budget // max(1, len(kills)))
-    for k in kills:
-        base = Fs.from_state(rec.base)
-        visible = build(base, rec.ops, Choice(k, frozenset()))
-        second = work / f"kill-{k}"
-        layout = Layout(second / "data", second / "run")
-        materialize(visible, layout.root)
-        layout.run.mkdir(parents=True)
-        phase2 = {**settings, "runDir": str(layout.run)}
-        text, _ = traced_run(second, layout, phase2, [])
-        fs = Fs.from_state(rec.base)
-        for op in rec.ops[:k]:
-            fs.apply(op)
-        more = Resolver(fs, layout.root).feed(parse(text))
-        ops = rec.ops[:k] + more
+    kills = kill_points(rec, budget)
+    for k, directory in kills:
+        ops = restarted(work / f"kill-{k}", rec, settings, k)
         points = [p for p in crash_points(ops) if p > k]
-        label = f"killed before op {k}, restarted, "
-        check_all(work, summary, rec, ops, points, settings, per_kill, log, label, k)
+        label = f"killed before op {k} (fsync of {directory}/), restarted, "
+        check_all(work, summary, rec, ops, points, settings, budget, log, label, k, check)
     return summary
 
 
 def explore(
     work: Path,
     budget: int | None,
-    log: Callable[[str], None] = lambda _msg: None,
+    log: Log = lambda _msg: None,
     names: list[str] | None = None,
+    recordings: Recordings | None = None,
+    check: bool = True,
 ) -> list[Summary]:
+    """The summaries of `names` (all workloads: None); without `check`, states are only
+    counted."""
+    recordings = recordings or Recordings(work / "recordings")
     summaries = []
     for w in WORKLOADS:
         if names is None or w.name in names:
-            summary = explore_one(work / w.name, w, budget, log)
+            summary = explore_one(work / w.name, w, recordings, budget, log, check)
             log(summary.line())
             summaries.append(summary)
     return summaries
+
+
+def table(summaries: list[Summary]) -> str:
+    head = ["workload", "distinct states", "checked", *FAILURES.values()]
+    rows = [
+        [s.workload, str(s.distinct), str(s.checked), *map(str, s.counts().values())]
+        for s in summaries
+    ]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in [head, *rows]
+    )

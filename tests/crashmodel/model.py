@@ -107,6 +107,17 @@ class Fs:
             ino = entries[part]
         return ino
 
+    def path_of(self, ino: int) -> str | None:
+        """The path of a directory inode, relative to the root."""
+        if ino == ROOT_INO:
+            return ""
+        for parent, entries in self.dirs.items():
+            for name, child in entries.items():
+                if child == ino:
+                    head = self.path_of(parent)
+                    return None if head is None else f"{head}/{name}".lstrip("/")
+        return None
+
     def parent_of(self, rel: str) -> tuple[int, str]:
         head, _, name = rel.rpartition("/")
         parent = self.lookup(head)

@@ -86,12 +86,24 @@ def prepare_root(
     return layout, settings, upfront
 
 
+def daemon_argv(root: Path, settings: dict[str, Any], maintenance_s: float | None) -> list[str]:
+    argv = flowagg_cmd(root, "run", *settings_args(settings))
+    if maintenance_s is None:
+        return argv
+    at = argv.index("flowagg")
+    return [*argv[:at], "tests.crashmodel.maintenance", str(maintenance_s), *argv[at + 1 :]]
+
+
 def traced_run(
-    work: Path, layout: Layout, settings: dict[str, Any], steps: list[Step]
+    work: Path,
+    layout: Layout,
+    settings: dict[str, Any],
+    steps: list[Step],
+    maintenance_s: float | None = None,
 ) -> tuple[str, list[list[str]]]:
     """Run the daemon under strace through `steps`, stop it; (the trace, the add replies)."""
     trace = work / f"trace-{time.monotonic_ns()}.txt"
-    argv = strace_argv(trace, flowagg_cmd(layout.root, "run", *settings_args(settings)))
+    argv = strace_argv(trace, daemon_argv(layout.root, settings, maintenance_s))
     log = (work / "traced.log").open("ab")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
     driver = Driver(layout, work)
@@ -116,10 +128,11 @@ def record(
     settings: dict[str, Any],
     steps: list[Step],
     spool: list[list[dict[str, Any]]] = [],  # noqa: B006 - read only
+    maintenance_s: float | None = None,
 ) -> tuple[Recording, dict[str, Any]]:
     layout, settings, upfront = prepare_root(work, settings, spool)
     base = snapshot(layout.root, IGNORED)
-    text, replies = traced_run(work, layout, settings, steps)
+    text, replies = traced_run(work, layout, settings, steps, maintenance_s)
     fs = Fs.from_state(base)
     ops = Resolver(fs, layout.root, {work / SINK_LOG: SINK_LOG}).feed(parse(text))
     return Recording(base, ops, fs, replies, upfront), settings

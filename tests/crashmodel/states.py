@@ -16,6 +16,7 @@ import itertools
 import random
 from collections.abc import Iterator
 
+from flowagg.fsutil import TEMP_MARK
 from tests.crashmodel.model import DIR, Ack, Barrier, Data, External, Fs, Link, Op, State
 
 FULL_SUBSETS_UP_TO = 8  # non-durable operations at a point: every subset up to 2**8
@@ -61,8 +62,12 @@ class Choice:
 
     def describe(self, ops: list[Op]) -> str:
         parts = [f"crash before op {self.point}"]
-        if self.dropped:
-            parts.append("dropped " + ", ".join(_op_text(ops[i], i) for i in sorted(self.dropped)))
+        names = [_op_text(ops[i], i) for i in sorted(self.dropped) if isinstance(ops[i], Link)]
+        writes = len(self.dropped) - len(names)
+        if names:
+            parts.append("dropped the names " + ", ".join(names))
+        if writes:
+            parts.append(f"dropped {writes} unsynced writes")
         if self.cut:
             parts.append(f"op {self.cut[0]} cut to {self.cut[1]} bytes")
         return "; ".join(parts)
@@ -137,6 +142,11 @@ def external_at(ops: list[Op], point: int) -> dict[str, bytes]:
     return out
 
 
+def publishes(op: Op) -> bool:
+    """Whether a name operation touches a name other than a temp file's."""
+    return isinstance(op, Link) and any(TEMP_MARK not in name for _, name, _ in op.edits)
+
+
 def digest(state: State) -> str:
     h = hashlib.sha256()
     for rel in sorted(state):
@@ -153,7 +163,10 @@ class Found:
     state: State
     replies: int  # add replies acknowledged at its point
     external: dict[str, bytes]
-    reordered: bool  # a name was lost while a later one was kept: only POSIX allows it
+    # Temp files' names aside: a name was lost while a later one was kept (only POSIX allows
+    # it), and how many names not yet durable it drops.
+    reordered: bool
+    names_lost: int
 
 
 def distinct_states(
@@ -172,7 +185,7 @@ def distinct_states(
     for point in sorted(points, reverse=True):
         count, choices = choices_at(ops, point, fixed, rng)
         total += count
-        names = [i for i in droppable(ops, point, fixed) if isinstance(ops[i], Link)]
+        names = [i for i in droppable(ops, point, fixed) if publishes(ops[i])]
         replies, external = acked_replies(ops, point), external_at(ops, point)
         for choice in choices:
             state = build(base, ops, choice)
@@ -181,5 +194,5 @@ def distinct_states(
                 seen.add(key)
                 lost = [i for i in names if i in choice.dropped]
                 reordered = bool(lost) and any(i > lost[0] for i in names if i not in lost)
-                found.append(Found(choice, state, replies, external, reordered))
+                found.append(Found(choice, state, replies, external, reordered, len(lost)))
     return total, found
