@@ -23,7 +23,7 @@ from typing import Any
 from flowagg.layout import Layout
 from tests.crashmodel.check import Verdict, acked_ids, check_state
 from tests.crashmodel.model import Barrier, Fs, Link, Op, materialize
-from tests.crashmodel.record import Recording, record, traced_run
+from tests.crashmodel.record import Recording, fresh_root, record, traced_run
 from tests.crashmodel.resolve import Resolver
 from tests.crashmodel.states import (
     Choice,
@@ -84,12 +84,16 @@ class Recordings:
     def __init__(self, work: Path) -> None:
         self.work = work
         self._made: dict[str, tuple[Recording, dict[str, Any]]] = {}
+        self._template: Path | None = None
 
     def get(self, w: Workload) -> tuple[Recording, dict[str, Any]]:
+        if self._template is None:
+            self._template = fresh_root(self.work / "fresh")
         if w.key not in self._made:
             source = next(s for s in WORKLOADS if s.name == w.key)
             self._made[w.key] = record(
                 self.work / source.name,
+                self._template,
                 source.settings,
                 source.steps,
                 source.spool,
@@ -146,31 +150,36 @@ def check_all(
 def kill_points(rec: Recording, budget: int | None) -> list[tuple[int, str]]:
     """(op index, directory) just before directory fsyncs: names are visible there, not yet
     durable. All of them, or with a budget, for each of KILL_DIRS the point that leaves the
-    most names unsynced there (the latest among equals: less is left for the restart to
-    write, whose own directory fsync would make the killed run's names durable too)."""
+    most names unsynced there, new names counting first (a rename into the directory, as a
+    spool file's adoption or a batch's publication; a removal second). The latest among
+    equals: less is left for the restart to write, whose own fsync of the directory would
+    make the killed run's names durable too."""
     fs = Fs.from_state(rec.base)
     fixed = fixed_at(rec.ops)
-    points: list[tuple[int, str, int]] = []
+    points: list[tuple[int, str, tuple[int, int]]] = []
     for i, op in enumerate(rec.ops):
         if isinstance(op, Barrier) and op.is_dir:
-            unsynced = sum(
-                1
+            edits = [
+                ino
                 for j in droppable(rec.ops, i, fixed)
-                if publishes(rec.ops[j]) and op.ino in _link_dirs(rec.ops[j])
-            )
+                if publishes(rec.ops[j])
+                for d, _, ino in _edits(rec.ops[j])
+                if d == op.ino
+            ]
+            unsynced = (sum(1 for ino in edits if ino is not None), len(edits))
             points.append((i, fs.path_of(op.ino) or "", unsynced))
         fs.apply(op)
     if budget is None:
         return [(i, d) for i, d, _ in points]
     best = [
-        max((p for p in points if p[1] == d and p[2]), key=lambda p: (p[2], p[0]), default=None)
+        max((p for p in points if p[1] == d and p[2][1]), key=lambda p: (p[2], p[0]), default=None)
         for d in KILL_DIRS
     ]
     return sorted((p[0], p[1]) for p in best if p is not None)
 
 
-def _link_dirs(op: Op) -> frozenset[int]:
-    return op.dirs if isinstance(op, Link) else frozenset()
+def _edits(op: Op) -> tuple[tuple[int, str, int | None], ...]:
+    return op.edits if isinstance(op, Link) else ()
 
 
 def restarted(work: Path, rec: Recording, settings: dict[str, Any], kill: int) -> list[Op]:

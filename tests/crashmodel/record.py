@@ -1,7 +1,7 @@
 """Record a workload: a real daemon under strace, driven through its socket.
 
-The root is made by a clean start and stop first (so the trace holds the workload, not the
-creation of the root), spool files meant to be acknowledged up front are dropped into
+The root is a copy of one made by a clean start and stop (so the trace holds the workload,
+not the creation of the root), spool files meant to be acknowledged up front are dropped into
 inbox/, and that is the snapshot the model starts from. The daemon is then run under strace,
 driven one request at a time (so the n-th `{"ok":true,"accepted"` reply answers the n-th
 add sent), and stopped with SIGTERM.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -66,18 +67,27 @@ def settings_args(settings: dict[str, Any]) -> list[str]:
     return [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
 
 
+def fresh_root(work: Path) -> Path:
+    """A root made by a clean start and stop (so a trace holds a workload, not the creation
+    of the root); workloads start from copies of it."""
+    root = work / "data"
+    work.mkdir(parents=True)
+    daemon = DaemonProc(root, {"runDir": str(work / "run")}, log_path=work / "init.log")
+    assert daemon.wait_ready().stop() == 0, daemon.log()
+    return root
+
+
 def prepare_root(
-    work: Path, settings: dict[str, Any], spool: list[list[dict[str, Any]]]
+    work: Path, template: Path, settings: dict[str, Any], spool: list[list[dict[str, Any]]]
 ) -> tuple[Layout, dict[str, Any], list[str]]:
-    """A fresh root made by a clean start and stop, with `spool` files in inbox/."""
+    """A copy of the fresh root `template`, with `spool` files in inbox/."""
     run_dir = work / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     settings = {**settings, "runDir": str(run_dir)}
     if settings.get("sinkType") == "command":
         settings["sinkCommand"] = f"{sink_script(work)} {work / SINK_LOG}"
     root = work / "data"
-    daemon = DaemonProc(root, settings, log_path=work / "init.log").wait_ready()
-    assert daemon.stop() == 0, daemon.log()
+    shutil.copytree(template, root, symlinks=True)
     layout = Layout(root, run_dir)
     upfront = []
     for n, entries in enumerate(spool):
@@ -125,12 +135,13 @@ def traced_run(
 
 def record(
     work: Path,
+    template: Path,
     settings: dict[str, Any],
     steps: list[Step],
     spool: list[list[dict[str, Any]]] = [],  # noqa: B006 - read only
     maintenance_s: float | None = None,
 ) -> tuple[Recording, dict[str, Any]]:
-    layout, settings, upfront = prepare_root(work, settings, spool)
+    layout, settings, upfront = prepare_root(work, template, settings, spool)
     base = snapshot(layout.root, IGNORED)
     text, replies = traced_run(work, layout, settings, steps, maintenance_s)
     fs = Fs.from_state(base)

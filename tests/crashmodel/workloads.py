@@ -40,6 +40,12 @@ def spool_files(count: int, size: int) -> list[list[dict[str, Any]]]:
     ]
 
 
+def drained(d: Driver) -> None:
+    """Every spool file taken in and stored, so that the trace holds the whole intake."""
+    wait_for(lambda: not any(d.layout.inbox.glob("*.json*")), timeout=30)
+    assert d.op("flush").get("ok")
+
+
 def fail_sink(d: Driver) -> None:
     (d.work / SINK_FAILS).touch()
 
@@ -108,7 +114,7 @@ WORKLOADS = [
     Workload("runs", {**BASE, "flushWriters": 4}, RUNS, check_settings={"batchSize": 4}),
     Workload("sink", {**BASE, "sinkType": "command"}, [adds(2, 5, 1, 4, flush_after=(0, 2))]),
     Workload("sink-run", SINK_RUN, [hold_sink, queue_a_run_with_a_manual_cut]),
-    Workload("spool", BASE, [adds(1)], spool=spool_files(3, 2)),
+    Workload("spool", BASE, [adds(1), drained], spool=spool_files(3, 2)),
     Workload(
         "recovery",
         {**BASE, "sinkType": "command", "immediateRetries": 0},
@@ -122,6 +128,6 @@ WORKLOADS = [
         maintenance_s=0.2,
     ),
     Workload("start-runs", {**BASE, "flushWriters": 4}, RUNS, restart=True, recording="runs"),
-    Workload("start-spool", BASE, [adds(1)], spool_files(3, 2), restart=True, recording="spool"),
+    Workload("start-spool", BASE, [], restart=True, recording="spool"),
     Workload("start-sink-run", SINK_RUN, [], restart=True, recording="sink-run"),
 ]
