@@ -1,17 +1,21 @@
 """Start the daemon on a crash state and check the promise.
 
-Every acknowledged entryId is stored exactly once; no entryId appears under two batch ids
-and no batch id under two contents, counting the batches visible in the crash state (a batch
-a reader saw, or a sink took, stays what it was) and those stored after the restart; and
-the start is never blocked.
+Every acknowledged entry is stored exactly once: known by its entryId, or when a tool gave it
+none (flowagg assigns one of its own), by a mark in its metadata. No entryId appears under
+two batch ids and no batch id under two contents, counting the batches visible in the crash
+state (a batch a reader saw, or a sink took, stays what it was) and those stored after the
+restart; and the start is never blocked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
 import signal
+import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from tests.harness import DaemonProc, request, wait_for
 
 START_DEADLINE_S = 20.0
 SINK_LOG = "sink.log"
+ANONYMOUS_MARK = "sessionId"  # in the metadata of an entry sent without an entryId
 SINK_FAILS = "sink-fails"  # beside the sink script: it refuses every batch
 SINK_HOLDS = "sink-holds"  # beside the sink script: it waits before taking a batch
 VISIBLE_DIRS = ("aggregated/", "recovery/")
@@ -85,6 +90,34 @@ def sink_script(where: Path) -> Path:
     return script
 
 
+@contextlib.contextmanager
+def short_run_dir() -> Iterator[Path]:
+    """A run directory (socket, pid) of its own: a Unix socket's path must stay under 108
+    bytes, which one under a test's deep work directory may not."""
+    path = Path(tempfile.mkdtemp(prefix="flowagg-run-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def start_and_stop(work: Path, root: Path, settings: dict[str, Any]) -> str:
+    """Start a daemon on `root`, let it take in its inbox, flush and stop it: "" when it did,
+    else why the start was blocked."""
+    daemon = DaemonProc(root, settings, log_path=work / "daemon.log")
+    try:
+        daemon.wait_ready(START_DEADLINE_S)
+        layout = Layout(root, Path(settings["runDir"]))
+        wait_for(lambda: not any(layout.inbox.glob("*.json*")), timeout=START_DEADLINE_S)
+        assert request(layout.socket, {"op": "flush"}).get("ok")
+        code = daemon.stop(signal.SIGTERM, timeout=START_DEADLINE_S)
+        assert code == 0, f"exit {code}"
+    except (AssertionError, RuntimeError, TimeoutError, OSError) as exc:
+        daemon.kill()
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return ""
+
+
 def check_state(
     work: Path,
     state: State,
@@ -94,33 +127,23 @@ def check_state(
 ) -> Verdict:
     root = work / "data"
     materialize(state, root)
-    run_dir = work / "run"
-    run_dir.mkdir(mode=0o700)
-    settings = {**settings, "runDir": str(run_dir)}
     sink_log = work / SINK_LOG
     sink_log.write_bytes(external.get(SINK_LOG, b""))
+    settings = dict(settings)
     if settings.get("sinkType") == "command":
         settings["sinkCommand"] = f"{sink_script(work)} {sink_log}"
     verdict = Verdict()
-    daemon = DaemonProc(root, settings, log_path=work / "daemon.log")
-    try:
-        daemon.wait_ready(START_DEADLINE_S)
-        layout = Layout(root, run_dir)
-        wait_for(lambda: not any(layout.inbox.glob("*.json*")), timeout=START_DEADLINE_S)
-        assert request(layout.socket, {"op": "flush"}).get("ok")
-        code = daemon.stop(signal.SIGTERM, timeout=START_DEADLINE_S)
-        assert code == 0, f"exit {code}"
-    except (AssertionError, RuntimeError, TimeoutError, OSError) as exc:
-        verdict.blocked = f"{type(exc).__name__}: {str(exc)[:300]}"
-        daemon.kill()
+    with short_run_dir() as run_dir:
+        verdict.blocked = start_and_stop(work, root, {**settings, "runDir": str(run_dir)})
+    if verdict.blocked:
         return verdict
     stored = []
-    for path in iter_batch_files(Layout(root, run_dir)):
+    for path in iter_batch_files(Layout(root)):
         try:
             stored.append(read_batch(path))
         except CorruptBatch:
             verdict.blocked = f"unreadable batch file after the restart: {path.name}"
-    counts = Counter(e["entryId"] for doc in stored for e in doc["entries"])
+    counts = Counter(entry_key(e) for doc in stored for e in doc["entries"])
     verdict.lost = sorted(acked - set(counts))
     verdict.duplicated = sorted(i for i, c in counts.items() if c > 1)
     seen = visible_batches(state, external) + stored
@@ -134,6 +157,11 @@ def check_state(
     verdict.two_ids = sorted(f"{i}: {sorted(b)}" for i, b in ids_of.items() if len(b) > 1)
     verdict.two_contents = sorted(b for b, c in contents.items() if len(c) > 1)
     return verdict
+
+
+def entry_key(e: dict[str, Any]) -> str:
+    """What an entry is known by: the mark of one sent without an entryId, else its entryId."""
+    return str(e.get("metadata", {}).get(ANONYMOUS_MARK) or e["entryId"])
 
 
 def acked_ids(replies: list[list[str]], count: int, upfront: Iterable[str]) -> set[str]:

@@ -14,14 +14,16 @@ fsynced.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from flowagg.layout import Layout
-from tests.crashmodel.check import Verdict, acked_ids, check_state
+from tests.crashmodel.check import Verdict, acked_ids, check_state, short_run_dir
 from tests.crashmodel.model import Barrier, Fs, Link, Op, materialize
 from tests.crashmodel.record import Recording, fresh_root, record, traced_run
 from tests.crashmodel.resolve import Resolver
@@ -39,6 +41,8 @@ from tests.crashmodel.strace import parse
 from tests.crashmodel.workloads import KILL_DIRS, WORKLOADS, Workload
 
 Log = Callable[[str], None]
+# Daemons started side by side on crash states: a start is mostly CPU (imports), so one a core.
+CHECK_WORKERS = min(2, os.cpu_count() or 1)
 FAILURES = {
     "lost": "lost",
     "duplicated": "duplicated",
@@ -134,11 +138,17 @@ def check_all(
     subsets, found = distinct_states(Fs.from_state(rec.base), ops, points)
     summary.subsets += subsets
     summary.distinct += len(found)
-    for f in ranked(found, ops, budget, first) if check else []:
-        case = work / f"state-{summary.checked}"
-        summary.checked += 1
+    picked = ranked(found, ops, budget, first) if check else []
+    cases = [work / f"state-{summary.checked + n}" for n in range(len(picked))]
+    summary.checked += len(picked)
+
+    def one(f: Found, case: Path) -> Verdict:
         acked = acked_ids(rec.replies, f.replies, rec.upfront)
-        verdict = check_state(case, f.state, f.external, acked, settings)
+        return check_state(case, f.state, f.external, acked, settings)
+
+    with concurrent.futures.ThreadPoolExecutor(CHECK_WORKERS) as pool:
+        verdicts = list(pool.map(one, picked, cases))
+    for f, case, verdict in zip(picked, cases, verdicts, strict=True):
         if verdict.ok:
             shutil.rmtree(case, ignore_errors=True)
             continue
@@ -186,10 +196,10 @@ def restarted(work: Path, rec: Recording, settings: dict[str, Any], kill: int) -
     """The killed run's operations up to `kill`, then those of a daemon started on what the
     process saw there (and stopped cleanly)."""
     visible = build(Fs.from_state(rec.base), rec.ops, Choice(kill, frozenset()))
-    layout = Layout(work / "data", work / "run")
-    materialize(visible, layout.root)
-    layout.run.mkdir(parents=True)
-    text, _ = traced_run(work, layout, {**settings, "runDir": str(layout.run)}, [])
+    with short_run_dir() as run_dir:
+        layout = Layout(work / "data", run_dir)
+        materialize(visible, layout.root)
+        text, _ = traced_run(work, layout, {**settings, "runDir": str(run_dir)}, [])
     fs = Fs.from_state(rec.base)
     for op in rec.ops[:kill]:
         fs.apply(op)

@@ -9,6 +9,7 @@ add sent), and stopped with SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Any
 
 from flowagg.client import write_spool_file
 from flowagg.layout import Layout
-from tests.crashmodel.check import SINK_LOG, sink_script
+from tests.crashmodel.check import SINK_LOG, entry_key, short_run_dir, sink_script
 from tests.crashmodel.model import Fs, Op, State, snapshot
 from tests.crashmodel.resolve import IGNORED, Resolver
 from tests.crashmodel.strace import parse, strace_argv
@@ -37,7 +38,7 @@ class Recording:
     ops: list[Op]
     fs: Fs  # the file system as the process saw it at the end
     replies: list[list[str]]  # entryIds of each answered add, in reply order
-    upfront: list[str]  # entryIds in spool files placed before the start
+    upfront: list[str]  # entries in spool files placed before the start (check.entry_key)
 
 
 class Driver:
@@ -72,17 +73,21 @@ def fresh_root(work: Path) -> Path:
     of the root); workloads start from copies of it."""
     root = work / "data"
     work.mkdir(parents=True)
-    daemon = DaemonProc(root, {"runDir": str(work / "run")}, log_path=work / "init.log")
-    assert daemon.wait_ready().stop() == 0, daemon.log()
+    with short_run_dir() as run_dir:
+        daemon = DaemonProc(root, {"runDir": str(run_dir)}, log_path=work / "init.log")
+        assert daemon.wait_ready().stop() == 0, daemon.log()
     return root
 
 
 def prepare_root(
-    work: Path, template: Path, settings: dict[str, Any], spool: list[list[dict[str, Any]]]
+    work: Path,
+    run_dir: Path,
+    template: Path,
+    settings: dict[str, Any],
+    spool: list[list[dict[str, Any]]],
 ) -> tuple[Layout, dict[str, Any], list[str]]:
     """A copy of the fresh root `template`, with `spool` files in inbox/."""
-    run_dir = work / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     settings = {**settings, "runDir": str(run_dir)}
     if settings.get("sinkType") == "command":
         settings["sinkCommand"] = f"{sink_script(work)} {work / SINK_LOG}"
@@ -92,7 +97,7 @@ def prepare_root(
     upfront = []
     for n, entries in enumerate(spool):
         write_spool_file(layout, entries, name=f"tool-{n:03d}")
-        upfront += [e["entryId"] for e in entries]
+        upfront += [entry_key(e) for e in entries]
     return layout, settings, upfront
 
 
@@ -117,15 +122,22 @@ def traced_run(
     log = (work / "traced.log").open("ab")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=clean_env())
     driver = Driver(layout, work)
+    pid = None
     try:
         wait_for(lambda: ping(layout.socket, 1.0) or proc.poll() is not None, timeout=60)
         assert proc.poll() is None, (work / "traced.log").read_text()[-2000:]
+        pid = int(layout.pid_file.read_text())
         for step in steps:
             step(driver)
-        pid = int(layout.pid_file.read_text())
         os.kill(pid, signal.SIGTERM)
         assert proc.wait(STOP_DEADLINE_S) == 0, (work / "traced.log").read_text()[-2000:]
     finally:
+        # Killing strace alone would leave the daemon running, detached.
+        if proc.poll() is None and pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_DEADLINE_S)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -141,9 +153,10 @@ def record(
     spool: list[list[dict[str, Any]]] = [],  # noqa: B006 - read only
     maintenance_s: float | None = None,
 ) -> tuple[Recording, dict[str, Any]]:
-    layout, settings, upfront = prepare_root(work, template, settings, spool)
-    base = snapshot(layout.root, IGNORED)
-    text, replies = traced_run(work, layout, settings, steps, maintenance_s)
+    with short_run_dir() as run_dir:
+        layout, settings, upfront = prepare_root(work, run_dir, template, settings, spool)
+        base = snapshot(layout.root, IGNORED)
+        text, replies = traced_run(work, layout, settings, steps, maintenance_s)
     fs = Fs.from_state(base)
     ops = Resolver(fs, layout.root, {work / SINK_LOG: SINK_LOG}).feed(parse(text))
     return Recording(base, ops, fs, replies, upfront), settings
