@@ -1,15 +1,15 @@
 """The loop that checks the crash states of every workload (workloads.py).
 
 `explore(work, budget)` records each workload once, enumerates its distinct crash states and
-checks them: all of them (budget None), or the `budget` that matter most (per kill point
-for a start-up workload). Those lose the
-most names not yet durable: for a start-up workload, names the killed run left unsynced;
-then states where a later name outlived an earlier one (only POSIX allows it); then by how
-many names they drop. The start-up workloads are two-level: the daemon of a first run is
-taken as killed just before one of its directory fsyncs (the process-visible state, page
-cache and all), a second daemon starts on that state under strace, and the crash states of
-that second run may still lose what the first had not made durable and the second never
-fsynced.
+checks them: all of them (budget None), or the `budget` that matter most (per kill point for
+a start-up workload). Those come first that lose names the killed run left unsynced (for a
+start-up workload), then those where a later name outlived an earlier one (only POSIX allows
+it), then by how many names not yet durable they drop.
+
+The start-up workloads are two-level: the daemon of a first run is taken as killed just
+before one of its directory fsyncs (the process-visible state, page cache and all), a second
+daemon starts on that state under strace, and the crash states of that second run may still
+lose what the first had not made durable and the second never fsynced.
 """
 
 from __future__ import annotations
