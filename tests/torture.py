@@ -7,7 +7,8 @@ leave it. At the end the daemon is started once more and flushed, and every batc
 read back: the stored entryIds must equal the acknowledged ones, each exactly once.
 
 Run longer with `scripts/torture --kills N --seed S`; `scripts/torture --power-loss --cuts N`
-runs the power-loss variant (tests/powerloss.py) instead.
+runs the power-loss variant (tests/powerloss.py) instead, and `scripts/torture --crash-states`
+checks every crash state of the explorer's workloads (tests/crashmodel).
 """
 
 from __future__ import annotations
@@ -368,11 +369,24 @@ def main(argv: list[str] | None = None) -> int:
         help="root on LazyFS; each cut is SIGKILL plus dropping what was not fsync'd",
     )
     parser.add_argument("--cuts", type=int, default=500, help="power cuts with --power-loss")
+    parser.add_argument(
+        "--crash-states",
+        action="store_true",
+        help="check every distinct crash state of the explorer's workloads (tests/crashmodel)",
+    )
+    parser.add_argument("--workload", action="append", help="with --crash-states: only these")
+    parser.add_argument(
+        "--count-only",
+        action="store_true",
+        help="with --crash-states: count the distinct states, start no daemon on them",
+    )
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--writers", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the data root for inspection")
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="flowagg-torture-"))
+    if args.crash_states:
+        return crash_states(tmp, args.workload, args.keep, not args.count_only)
     result: TortureResult | PowerLossResult
     if args.power_loss:
         print(f"seed {args.seed}, data root {tmp / 'lower' / 'data'}", flush=True)
@@ -398,6 +412,20 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(tmp)
     return 0 if result.ok else 1
+
+
+def crash_states(tmp: Path, names: list[str] | None, keep: bool, check: bool) -> int:
+    from tests.crashmodel.explore import explore, table
+
+    print(f"crash states under {tmp}", flush=True)
+    summaries = explore(tmp, None, lambda m: print(m, flush=True), names, check=check)
+    print(table(summaries))
+    ok = not any(s.findings for s in summaries)
+    if not keep and ok:
+        import shutil
+
+        shutil.rmtree(tmp)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
