@@ -6,6 +6,7 @@ import contextlib
 import errno
 import os
 import pwd
+import secrets
 import socket
 import stat
 import time
@@ -23,9 +24,13 @@ from .fsutil import fsync_dir
 from .layout import Layout
 from .redact import Redactor
 
-# Modes a spool file gets in a shared inbox/: the daemon reads it through the group.
+# A spool file in a shared inbox/ is read by the daemon through the group (the daemon may run
+# as another user, without CAP_DAC_OVERRIDE under systemd). Other members are in that group
+# too, but they can neither list inbox/ (1730) nor guess a name with SPOOL_NAME_BITS random
+# bits, and the daemon moves the file into its private journal/spool/ at once.
 SHARED_SPOOL_MODE = 0o640
 PRIVATE_SPOOL_MODE = 0o600
+SPOOL_NAME_BITS = 128
 
 
 def _user() -> str:
@@ -143,10 +148,12 @@ def write_spool_file(layout: Layout, entries: list[Any], *, name: str | None = N
         raise NotRunningError(
             f"{layout.inbox} does not exist; start the daemon once to create the data root"
         ) from None
-    # In a shared inbox/ the daemon may be another user: it reads the file through the group.
     shared = bool(inbox_st.st_mode & stat.S_IWGRP)
     mode = SHARED_SPOOL_MODE if shared else PRIVATE_SPOOL_MODE
-    base = name or f"{time.time_ns() // 1_000_000}-{os.getpid()}-{os.urandom(4).hex()}"
+    # Files are taken in name order, hence the time first; the random part makes the name
+    # unguessable for the other members of the group.
+    token = secrets.token_hex(SPOOL_NAME_BITS // 8)
+    base = name or f"{time.time_ns() // 1_000_000:013d}-{token}"
     final = layout.inbox / f"{base}.jsonl"
     tmp = layout.inbox / f"{base}.jsonl.tmp"
     data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
@@ -158,6 +165,10 @@ def write_spool_file(layout: Layout, entries: list[Any], *, name: str | None = N
         raise _spool_error(layout, exc) from None
     try:
         with open(fd, "wb") as fh:
+            if shared and os.fstat(fh.fileno()).st_gid != inbox_st.st_gid:
+                # No setgid bit on inbox/ (RestrictSUIDSGID): the file would carry the writer's
+                # own group, which the daemon is not in.
+                os.fchown(fh.fileno(), -1, inbox_st.st_gid)
             os.fchmod(fh.fileno(), mode)  # the umask must not take the group's read bit
             fh.write(data)
             fh.flush()

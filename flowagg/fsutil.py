@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from .audit import audit
+from .audit import FileOwner, audit
 
 TEMP_MARK = ".flowagg-tmp-"
 FILE_MODE = 0o600
@@ -170,8 +170,12 @@ def quarantine_file(
     now_ms: int,
     extra: dict[str, object] | None = None,
 ) -> Path:
-    """Move an untrusted file (of any type) to errors/ with a reason beside it. Never deletes."""
+    """Move an untrusted file (of any type) to errors/ with a reason beside it. Never deletes.
+
+    The audit line names the file's owner as its peer: whoever put a junk file there.
+    """
     target = unique_path(errors_dir, src.name)
+    owner = FileOwner.of(os.lstat(src))
     os.rename(src, target)
     fsync_dir(errors_dir)
     if src.parent != errors_dir:
@@ -187,7 +191,7 @@ def quarantine_file(
             **(extra or {}),
         },
     )
-    audit("quarantine", file=display_name(target.name), component=component)
+    audit("quarantine", peer=owner, file=display_name(target.name), component=component)
     return target
 
 
@@ -201,8 +205,10 @@ def quarantine_bytes(
     now_ms: int,
     extra: dict[str, object] | None = None,
     overwrite: bool = False,
+    owner: FileOwner | None = None,
 ) -> Path:
-    """Store bytes that could not be trusted (a torn record, an invalid spool entry)."""
+    """Store bytes that could not be trusted (a torn record, an invalid spool entry); `owner`
+    is who wrote the file they came from, when another account did."""
     if overwrite:
         target = errors_dir / fit_name(name, len(REASON_SUFFIX))
     else:
@@ -218,7 +224,7 @@ def quarantine_bytes(
             **(extra or {}),
         },
     )
-    audit("quarantine", file=display_name(target.name), component=component)
+    audit("quarantine", peer=owner, file=display_name(target.name), component=component)
     return target
 
 

@@ -32,10 +32,9 @@ import orjson
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from .audit import FileOwner
 from .fsutil import (
-    FILE_MODE,
     REASON_SUFFIX,
-    TEMP_MARK,
     display_name,
     fit_name,
     fsync_dir,
@@ -44,17 +43,16 @@ from .fsutil import (
 )
 from .layout import Layout
 from .pipeline import Pipeline, Valid
+from .spool_trust import OPEN_FLAGS, READ_BLOCK, Droppers, refusal, take_over
 
 log = logging.getLogger("flowagg.spool")
 
 SPOOL_SUFFIXES = (".json", ".jsonl")
 CHUNK_LINES = 1000
 CHUNK_BYTES = 1 << 20
-READ_BLOCK = 64 << 10
 RAW_PREFIX_BYTES = 4096  # what is kept of a line too long to buffer
 MAX_LISTED_ERRORS = 100
 STOP_GRACE_S = 5.0
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 ADOPTED_MS_DIGITS = 13
 
 Progress = tuple[int, bool]  # journaled end offset, finished
@@ -195,58 +193,6 @@ def parse_lines(lines: list[Line], max_line: int) -> tuple[list[Any], list[Line]
     return items, sources, problems
 
 
-def take_over(path: Path, fd: int) -> int:
-    """Make an adopted file the daemon's own (its uid, mode 0600); returns the fd to read.
-
-    A file another account dropped into a shared inbox/ still belongs to it after the
-    rename: it could rewrite it while it is read. A root daemon chowns it; any other copies
-    it (same bytes, so journaled offsets stay valid) and renames the copy over it.
-    """
-    st = os.fstat(fd)
-    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == FILE_MODE:
-        return fd
-    try:
-        os.fchown(fd, os.geteuid(), os.getegid())
-        os.fchmod(fd, FILE_MODE)
-    except PermissionError:
-        fd = _copy_over(path, fd)
-    if st.st_uid != os.geteuid():
-        log.info(
-            "spool file %s came from uid %d; now owned by uid %d, mode 0600",
-            display_name(path.name),
-            st.st_uid,
-            os.geteuid(),
-        )
-    return fd
-
-
-def _copy_over(path: Path, fd: int) -> int:
-    pid = f".{os.getpid()}"
-    tmp = path.with_name(fit_name(f"{TEMP_MARK}{path.name}", len(pid)) + pid)
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        offset = 0
-        while block := os.pread(fd, READ_BLOCK, offset):
-            view = memoryview(block)
-            while view:
-                view = view[os.write(out, view) :]
-            offset += len(block)
-        os.fsync(out)
-        os.close(out)
-        out = -1
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if out >= 0:
-            os.close(out)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        os.close(fd)
-        raise
-    os.close(fd)
-    return os.open(path, OPEN_FLAGS)
-
-
 def rejected_name(adopted: str, tail: str) -> str:
     """`adopted` plus `tail`, which must survive whole: it tells one chunk's copy from another."""
     return fit_name(adopted, len(tail) + len(REASON_SUFFIX)) + tail
@@ -292,6 +238,9 @@ class SpoolIntake:
         self._progress: dict[str, Progress] = {}
         # Inbox names (as text) of the files this run adopted, which may have been cut to fit.
         self._originals: dict[str, str] = {}
+        self._droppers = Droppers(layout.group)
+        # Who wrote each adopted file (before the daemon copied it): the peer of its rejects.
+        self._owners: dict[str, FileOwner] = {}
         self.files_ingested = 0
         self.files_quarantined = 0
         self.entries_rejected = 0
@@ -338,6 +287,7 @@ class SpoolIntake:
             return
         self._progress.pop(adopted, None)
         self._originals.pop(adopted, None)
+        self._owners.pop(adopted, None)
 
     async def _ingest_or_wait(self, adopted: str, *, wait: bool) -> None:
         path = self.layout.journal_spool / adopted
@@ -519,9 +469,10 @@ class SpoolIntake:
                         " daemon's group (`flowagg add --spool` writes them so)",
                     )
                     return None
-                kind = file_kind(os.fstat(fd).st_mode)
+                st = os.fstat(fd)
+                kind = file_kind(st.st_mode)
                 if kind is None:
-                    return take_over(path, fd)
+                    return self._trusted(path, fd, st)
                 os.close(fd)
         except FileNotFoundError:
             return None
@@ -530,6 +481,16 @@ class SpoolIntake:
                 raise
             kind = "a symbolic link"
         self._quarantine_move(path, not_regular_reason(kind))
+        return None
+
+    def _trusted(self, path: Path, fd: int, st: os.stat_result) -> int | None:
+        """The fd to read an adopted file by, or None when it is refused (quarantined)."""
+        refused = refusal(st, self._droppers)
+        if refused is None:
+            self._owners[path.name] = FileOwner.of(st)
+            return take_over(path, fd, st)
+        os.close(fd)
+        self._quarantine_move(path, refused)
         return None
 
     async def _ingest_lines(self, adopted: str, fd: int, *, wait: bool) -> bool:
@@ -573,6 +534,7 @@ class SpoolIntake:
             now_ms=self.pipeline.clock.now_ms(),
             extra={"originalName": original, **listed_errors([p.error for p in problems])},
             overwrite=True,
+            owner=self._owners.get(adopted),
         )
         self._count_rejected(original, len(problems))
 
@@ -627,6 +589,7 @@ class SpoolIntake:
                 **listed_errors([r["error"] for r in rejected]),
             },
             overwrite=True,
+            owner=self._owners.get(adopted),
         )
         self._count_rejected(original, len(rejected))
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from flowagg import spool
+from flowagg import spool, spool_trust
 from flowagg.config import load_config
 from flowagg.errors import ConfigError
 from flowagg.fsutil import TEMP_MARK
@@ -42,28 +42,25 @@ def test_a_root_owned_by_another_user_is_refused_with_the_fix(tmp_path: Path) ->
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another uid")
-@pytest.mark.parametrize("daemon_is_root", [True, False])
-def test_an_adopted_file_becomes_the_daemons(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, daemon_is_root: bool
-) -> None:
+def test_an_adopted_file_is_copied_never_seized(tmp_path: Path) -> None:
     adopted = tmp_path / "0000000000001-000001-x.jsonl"
     adopted.write_bytes(b'{"a": 1}\n' * 20_000)
     os.chown(adopted, 65534, 65534)
     os.chmod(adopted, 0o640)
-    if not daemon_is_root:
-
-        def no_chown(fd: int, uid: int, gid: int) -> None:
-            raise PermissionError(1, "Operation not permitted")
-
-        monkeypatch.setattr(spool.os, "fchown", no_chown)
-    fd = spool.take_over(adopted, os.open(adopted, spool.OPEN_FLAGS))
+    original = os.open(adopted, os.O_RDONLY)
+    fd = spool_trust.take_over(adopted, os.open(adopted, spool_trust.OPEN_FLAGS), os.stat(adopted))
     try:
         st = os.fstat(fd)
         assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o600
         assert os.stat(adopted).st_ino == st.st_ino
         assert os.pread(fd, 1 << 20, 0) == b'{"a": 1}\n' * 20_000
+        # Even a root daemon leaves the inode it was handed as its owner made it.
+        kept = os.fstat(original)
+        assert kept.st_ino != st.st_ino
+        assert (kept.st_uid, kept.st_gid, stat.S_IMODE(kept.st_mode)) == (65534, 65534, 0o640)
     finally:
         os.close(fd)
+        os.close(original)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(TEMP_MARK)]
 
 

@@ -1,124 +1,22 @@
 """Other Unix accounts hand entries to a daemon that shares its socket and inbox/ with a group.
 
-Real accounts: each test module run makes a throwaway group, a member and an outsider (all
-removed afterwards), and runs `flowagg add` as them through runuser.
+Real accounts (tests/accounts.py): a throwaway group, its members and an outsider, removed
+afterwards; `flowagg add` runs as them through runuser.
 """
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
-import shutil
 import stat
-import subprocess
-import sys
-import sysconfig
-import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
-import pytest
 
 from flowagg.layout import Layout
-from tests.harness import DaemonProc, clean_env, entry, start_daemon, stored_entries, wait_for
+from tests.accounts import Accounts, needs_accounts
+from tests.harness import DaemonProc, entry, start_daemon, stored_entries, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("runuser") is None,
-    reason="needs root, useradd and runuser to make throwaway accounts",
-)
-
-
-class Accounts:
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:8]
-        self.group = f"fag{tag}"
-        self.member = f"fam{tag}"
-        self.outsider = f"fao{tag}"
-        self.python = ""
-
-    def uid(self, user: str) -> int:
-        return pwd.getpwnam(user).pw_uid
-
-    @property
-    def gid(self) -> int:
-        return grp.getgrnam(self.group).gr_gid
-
-    def env(self) -> dict[str, str]:
-        # The venv's interpreter may sit under /root; another account imports flowagg and its
-        # dependencies from the checkout and the venv's site-packages instead.
-        site = sysconfig.get_paths()["purelib"]
-        return clean_env(
-            {"PYTHONPATH": f"{REPO}:{site}", "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/"}
-        )
-
-    def run(
-        self, user: str, *args: str, input: bytes | None = None
-    ) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
-            ["runuser", "-u", user, "--", self.python, "-m", "flowagg", *args],
-            input=input,
-            capture_output=True,
-            env=self.env(),
-            cwd="/",
-            timeout=60,
-            check=False,
-        )
-
-
-def _usable_python(accounts: Accounts) -> str | None:
-    """An interpreter of this Python version that the throwaway account can run."""
-    name = f"python3.{sys.version_info.minor}"
-    candidates = [sys.executable, os.path.realpath(sys.executable)]
-    candidates += [f"{folder}/{name}" for folder in ("/usr/local/bin", "/usr/bin")]
-    for python in dict.fromkeys(candidates):
-        probe = subprocess.run(
-            ["runuser", "-u", accounts.member, "--", python, "-c", "import orjson, flowagg"],
-            capture_output=True,
-            env=accounts.env(),
-            cwd="/",
-            timeout=60,
-            check=False,
-        )
-        if probe.returncode == 0:
-            return python
-    return None
-
-
-@pytest.fixture(scope="module")
-def accounts() -> Iterator[Accounts]:
-    acc = Accounts()
-    subprocess.run(["groupadd", acc.group], check=True, capture_output=True)
-    try:
-        for user, extra in ((acc.member, ["-G", acc.group]), (acc.outsider, [])):
-            subprocess.run(
-                ["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", *extra, user],
-                check=True,
-                capture_output=True,
-            )
-        python = _usable_python(acc)
-        if python is None:
-            pytest.skip("no Python interpreter here that another account may run")
-        acc.python = python
-        yield acc
-    finally:
-        for user in (acc.member, acc.outsider):
-            subprocess.run(["userdel", user], capture_output=True, check=False)
-        subprocess.run(["groupdel", acc.group], capture_output=True, check=False)
-
-
-@pytest.fixture
-def shared_root() -> Iterator[Path]:
-    # pytest's tmp_path sits in a 0700 folder no other account can pass through.
-    holder = Path(tempfile.mkdtemp(prefix="flowagg-acct-"))
-    os.chmod(holder, 0o755)
-    try:
-        yield holder / "data"
-    finally:
-        shutil.rmtree(holder, ignore_errors=True)
+pytestmark = needs_accounts
 
 
 def _mode(path: Path) -> int:
@@ -133,7 +31,7 @@ def test_group_members_add_and_spool_outsiders_get_one_line(
     daemons.append(daemon)
     layout = Layout(root)
     assert _mode(root) == 0o710 and os.stat(root).st_gid == accounts.gid
-    assert stat.S_IMODE(os.stat(layout.inbox).st_mode) == 0o2770
+    assert stat.S_IMODE(os.stat(layout.inbox).st_mode) == 0o1730
     assert os.stat(layout.inbox).st_gid == accounts.gid
     assert _mode(layout.run) == 0o750 and _mode(layout.socket) == 0o660
     assert os.stat(layout.socket).st_gid == accounts.gid
@@ -161,9 +59,9 @@ def test_group_members_add_and_spool_outsiders_get_one_line(
     )
     assert spooled.returncode == 0, spooled.stderr
     wait_for(lambda: not os.listdir(layout.inbox))
-    # The file was the member's until the daemon took it over.
+    # The file was the member's: the daemon read its own copy.
     member_uid = accounts.uid(accounts.member)
-    wait_for(lambda: f"came from uid {member_uid}; now owned by uid 0" in daemon.log())
+    wait_for(lambda: f"came from uid {member_uid} ({accounts.member})" in daemon.log())
 
     flushed = accounts.run(accounts.member, "--root", str(root), "flush")
     assert flushed.returncode == 0, flushed.stderr
@@ -215,7 +113,7 @@ def test_spool_while_down_is_adopted_and_owned_by_the_daemon(
     assert stat.S_IMODE(dropped.st_mode) == 0o640  # readable by a daemon of the group
     daemon = start_daemon(root, settings)
     daemons.append(daemon)
-    wait_for(lambda: "now owned by uid 0, mode 0600" in daemon.log())
+    wait_for(lambda: "the daemon reads its own copy (mode 0600)" in daemon.log())
     assert daemon.stop() == 0
     assert [e["timestamp"] for e in stored_entries(root)] == [entry(5)["timestamp"]]
 
