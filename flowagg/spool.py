@@ -43,7 +43,7 @@ from .fsutil import (
 )
 from .layout import Layout
 from .pipeline import Pipeline, Valid
-from .spool_trust import OPEN_FLAGS, READ_BLOCK, Droppers, refusal, take_over
+from .spool_trust import OPEN_FLAGS, READ_BLOCK, Droppers, account, refusal, take_over
 
 log = logging.getLogger("flowagg.spool")
 
@@ -464,9 +464,9 @@ class SpoolIntake:
                         raise
                     self._quarantine_move(
                         path,
-                        f"unreadable: uid {st.st_uid} wrote it with mode"
+                        f"unreadable: {account(st.st_uid)} wrote it with mode"
                         f" {stat.S_IMODE(st.st_mode):04o}; spool files must be readable by the"
-                        " daemon's group (`flowagg add --spool` writes them so)",
+                        " daemon's user (`flowagg add --spool` writes them so)",
                     )
                     return None
                 st = os.fstat(fd)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 
+from flowagg.client import ACL_XATTR
 from flowagg.layout import Layout
 from tests.accounts import Accounts, needs_accounts
 from tests.harness import DaemonProc, entry, start_daemon, stored_entries, wait_for
@@ -109,8 +110,10 @@ def test_spool_while_down_is_adopted_and_owned_by_the_daemon(
     assert down.returncode == 0, down.stderr
     (name,) = os.listdir(Layout(root).inbox)
     dropped = os.stat(Layout(root).inbox / name)
-    assert dropped.st_uid == accounts.uid(accounts.member) and dropped.st_gid == accounts.gid
-    assert stat.S_IMODE(dropped.st_mode) == 0o640  # readable by a daemon of the group
+    assert dropped.st_uid == accounts.uid(accounts.member)
+    # 0600 plus read for the daemon's user (an ACL whose mask shows as the group's bits).
+    assert stat.S_IMODE(dropped.st_mode) == 0o640
+    assert os.getxattr(Layout(root).inbox / name, ACL_XATTR)
     daemon = start_daemon(root, settings)
     daemons.append(daemon)
     wait_for(lambda: "the daemon reads its own copy (mode 0600)" in daemon.log())
