@@ -32,7 +32,7 @@ import orjson
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .audit import FileOwner
+from .audit import FileOwner, audit
 from .fsutil import (
     REASON_SUFFIX,
     display_name,
@@ -40,6 +40,7 @@ from .fsutil import (
     fsync_dir,
     quarantine_bytes,
     quarantine_file,
+    rotate_errors,
 )
 from .layout import Layout
 from .pipeline import Pipeline, Valid
@@ -220,11 +221,14 @@ class SpoolIntake:
         *,
         rescan_s: float,
         max_file_bytes: int,
+        max_error_files: int = 0,
     ) -> None:
         self.layout = layout
         self.pipeline = pipeline
         self.rescan_s = rescan_s
         self.max_file_bytes = max_file_bytes
+        self.max_error_files = max_error_files  # 0: recovery/errors/ is not rotated
+        self._rotation_due = True
         # Room for whitespace around an entry; its compact JSON is checked against the limit.
         self.max_line = 2 * pipeline.config.max_entry_bytes
         self._wake = asyncio.Event()
@@ -244,6 +248,7 @@ class SpoolIntake:
         self.files_ingested = 0
         self.files_quarantined = 0
         self.entries_rejected = 0
+        self.errors_rotated = 0
 
     async def recover(self, journaled: dict[str, Progress]) -> None:
         """At start, before the daemon reports ready: finish what a previous run adopted.
@@ -362,7 +367,9 @@ class SpoolIntake:
             if name.startswith(".") or name.endswith(".tmp"):
                 continue
             try:
-                adopted = await self._take(self.layout.inbox / name)
+                # Off the loop: renames and folder fsyncs of a junk-file flood must not delay
+                # the acknowledgements of adds.
+                adopted = await asyncio.to_thread(self._take, self.layout.inbox / name)
             except Exception:
                 # One file must not stop the others: it stays in inbox/ for the next rescan.
                 log.exception("spool file %s cannot be taken from inbox/", display_name(name))
@@ -371,9 +378,34 @@ class SpoolIntake:
                 await self._ingest_or_wait(adopted, wait=True)
                 count += 1
             await asyncio.sleep(0)  # a flood of bad files must not starve the socket
+        if self._rotation_due and self.max_error_files:
+            self._rotation_due = False
+            await asyncio.to_thread(self._rotate_errors)
         return count
 
-    async def _take(self, path: Path) -> str | None:
+    def _rotate_errors(self) -> None:
+        """Keep recovery/errors/ within maxErrorFiles: the oldest quarantined files go."""
+        try:
+            removed = rotate_errors(self.layout.errors, self.max_error_files)
+        except OSError as exc:
+            log.error("cannot rotate recovery/errors/: %s; trying again at the next scan", exc)
+            self._rotation_due = True
+            return
+        if removed:
+            self.errors_rotated += len(removed)
+            log.warning(
+                "recovery/errors/ holds more than maxErrorFiles (%d): removed the %d oldest",
+                self.max_error_files,
+                len(removed),
+            )
+            audit(
+                "errors_rotated",
+                fileCount=len(removed),
+                files=removed[:MAX_LISTED_ERRORS],
+                maxErrorFiles=self.max_error_files,
+            )
+
+    def _take(self, path: Path) -> str | None:
         """Adopt a regular spool file; anything else in inbox/ goes to errors/ unread."""
         try:
             kind = file_kind(os.lstat(path).st_mode)
@@ -385,9 +417,9 @@ class SpoolIntake:
         if not is_spool_name(path.name):
             self._quarantine_move(path, "not a spool file: name must end in .json or .jsonl")
             return None
-        return await self._adopt(path)
+        return self._adopt(path)
 
-    async def _adopt(self, path: Path) -> str | None:
+    def _adopt(self, path: Path) -> str | None:
         ms = max(self.pipeline.clock.now_ms(), self._floor_ms)
         # The journal names the file in JSON, so the name must be text: odd bytes become \xNN.
         adopted = fit_name(f"{ms:013d}-{next(self._counter):06d}-{display_name(path.name)}")
@@ -426,12 +458,14 @@ class SpoolIntake:
                 component="spool",
                 now_ms=self.pipeline.clock.now_ms(),
                 extra={"originalName": original},
+                owner=self._owners.get(path.name) if path.parent != self.layout.inbox else None,
             )
         except OSError as exc:
             shown = display_name(str(path))
             log.error("spool file %s should go to errors/ (%s) but cannot: %s", shown, reason, exc)
             return False
         self.files_quarantined += 1
+        self._rotation_due = True
         shown = display_name(target.name)
         log.warning("spool file %s quarantined to %s: %s", original, shown, reason)
         return True
@@ -441,7 +475,7 @@ class SpoolIntake:
         path = self.layout.journal_spool / adopted
         if not is_spool_name(adopted) or display_name(adopted) != adopted:
             return self._quarantine_move(path, "not a name flowagg adopts; spool it again")
-        fd = self._open_regular(path)
+        fd = await asyncio.to_thread(self._open_regular, path)
         if fd is None:
             return not os.path.lexists(path)  # gone or quarantined; else tried again later
         try:
@@ -537,6 +571,7 @@ class SpoolIntake:
             owner=self._owners.get(adopted),
         )
         self._count_rejected(original, len(problems))
+        self._rotation_due = True
 
     def _count_rejected(self, original: str, count: int) -> None:
         self.entries_rejected += count
@@ -551,15 +586,17 @@ class SpoolIntake:
             " line), which is streamed"
         )
         if os.fstat(fd).st_size > self.max_file_bytes:
-            return self._quarantine_move(path, too_big)
+            return await asyncio.to_thread(self._quarantine_move, path, too_big)
         data = await asyncio.to_thread(read_at_most, fd, self.max_file_bytes + 1)
         if len(data) > self.max_file_bytes:  # it grew after the check
-            return self._quarantine_move(path, too_big)
+            return await asyncio.to_thread(self._quarantine_move, path, too_big)
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            return self._quarantine_move(
-                path, f"not valid JSON ({exc}); fix the file and spool it again"
+            return await asyncio.to_thread(
+                self._quarantine_move,
+                path,
+                f"not valid JSON ({exc}); fix the file and spool it again",
             )
         items = doc if isinstance(doc, list) else [doc]
         valid, rejected = self.pipeline.validate(items)
@@ -592,6 +629,7 @@ class SpoolIntake:
             owner=self._owners.get(adopted),
         )
         self._count_rejected(original, len(rejected))
+        self._rotation_due = True
 
     async def _journal(
         self, adopted: str, valid: list[Valid], off: int, fin: bool, *, wait: bool

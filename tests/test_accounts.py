@@ -63,6 +63,7 @@ def test_group_members_add_and_spool_outsiders_get_one_line(
     # The file was the member's: the daemon read its own copy.
     member_uid = accounts.uid(accounts.member)
     wait_for(lambda: f"came from uid {member_uid} ({accounts.member})" in daemon.log())
+    wait_for(lambda: not os.listdir(layout.journal_spool))  # journaled, so the flush has it
 
     flushed = accounts.run(accounts.member, "--root", str(root), "flush")
     assert flushed.returncode == 0, flushed.stderr

@@ -17,7 +17,7 @@ import orjson
 
 from flowagg.layout import Layout
 from tests.accounts import Accounts, needs_accounts
-from tests.harness import DaemonProc, entry, start_daemon, stored_entries, wait_for
+from tests.harness import DaemonProc, entry, request, start_daemon, stored_entries, wait_for
 
 pytestmark = needs_accounts
 
@@ -45,6 +45,11 @@ ATTEMPTS = textwrap.dedent(
 
 def _settings(accounts: Accounts) -> dict[str, object]:
     return {"socketGroup": accounts.group, "maxAgeMs": 3_600_000}
+
+
+def _settled(layout: Layout) -> bool:
+    """inbox/ and journal/spool/ empty: the daemon took every file and is done with it."""
+    return not os.listdir(layout.inbox) and not os.listdir(layout.journal_spool)
 
 
 def _spool_as(accounts: Accounts, user: str, root: Path, item: dict[str, object]) -> Path:
@@ -79,7 +84,7 @@ def test_members_cannot_list_read_rename_or_delete_each_others_spool_files(
     # The daemon's user still reads it: both entries are stored once.
     daemon = start_daemon(root, _settings(accounts))
     daemons.append(daemon)
-    wait_for(lambda: not os.listdir(layout.inbox))
+    wait_for(lambda: _settled(layout))
     assert daemon.stop() == 0
     stored = sorted(e["timestamp"] for e in stored_entries(root))
     assert stored == [entry(1)["timestamp"], entry(2)["timestamp"]]
@@ -92,11 +97,6 @@ def _reasons(layout: Layout) -> list[dict[str, object]]:
 def _audit(layout: Layout, event: str) -> list[dict[str, object]]:
     lines = (layout.logs / "audit.log").read_bytes().splitlines()
     return [doc for doc in map(orjson.loads, lines) if doc["event"] == event]
-
-
-def _settled(layout: Layout) -> bool:
-    """inbox/ and journal/spool/ empty: the daemon took every file and is done with it."""
-    return not os.listdir(layout.inbox) and not os.listdir(layout.journal_spool)
 
 
 def _inode(path: Path) -> tuple[int, int, int, int, bytes]:
@@ -176,3 +176,74 @@ def test_a_file_another_account_wrote_is_refused_naming_its_owner(
     assert _inode(layout.errors / str(reason["file"])) == before
     (line,) = _audit(layout, "quarantine")
     assert line["peer"]["uid"] == outsider_uid  # type: ignore[index]
+
+
+# Run as the flooding member: `count` junk files of every kind, under names no one else uses.
+FLOOD = textwrap.dedent(
+    """
+    import os, sys
+    inbox, count = sys.argv[1], int(sys.argv[2])
+    for i in range(count):
+        path = os.path.join(inbox, f"junk-{i:05d}")
+        kind = i % 4
+        if kind == 0:
+            os.mkfifo(path + ".json")
+        elif kind == 1:
+            os.symlink("/etc/passwd", path + ".jsonl")
+        elif kind == 2:
+            with open(path + ".json", "wb") as f:
+                f.write(b"{not json")
+        else:
+            with open(path + ".txt", "wb") as f:
+                f.write(b"junk")
+    """
+)
+
+
+def _all_audit_lines(layout: Layout) -> list[dict[str, object]]:
+    lines = []
+    for path in sorted(layout.logs.glob("audit.log*")):
+        lines += [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    return lines
+
+
+def test_a_junk_flood_is_bounded_in_errors_and_keeps_the_audit_history(
+    accounts: Accounts, shared_root: Path, daemons: list[DaemonProc]
+) -> None:
+    root = shared_root
+    layout = Layout(root)
+    settings = {
+        **_settings(accounts),
+        "maxErrorFiles": 20,
+        # Small logs, one backup: the flood's audit lines rotate audit.log many times over.
+        "logMaxBytes": 4096,
+        "logBackups": 1,
+    }
+    daemon = start_daemon(root, settings)
+    daemons.append(daemon)
+    flood = 200
+    done = accounts.python_as(accounts.member, "-c", FLOOD, str(layout.inbox), str(flood))
+    assert done.returncode == 0, done.stderr
+    _spool_as(accounts, accounts.other, root, entry(1))
+
+    def quarantined() -> dict[str, object] | None:
+        status = request(layout.socket, {"op": "status"})
+        settled = status["spool"]["filesQuarantined"] == flood and _settled(layout)
+        return status if settled and status["queue"]["errorsRotated"] >= flood - 20 else None
+
+    status = wait_for(quarantined, timeout=60)
+    assert status["queue"]["errors"] == 20
+    assert status["queue"]["errorsRotated"] == flood - 20
+    assert len(list(layout.errors.glob("*.reason.json"))) == 20
+    assert len(list(layout.errors.iterdir())) == 40  # each file beside its reason
+
+    lines = _all_audit_lines(layout)
+    assert len(list(layout.logs.glob("audit.log.*"))) > 1  # rotated, more than logBackups
+    assert [line["event"] for line in lines].count("start") == 1  # the history is all there
+    quarantines = [line for line in lines if line["event"] == "quarantine"]
+    assert len(quarantines) == flood
+    assert {line["peer"]["uid"] for line in quarantines} == {accounts.uid(accounts.member)}  # type: ignore[index]
+    rotated = [line for line in lines if line["event"] == "errors_rotated"]
+    assert sum(int(line["fileCount"]) for line in rotated) == flood - 20  # type: ignore[call-overload]
+    assert daemon.stop() == 0
+    assert [e["timestamp"] for e in stored_entries(root)] == [entry(1)["timestamp"]]
