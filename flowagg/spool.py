@@ -53,6 +53,10 @@ CHUNK_LINES = 1000
 CHUNK_BYTES = 1 << 20
 RAW_PREFIX_BYTES = 4096  # what is kept of a line too long to buffer
 MAX_LISTED_ERRORS = 100
+# Junk (not a spool file) moved to errors/ per scan; more waits JUNK_PAUSE_S for the next one.
+JUNK_PER_SCAN = 64
+JUNK_PAUSE_S = 0.5
+JUNK = "\0junk"  # what _take says of a file that is not a spool file (no file name has a NUL)
 STOP_GRACE_S = 5.0
 ADOPTED_MS_DIGITS = 13
 
@@ -361,6 +365,7 @@ class SpoolIntake:
         """Ingest every spool file now in inbox/, in name order (leftovers first)."""
         await self._finish_adopted(wait=True)
         count = 0
+        junk_left = JUNK_PER_SCAN
         for name in sorted(os.listdir(self.layout.inbox)):
             if self._stopping:
                 break
@@ -369,15 +374,23 @@ class SpoolIntake:
             try:
                 # Off the loop: renames and folder fsyncs of a junk-file flood must not delay
                 # the acknowledgements of adds.
-                adopted = await asyncio.to_thread(self._take, self.layout.inbox / name)
+                adopted = await asyncio.to_thread(
+                    self._take, self.layout.inbox / name, junk_left > 0
+                )
             except Exception:
                 # One file must not stop the others: it stays in inbox/ for the next rescan.
                 log.exception("spool file %s cannot be taken from inbox/", display_name(name))
                 continue
-            if adopted is not None:
+            if adopted is JUNK:
+                junk_left -= 1
+            elif adopted is not None:
                 await self._ingest_or_wait(adopted, wait=True)
                 count += 1
             await asyncio.sleep(0)  # a flood of bad files must not starve the socket
+        if junk_left < 0:
+            # More junk than a scan moves: the rest waits a while, so that a flood's renames
+            # and fsyncs come at a bounded rate and the journal's fsyncs keep the disk.
+            asyncio.get_running_loop().call_later(JUNK_PAUSE_S, self._wake.set)
         if self._rotation_due and self.max_error_files:
             self._rotation_due = False
             await asyncio.to_thread(self._rotate_errors)
@@ -405,19 +418,22 @@ class SpoolIntake:
                 maxErrorFiles=self.max_error_files,
             )
 
-    def _take(self, path: Path) -> str | None:
-        """Adopt a regular spool file; anything else in inbox/ goes to errors/ unread."""
+    def _take(self, path: Path, quarantine: bool) -> str | None:
+        """Adopt a regular spool file; anything else in inbox/ is JUNK, moved to errors/ unread
+        when `quarantine` says this scan may still do so."""
         try:
             kind = file_kind(os.lstat(path).st_mode)
         except FileNotFoundError:
             return None  # its client or another scan took it away
         if kind is not None:
-            self._quarantine_move(path, not_regular_reason(kind))
-            return None
-        if not is_spool_name(path.name):
-            self._quarantine_move(path, "not a spool file: name must end in .json or .jsonl")
-            return None
-        return self._adopt(path)
+            reason = not_regular_reason(kind)
+        elif not is_spool_name(path.name):
+            reason = "not a spool file: name must end in .json or .jsonl"
+        else:
+            return self._adopt(path)
+        if quarantine:
+            self._quarantine_move(path, reason)
+        return JUNK
 
     def _adopt(self, path: Path) -> str | None:
         ms = max(self.pipeline.clock.now_ms(), self._floor_ms)
