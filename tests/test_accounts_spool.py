@@ -207,43 +207,62 @@ def _all_audit_lines(layout: Layout) -> list[dict[str, object]]:
     return lines
 
 
-def test_a_junk_flood_is_bounded_in_errors_and_keeps_the_audit_history(
-    accounts: Accounts, shared_root: Path, daemons: list[DaemonProc]
-) -> None:
-    root = shared_root
+FLOOD_FILES = 200
+
+
+def _flood(
+    accounts: Accounts, root: Path, daemons: list[DaemonProc], settings: dict[str, object]
+) -> DaemonProc:
+    """A daemon that took a member's junk flood and another member's spool file."""
     layout = Layout(root)
-    settings = {
-        **_settings(accounts),
-        "maxErrorFiles": 20,
-        # Small logs, one backup: the flood's audit lines rotate audit.log many times over.
-        "logMaxBytes": 4096,
-        "logBackups": 1,
-    }
-    daemon = start_daemon(root, settings)
+    daemon = start_daemon(root, {**_settings(accounts), **settings})
     daemons.append(daemon)
-    flood = 200
-    done = accounts.python_as(accounts.member, "-c", FLOOD, str(layout.inbox), str(flood))
+    done = accounts.python_as(accounts.member, "-c", FLOOD, str(layout.inbox), str(FLOOD_FILES))
     assert done.returncode == 0, done.stderr
     _spool_as(accounts, accounts.other, root, entry(1))
 
-    def quarantined() -> dict[str, object] | None:
+    def quarantined() -> bool:
         status = request(layout.socket, {"op": "status"})
-        settled = status["spool"]["filesQuarantined"] == flood and _settled(layout)
-        return status if settled and status["queue"]["errorsRotated"] >= flood - 20 else None
+        return status["spool"]["filesQuarantined"] == FLOOD_FILES and _settled(layout)
 
-    status = wait_for(quarantined, timeout=60)
-    assert status["queue"]["errors"] == 20
-    assert status["queue"]["errorsRotated"] == flood - 20
+    wait_for(quarantined, timeout=60)
+    return daemon
+
+
+def test_a_junk_flood_keeps_the_audit_history_and_names_its_writer(
+    accounts: Accounts, shared_root: Path, daemons: list[DaemonProc]
+) -> None:
+    # Small logs, one backup: the flood's audit lines rotate audit.log many times over.
+    daemon = _flood(accounts, shared_root, daemons, {"logMaxBytes": 4096, "logBackups": 1})
+    layout = Layout(shared_root)
+    assert daemon.stop() == 0
+    lines = _all_audit_lines(layout)
+    events = [line["event"] for line in lines]
+    assert events.count("start") == 1 and events.count("stop") == 1  # the history is all there
+    assert len(list(layout.logs.glob("audit.log.*"))) > 1  # rotated, more than logBackups
+    quarantines = [line for line in lines if line["event"] == "quarantine"]
+    assert len(quarantines) == FLOOD_FILES
+    writers = {line["peer"]["uid"] for line in quarantines}  # type: ignore[index]
+    assert writers == {accounts.uid(accounts.member)}
+    assert [e["timestamp"] for e in stored_entries(shared_root)] == [entry(1)["timestamp"]]
+
+
+def test_a_junk_flood_leaves_at_most_max_error_files(
+    accounts: Accounts, shared_root: Path, daemons: list[DaemonProc]
+) -> None:
+    daemon = _flood(accounts, shared_root, daemons, {"maxErrorFiles": 20})
+    layout = Layout(shared_root)
+    kept = FLOOD_FILES - 20
+
+    def rotated() -> dict[str, object] | None:
+        status = request(layout.socket, {"op": "status"})
+        return status if status["queue"]["errorsRotated"] >= kept else None
+
+    queue = wait_for(rotated)["queue"]
+    assert queue["errors"] == 20 and queue["errorsRotated"] == kept
     assert len(list(layout.errors.glob("*.reason.json"))) == 20
     assert len(list(layout.errors.iterdir())) == 40  # each file beside its reason
-
-    lines = _all_audit_lines(layout)
-    assert len(list(layout.logs.glob("audit.log.*"))) > 1  # rotated, more than logBackups
-    assert [line["event"] for line in lines].count("start") == 1  # the history is all there
-    quarantines = [line for line in lines if line["event"] == "quarantine"]
-    assert len(quarantines) == flood
-    assert {line["peer"]["uid"] for line in quarantines} == {accounts.uid(accounts.member)}  # type: ignore[index]
-    rotated = [line for line in lines if line["event"] == "errors_rotated"]
-    assert sum(int(line["fileCount"]) for line in rotated) == flood - 20  # type: ignore[call-overload]
     assert daemon.stop() == 0
-    assert [e["timestamp"] for e in stored_entries(root)] == [entry(1)["timestamp"]]
+    lines = [line for line in _all_audit_lines(layout) if line["event"] == "errors_rotated"]
+    assert sum(int(line["fileCount"]) for line in lines) == kept  # type: ignore[call-overload]
+    assert [e["timestamp"] for e in stored_entries(shared_root)] == [entry(1)["timestamp"]]
