@@ -545,9 +545,13 @@ class SpoolIntake:
 
     async def _ingest_lines(self, adopted: str, fd: int, *, wait: bool) -> bool:
         off, fin = self._progress.get(adopted, (0, False))
+        first = True
         while not fin:
-            if self._stopping:
+            # A stop lets a file it finds taken in get its first chunk journaled: a small file
+            # renamed out of inbox/ is then stored, as a client watching inbox/ would expect.
+            if self._stopping and not first:
                 return False
+            first = False
             chunk = await asyncio.to_thread(read_chunk, fd, off, self.max_line)
             valid, problems = self._check_lines(chunk)
             if problems:
