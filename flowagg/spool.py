@@ -363,6 +363,7 @@ class SpoolIntake:
 
     async def scan_once(self) -> int:
         """Ingest every spool file now in inbox/, in name order (leftovers first)."""
+        self._droppers.forget()  # a member removed from the group is one no longer
         await self._finish_adopted(wait=True)
         count = 0
         junk_left = JUNK_PER_SCAN

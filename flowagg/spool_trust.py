@@ -36,7 +36,7 @@ def account(uid: int) -> str:
 
 class Droppers:
     """Who may write a file into inbox/: the daemon's user, root and, when it is shared, the
-    members of socketGroup. Looked up once per uid; `forget` drops what changed accounts."""
+    members of socketGroup. Looked up once per uid until `forget` (each scan)."""
 
     def __init__(self, group: int | None) -> None:
         self.group = group

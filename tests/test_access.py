@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from flowagg import spool, spool_trust
+from flowagg import client, spool, spool_trust
 from flowagg.config import load_config
 from flowagg.errors import ConfigError
 from flowagg.fsutil import TEMP_MARK
+from flowagg.layout import Layout
 from tests.harness import cli
 from tests.test_spool import Rig, line
 
@@ -112,3 +115,37 @@ def test_a_spool_file_the_daemon_cannot_read_is_quarantined_not_retried_forever(
     reasons = [p.read_text() for p in rig.layout.errors.glob("*.reason.json")]
     assert len(reasons) == 1 and "unreadable: uid 65534" in reasons[0]
     assert os.listdir(rig.layout.journal_spool) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give inbox/ to another uid")
+@pytest.mark.parametrize("acls", [True, False])
+def test_a_shared_spool_file_is_readable_by_the_daemons_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, acls: bool
+) -> None:
+    layout = Layout(tmp_path / "data")
+    layout.root.mkdir()
+    layout.inbox.mkdir()
+    os.chown(layout.inbox, 65534, 4242)  # the daemon's user and socketGroup
+    os.chmod(layout.inbox, 0o1730)
+    if not acls:
+
+        def unsupported(*args: Any) -> None:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(client.os, "setxattr", unsupported)
+    path = client.write_spool_file(layout, [{"userId": "u"}])
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o640 and len(path.stem.split("-")[1]) == 32
+    if acls:
+        # 0600 plus read for uid 65534 alone: the group's bits shown are the ACL's mask.
+        acl = os.getxattr(path, client.ACL_XATTR)
+        entries = {struct.unpack_from("<HHI", acl, 4 + 8 * i) for i in range(5)}
+        assert entries == {
+            (0x01, 6, 0xFFFFFFFF),
+            (0x02, 4, 65534),
+            (0x04, 0, 0xFFFFFFFF),
+            (0x10, 4, 0xFFFFFFFF),
+            (0x20, 0, 0xFFFFFFFF),
+        }
+    else:
+        assert st.st_gid == 4242
