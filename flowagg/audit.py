@@ -9,6 +9,7 @@ appends its line itself.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -25,9 +26,26 @@ log = logging.getLogger(LOGGER)
 
 
 class PeerLike(Protocol):
-    pid: int
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def uid(self) -> int: ...
+    @property
+    def gid(self) -> int: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FileOwner:
+    """The owner of a file flowagg acted on unasked (a quarantine): lstat knows who wrote it,
+    no process asked, so there is no pid."""
+
     uid: int
     gid: int
+    pid: None = None
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileOwner:
+        return cls(st.st_uid, st.st_gid)
 
 
 def self_peer() -> dict[str, int]:
@@ -54,7 +72,7 @@ def record(
         "event": event,
         "outcome": outcome,
         "peer": {"uid": peer.uid, "gid": peer.gid, "pid": peer.pid} if peer else None,
-        "by": "socket" if peer else by,
+        "by": by if peer is None or isinstance(peer, FileOwner) else "socket",
     }
     doc.update(fields)
     return doc

@@ -6,8 +6,10 @@ import contextlib
 import errno
 import os
 import pwd
+import secrets
 import socket
 import stat
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,20 @@ from .fsutil import fsync_dir
 from .layout import Layout
 from .redact import Redactor
 
-# Modes a spool file gets in a shared inbox/: the daemon reads it through the group.
+# A spool file in a shared inbox/ must be readable by the daemon's user (inbox/'s owner; under
+# systemd it has no CAP_DAC_OVERRIDE, even as root) and by no other member of the group: an
+# access ACL grants that user read (mode 0600 plus one named entry). Where the file system has
+# no ACLs the file is 0640 in the group instead; then only its name protects it, and other
+# members can neither list inbox/ (1730) nor guess SPOOL_NAME_BITS random bits, and the daemon
+# moves it into its private journal/spool/ at once.
 SHARED_SPOOL_MODE = 0o640
 PRIVATE_SPOOL_MODE = 0o600
+ACL_XATTR = "system.posix_acl_access"
+_ACL_VERSION = 2
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+# e_tag values of <linux/posix_acl.h>, in the order the kernel wants them.
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+SPOOL_NAME_BITS = 128
 
 
 def _user() -> str:
@@ -143,22 +156,26 @@ def write_spool_file(layout: Layout, entries: list[Any], *, name: str | None = N
         raise NotRunningError(
             f"{layout.inbox} does not exist; start the daemon once to create the data root"
         ) from None
-    # In a shared inbox/ the daemon may be another user: it reads the file through the group.
-    shared = bool(inbox_st.st_mode & stat.S_IWGRP)
-    mode = SHARED_SPOOL_MODE if shared else PRIVATE_SPOOL_MODE
-    base = name or f"{time.time_ns() // 1_000_000}-{os.getpid()}-{os.urandom(4).hex()}"
+    # In a shared inbox/ the daemon may be another user (inbox/'s owner).
+    daemon_uid = inbox_st.st_uid if inbox_st.st_mode & stat.S_IWGRP else os.geteuid()
+    # Files are taken in name order, hence the time first; the random part makes the name
+    # unguessable for the other members of the group.
+    token = secrets.token_hex(SPOOL_NAME_BITS // 8)
+    base = name or f"{time.time_ns() // 1_000_000:013d}-{token}"
     final = layout.inbox / f"{base}.jsonl"
     tmp = layout.inbox / f"{base}.jsonl.tmp"
     data = b"".join(orjson.dumps(e) + b"\n" for e in entries)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_SPOOL_MODE)
     except PermissionError:
         raise access_denied(layout.inbox, "the spool folder") from None
     except OSError as exc:
         raise _spool_error(layout, exc) from None
     try:
         with open(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)  # the umask must not take the group's read bit
+            os.fchmod(fh.fileno(), PRIVATE_SPOOL_MODE)  # whatever the umask
+            if daemon_uid != os.geteuid():
+                _readable_by(fh.fileno(), daemon_uid, inbox_st.st_gid)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -171,6 +188,29 @@ def write_spool_file(layout: Layout, entries: list[Any], *, name: str | None = N
         # Renamed is acknowledged; a failed directory fsync only narrows power-loss safety.
         fsync_dir(layout.inbox)
     return final
+
+
+def _readable_by(fd: int, uid: int, gid: int) -> None:
+    """Let user `uid` read the file, and no one else but its owner (see SHARED_SPOOL_MODE)."""
+    entries = [
+        (_ACL_USER_OBJ, 0o6, _ACL_UNDEFINED_ID),
+        (_ACL_USER, 0o4, uid),
+        (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID),
+        (_ACL_MASK, 0o4, _ACL_UNDEFINED_ID),
+        (_ACL_OTHER, 0, _ACL_UNDEFINED_ID),
+    ]
+    acl = struct.pack("<I", _ACL_VERSION) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    try:
+        os.setxattr(fd, ACL_XATTR, acl)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            raise
+    # No setgid bit on inbox/ (RestrictSUIDSGID): the file carries the writer's own group,
+    # which the daemon is not in, until it is given inbox/'s.
+    if os.fstat(fd).st_gid != gid:
+        os.fchown(fd, -1, gid)
+    os.fchmod(fd, SHARED_SPOOL_MODE)
 
 
 def _spool_error(layout: Layout, exc: OSError) -> RootUnusableError:

@@ -93,6 +93,9 @@ SETTINGS: dict[str, Setting] = {
         50_000, int, 1000, 10_000_000, "entries export sorts in memory before spilling a run"
     ),
     "spoolRescanMs": Setting(2_000, int, 10, DAY_MS, "inbox rescan interval (events can be lost)"),
+    "maxErrorFiles": Setting(
+        1000, int, 0, 100_000_000, "files kept in recovery/errors/; oldest go first (0: all)"
+    ),
     "journalSegmentBytes": Setting(64 << 20, int, 4096, 1 << 34, "journal segment size"),
     "logMaxBytes": Setting(10 << 20, int, 4096, 1 << 34, "log size before rotation"),
     "logBackups": Setting(5, int, 0, 1000, "rotated logs kept"),

@@ -204,6 +204,7 @@ class Daemon:
             self.pipeline,
             rescan_s=self.config.spool_rescan_ms / 1000,
             max_file_bytes=self.config.max_request_bytes,
+            max_error_files=self.config.max_error_files,
         )
         await self.spool.recover(result.spool_sources)
         self.server = SocketServer(
@@ -463,6 +464,7 @@ class Daemon:
             self.sink = build_sink(config, self.clock)
         if self.spool is not None:
             self.spool.rescan_s = config.spool_rescan_ms / 1000
+            self.spool.max_error_files = config.max_error_files
         if self.server is not None:
             self.server.reconfigure(
                 allowed_uids=config.allowed_uids,

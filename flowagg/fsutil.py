@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
 
-from .audit import audit
+from .audit import FileOwner, audit
+
+log = logging.getLogger("flowagg.fsutil")
 
 TEMP_MARK = ".flowagg-tmp-"
 FILE_MODE = 0o600
@@ -169,9 +174,15 @@ def quarantine_file(
     component: str,
     now_ms: int,
     extra: dict[str, object] | None = None,
+    owner: FileOwner | None = None,
 ) -> Path:
-    """Move an untrusted file (of any type) to errors/ with a reason beside it. Never deletes."""
+    """Move an untrusted file (of any type) to errors/ with a reason beside it. Never deletes.
+
+    The audit line names the file's owner as its peer (whoever put a junk file there): `owner`
+    when the file is flowagg's copy of another's, else the file's own.
+    """
     target = unique_path(errors_dir, src.name)
+    owner = owner or FileOwner.of(os.lstat(src))
     os.rename(src, target)
     fsync_dir(errors_dir)
     if src.parent != errors_dir:
@@ -187,7 +198,7 @@ def quarantine_file(
             **(extra or {}),
         },
     )
-    audit("quarantine", file=display_name(target.name), component=component)
+    audit("quarantine", peer=owner, file=display_name(target.name), component=component)
     return target
 
 
@@ -201,8 +212,10 @@ def quarantine_bytes(
     now_ms: int,
     extra: dict[str, object] | None = None,
     overwrite: bool = False,
+    owner: FileOwner | None = None,
 ) -> Path:
-    """Store bytes that could not be trusted (a torn record, an invalid spool entry)."""
+    """Store bytes that could not be trusted (a torn record, an invalid spool entry); `owner`
+    is who wrote the file they came from, when another account did."""
     if overwrite:
         target = errors_dir / fit_name(name, len(REASON_SUFFIX))
     else:
@@ -218,8 +231,51 @@ def quarantine_bytes(
             **(extra or {}),
         },
     )
-    audit("quarantine", file=display_name(target.name), component=component)
+    audit("quarantine", peer=owner, file=display_name(target.name), component=component)
     return target
+
+
+def rotate_errors(errors_dir: Path, keep: int) -> list[str]:
+    """Delete the oldest quarantined files beyond `keep` (by their reason file's time), each
+    with its reason; returns their names. A junk-file flood must not fill the disk.
+
+    The file goes before its reason: a crash in between leaves a reason whose file is gone,
+    which the next rotation takes first, never a file no reason counts.
+    """
+    reasons: list[tuple[int, str]] = []
+    with os.scandir(errors_dir) as found:
+        for item in found:
+            if item.name.endswith(REASON_SUFFIX) and not item.name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):
+                    reasons.append((item.stat(follow_symlinks=False).st_mtime_ns, item.name))
+    if len(reasons) <= keep:
+        return []
+    reasons.sort()
+    removed = []
+    for _, reason in reasons[: len(reasons) - keep]:
+        name = reason[: -len(REASON_SUFFIX)]
+        try:
+            _remove_any(errors_dir / name)
+            os.unlink(errors_dir / reason)
+        except OSError as exc:
+            log.error("cannot rotate %s out of %s: %s", display_name(name), errors_dir, exc)
+            continue
+        removed.append(display_name(name))
+    if removed:
+        fsync_dir(errors_dir)
+    return removed
+
+
+def _remove_any(path: Path) -> None:
+    """Unlink a file, link or special file, or remove a directory tree (a planted folder)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
 
 
 def is_disk_full(exc: BaseException) -> bool:

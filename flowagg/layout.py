@@ -13,9 +13,12 @@ from .journal_format import SPOOL_FOLDER
 
 ROOT_MODE = 0o700
 # With socketGroup the group may pass through the root to inbox/ (but not list it), drop files
-# into inbox/ (setgid, so files keep the group the daemon reads them by) and reach the socket.
+# into inbox/ and reach the socket. inbox/ is a drop box like Postfix's maildrop: members create
+# files there but cannot list it, and the sticky bit keeps them from renaming or deleting each
+# other's. No setgid bit: systemd's RestrictSUIDSGID denies it, and `add --spool` gives its file
+# the group itself.
 SHARED_ROOT_MODE = 0o710
-SHARED_INBOX_MODE = 0o2770
+SHARED_INBOX_MODE = 0o1730
 SHARED_RUN_MODE = 0o750
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import sys
 import time
 from typing import TextIO
@@ -66,12 +67,31 @@ class LogFileHandler(logging.handlers.RotatingFileHandler):
             pass  # stderr is gone too: nothing left to tell
 
 
+class AuditFileHandler(LogFileHandler):
+    """audit.log rotates by size into audit.log.<ms> files that no count limits: a flood of
+    lines (junk files, each quarantined and audited) cannot push the last days of history out.
+    Cleanup removes rotated logs older than cleanupAgeMs, so it is age that bounds them."""
+
+    def doRollover(self) -> None:
+        if self.stream:
+            self.stream.close()
+            self.stream = None  # type: ignore[assignment]
+        ms = time.time_ns() // 1_000_000
+        while os.path.lexists(f"{self.baseFilename}.{ms}"):
+            ms += 1
+        if os.path.exists(self.baseFilename):
+            os.rename(self.baseFilename, f"{self.baseFilename}.{ms}")
+        self.stream = self._open()
+
+
 def setup_logging(layout: Layout, config: Config) -> None:
     """aggregation.log and stderr get everything; recovery.log gets the recovery side too."""
     formatter = logging.Formatter(LOG_FORMAT)
 
-    def rotating(name: str, fmt: logging.Formatter = formatter) -> logging.Handler:
-        handler = LogFileHandler(
+    def rotating(
+        name: str, fmt: logging.Formatter = formatter, kind: type[LogFileHandler] = LogFileHandler
+    ) -> logging.Handler:
+        handler = kind(
             layout.logs / name,
             maxBytes=config.log_max_bytes,
             backupCount=config.log_backups,
@@ -92,7 +112,10 @@ def setup_logging(layout: Layout, config: Config) -> None:
     for logger, handlers in (
         (root, [rotating("aggregation.log"), stderr]),
         (logging.getLogger("flowagg.recovery"), [rotating("recovery.log")]),
-        (audit_log, [rotating(audit.FILE_NAME, logging.Formatter("%(message)s"))]),
+        (
+            audit_log,
+            [rotating(audit.FILE_NAME, logging.Formatter("%(message)s"), AuditFileHandler)],
+        ),
     ):
         for old in list(logger.handlers):
             logger.removeHandler(old)

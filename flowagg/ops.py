@@ -159,6 +159,8 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
         "failed": count_files(daemon.layout.recovery, ".failed.json"),
         "abandoned": count_files(daemon.layout.abandoned, ".abandoned.json"),
         "errors": count_files(daemon.layout.errors, ".reason.json"),
+        # Quarantined files removed to keep errors/ within maxErrorFiles.
+        "errorsRotated": spool.errors_rotated if spool else 0,
         "inbox": count_files(daemon.layout.inbox, (".json", ".jsonl")),
     }
     return {
@@ -171,6 +173,7 @@ def daemon_status(daemon: Daemon) -> dict[str, Any]:
             "filesIngested": spool.files_ingested if spool else 0,
             "filesQuarantined": spool.files_quarantined if spool else 0,
             "entriesRejected": spool.entries_rejected if spool else 0,
+            "errorsRotated": spool.errors_rotated if spool else 0,
         },
         "socket": {
             "requests": daemon.server.requests if daemon.server else 0,

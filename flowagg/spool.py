@@ -32,29 +32,32 @@ import orjson
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from .audit import FileOwner, audit
 from .fsutil import (
-    FILE_MODE,
     REASON_SUFFIX,
-    TEMP_MARK,
     display_name,
     fit_name,
     fsync_dir,
     quarantine_bytes,
     quarantine_file,
+    rotate_errors,
 )
 from .layout import Layout
 from .pipeline import Pipeline, Valid
+from .spool_trust import OPEN_FLAGS, READ_BLOCK, Droppers, account, refusal, take_over
 
 log = logging.getLogger("flowagg.spool")
 
 SPOOL_SUFFIXES = (".json", ".jsonl")
 CHUNK_LINES = 1000
 CHUNK_BYTES = 1 << 20
-READ_BLOCK = 64 << 10
 RAW_PREFIX_BYTES = 4096  # what is kept of a line too long to buffer
 MAX_LISTED_ERRORS = 100
+# Junk (not a spool file) moved to errors/ per scan; more waits JUNK_PAUSE_S for the next one.
+JUNK_PER_SCAN = 64
+JUNK_PAUSE_S = 0.5
+JUNK = "\0junk"  # what _take says of a file that is not a spool file (no file name has a NUL)
 STOP_GRACE_S = 5.0
-OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 ADOPTED_MS_DIGITS = 13
 
 Progress = tuple[int, bool]  # journaled end offset, finished
@@ -195,58 +198,6 @@ def parse_lines(lines: list[Line], max_line: int) -> tuple[list[Any], list[Line]
     return items, sources, problems
 
 
-def take_over(path: Path, fd: int) -> int:
-    """Make an adopted file the daemon's own (its uid, mode 0600); returns the fd to read.
-
-    A file another account dropped into a shared inbox/ still belongs to it after the
-    rename: it could rewrite it while it is read. A root daemon chowns it; any other copies
-    it (same bytes, so journaled offsets stay valid) and renames the copy over it.
-    """
-    st = os.fstat(fd)
-    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == FILE_MODE:
-        return fd
-    try:
-        os.fchown(fd, os.geteuid(), os.getegid())
-        os.fchmod(fd, FILE_MODE)
-    except PermissionError:
-        fd = _copy_over(path, fd)
-    if st.st_uid != os.geteuid():
-        log.info(
-            "spool file %s came from uid %d; now owned by uid %d, mode 0600",
-            display_name(path.name),
-            st.st_uid,
-            os.geteuid(),
-        )
-    return fd
-
-
-def _copy_over(path: Path, fd: int) -> int:
-    pid = f".{os.getpid()}"
-    tmp = path.with_name(fit_name(f"{TEMP_MARK}{path.name}", len(pid)) + pid)
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        offset = 0
-        while block := os.pread(fd, READ_BLOCK, offset):
-            view = memoryview(block)
-            while view:
-                view = view[os.write(out, view) :]
-            offset += len(block)
-        os.fsync(out)
-        os.close(out)
-        out = -1
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if out >= 0:
-            os.close(out)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        os.close(fd)
-        raise
-    os.close(fd)
-    return os.open(path, OPEN_FLAGS)
-
-
 def rejected_name(adopted: str, tail: str) -> str:
     """`adopted` plus `tail`, which must survive whole: it tells one chunk's copy from another."""
     return fit_name(adopted, len(tail) + len(REASON_SUFFIX)) + tail
@@ -274,11 +225,14 @@ class SpoolIntake:
         *,
         rescan_s: float,
         max_file_bytes: int,
+        max_error_files: int = 0,
     ) -> None:
         self.layout = layout
         self.pipeline = pipeline
         self.rescan_s = rescan_s
         self.max_file_bytes = max_file_bytes
+        self.max_error_files = max_error_files  # 0: recovery/errors/ is not rotated
+        self._rotation_due = True
         # Room for whitespace around an entry; its compact JSON is checked against the limit.
         self.max_line = 2 * pipeline.config.max_entry_bytes
         self._wake = asyncio.Event()
@@ -292,9 +246,13 @@ class SpoolIntake:
         self._progress: dict[str, Progress] = {}
         # Inbox names (as text) of the files this run adopted, which may have been cut to fit.
         self._originals: dict[str, str] = {}
+        self._droppers = Droppers(layout.group)
+        # Who wrote each adopted file (before the daemon copied it): the peer of its rejects.
+        self._owners: dict[str, FileOwner] = {}
         self.files_ingested = 0
         self.files_quarantined = 0
         self.entries_rejected = 0
+        self.errors_rotated = 0
 
     async def recover(self, journaled: dict[str, Progress]) -> None:
         """At start, before the daemon reports ready: finish what a previous run adopted.
@@ -338,6 +296,7 @@ class SpoolIntake:
             return
         self._progress.pop(adopted, None)
         self._originals.pop(adopted, None)
+        self._owners.pop(adopted, None)
 
     async def _ingest_or_wait(self, adopted: str, *, wait: bool) -> None:
         path = self.layout.journal_spool / adopted
@@ -404,40 +363,80 @@ class SpoolIntake:
 
     async def scan_once(self) -> int:
         """Ingest every spool file now in inbox/, in name order (leftovers first)."""
+        self._droppers.forget()  # a member removed from the group is one no longer
         await self._finish_adopted(wait=True)
         count = 0
+        junk_left = JUNK_PER_SCAN
         for name in sorted(os.listdir(self.layout.inbox)):
             if self._stopping:
                 break
             if name.startswith(".") or name.endswith(".tmp"):
                 continue
             try:
-                adopted = await self._take(self.layout.inbox / name)
+                # Off the loop: renames and folder fsyncs of a junk-file flood must not delay
+                # the acknowledgements of adds.
+                adopted = await asyncio.to_thread(
+                    self._take, self.layout.inbox / name, junk_left > 0
+                )
             except Exception:
                 # One file must not stop the others: it stays in inbox/ for the next rescan.
                 log.exception("spool file %s cannot be taken from inbox/", display_name(name))
                 continue
-            if adopted is not None:
+            if adopted is JUNK:
+                junk_left -= 1
+            elif adopted is not None:
                 await self._ingest_or_wait(adopted, wait=True)
                 count += 1
             await asyncio.sleep(0)  # a flood of bad files must not starve the socket
+        if junk_left < 0:
+            # More junk than a scan moves: the rest waits a while, so that a flood's renames
+            # and fsyncs come at a bounded rate and the journal's fsyncs keep the disk.
+            asyncio.get_running_loop().call_later(JUNK_PAUSE_S, self._wake.set)
+        if self._rotation_due and self.max_error_files:
+            self._rotation_due = False
+            await asyncio.to_thread(self._rotate_errors)
         return count
 
-    async def _take(self, path: Path) -> str | None:
-        """Adopt a regular spool file; anything else in inbox/ goes to errors/ unread."""
+    def _rotate_errors(self) -> None:
+        """Keep recovery/errors/ within maxErrorFiles: the oldest quarantined files go."""
+        try:
+            removed = rotate_errors(self.layout.errors, self.max_error_files)
+        except OSError as exc:
+            log.error("cannot rotate recovery/errors/: %s; trying again at the next scan", exc)
+            self._rotation_due = True
+            return
+        if removed:
+            self.errors_rotated += len(removed)
+            log.warning(
+                "recovery/errors/ holds more than maxErrorFiles (%d): removed the %d oldest",
+                self.max_error_files,
+                len(removed),
+            )
+            audit(
+                "errors_rotated",
+                fileCount=len(removed),
+                files=removed[:MAX_LISTED_ERRORS],
+                maxErrorFiles=self.max_error_files,
+            )
+
+    def _take(self, path: Path, quarantine: bool) -> str | None:
+        """Adopt a regular spool file; anything else in inbox/ is JUNK, moved to errors/ unread
+        when `quarantine` says this scan may still do so."""
         try:
             kind = file_kind(os.lstat(path).st_mode)
         except FileNotFoundError:
             return None  # its client or another scan took it away
         if kind is not None:
-            self._quarantine_move(path, not_regular_reason(kind))
-            return None
-        if not is_spool_name(path.name):
-            self._quarantine_move(path, "not a spool file: name must end in .json or .jsonl")
-            return None
-        return await self._adopt(path)
+            reason = not_regular_reason(kind)
+        elif not is_spool_name(path.name):
+            reason = "not a spool file: name must end in .json or .jsonl"
+        else:
+            return self._adopt(path)
+        if quarantine:
+            self._quarantine_move(path, reason)
+        return JUNK
 
-    async def _adopt(self, path: Path) -> str | None:
+    def _adopt(self, path: Path) -> str | None:
         ms = max(self.pipeline.clock.now_ms(), self._floor_ms)
         # The journal names the file in JSON, so the name must be text: odd bytes become \xNN.
         adopted = fit_name(f"{ms:013d}-{next(self._counter):06d}-{display_name(path.name)}")
@@ -476,12 +475,14 @@ class SpoolIntake:
                 component="spool",
                 now_ms=self.pipeline.clock.now_ms(),
                 extra={"originalName": original},
+                owner=self._owners.get(path.name) if path.parent != self.layout.inbox else None,
             )
         except OSError as exc:
             shown = display_name(str(path))
             log.error("spool file %s should go to errors/ (%s) but cannot: %s", shown, reason, exc)
             return False
         self.files_quarantined += 1
+        self._rotation_due = True
         shown = display_name(target.name)
         log.warning("spool file %s quarantined to %s: %s", original, shown, reason)
         return True
@@ -491,7 +492,7 @@ class SpoolIntake:
         path = self.layout.journal_spool / adopted
         if not is_spool_name(adopted) or display_name(adopted) != adopted:
             return self._quarantine_move(path, "not a name flowagg adopts; spool it again")
-        fd = self._open_regular(path)
+        fd = await asyncio.to_thread(self._open_regular, path)
         if fd is None:
             return not os.path.lexists(path)  # gone or quarantined; else tried again later
         try:
@@ -514,14 +515,15 @@ class SpoolIntake:
                         raise
                     self._quarantine_move(
                         path,
-                        f"unreadable: uid {st.st_uid} wrote it with mode"
+                        f"unreadable: {account(st.st_uid)} wrote it with mode"
                         f" {stat.S_IMODE(st.st_mode):04o}; spool files must be readable by the"
-                        " daemon's group (`flowagg add --spool` writes them so)",
+                        " daemon's user (`flowagg add --spool` writes them so)",
                     )
                     return None
-                kind = file_kind(os.fstat(fd).st_mode)
+                st = os.fstat(fd)
+                kind = file_kind(st.st_mode)
                 if kind is None:
-                    return take_over(path, fd)
+                    return self._trusted(path, fd, st)
                 os.close(fd)
         except FileNotFoundError:
             return None
@@ -532,11 +534,25 @@ class SpoolIntake:
         self._quarantine_move(path, not_regular_reason(kind))
         return None
 
+    def _trusted(self, path: Path, fd: int, st: os.stat_result) -> int | None:
+        """The fd to read an adopted file by, or None when it is refused (quarantined)."""
+        refused = refusal(st, self._droppers)
+        if refused is None:
+            self._owners[path.name] = FileOwner.of(st)
+            return take_over(path, fd, st)
+        os.close(fd)
+        self._quarantine_move(path, refused)
+        return None
+
     async def _ingest_lines(self, adopted: str, fd: int, *, wait: bool) -> bool:
         off, fin = self._progress.get(adopted, (0, False))
+        first = True
         while not fin:
-            if self._stopping:
+            # A stop lets a file it finds taken in get its first chunk journaled: a small file
+            # renamed out of inbox/ is then stored, as a client watching inbox/ would expect.
+            if self._stopping and not first:
                 return False
+            first = False
             chunk = await asyncio.to_thread(read_chunk, fd, off, self.max_line)
             valid, problems = self._check_lines(chunk)
             if problems:
@@ -573,8 +589,10 @@ class SpoolIntake:
             now_ms=self.pipeline.clock.now_ms(),
             extra={"originalName": original, **listed_errors([p.error for p in problems])},
             overwrite=True,
+            owner=self._owners.get(adopted),
         )
         self._count_rejected(original, len(problems))
+        self._rotation_due = True
 
     def _count_rejected(self, original: str, count: int) -> None:
         self.entries_rejected += count
@@ -589,15 +607,17 @@ class SpoolIntake:
             " line), which is streamed"
         )
         if os.fstat(fd).st_size > self.max_file_bytes:
-            return self._quarantine_move(path, too_big)
+            return await asyncio.to_thread(self._quarantine_move, path, too_big)
         data = await asyncio.to_thread(read_at_most, fd, self.max_file_bytes + 1)
         if len(data) > self.max_file_bytes:  # it grew after the check
-            return self._quarantine_move(path, too_big)
+            return await asyncio.to_thread(self._quarantine_move, path, too_big)
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            return self._quarantine_move(
-                path, f"not valid JSON ({exc}); fix the file and spool it again"
+            return await asyncio.to_thread(
+                self._quarantine_move,
+                path,
+                f"not valid JSON ({exc}); fix the file and spool it again",
             )
         items = doc if isinstance(doc, list) else [doc]
         valid, rejected = self.pipeline.validate(items)
@@ -627,8 +647,10 @@ class SpoolIntake:
                 **listed_errors([r["error"] for r in rejected]),
             },
             overwrite=True,
+            owner=self._owners.get(adopted),
         )
         self._count_rejected(original, len(rejected))
+        self._rotation_due = True
 
     async def _journal(
         self, adopted: str, valid: list[Valid], off: int, fin: bool, *, wait: bool

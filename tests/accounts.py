@@ -1,7 +1,8 @@
-"""Real throwaway Unix accounts for the tests of what other users can do (SPEC §12).
+"""Real throwaway accounts for the tests of other accounts (SPEC §12 Other accounts).
 
-Each test module that uses the `accounts` fixture gets a group, two members and an outsider
-(all removed afterwards) and runs programs as them through runuser.
+Each test module that uses `accounts` makes a throwaway group with two members, a service
+account in the group (to run a daemon as, like the unit's User=flowagg) and an outsider, all
+removed afterwards; `run` runs `flowagg` as one of them through runuser.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class Accounts:
         tag = uuid.uuid4().hex[:8]
         self.group = f"fag{tag}"
         self.member = f"fam{tag}"
-        self.member2 = f"fab{tag}"  # a second member, for what one member does to another
+        self.other = f"fab{tag}"  # a second member, hostile to the first
+        self.service = f"fas{tag}"  # in the group, to run a daemon as
         self.outsider = f"fao{tag}"
         self.python = ""
 
@@ -56,7 +58,6 @@ class Accounts:
     def run(
         self, user: str, *args: str, input: bytes | None = None
     ) -> subprocess.CompletedProcess[bytes]:
-        """`python -m flowagg ARGS` as the user."""
         return self.python_as(user, "-m", "flowagg", *args, input=input)
 
     def python_as(
@@ -97,8 +98,8 @@ def accounts() -> Iterator[Accounts]:
     acc = Accounts()
     subprocess.run(["groupadd", acc.group], check=True, capture_output=True)
     try:
-        users = ((acc.member, ["-G", acc.group]), (acc.member2, ["-G", acc.group]))
-        for user, extra in (*users, (acc.outsider, [])):
+        members = [(user, ["-G", acc.group]) for user in (acc.member, acc.other, acc.service)]
+        for user, extra in (*members, (acc.outsider, [])):
             subprocess.run(
                 ["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", *extra, user],
                 check=True,
@@ -110,7 +111,7 @@ def accounts() -> Iterator[Accounts]:
         acc.python = python
         yield acc
     finally:
-        for user in (acc.member, acc.member2, acc.outsider):
+        for user in (acc.member, acc.other, acc.service, acc.outsider):
             subprocess.run(["userdel", user], capture_output=True, check=False)
         subprocess.run(["groupdel", acc.group], capture_output=True, check=False)
 

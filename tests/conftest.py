@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.accounts import accounts, shared_root  # noqa: F401  (fixtures shared by modules)
 from tests.harness import DaemonProc
 from tests.pgserver import PgServer, pg_server, unavailable_reason
 

@@ -76,7 +76,10 @@ class DaemonProc:
         settings: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
+        python: list[str] | None = None,
     ) -> None:
+        """`python`: the command that stands for this interpreter (another account's, a
+        sandbox wrapper); `-m flowagg ...` follows it."""
         self.root = root
         run_dir = (settings or {}).get("runDir")
         self.layout = Layout(root, Path(run_dir) if run_dir else None)
@@ -85,8 +88,11 @@ class DaemonProc:
             args += ["--set", f"{key}={value}"]
         self.log_path = log_path or root.parent / f"{root.name}-daemon.log"
         self._log = self.log_path.open("ab")
+        command = flowagg_cmd(root, *args)
+        if python is not None:
+            command = [*python, *command[1:]]
         self.proc = subprocess.Popen(
-            flowagg_cmd(root, *args),
+            command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=clean_env(env),

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
+import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from flowagg import spool
+from flowagg import client, spool, spool_trust
 from flowagg.config import load_config
 from flowagg.errors import ConfigError
 from flowagg.fsutil import TEMP_MARK
+from flowagg.layout import Layout
 from tests.harness import cli
 from tests.test_spool import Rig, line
 
@@ -42,28 +45,25 @@ def test_a_root_owned_by_another_user_is_refused_with_the_fix(tmp_path: Path) ->
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another uid")
-@pytest.mark.parametrize("daemon_is_root", [True, False])
-def test_an_adopted_file_becomes_the_daemons(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, daemon_is_root: bool
-) -> None:
+def test_an_adopted_file_is_copied_never_seized(tmp_path: Path) -> None:
     adopted = tmp_path / "0000000000001-000001-x.jsonl"
     adopted.write_bytes(b'{"a": 1}\n' * 20_000)
     os.chown(adopted, 65534, 65534)
     os.chmod(adopted, 0o640)
-    if not daemon_is_root:
-
-        def no_chown(fd: int, uid: int, gid: int) -> None:
-            raise PermissionError(1, "Operation not permitted")
-
-        monkeypatch.setattr(spool.os, "fchown", no_chown)
-    fd = spool.take_over(adopted, os.open(adopted, spool.OPEN_FLAGS))
+    original = os.open(adopted, os.O_RDONLY)
+    fd = spool_trust.take_over(adopted, os.open(adopted, spool_trust.OPEN_FLAGS), os.stat(adopted))
     try:
         st = os.fstat(fd)
         assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o600
         assert os.stat(adopted).st_ino == st.st_ino
         assert os.pread(fd, 1 << 20, 0) == b'{"a": 1}\n' * 20_000
+        # Even a root daemon leaves the inode it was handed as its owner made it.
+        kept = os.fstat(original)
+        assert kept.st_ino != st.st_ino
+        assert (kept.st_uid, kept.st_gid, stat.S_IMODE(kept.st_mode)) == (65534, 65534, 0o640)
     finally:
         os.close(fd)
+        os.close(original)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(TEMP_MARK)]
 
 
@@ -115,3 +115,37 @@ def test_a_spool_file_the_daemon_cannot_read_is_quarantined_not_retried_forever(
     reasons = [p.read_text() for p in rig.layout.errors.glob("*.reason.json")]
     assert len(reasons) == 1 and "unreadable: uid 65534" in reasons[0]
     assert os.listdir(rig.layout.journal_spool) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give inbox/ to another uid")
+@pytest.mark.parametrize("acls", [True, False])
+def test_a_shared_spool_file_is_readable_by_the_daemons_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, acls: bool
+) -> None:
+    layout = Layout(tmp_path / "data")
+    layout.root.mkdir()
+    layout.inbox.mkdir()
+    os.chown(layout.inbox, 65534, 4242)  # the daemon's user and socketGroup
+    os.chmod(layout.inbox, 0o1730)
+    if not acls:
+
+        def unsupported(*args: Any) -> None:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(client.os, "setxattr", unsupported)
+    path = client.write_spool_file(layout, [{"userId": "u"}])
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o640 and len(path.stem.split("-")[1]) == 32
+    if acls:
+        # 0600 plus read for uid 65534 alone: the group's bits shown are the ACL's mask.
+        acl = os.getxattr(path, client.ACL_XATTR)
+        entries = {struct.unpack_from("<HHI", acl, 4 + 8 * i) for i in range(5)}
+        assert entries == {
+            (0x01, 6, 0xFFFFFFFF),
+            (0x02, 4, 65534),
+            (0x04, 0, 0xFFFFFFFF),
+            (0x10, 4, 0xFFFFFFFF),
+            (0x20, 0, 0xFFFFFFFF),
+        }
+    else:
+        assert st.st_gid == 4242

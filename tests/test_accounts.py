@@ -1,7 +1,7 @@
 """Other Unix accounts hand entries to a daemon that shares its socket and inbox/ with a group.
 
-Real accounts: each test module run makes a throwaway group, a member and an outsider (all
-removed afterwards), and runs `flowagg add` as them through runuser.
+Real accounts (tests/accounts.py): a throwaway group, its members and an outsider, removed
+afterwards; `flowagg add` runs as them through runuser.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 
+from flowagg.client import ACL_XATTR
 from flowagg.layout import Layout
 from tests.accounts import Accounts, needs_accounts
 from tests.harness import DaemonProc, entry, start_daemon, stored_entries, wait_for
@@ -31,7 +32,7 @@ def test_group_members_add_and_spool_outsiders_get_one_line(
     daemons.append(daemon)
     layout = Layout(root)
     assert _mode(root) == 0o710 and os.stat(root).st_gid == accounts.gid
-    assert stat.S_IMODE(os.stat(layout.inbox).st_mode) == 0o2770
+    assert stat.S_IMODE(os.stat(layout.inbox).st_mode) == 0o1730
     assert os.stat(layout.inbox).st_gid == accounts.gid
     assert _mode(layout.run) == 0o750 and _mode(layout.socket) == 0o660
     assert os.stat(layout.socket).st_gid == accounts.gid
@@ -59,9 +60,10 @@ def test_group_members_add_and_spool_outsiders_get_one_line(
     )
     assert spooled.returncode == 0, spooled.stderr
     wait_for(lambda: not os.listdir(layout.inbox))
-    # The file was the member's until the daemon took it over.
+    # The file was the member's: the daemon read its own copy.
     member_uid = accounts.uid(accounts.member)
-    wait_for(lambda: f"came from uid {member_uid}; now owned by uid 0" in daemon.log())
+    wait_for(lambda: f"came from uid {member_uid} ({accounts.member})" in daemon.log())
+    wait_for(lambda: not os.listdir(layout.journal_spool))  # journaled, so the flush has it
 
     flushed = accounts.run(accounts.member, "--root", str(root), "flush")
     assert flushed.returncode == 0, flushed.stderr
@@ -109,11 +111,13 @@ def test_spool_while_down_is_adopted_and_owned_by_the_daemon(
     assert down.returncode == 0, down.stderr
     (name,) = os.listdir(Layout(root).inbox)
     dropped = os.stat(Layout(root).inbox / name)
-    assert dropped.st_uid == accounts.uid(accounts.member) and dropped.st_gid == accounts.gid
-    assert stat.S_IMODE(dropped.st_mode) == 0o640  # readable by a daemon of the group
+    assert dropped.st_uid == accounts.uid(accounts.member)
+    # 0600 plus read for the daemon's user (an ACL whose mask shows as the group's bits).
+    assert stat.S_IMODE(dropped.st_mode) == 0o640
+    assert os.getxattr(Layout(root).inbox / name, ACL_XATTR)
     daemon = start_daemon(root, settings)
     daemons.append(daemon)
-    wait_for(lambda: "now owned by uid 0, mode 0600" in daemon.log())
+    wait_for(lambda: "the daemon reads its own copy (mode 0600)" in daemon.log())
     assert daemon.stop() == 0
     assert [e["timestamp"] for e in stored_entries(root)] == [entry(5)["timestamp"]]
 

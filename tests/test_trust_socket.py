@@ -112,7 +112,7 @@ def test_a_refused_members_flood_takes_no_slot_and_no_memory(
     accounts: Accounts, shared_root: Path, daemons: list[DaemonProc], flood: list[Any]
 ) -> None:
     member = accounts.uid(accounts.member)
-    allowed = accounts.uid(accounts.member2)
+    allowed = accounts.uid(accounts.other)
     settings = {"socketGroup": accounts.group, "allowedUids": str(allowed), "maxConnections": 16}
     daemon = start_daemon(shared_root, settings)
     daemons.append(daemon)
@@ -157,7 +157,7 @@ def test_an_allowed_members_connections_and_pending_bytes_are_capped(
     # The daemon's own user is served beside them, and so is another member, whose uid has
     # a budget of its own.
     assert _owner_add(daemon, 1)["accepted"] == 1
-    assert _requests_as(accounts, accounts.member2, sock, {"op": "ping"}) == [{"ok": True}]
+    assert _requests_as(accounts, accounts.other, sock, {"op": "ping"}) == [{"ok": True}]
     # Every line the member left open is cut off within the timeout, with the reason.
     wait_for(lambda: request(sock, {"op": "status"})["socket"]["connections"] == 1)
     errors = Counter(r.get("error", "").partition(":")[0] for r in _end_flood(proc))
@@ -190,7 +190,7 @@ def test_a_member_claiming_alices_user_id_spends_its_own_budget(
     again = _requests_as(accounts, accounts.member, sock, {"op": "add", "entries": as_alice[:1]})
     assert again[0]["error"] == "rate_limited" and again[0]["accepted"] == 0
     alices = [entry(i, userId="alice", entryId=f"alice-{i}") for i in range(5)]
-    real = _requests_as(accounts, accounts.member2, sock, {"op": "add", "entries": alices})
+    real = _requests_as(accounts, accounts.other, sock, {"op": "add", "entries": alices})
     assert real == [{"ok": True, "accepted": 5, "duplicates": 0, "rejected": []}]
 
 
