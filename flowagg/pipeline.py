@@ -317,9 +317,13 @@ class Pipeline:
             self.spill.refill(self.aggregator, self.writer, self.clock.monotonic())
             if self.aggregator.replay_waits() and not self.spill.spilled:
                 # Every durable record is loaded, yet a journaled cut lacks entries: they were
-                # in a record damaged since and quarantined. What is left is cut anew.
-                cut = self.aggregator.replay.popleft()
-                log.error("journaled batch %s lost entries to a damaged record", cut.batch_id)
+                # in a record damaged since and quarantined. What is left keeps the cut's id
+                # (cut anew, its first entry would name a batch of other entries).
+                self.aggregator.stop_waiting()
+                log.error(
+                    "journaled batch %s lost entries to a damaged record",
+                    self.aggregator.replay[0].batch_id,
+                )
         self._check_triggers()
 
     # -- flushing ---------------------------------------------------------------------------

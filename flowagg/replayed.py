@@ -53,7 +53,7 @@ def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
         except (CorruptBatch, OSError, KeyError, TypeError) as exc:
             reason = f"stored batch unreadable ({exc}); written again from its journaled cut"
         else:
-            if ids == batch.entry_ids:
+            if ids == batch.entry_ids or _holds_lost_entries(batch, ids):
                 log.info("batch %s was stored before the last stop", batch.batch_id)
                 return path
             reason = "stored batch does not hold the entries its journaled cut names"
@@ -67,3 +67,14 @@ def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
             # quarantines a bad failed file itself when it reads it.
             log.error("batch %s: cannot move %s aside (%s)", batch.batch_id, path.name, exc)
     return None
+
+
+def _holds_lost_entries(batch: Batch, ids: list[str]) -> bool:
+    """Whether a stored copy holds every entry of the batch's cut where the journal lost some
+    (a damaged record): those are in no other place, so the copy is kept as it is."""
+    if batch.count == batch.last_seq - batch.first_seq + 1 or len(ids) != (
+        batch.last_seq - batch.first_seq + 1
+    ):
+        return False
+    stored = iter(ids)
+    return all(entry_id in stored for entry_id in batch.entry_ids)  # in order

@@ -1,0 +1,124 @@
+"""Attacks on journaled cuts (SPEC §5, last paragraph): a batch id names one set of entries.
+
+Each test builds a state a crash, a damaged journal or a failing disk leaves, restarts, and
+checks that every acknowledged entry is stored exactly once and that no batch id ever names
+two contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from flowagg.journal import frame, list_segments, unframe
+from flowagg.layout import Layout
+from flowagg.storage import iter_batch_files, read_batch
+from tests.test_batch_identity import configure, ids_by_batch, restart, snapshot
+from tests.test_faults import Rig
+
+
+def stored_in_records(root: Path, *, batches: int, per_batch: int = 30, record: int = 10) -> Rig:
+    """`batches` batches of `per_batch` entries, journaled `record` entries a record, stored
+    without their done records (a crash before those reached the disk)."""
+
+    async def main() -> Rig:
+        rig = Rig(root)
+        configure(rig, batchSize=per_batch)
+        pipeline = await rig.start()
+        assert pipeline.writer is not None
+        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
+        for _ in range(batches * per_batch // record):
+            await rig.add(record)
+        await pipeline.flush()
+        await pipeline.shutdown(flush_s=0)
+        return rig
+
+    return asyncio.run(main())
+
+
+def journal_lines(layout: Layout) -> list[tuple[Path, int, dict[str, Any] | None]]:
+    """(segment, line index, record) for every line of the journal, oldest first."""
+    return [
+        (seg, n, unframe(line))
+        for seg in list_segments(layout.journal)
+        for n, line in enumerate(seg.read_bytes().splitlines(keepends=True))
+    ]
+
+
+def damage(seg: Path, index: int) -> None:
+    """Flip a byte inside one record's payload: its checksum fails, the scan quarantines it."""
+    lines = seg.read_bytes().splitlines(keepends=True)
+    line = bytearray(lines[index])
+    line[20] ^= 0x01
+    lines[index] = bytes(line)
+    seg.write_bytes(b"".join(lines))
+
+
+def add_records(layout: Layout) -> list[tuple[Path, int, dict[str, Any]]]:
+    return [(s, n, r) for s, n, r in journal_lines(layout) if r is not None and r["k"] == "a"]
+
+
+def then_more(rig: Rig, count: int, **flags: Any) -> None:
+    """Start again, add `count` entries, flush, stop."""
+
+    async def main() -> None:
+        configure(rig, **flags)
+        pipeline = await rig.start()
+        await rig.add(count)
+        await pipeline.flush()
+        await rig.stop()
+
+    asyncio.run(main())
+
+
+def test_a_damaged_record_inside_a_stored_batch_keeps_the_stored_copy(tmp_path: Path) -> None:
+    """A journal record in the middle of a stored batch fails its checksum. The batch file
+    still holds every entry its cut names: it is the one copy of the damaged record's
+    entries, so the start must take it as stored, not move it aside and write the rest."""
+    rig = stored_in_records(tmp_path / "data", batches=3)
+    before = snapshot(rig.layout)
+    seg, index, record = add_records(rig.layout)[4]  # seqs 41..50, inside the second batch
+    assert record["q"] == 41
+    damage(seg, index)
+    restart(rig)
+    rig.check("aggregated")
+    assert snapshot(rig.layout) == before
+
+
+def test_a_damaged_last_record_of_a_cut_never_reuses_its_seqs_or_its_id(tmp_path: Path) -> None:
+    """The last add record, the tail of the last stored batch, is damaged; only its cut
+    record follows it. The seqs it held are named by that cut: new entries must not take
+    them (they would be cut into the old batch's id), and the stored batch stays whole."""
+    rig = stored_in_records(tmp_path / "data", batches=2)
+    before = snapshot(rig.layout)
+    old_ids = ids_by_batch(rig.layout)
+    seg, index, record = add_records(rig.layout)[-1]
+    assert record["q"] == 51
+    damage(seg, index)
+    then_more(rig, 15, batchSize=20)
+    rig.check("aggregated")
+    after = ids_by_batch(rig.layout)
+    for batch_id, ids in old_ids.items():
+        assert after[batch_id] == ids, f"batch {batch_id} changed its entries"
+    assert {k: v for k, v in snapshot(rig.layout).items() if k in before} == before
+
+
+def test_a_cut_straddling_the_done_cursor_keeps_its_stored_copy(tmp_path: Path) -> None:
+    """A done record lands inside a journaled cut (a crafted journal: no flowagg writes
+    one there). The cut's batch is stored whole; the entries before the done cursor are in
+    it and nowhere else, so it must not be moved aside and written again without them."""
+    rig = stored_in_records(tmp_path / "data", batches=2)
+    before = snapshot(rig.layout)
+    seg = list_segments(rig.layout.journal)[-1]
+    done = frame(orjson.dumps({"k": "d", "q": 45, "b": "crafted"}))
+    seg.write_bytes(seg.read_bytes() + done)
+    restart(rig)
+    rig.check("aggregated")
+    assert snapshot(rig.layout) == before
+
+
+def stored_ids(layout: Layout) -> list[str]:
+    return [e["entryId"] for p in iter_batch_files(layout) for e in read_batch(p)["entries"]]
