@@ -67,6 +67,9 @@ class Aggregator:
         # The head cut whose missing entries are gone for good (a damaged journal record):
         # it is cut with what is left, under its own id, rather than wait or be cut anew.
         self._short_cut: str | None = None
+        # Fresh cuts starting at or before this seq may name a batch stored under a cut record
+        # a damaged journal lost: the flusher looks for it before writing (set at start).
+        self.look_until = 0
 
     # -- intake ------------------------------------------------------------------------------
     def acknowledge(self, count: int, size: int) -> None:
@@ -202,6 +205,7 @@ class Aggregator:
                 entry_ids=[t.entry_id for t in taken],
                 timestamp_ms=replayed.timestamp_ms,
                 replayed=True,
+                look_first=True,
             )
         return Batch(
             batch_id=make_batch_id(first.t_ms, first.seq),
@@ -211,6 +215,7 @@ class Aggregator:
             last_seq=taken[-1].seq,
             entry_ids=[t.entry_id for t in taken],
             timestamp_ms=now_ms,
+            look_first=first.seq <= self.look_until,
         )
 
     def _drop_passed_cuts(self) -> None:

@@ -117,6 +117,11 @@ class Pipeline:
         self.aggregator.last_seq_loaded = scan.done_seq
         self.aggregator.acknowledge(scan.backlog_entries, scan.backlog_bytes)
         self.aggregator.replay.extend(scan.cuts)
+        if scan.quarantined or not scan.clean_tail:
+            # A damaged record may have been a cut whose batch is stored: a fresh cut of the
+            # backlog gets that batch's id when it starts at the same entry, and written
+            # blind it would land beside the stored copy (another suffix, recovery/).
+            self.aggregator.look_until = scan.next_seq - 1
         self.writer = JournalWriter(
             self.layout.journal,
             segments=scan.segments,

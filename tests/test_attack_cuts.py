@@ -15,7 +15,7 @@ import orjson
 
 from flowagg.journal import frame, list_segments, unframe
 from flowagg.layout import Layout
-from flowagg.storage import iter_batch_files, read_batch
+from flowagg.storage import CompletedFiles, iter_batch_files, read_batch
 from tests.test_batch_identity import configure, ids_by_batch, restart, snapshot
 from tests.test_faults import Rig
 
@@ -122,3 +122,16 @@ def test_a_cut_straddling_the_done_cursor_keeps_its_stored_copy(tmp_path: Path) 
 
 def stored_ids(layout: Layout) -> list[str]:
     return [e["entryId"] for p in iter_batch_files(layout) for e in read_batch(p)["entries"]]
+
+
+def test_a_damaged_cut_record_never_stores_its_batch_twice(tmp_path: Path) -> None:
+    """The last cut record is damaged: its batch is stored, the start cannot know where it
+    ended. Restarted with another compression and batch size, the entries it holds must not
+    be written again beside it under another suffix."""
+    rig = stored_in_records(tmp_path / "data", batches=2)
+    cuts = [(s, n, r) for s, n, r in journal_lines(rig.layout) if r is not None and r["k"] == "c"]
+    seg, index, _ = cuts[-1]
+    damage(seg, index)
+    rig.files = CompletedFiles(rig.layout, "gzip")
+    then_more(rig, 15, batchSize=50)
+    rig.check("aggregated")
