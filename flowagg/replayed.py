@@ -9,6 +9,7 @@ cut, with the same bytes. Batches after a hole stay where they are.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -41,6 +42,14 @@ def sync_folders(layout: Layout) -> None:
 
 def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
     """Where the batch is stored whole, or None after moving every bad copy aside."""
+    while True:
+        # A copy moved meanwhile (the recovery loop completed or abandoned a failed one) went
+        # to a place perhaps looked at already: look everywhere again.
+        with contextlib.suppress(FileNotFoundError):
+            return _find_stored(layout, clock, batch)
+
+
+def _find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
     for path in existing_locations(layout, batch.batch_id):
         try:
             ids = [entry["entryId"] for entry in read_batch(path)["entries"]]
@@ -49,7 +58,7 @@ def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
             log.warning("batch %s: %s is of a newer format; taken as stored", batch.batch_id, path)
             return path
         except FileNotFoundError:
-            continue  # moved meanwhile (recovery completing a failed copy): look at the rest
+            raise
         except (CorruptBatch, OSError, KeyError, TypeError) as exc:
             reason = f"stored batch unreadable ({exc}); written again from its journaled cut"
         else:

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
+from flowagg import replayed
+from flowagg.failed_format import Delivery, failed_document
 from flowagg.journal import frame, list_segments, unframe
 from flowagg.layout import Layout
 from flowagg.storage import CompletedFiles, iter_batch_files, read_batch
@@ -135,3 +138,33 @@ def test_a_damaged_cut_record_never_stores_its_batch_twice(tmp_path: Path) -> No
     rig.files = CompletedFiles(rig.layout, "gzip")
     then_more(rig, 15, batchSize=50)
     rig.check("aggregated")
+
+
+def test_a_failed_copy_recovered_while_the_start_looks_for_it_is_not_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replayed batch lies in recovery/ as failed; the recovery loop completes it into
+    aggregated/ just as the flusher's start-up look reaches the failed name. The batch is
+    stored: the look must find it in aggregated/, not write it again over the recovered copy
+    (and, with a sink, deliver it a second time)."""
+    rig = stored_in_records(tmp_path / "data", batches=2)
+    first = iter_batch_files(rig.layout)[0]
+    batch_id = read_batch(first)["batchId"]
+    failed = rig.layout.recovery / f"{batch_id}.failed.json"
+    failed.write_bytes(
+        failed_document(
+            first.read_bytes(), error="EIO", now_ms=1, next_retry_ms=1, delivery=Delivery()
+        )
+    )
+    first.unlink()
+    real = replayed.read_batch
+
+    def racing(path: Path) -> dict[str, Any]:
+        if path == failed:
+            assert rig.recovery.run_once(force=True).recovered == [batch_id]
+        return real(path)
+
+    monkeypatch.setattr(replayed, "read_batch", racing)
+    restart(rig)
+    rig.check("aggregated")
+    assert read_batch(first)["recovered"] is True, "the recovered copy was written over"
