@@ -8,19 +8,29 @@ two contents.
 from __future__ import annotations
 
 import asyncio
+import errno
+import signal
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from flowagg import replayed
+from flowagg import cut_queue, replayed
 from flowagg.failed_format import Delivery, failed_document
 from flowagg.journal import frame, list_segments, unframe
+from flowagg.journal_writer import JournalWriter
 from flowagg.layout import Layout
 from flowagg.storage import CompletedFiles, iter_batch_files, read_batch
-from tests.test_batch_identity import configure, ids_by_batch, restart, snapshot
-from tests.test_faults import Rig
+from tests.harness import cli, entry, start_daemon, stored_id_counts
+from tests.test_batch_identity import (
+    configure,
+    ids_by_batch,
+    killing_sink,
+    restart,
+    snapshot,
+)
+from tests.test_faults import Rig, until
 
 
 def stored_in_records(root: Path, *, batches: int, per_batch: int = 30, record: int = 10) -> Rig:
@@ -168,3 +178,89 @@ def test_a_failed_copy_recovered_while_the_start_looks_for_it_is_not_written_aga
     restart(rig)
     rig.check("aggregated")
     assert read_batch(first)["recovered"] is True, "the recovered copy was written over"
+
+
+def test_a_sink_gets_one_content_per_id_across_kills_and_other_settings(tmp_path: Path) -> None:
+    """The sink takes batch A (cut by `flush`) and the daemon is killed before writing it;
+    the restart has a smaller batch size, a smaller window and compression on, and is
+    killed again the same way after more entries. Every id the sink ever saw carries one
+    content, byte for byte (timestamp included), and every entry is stored once."""
+    root = tmp_path / "data"
+    log, armed = tmp_path / "sink.jsonl", tmp_path / "armed"
+    layout = Layout(root)
+    sink = killing_sink(tmp_path, log, armed, layout.pid_file)
+    base = {"sinkType": "command", "sinkCommand": sink, "maxAgeMs": 3_600_000}
+    runs = [
+        {"batchSize": 50},
+        {"batchSize": 7, "memoryWindowEntries": 1000, "batchCompression": "gzip"},
+        {"batchSize": 500, "maxBatchBytes": 1 << 20},
+    ]
+    acked: set[str] = set()
+    for n, settings in enumerate(runs):
+        daemon = start_daemon(root, {**base, **settings})
+        batch = [entry(i, entryId=f"r{n}-{i}") for i in range(30)]
+        assert cli(root, "add", input=orjson.dumps(batch)).returncode == 0
+        acked.update(e["entryId"] for e in batch)
+        if n < len(runs) - 1:
+            armed.touch()
+            cli(root, "flush")  # the sink kills the daemon during it
+            assert daemon.proc.wait(30) == -signal.SIGKILL
+            daemon.kill()
+    assert cli(root, "flush").returncode == 0
+    assert daemon.stop() == 0
+    lines = log.read_bytes().splitlines()
+    delivered: dict[str, set[bytes]] = {}
+    for line in lines:
+        delivered.setdefault(orjson.loads(line)["batchId"], set()).add(line)
+    assert len(lines) >= len(delivered) + 2, "both killed batches were delivered again"
+    assert all(len(copies) == 1 for copies in delivered.values()), "one id, one content"
+    counts = stored_id_counts(root)
+    assert set(counts) == acked and set(counts.values()) == {1}
+
+
+def test_a_failed_cut_with_later_cuts_durable_then_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first cut's journal write fails (EIO) while the two cut after it are durable;
+    the daemon dies before the retry. The restart, with a smaller batch size, cuts the
+    first batch's entries anew and rebuilds the later two exactly as journaled."""
+    monkeypatch.setattr(cut_queue, "CUT_RETRY_S", 3600.0)  # the crash comes first
+    real = JournalWriter.append_cut
+    failed: list[str] = []
+
+    def flaky(self: JournalWriter, cut: Any, callback: Any) -> None:
+        if not failed:
+            failed.append(cut.batch_id)
+            callback(OSError(errno.EIO, "injected"), None)
+            return
+        real(self, cut, callback)
+
+    monkeypatch.setattr(JournalWriter, "append_cut", flaky)
+
+    async def crash() -> Rig:
+        rig = Rig(tmp_path / "data")
+        configure(rig, batchSize=30)
+        pipeline = await rig.start()
+        for _ in range(3):
+            await rig.add(30)
+        assert pipeline.cuts is not None
+        await until(lambda: len(journaled_cuts(rig.layout)) == 2)
+        assert len(pipeline.cuts) == 3, "no batch leaves before the failed cut"
+        await pipeline.shutdown(flush_s=0)
+        return rig
+
+    rig = asyncio.run(crash())
+    assert rig.where() == {}
+    later = journaled_cuts(rig.layout)
+    monkeypatch.setattr(JournalWriter, "append_cut", real)
+    configure(rig, batchSize=20)
+    restart(rig)
+    rig.check("aggregated")
+    stored = ids_by_batch(rig.layout)
+    for cut in later:
+        assert stored[cut["b"]] == [f"e{q}" for q in range(cut["f"], cut["l"] + 1)]
+    assert failed[0] in stored and len(stored[failed[0]]) == 20, "cut anew, today's size"
+
+
+def journaled_cuts(layout: Layout) -> list[dict[str, Any]]:
+    return [r for _, _, r in journal_lines(layout) if r is not None and r["k"] == "c"]
