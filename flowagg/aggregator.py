@@ -64,6 +64,12 @@ class Aggregator:
         self.unflushed_bytes = 0
         self.last_seq_loaded = 0
         self.replay: deque[Cut] = deque()
+        # The head cut whose missing entries are gone for good (a damaged journal record):
+        # it is cut with what is left, under its own id, rather than wait or be cut anew.
+        self._short_cut: str | None = None
+        # Fresh cuts starting at or before this seq may name a batch stored under a cut record
+        # a damaged journal lost: the flusher looks for it before writing (set at start).
+        self.look_until = 0
 
     # -- intake ------------------------------------------------------------------------------
     def acknowledge(self, count: int, size: int) -> None:
@@ -80,7 +86,13 @@ class Aggregator:
         It is loaded whatever the room: it was cut under a larger window or batch size, and
         no other cut may take its entries.
         """
-        return bool(self.replay) and self.last_seq_loaded < self.replay[0].last_seq
+        if not self.replay or self.replay[0].batch_id == self._short_cut:
+            return False
+        return self.last_seq_loaded < self.replay[0].last_seq
+
+    def stop_waiting(self) -> None:
+        """Every durable record is loaded, yet the head cut lacks entries: cut it short."""
+        self._short_cut = self.replay[0].batch_id
 
     def load(self, item: Buffered) -> bool:
         """Put a durable entry in the window; False if it was loaded before (a re-read)."""
@@ -182,15 +194,18 @@ class Aggregator:
         self.inflight_entries += len(taken)
         first = taken[0]
         if replayed is not None:
+            # The cut's own seqs, not those found: a batch short of entries the journal lost
+            # still settles its whole cut, and may find a stored copy that holds them all.
             return Batch(
                 batch_id=replayed.batch_id,
                 trigger=replayed.trigger,
                 entries=[t.data for t in taken],
-                first_seq=first.seq,
-                last_seq=taken[-1].seq,
+                first_seq=replayed.first_seq,
+                last_seq=replayed.last_seq,
                 entry_ids=[t.entry_id for t in taken],
                 timestamp_ms=replayed.timestamp_ms,
                 replayed=True,
+                look_first=True,
             )
         return Batch(
             batch_id=make_batch_id(first.t_ms, first.seq),
@@ -200,6 +215,7 @@ class Aggregator:
             last_seq=taken[-1].seq,
             entry_ids=[t.entry_id for t in taken],
             timestamp_ms=now_ms,
+            look_first=first.seq <= self.look_until,
         )
 
     def _drop_passed_cuts(self) -> None:

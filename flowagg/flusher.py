@@ -169,7 +169,7 @@ class Flusher:
         did not take, and every one after it, go one at a time.
         """
         started = self.clock.monotonic()
-        if run[0].replayed:
+        if run[0].look_first:
             return self._store_replayed(run, started)
         files = self.completer.files
         if files is None:
@@ -186,10 +186,10 @@ class Flusher:
         return self._store_each(rest, started)
 
     def _store_replayed(self, run: list[Batch], started: float) -> bool:
-        """Batches rebuilt at start from journaled cuts: stored ones are only reported, the
-        others stored one at a time (a sink may have taken them before the crash)."""
+        """Batches rebuilt at start that may be stored already: stored ones are only reported,
+        the others stored one at a time (a sink may have taken them before the crash)."""
         for n, batch in enumerate(run):
-            if not batch.replayed:
+            if not batch.look_first:
                 return self._store_run(run[n:])
             path = find_stored(self.layout, self.clock, batch)
             if path is not None:

@@ -130,7 +130,7 @@ class _Scan:
     def skip(self, info: SegmentInfo, next_seq: int) -> None:
         """Take a summarized segment as it describes itself."""
         self.segments.append(info)
-        self.next_seq = max(self.next_seq, next_seq, info.last_seq + 1)
+        self.next_seq = max(self.next_seq, next_seq, info.last_seq + 1, info.cut_seq + 1)
         for name, (end, done) in info.sources.items():
             note_spool_chunk(self.spool_sources, name, end, done)
         if info.last_seq > self.replay_after:
@@ -200,11 +200,15 @@ class _Scan:
         elif kind == "c":
             cut = decode_cut(record)
             info.cut_seq = max(info.cut_seq, cut.last_seq)
+            # The cut names its seqs even when their add record was damaged since: a new
+            # entry given one of them would be cut into this batch's id.
+            self.next_seq = max(self.next_seq, cut.last_seq + 1)
             if cut.last_seq > self.done_seq:
                 # A cut journaled again after a failed write is the same cut.
                 self.cuts[cut.first_seq] = cut
         elif kind == "d":
             info.done_seq = max(info.done_seq, record["q"])
+            self.next_seq = max(self.next_seq, record["q"] + 1)
         elif kind == "h":
             if record.get("v", 0) > FORMAT_VERSION:
                 raise JournalVersionError(

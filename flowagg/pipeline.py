@@ -117,6 +117,11 @@ class Pipeline:
         self.aggregator.last_seq_loaded = scan.done_seq
         self.aggregator.acknowledge(scan.backlog_entries, scan.backlog_bytes)
         self.aggregator.replay.extend(scan.cuts)
+        if scan.quarantined or not scan.clean_tail:
+            # A damaged record may have been a cut whose batch is stored: a fresh cut of the
+            # backlog gets that batch's id when it starts at the same entry, and written
+            # blind it would land beside the stored copy (another suffix, recovery/).
+            self.aggregator.look_until = scan.next_seq - 1
         self.writer = JournalWriter(
             self.layout.journal,
             segments=scan.segments,
@@ -317,9 +322,13 @@ class Pipeline:
             self.spill.refill(self.aggregator, self.writer, self.clock.monotonic())
             if self.aggregator.replay_waits() and not self.spill.spilled:
                 # Every durable record is loaded, yet a journaled cut lacks entries: they were
-                # in a record damaged since and quarantined. What is left is cut anew.
-                cut = self.aggregator.replay.popleft()
-                log.error("journaled batch %s lost entries to a damaged record", cut.batch_id)
+                # in a record damaged since and quarantined. What is left keeps the cut's id
+                # (cut anew, its first entry would name a batch of other entries).
+                self.aggregator.stop_waiting()
+                log.error(
+                    "journaled batch %s lost entries to a damaged record",
+                    self.aggregator.replay[0].batch_id,
+                )
         self._check_triggers()
 
     # -- flushing ---------------------------------------------------------------------------

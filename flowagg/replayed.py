@@ -9,6 +9,7 @@ cut, with the same bytes. Batches after a hole stay where they are.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -41,6 +42,14 @@ def sync_folders(layout: Layout) -> None:
 
 def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
     """Where the batch is stored whole, or None after moving every bad copy aside."""
+    while True:
+        # A copy moved meanwhile (the recovery loop completed or abandoned a failed one) went
+        # to a place perhaps looked at already: look everywhere again.
+        with contextlib.suppress(FileNotFoundError):
+            return _find_stored(layout, clock, batch)
+
+
+def _find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
     for path in existing_locations(layout, batch.batch_id):
         try:
             ids = [entry["entryId"] for entry in read_batch(path)["entries"]]
@@ -49,11 +58,11 @@ def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
             log.warning("batch %s: %s is of a newer format; taken as stored", batch.batch_id, path)
             return path
         except FileNotFoundError:
-            continue  # moved meanwhile (recovery completing a failed copy): look at the rest
+            raise
         except (CorruptBatch, OSError, KeyError, TypeError) as exc:
             reason = f"stored batch unreadable ({exc}); written again from its journaled cut"
         else:
-            if ids == batch.entry_ids:
+            if ids == batch.entry_ids or _holds_lost_entries(batch, ids):
                 log.info("batch %s was stored before the last stop", batch.batch_id)
                 return path
             reason = "stored batch does not hold the entries its journaled cut names"
@@ -67,3 +76,14 @@ def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
             # quarantines a bad failed file itself when it reads it.
             log.error("batch %s: cannot move %s aside (%s)", batch.batch_id, path.name, exc)
     return None
+
+
+def _holds_lost_entries(batch: Batch, ids: list[str]) -> bool:
+    """Whether a stored copy holds every entry of the batch's cut where the journal lost some
+    (a damaged record): those are in no other place, so the copy is kept as it is."""
+    if batch.count == batch.last_seq - batch.first_seq + 1 or len(ids) != (
+        batch.last_seq - batch.first_seq + 1
+    ):
+        return False
+    stored = iter(ids)
+    return all(entry_id in stored for entry_id in batch.entry_ids)  # in order

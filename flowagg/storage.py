@@ -45,8 +45,10 @@ class Batch:
     # The batch's `timestamp`, fixed with its cut so that every copy has the same bytes
     # (None: taken when it is encoded, for batches made outside the pipeline).
     timestamp_ms: int | None = None
-    # Rebuilt at start from a journaled cut: it may already be stored, so look first.
+    # Rebuilt at start from a journaled cut: the cut is durable already.
     replayed: bool = False
+    # It may already be stored (a journaled cut, or a cut a damaged journal lost): look first.
+    look_first: bool = False
 
     @property
     def count(self) -> int:
