@@ -2,24 +2,20 @@
 
 Segments `journal/seg-<n>.log` hold one record per line: `<crc32 hex> <compact JSON>\\n`.
 Records:
-  {"k":"h","v":1,"seq":S}                    segment header; S = next unused seq at opening
+  {"k":"h","v":V,"seq":S}                    segment header (format V); S = next unused seq
   {"k":"a","q":Q,"t":MS,"e":[...],"c":[...],"src":NAME,"off":O,"fin":true}
                                              accepted entries, seqs Q, Q+1, ...; `c` lists the
                                              indexes whose entryId came from the client (for
                                              dedupe); `src` names an adopted spool file, `off`
                                              the byte where this chunk of it ends and `fin`
-<<<<<<< HEAD
-                                             marks its last chunk (`src` alone: finished)
+                                             marks its last chunk (`src` alone: finished); with
+                                             no entries it may also be compaction's copy of
+                                             that progress (see JournalWriter.compact)
   {"k":"c","b":ID,"f":F,"l":L,"g":TRIGGER,"ts":MS}
                                              the cut: batch ID holds the entries with seqs F..L,
                                              was cut by TRIGGER and says `timestamp` MS; durable
                                              before the batch is delivered or written, so a
                                              restart rebuilds it with the same id and bytes
-=======
-                                             marks its last chunk (`src` alone: finished); with
-                                             no entries it may also be compaction's copy of
-                                             that progress (see JournalWriter.compact)
->>>>>>> spoolfix
   {"k":"d","q":Q,"b":ID}                     batch ID holding every entry up to seq Q is stored
 
 Version 2 added cut records. Segments of version 1 hold none: a batch stored from them may
