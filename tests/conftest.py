@@ -9,9 +9,6 @@ from tests.accounts import accounts, shared_root  # noqa: F401  (fixtures shared
 from tests.harness import DaemonProc
 from tests.pgserver import PgServer, pg_server, unavailable_reason
 
-# The throwaway accounts (`accounts`, `shared_root`) for the tests of other users' reach.
-pytest_plugins = ["tests.accounts"]
-
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:

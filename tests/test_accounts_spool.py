@@ -132,7 +132,7 @@ def test_a_planted_hard_link_is_refused_and_its_owner_keeps_the_file(
     assert f"hard link (2 names) to a file owned by uid {member_uid} ({accounts.member})" in str(
         reason["reason"]
     )
-    (line,) = _audit(layout, "quarantine")
+    (line,) = wait_for(lambda: _audit(layout, "quarantine"))  # written after the reason
     assert line["peer"] == {"uid": member_uid, "gid": accounts.gid, "pid": None}
     assert daemon.stop() == 0
     assert stored_entries(root) == []
