@@ -13,7 +13,6 @@ import errno
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from flowagg.journal_writer import JournalWriter
 from flowagg.layout import Layout
 from flowagg.storage import iter_batch_files, read_batch
 from tests.harness import cli, entry, start_daemon, stored_id_counts, wait_for
+from tests.test_attack_runs import restart
 from tests.test_faults import Rig
 
 
@@ -60,22 +60,9 @@ def crashed_after_storing(
     return asyncio.run(main())
 
 
-def restart(rig: Rig, timeout: float = 30.0) -> int:
+def found_at_restart(rig: Rig, timeout: float = 30.0) -> int:
     """Start again on the same root, flush, stop; how many batches the start found stored."""
-    box: list[int] = []
-
-    async def main() -> None:
-        pipeline = await rig.start()
-        await pipeline.flush()
-        box.append(pipeline.batches_found_at_start)
-        await rig.stop()
-
-    worker = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    worker.start()
-    worker.join(timeout)
-    assert not worker.is_alive(), "the start hung"
-    assert box, "the start failed"
-    return box[0]
+    return restart(rig, timeout)["batchesFoundAtStart"]
 
 
 def snapshot(layout: Layout) -> dict[str, bytes]:
@@ -102,7 +89,7 @@ def test_a_hole_is_written_again_under_its_own_id_and_later_batches_stay(tmp_pat
     before = snapshot(rig.layout)
     hole = sorted(before)[1]
     (rig.layout.aggregated / hole).unlink()
-    assert restart(rig) == 3
+    assert found_at_restart(rig) == 3
     rig.check("aggregated")
     assert snapshot(rig.layout) == before, "the same names with the same bytes"
     assert reasons(rig.layout) == []
@@ -177,7 +164,7 @@ def test_folders_are_synced_at_start_before_any_done_record(
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(JournalWriter, "append_done", append_done)
-    assert restart(rig) == 2
+    assert found_at_restart(rig) == 2
     assert "done" in events
     first_done = events.index("done")
     synced = {e.split(" ", 1)[1] for e in events[:first_done] if e.startswith("fsync ")}
@@ -204,7 +191,7 @@ def as_version_1(layout: Layout) -> None:
 def test_a_version_1_journal_still_finds_its_stored_batches(tmp_path: Path) -> None:
     rig = crashed_after_storing(tmp_path / "data", batches=3, unstored=10)
     as_version_1(rig.layout)
-    assert restart(rig) == 3
+    assert found_at_restart(rig) == 3
     rig.check("aggregated")
     heads = [
         unframe(seg.read_bytes().splitlines(keepends=True)[0])
