@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,17 +209,27 @@ def journal_expecting_a_batch(root: Path, count: int = 30) -> tuple[Rig, Path]:
     return rig, path
 
 
-def stored_without_done_records(root: Path, *, batches: int, unstored: int = 0) -> Rig:
-    """`batches` batches of 30 entries stored, as a crash before their done records leaves
-    them, then `unstored` entries journaled and never cut: the start must sort it out."""
+def stored_without_done_records(
+    root: Path,
+    *,
+    batches: int,
+    unstored: int = 0,
+    per_batch: int = 30,
+    setup: Callable[[Rig], None] | None = None,
+) -> Rig:
+    """`batches` batches of `per_batch` entries stored, as a crash before their done records
+    leaves them, then `unstored` entries journaled and never cut: the start must sort it out.
+    `setup` may change the rig (its config) before the pipeline starts."""
 
     async def main() -> Rig:
         rig = Rig(root)
+        if setup is not None:
+            setup(rig)
         pipeline = await rig.start()
         assert pipeline.writer is not None
         pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
         for _ in range(batches):
-            await rig.add(30)
+            await rig.add(per_batch)
             await pipeline.flush()
         if unstored:
             await rig.add(unstored)

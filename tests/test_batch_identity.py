@@ -28,7 +28,7 @@ from flowagg.journal_writer import JournalWriter
 from flowagg.layout import Layout
 from flowagg.storage import iter_batch_files, read_batch
 from tests.harness import cli, entry, start_daemon, stored_id_counts, wait_for
-from tests.test_attack_runs import restart
+from tests.test_attack_runs import restart, stored_without_done_records
 from tests.test_faults import Rig
 
 
@@ -44,20 +44,13 @@ def crashed_after_storing(
     """`batches` batches stored without their done records (a crash before those reached
     the disk), then `unstored` entries journaled and never cut."""
 
-    async def main() -> Rig:
-        rig = Rig(root)
-        configure(rig, batchSize=per_batch, **flags)
-        pipeline = await rig.start()
-        assert pipeline.writer is not None
-        pipeline.writer.append_done = lambda last_seq, batch_id: None  # type: ignore[method-assign]
-        await rig.add(per_batch * batches)
-        await pipeline.flush()
-        if unstored:
-            await rig.add(unstored)
-        await pipeline.shutdown(flush_s=0)
-        return rig
-
-    return asyncio.run(main())
+    return stored_without_done_records(
+        root,
+        batches=batches,
+        unstored=unstored,
+        per_batch=per_batch,
+        setup=lambda rig: configure(rig, batchSize=per_batch, **flags),
+    )
 
 
 def found_at_restart(rig: Rig, timeout: float = 30.0) -> int:
