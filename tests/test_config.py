@@ -455,3 +455,23 @@ def test_flush_writers_out_of_range_or_not_a_number_is_refused(value: str) -> No
 
 def test_flush_writers_one_writes_one_at_a_time() -> None:
     assert load(environ={"FLOWAGG_FLUSH_WRITERS": "1"}).flush_writers == 1
+
+
+NUMERIC = sorted(k for k, s in SETTINGS.items() if s.kind in (int, float))
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+def test_every_numeric_setting_refuses_hostile_values_by_name(key: str) -> None:
+    """Empty, not a number, huge, NaN, and one past each end of its range: each refused
+    with the key named, from the environment (always text) as from a flag."""
+    setting = SETTINGS[key]
+    hostile = ["", "abc", "1" * 400, "nan", "\x00", "1e999"]
+    if setting.minimum is not None:
+        hostile.append(str(setting.kind(setting.minimum) - 1))
+    if setting.maximum is not None:
+        hostile.append(str(setting.kind(setting.maximum) + 1))
+    for value in hostile:
+        with pytest.raises(ConfigError, match=key):
+            load(environ={env_name(key): value})
+    with pytest.raises(ConfigError, match=key):
+        load(flags={key: [1]})
