@@ -77,11 +77,11 @@ class Accounts:
 
 
 def _open_ancestors(accounts: Accounts) -> bool:
-    """Let the throwaway group pass through the private folders above the checkout.
+    """Let the throwaway accounts pass through the private folders above the checkout.
 
     A fresh clone in a `mktemp -d` folder (0700), or an interpreter under /root, is out of
-    another account's reach. The group gets search (x) only, never read, on each folder in
-    the way, and the fixture takes it back afterwards.
+    another account's reach. The group and the outsider get search (x) only, never read, on
+    each folder in the way, and the fixture takes it back afterwards.
     """
     if shutil.which("setfacl") is None or shutil.which("getfacl") is None:
         return False
@@ -96,7 +96,7 @@ def _open_ancestors(accounts: Accounts) -> bool:
             check=False,
         )
         done = subprocess.run(
-            ["setfacl", "-m", f"g:{accounts.group}:x", str(folder)],
+            ["setfacl", "-m", f"g:{accounts.group}:x,u:{accounts.outsider}:x", str(folder)],
             capture_output=True,
             check=False,
         )
@@ -150,7 +150,7 @@ def accounts() -> Iterator[Accounts]:
     finally:
         for folder, had_acl in reversed(acc.opened):
             # `setfacl -x` leaves a mask entry behind; a folder that had no ACL gets none back.
-            undo = ["-x", f"g:{acc.group}"] if had_acl else ["-b"]
+            undo = ["-x", f"g:{acc.group},u:{acc.outsider}"] if had_acl else ["-b"]
             subprocess.run(["setfacl", *undo, str(folder)], capture_output=True, check=False)
         for user in (acc.member, acc.other, acc.service, acc.outsider):
             subprocess.run(["userdel", user], capture_output=True, check=False)
