@@ -432,7 +432,8 @@ def _iso(ms: Any) -> str:
 @handles_errors
 def cleanup(ctx: click.Context, age: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove old health snapshots, rotated logs, stale temp files (never abandoned/errors)."""
-    from .cleanup import apply_cleanup, audit_cleanup, parse_duration_ms, plan_cleanup
+    from .cleanup import apply_cleanup, audit_cleanup, plan_cleanup
+    from .durations import parse_duration_ms
 
     config = get_config(ctx)
     layout = Layout.for_config(config)

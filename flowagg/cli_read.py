@@ -16,7 +16,7 @@ import orjson
 
 from .cli import client_layout, fail, get_config, handles_errors, main
 from .clock import SystemClock
-from .errors import EXIT_USAGE
+from .errors import EXIT_USAGE, DaemonError, NotRunningError
 from .export import FORMATS
 from .layout import Layout
 
@@ -345,7 +345,7 @@ def diagnostics(ctx: click.Context, as_json: bool) -> None:
     from .readout import diagnostics_text
 
     layout = _root_layout(ctx)
-    doc = gather(layout, SystemClock().now_ms())
+    doc = gather(layout, SystemClock().now_ms(), _live(layout))
     if as_json:
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
     else:
@@ -375,3 +375,18 @@ def top(ctx: click.Context, interval: float) -> None:
         live(layout, interval)
     else:
         click.echo(one_frame(layout, interval))
+
+
+def _live(layout: Layout) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The running daemon's status and health replies, or None when none answers."""
+    from .client import Client
+
+    try:
+        with Client(layout.socket, timeout=10) as client:
+            status = client.request({"op": "status"})
+            health = client.request({"op": "health"})
+    except (NotRunningError, DaemonError):
+        return None
+    if not status.get("ok") or not health.get("ok"):
+        return None
+    return status, health

@@ -34,7 +34,8 @@ def init(ctx: click.Context, table: str | None, dsn: str | None, apply_ddl: bool
 
 
 def _init(ctx: click.Context, table: str | None, dsn: str | None, apply_ddl: bool) -> None:
-    from .sink_postgres import check_dsn, check_table, ddl_statements, import_psycopg, redact_dsn
+    from .pg_settings import check_dsn, check_table, import_psycopg, redact_dsn
+    from .sink_postgres import ddl_statements
 
     root = ctx.obj["root"] if ctx.obj else None
     config = load_config(flags={"root": root}, config_path=ctx.obj["config"] if ctx.obj else None)

@@ -530,7 +530,7 @@ def _check_sink(values: dict[str, Any], sources: dict[str, str]) -> None:
     if kind == "http":
         _check_url(values["sinkUrl"], sources["sinkUrl"])
     if kind == "postgres":
-        from .sink_postgres import check_dsn, check_table
+        from .pg_settings import check_dsn, check_table
 
         check_table(values["sinkTable"], sources["sinkTable"])
         check_dsn(values["sinkDsn"], sources["sinkDsn"])

@@ -14,7 +14,6 @@ from typing import Any
 import psutil
 
 from .batchread import FAILED, list_batch_files
-from .errors import DaemonError, NotRunningError
 from .health import read_latest
 from .journal_view import JournalView, Waiting, iter_waiting, view
 from .layout import Layout
@@ -126,22 +125,10 @@ def oldest_failed(layout: Layout, now_ms: int) -> dict[str, Any] | None:
     }
 
 
-def _live(layout: Layout) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    from .client import Client
-
-    try:
-        with Client(layout.socket, timeout=10) as client:
-            status = client.request({"op": "status"})
-            health = client.request({"op": "health"})
-    except (NotRunningError, DaemonError):
-        return None
-    if not status.get("ok") or not health.get("ok"):
-        return None
-    return status, health
-
-
-def gather(layout: Layout, now_ms: int) -> dict[str, Any]:
-    live = _live(layout)
+def gather(
+    layout: Layout, now_ms: int, live: tuple[dict[str, Any], dict[str, Any]] | None
+) -> dict[str, Any]:
+    """`live` is the running daemon's (status, health) replies, or None to read the files."""
     doc: dict[str, Any] = {"root": str(layout.root), "at": now_ms}
     if live is not None:
         status, health = live

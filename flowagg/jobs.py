@@ -13,7 +13,7 @@ from .config import Config
 from .sdnotify import notify
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .daemon_host import TimedWork
 
 MAINTENANCE_INTERVAL_S = 60.0
 SOCKET_CHECK_S = 3.0
@@ -37,7 +37,7 @@ def start_watchdog(loop: asyncio.AbstractEventLoop) -> None:
     ping()
 
 
-def start_scheduler(daemon: Daemon) -> AsyncIOScheduler:
+def start_scheduler(daemon: TimedWork) -> AsyncIOScheduler:
     config = daemon.config
     scheduler = AsyncIOScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}

@@ -45,8 +45,6 @@ MAX_RECORD_ENTRIES = 1000
 MAX_RECORD_BYTES = 1 << 20
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".log"
-# Inside the journal folder: the spool files the daemon adopted, named by the add records.
-SPOOL_FOLDER = "spool"
 
 
 def segment_name(number: int) -> str:

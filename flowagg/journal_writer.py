@@ -22,7 +22,6 @@ from .journal_format import (
     FORMAT_VERSION,
     MAX_RECORD_BYTES,
     MAX_RECORD_ENTRIES,
-    SPOOL_FOLDER,
     Cut,
     Position,
     SegmentInfo,
@@ -38,6 +37,7 @@ from .journal_format import (
     summary_path,
     write_summary,
 )
+from .layout import SPOOL_FOLDER
 from .supervise import Spawn, plain_thread
 
 log = logging.getLogger("flowagg.journal")

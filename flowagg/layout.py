@@ -9,7 +9,9 @@ from pathlib import Path
 
 from .errors import RootUnusableError
 from .fsutil import fsync_dir
-from .journal_format import SPOOL_FOLDER
+
+# Inside the journal folder: the spool files the daemon adopted, named by the add records.
+SPOOL_FOLDER = "spool"
 
 ROOT_MODE = 0o700
 # With socketGroup the group may pass through the root to inbox/ (but not list it), drop files

@@ -61,7 +61,7 @@ def redact_url(url: str) -> str:
 
 def secret_fragments(values: dict[str, Any]) -> list[str]:
     """Every piece of the secret-bearing settings worth hiding elsewhere, longest first."""
-    from .sink_postgres import dsn_secret_keys
+    from .pg_settings import dsn_secret_keys
 
     found: list[str] = []
     for key in SECRET_SETTINGS:

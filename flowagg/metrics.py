@@ -34,7 +34,7 @@ from .fsutil import atomic_write
 from .metrics_server import MetricsServer, listen_socket
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .daemon_host import MetricsSource
 
 log = logging.getLogger("flowagg.metrics")
 
@@ -44,7 +44,7 @@ BREAKER_STATES = ("closed", "open", "half-open")
 Snapshot = dict[str, Any]
 
 
-def snapshot(daemon: Daemon, status: dict[str, Any]) -> Snapshot:
+def snapshot(daemon: MetricsSource, status: dict[str, Any]) -> Snapshot:
     """Everything a scrape shows, read on the event loop; `status` is `status --json`'s."""
     pipeline = daemon.pipeline
     assert pipeline is not None
@@ -233,7 +233,7 @@ def render(snap: Snapshot, *, openmetrics: bool = False) -> bytes:
 class MetricsExport:
     """`metricsListen` and `metricsTextfile` for one daemon run."""
 
-    def __init__(self, daemon: Daemon, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, daemon: MetricsSource, status: Callable[[], dict[str, Any]]) -> None:
         self.daemon = daemon
         self._status = status
         self.listen: str | None = None

@@ -21,7 +21,7 @@ from .recovery import check_batch_id, undelivered_lag_ms
 from .server import Peer, stopping_reply
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .daemon_host import DaemonHost
 
 log = logging.getLogger("flowagg.ops")
 
@@ -34,7 +34,7 @@ FLUSH_POLL_S = 0.25
 STATE_CHANGING = ("flush", "recover", "reload")
 
 
-async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
+async def handle_request(daemon: DaemonHost, request: dict[str, Any], peer: Peer) -> dict[str, Any]:
     """One socket request; the reply is one JSON object."""
     assert daemon.pipeline is not None
     op = request.get("op")
@@ -94,7 +94,7 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
     }
 
 
-def shown_to(peer: Peer, daemon: Daemon, doc: dict[str, Any]) -> dict[str, Any]:
+def shown_to(peer: Peer, daemon: DaemonHost, doc: dict[str, Any]) -> dict[str, Any]:
     """`status` or `health` as this peer may see it: whole for root and the daemon's own user,
     with the sink's credentials and errors masked for everyone else."""
     return doc if privileged(peer) else mask_report(doc, dict(daemon.config.values))
@@ -123,7 +123,9 @@ def config_report(config: Config) -> dict[str, Any]:
 
 
 async def bounded_flush(
-    daemon: Daemon, wait_s: float = FLUSH_REPLY_WAIT_S, stall_grace_s: float = FLUSH_STALL_GRACE_S
+    daemon: DaemonHost,
+    wait_s: float = FLUSH_REPLY_WAIT_S,
+    stall_grace_s: float = FLUSH_STALL_GRACE_S,
 ) -> dict[str, Any]:
     """A manual flush's reply: its counts, or why batches are not stored yet."""
     assert daemon.pipeline is not None
@@ -150,7 +152,7 @@ async def bounded_flush(
     return {"ok": False, "error": reason}
 
 
-def daemon_status(daemon: Daemon) -> dict[str, Any]:
+def daemon_status(daemon: DaemonHost) -> dict[str, Any]:
     """`status --json` (SPEC §8): counters, buffer, queues, sink."""
     assert daemon.pipeline is not None
     spool = daemon.spool

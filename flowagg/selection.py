@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from .batchread import BatchPath, iter_batch_bytes
-from .cleanup import parse_duration_ms
+from .durations import parse_duration_ms
 from .errors import EXIT_USAGE, FlowaggError
 
 _RELATIVE_RE = re.compile(r"\d+\s*(ms|s|m|h|d)")

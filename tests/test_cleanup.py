@@ -10,7 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from flowagg.cleanup import apply_cleanup, parse_duration_ms, plan_cleanup
+from flowagg.cleanup import apply_cleanup, plan_cleanup
+from flowagg.durations import parse_duration_ms
 from flowagg.errors import FlowaggError
 from flowagg.fsutil import TEMP_MARK
 from flowagg.layout import Layout

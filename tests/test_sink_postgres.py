@@ -17,8 +17,9 @@ from flowagg.clock import FakeClock
 from flowagg.config import load_config
 from flowagg.errors import ConfigError, PermanentError, TransientError
 from flowagg.layout import Layout
+from flowagg.pg_settings import redact_dsn
 from flowagg.sink import CircuitBreaker, GuardedSink
-from flowagg.sink_postgres import PostgresSink, classify_error, redact_dsn
+from flowagg.sink_postgres import PostgresSink, classify_error
 from flowagg.storage import iter_batch_files, read_batch
 from tests.harness import BASE_TS, cli, request, start_daemon, wait_for
 from tests.pgserver import PgServer
