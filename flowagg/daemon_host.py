@@ -12,13 +12,18 @@ if TYPE_CHECKING:
     from .clock import Clock
     from .config import Config
     from .layout import Layout
-    from .metrics import MetricsExport
     from .pipeline import Pipeline
     from .ratelimit import RateLimiter
     from .recovery import Recovery
     from .server import Peer, SocketServer
     from .sink import GuardedSink
     from .spool import SpoolIntake
+
+
+class MetricsStatus(Protocol):
+    """The metrics export's part of `status --json`."""
+
+    def status(self) -> dict[str, Any]: ...
 
 
 class TimedWork(Protocol):
@@ -50,7 +55,7 @@ class DaemonHost(MetricsSource, Protocol):
     sink: GuardedSink | None
     recovery: Recovery
     limiter: RateLimiter
-    metrics: MetricsExport
+    metrics: MetricsStatus
     stopping: bool
     started_mono: float
     socket_recreated: int
