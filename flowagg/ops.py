@@ -81,7 +81,8 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
     if op == "metrics":
         text = render(
             snapshot(daemon, daemon_status(daemon)),
-            openmetrics=request.get("format") != "prometheus",
+            # promtool and older scrapers read only the Prometheus text format.
+            openmetrics=request.get("format") == "openmetrics",
         )
         return {"ok": True, "text": text.decode()}
     if op == "config":
