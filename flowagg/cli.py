@@ -15,7 +15,13 @@ from .client import add_entries
 from .clock import SystemClock
 from .config import Config, config_warnings, load_config
 from .entries import EntryError, parse_entries_text
-from .errors import EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
+from .errors import (
+    EXIT_NOTHING_STORED,
+    EXIT_USAGE,
+    DaemonError,
+    FlowaggError,
+    NotRunningError,
+)
 from .layout import Layout
 
 
@@ -83,20 +89,34 @@ def _read_input(entries: tuple[str, ...], file: str | None) -> list[Any]:
             try:
                 data = Path(file).read_bytes()
             except OSError as exc:
-                raise FlowaggError(f"cannot read {file}: {exc.strerror}", EXIT_USAGE) from None
+                raise FlowaggError(
+                    f"cannot read {file}: {exc.strerror}; nothing was stored", EXIT_NOTHING_STORED
+                ) from None
         else:
             if sys.stdin.isatty() and not file:
                 raise FlowaggError(
                     "no entries given: pass them as JSON arguments, with --file, or on stdin",
-                    EXIT_USAGE,
+                    EXIT_NOTHING_STORED,
                 )
             data = sys.stdin.buffer.read()
         return parse_entries_text(data)
     except EntryError as exc:
-        raise FlowaggError(str(exc), EXIT_USAGE) from None
+        raise FlowaggError(f"{exc}; nothing was stored", EXIT_NOTHING_STORED) from None
 
 
-@main.command()
+class _AddCommand(click.Command):
+    """`add` exits 5 on a command-line mistake too: 2 would claim the valid entries were
+    stored, and nothing was sent."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            exc.exit_code = EXIT_NOTHING_STORED
+            raise
+
+
+@main.command(cls=_AddCommand)
 @click.argument("entries", nargs=-1)
 @click.option("--file", "file", type=str, help="read entries from a file ('-' for stdin)")
 @click.option("--spool", is_flag=True, help="write a spool file instead of using the socket")
@@ -131,18 +151,18 @@ def add(
 
     Exit 2 with rejections: the valid entries WERE stored. Send only the rejected ones again;
     resending all stores the others twice unless each carries an entryId.
-    Exit codes: 0 all accepted, 1 daemon refused, 2 bad input, 3 no daemon, 4 no access
-    or disk full.
+    Exit codes: 0 all stored, 1 daemon refused or still busy, 2 some rejected (the valid
+    ones stored), 3 no daemon, 4 no access or disk full, 5 nothing stored (unusable input).
     """
     layout = client_layout(ctx)
     items = _read_input(entries, file)
     if not items:
-        fail("no entries in the input", EXIT_USAGE)
+        fail("no entries in the input; nothing was stored", EXIT_NOTHING_STORED)
     result = add_entries(layout, items, spool=spool, spool_if_down=spool_if_down, wait_s=wait_s)
     if not result.get("ok"):
         for r in result.get("rejected", []):
             click.echo(f"flowagg: {r['error']}", err=True)
-        fail(result["error"], EXIT_USAGE)
+        fail(result["error"], EXIT_NOTHING_STORED)
 
     def human(r: dict[str, Any]) -> str:
         if "spooled" in r:

@@ -166,9 +166,9 @@ def test_rejected_entries_are_answered_and_exit_2(root: Path, daemons: list[Daem
     assert status(root)["counters"]["rejected"] == 1
 
 
-def test_unparseable_cli_input_is_a_usage_error(root: Path) -> None:
+def test_unparseable_cli_input_stores_nothing_and_exits_5(root: Path) -> None:
     proc = cli(root, "add", input=b'{"userId": "u", "action"')
-    assert proc.returncode == 2
+    assert proc.returncode == 5
     assert b"not valid JSON" in proc.stderr
 
 
