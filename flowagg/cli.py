@@ -13,7 +13,7 @@ from .cli_observe import metrics
 from .cli_support import client_layout, emit, fail, handles_errors
 from .client import add_entries
 from .clock import SystemClock
-from .config import Config, config_warnings, load_config
+from .config import Config, check_config, config_warnings, load_config
 from .entries import EntryError, parse_entries_text
 from .errors import (
     EXIT_NOTHING_STORED,
@@ -283,9 +283,14 @@ def config_cmd(
         # The file alone, unless asked: a FLOWAGG_* variable in this shell would hide a
         # mistake the daemon's environment does not.
         environ = None if with_env else {}
-        checked = load_config(
+        checked, errors = check_config(
             flags={"root": ctx.obj["root"]}, config_path=check_file, environ=environ
         )
+        for error in errors:
+            click.echo(f"flowagg: {error}", err=True)
+        if errors:
+            sys.exit(EXIT_USAGE)
+        assert checked is not None
         for warning in config_warnings(checked):
             click.echo(f"flowagg: warning: {warning}", err=True)
         click.echo(f"{check_file}: ok")
@@ -303,12 +308,21 @@ def config_cmd(
         width = max(len(k) for k in d["settings"])
         rows = [f"# config file: {d['configFile'] or 'none'}"]
         for key, item in d["settings"].items():
-            value = item["value"]
-            shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
-            rows.append(f"{key:<{width}}  {shown!s:<14}  {item['source']}")
+            shown = _shown(item["value"])
+            if "atRestart" in item:
+                later = item["atRestart"]
+                says = "the file" if later["source"].startswith("file ") else later["source"]
+                shown = (
+                    f"{shown} (running; {says} says {_shown(later['value'])}, applied at restart)"
+                )
+            rows.append(f"{key:<{width}}  {shown:<14}  {item['source']}")
         return "\n".join(rows)
 
     emit(data, as_json, human)
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 @main.command()
