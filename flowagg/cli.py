@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from .errors import (
     FlowaggError,
     NotRunningError,
 )
+from .humanize import hms, iso_ms
 from .layout import Layout
 
 
@@ -197,11 +197,11 @@ def _status_text(s: dict[str, Any]) -> str:
     batches = ", ".join(f"{k} {v}" for k, v in sorted(c["batches"].items())) or "none"
     last = s["lastFlushAt"]
     lines = [
-        f"flowagg {s['version']} pid {s['pid']} on {s['root']}, up {s['uptimeS']:.0f} s",
+        f"flowagg {s['version']} pid {s['pid']} on {s['root']}, up {hms(s['uptimeS'])}",
         f"buffered: {b['entries']} entries ({b['bytes']} bytes), {b['inMemory']} in memory",
         f"accepted {c['accepted']}, duplicates {c['duplicates']}, rejected {c['rejected']},"
         f" busy {c['busy']}",
-        f"batches: {batches}; last flush at {_iso(last) if last else 'never'}",
+        f"batches: {batches}; last flush at {iso_ms(last) if last else 'never'}",
         f"journal: {j['entries']} entries in {j['syncs']} syncs, {j['segments']} segments",
         f"failed {s['failed']}, abandoned {s['abandoned']}, errors {s['errors']},"
         f" inbox {s['queue']['inbox']}",
@@ -212,16 +212,16 @@ def _status_text(s: dict[str, Any]) -> str:
             f"sink {k['type']}: breaker {k['state']}, delivered {k['delivered']},"
             f" failures {k['failures']}, opened {k['timesOpened']} times"
             + (f", rows written {k['rowsWritten']}" if "rowsWritten" in k else "")
-            + (f", lag {k['lagMs'] / 1000:.1f} s" if k.get("lagMs") else "")
+            + (f", lag {hms(k['lagMs'] / 1000)}" if k.get("lagMs") else "")
         )
         if k.get("lastError"):
             lines.append(f"sink last error: {k['lastError']}")
     reload = s.get("lastReload")
     if reload and reload["ok"]:
         changed = ", ".join(reload["changed"]) or "nothing changed"
-        lines.append(f"last reload at {_iso(reload['at'])}: applied ({changed})")
+        lines.append(f"last reload at {iso_ms(reload['at'])}: applied ({changed})")
     elif reload:
-        lines.append(f"last reload at {_iso(reload['at'])}: REFUSED: {reload['error']}")
+        lines.append(f"last reload at {iso_ms(reload['at'])}: REFUSED: {reload['error']}")
     if s["flusher"]["stalledError"]:
         lines.append(f"WARNING: batches cannot be stored: {s['flusher']['stalledError']}")
     return "\n".join(lines)
@@ -395,7 +395,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
         if snapshot is not None and (not alive or not _is_running(snapshot)):
             raise NotRunningError(
                 f"flowagg is not running on {layout.root} (last snapshot at"
-                f" {_iso(snapshot.get('timestamp'))}); start it with `flowagg run`"
+                f" {iso_ms(snapshot.get('timestamp'))}); start it with `flowagg run`"
             )
     if snapshot is None:
         raise NotRunningError(
@@ -405,7 +405,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
     if live is None and is_stale(snapshot, now):
         age_s = (now - snapshot.get("timestamp", 0)) / 1000
         raise NotRunningError(
-            f"the last health snapshot is {age_s:.0f} s old (more than 3 intervals);"
+            f"the last health snapshot is {hms(age_s)} old (more than 3 intervals);"
             " the daemon is not running or is stuck: check `flowagg status`"
         )
 
@@ -415,7 +415,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
         disk = sys_h["diskSpace"]
         agg = s["aggregatorHealth"]
         lines = [
-            f"status: {_status_word(s)} at {_iso(s['timestamp'])}",
+            f"status: {_status_word(s)} at {iso_ms(s['timestamp'])}",
             *[f"  ! {issue}" for issue in s["issues"]],
             f"queue: buffered {q['buffered']}, failed {q['failed']}, abandoned {q['abandoned']},"
             f" errors {q['errors']}, inbox {q['inbox']}",
@@ -448,14 +448,6 @@ def _size(count: Any) -> str:
 def _is_running(snapshot: dict[str, Any]) -> bool:
     daemon = snapshot.get("daemonHealth")
     return not isinstance(daemon, dict) or daemon.get("isRunning") is not False
-
-
-def _iso(ms: Any) -> str:
-    if not isinstance(ms, int):
-        return "an unknown time"
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(
-        timespec="milliseconds"
-    )
 
 
 @main.command()
