@@ -22,7 +22,7 @@ import orjson
 from .client import add_entries, request
 from .config import load_client_paths
 from .entries import EntryError, parse_entries_text
-from .errors import EXIT_DAEMON_FAILURE, EXIT_OK, EXIT_USAGE, FlowaggError
+from .errors import EXIT_DAEMON_FAILURE, EXIT_NOTHING_STORED, EXIT_OK, EXIT_USAGE, FlowaggError
 from .layout import Layout
 
 
@@ -61,18 +61,21 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     layout = Layout(*load_client_paths(root=args.root, config_path=args.config))
     if args.action == "aggregate":
         if sys.stdin is None:
-            raise FlowaggError("stdin is closed; pipe the entries into aggregate", EXIT_USAGE)
+            raise FlowaggError(
+                "stdin is closed; pipe the entries into aggregate", EXIT_NOTHING_STORED
+            )
         try:
             items = parse_entries_text(sys.stdin.buffer.read())
         except EntryError as exc:
-            raise FlowaggError(str(exc), EXIT_USAGE) from None
+            raise FlowaggError(f"{exc}; nothing was stored", EXIT_NOTHING_STORED) from None
         if not items:
-            raise FlowaggError("no entries on stdin", EXIT_USAGE)
+            raise FlowaggError("no entries on stdin; nothing was stored", EXIT_NOTHING_STORED)
         result = add_entries(
             layout, items, spool=args.spool, spool_if_down=args.spool_if_down, wait_s=args.wait
         )
-        failed = not result.get("ok") or bool(result.get("rejected"))
-        return result, EXIT_USAGE if failed else EXIT_OK
+        if not result.get("ok"):
+            return result, EXIT_NOTHING_STORED
+        return result, EXIT_USAGE if result.get("rejected") else EXIT_OK
     payload: dict[str, Any] = {
         "aggregate-status": {"op": "status"},
         "aggregate-force": {"op": "flush"},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,16 @@ from .cli_observe import metrics
 from .cli_support import client_layout, emit, fail, handles_errors
 from .client import add_entries
 from .clock import SystemClock
-from .config import Config, config_warnings, load_config
+from .config import Config, check_config, config_warnings, load_config
 from .entries import EntryError, parse_entries_text
-from .errors import EXIT_USAGE, DaemonError, FlowaggError, NotRunningError
+from .errors import (
+    EXIT_NOTHING_STORED,
+    EXIT_USAGE,
+    DaemonError,
+    FlowaggError,
+    NotRunningError,
+)
+from .humanize import hms, iso_ms
 from .layout import Layout
 
 
@@ -83,20 +89,34 @@ def _read_input(entries: tuple[str, ...], file: str | None) -> list[Any]:
             try:
                 data = Path(file).read_bytes()
             except OSError as exc:
-                raise FlowaggError(f"cannot read {file}: {exc.strerror}", EXIT_USAGE) from None
+                raise FlowaggError(
+                    f"cannot read {file}: {exc.strerror}; nothing was stored", EXIT_NOTHING_STORED
+                ) from None
         else:
             if sys.stdin.isatty() and not file:
                 raise FlowaggError(
                     "no entries given: pass them as JSON arguments, with --file, or on stdin",
-                    EXIT_USAGE,
+                    EXIT_NOTHING_STORED,
                 )
             data = sys.stdin.buffer.read()
         return parse_entries_text(data)
     except EntryError as exc:
-        raise FlowaggError(str(exc), EXIT_USAGE) from None
+        raise FlowaggError(f"{exc}; nothing was stored", EXIT_NOTHING_STORED) from None
 
 
-@main.command()
+class _AddCommand(click.Command):
+    """`add` exits 5 on a command-line mistake too: 2 would claim the valid entries were
+    stored, and nothing was sent."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            exc.exit_code = EXIT_NOTHING_STORED
+            raise
+
+
+@main.command(cls=_AddCommand)
 @click.argument("entries", nargs=-1)
 @click.option("--file", "file", type=str, help="read entries from a file ('-' for stdin)")
 @click.option("--spool", is_flag=True, help="write a spool file instead of using the socket")
@@ -131,18 +151,18 @@ def add(
 
     Exit 2 with rejections: the valid entries WERE stored. Send only the rejected ones again;
     resending all stores the others twice unless each carries an entryId.
-    Exit codes: 0 all accepted, 1 daemon refused, 2 bad input, 3 no daemon, 4 no access
-    or disk full.
+    Exit codes: 0 all stored, 1 daemon refused or still busy, 2 some rejected (the valid
+    ones stored), 3 no daemon, 4 no access or disk full, 5 nothing stored (unusable input).
     """
     layout = client_layout(ctx)
     items = _read_input(entries, file)
     if not items:
-        fail("no entries in the input", EXIT_USAGE)
+        fail("no entries in the input; nothing was stored", EXIT_NOTHING_STORED)
     result = add_entries(layout, items, spool=spool, spool_if_down=spool_if_down, wait_s=wait_s)
     if not result.get("ok"):
         for r in result.get("rejected", []):
             click.echo(f"flowagg: {r['error']}", err=True)
-        fail(result["error"], EXIT_USAGE)
+        fail(result["error"], EXIT_NOTHING_STORED)
 
     def human(r: dict[str, Any]) -> str:
         if "spooled" in r:
@@ -177,11 +197,11 @@ def _status_text(s: dict[str, Any]) -> str:
     batches = ", ".join(f"{k} {v}" for k, v in sorted(c["batches"].items())) or "none"
     last = s["lastFlushAt"]
     lines = [
-        f"flowagg {s['version']} pid {s['pid']} on {s['root']}, up {s['uptimeS']:.0f} s",
+        f"flowagg {s['version']} pid {s['pid']} on {s['root']}, up {hms(s['uptimeS'])}",
         f"buffered: {b['entries']} entries ({b['bytes']} bytes), {b['inMemory']} in memory",
         f"accepted {c['accepted']}, duplicates {c['duplicates']}, rejected {c['rejected']},"
         f" busy {c['busy']}",
-        f"batches: {batches}; last flush at {_iso(last) if last else 'never'}",
+        f"batches: {batches}; last flush at {iso_ms(last) if last else 'never'}",
         f"journal: {j['entries']} entries in {j['syncs']} syncs, {j['segments']} segments",
         f"failed {s['failed']}, abandoned {s['abandoned']}, errors {s['errors']},"
         f" inbox {s['queue']['inbox']}",
@@ -192,16 +212,16 @@ def _status_text(s: dict[str, Any]) -> str:
             f"sink {k['type']}: breaker {k['state']}, delivered {k['delivered']},"
             f" failures {k['failures']}, opened {k['timesOpened']} times"
             + (f", rows written {k['rowsWritten']}" if "rowsWritten" in k else "")
-            + (f", lag {k['lagMs'] / 1000:.1f} s" if k.get("lagMs") else "")
+            + (f", lag {hms(k['lagMs'] / 1000)}" if k.get("lagMs") else "")
         )
         if k.get("lastError"):
             lines.append(f"sink last error: {k['lastError']}")
     reload = s.get("lastReload")
     if reload and reload["ok"]:
         changed = ", ".join(reload["changed"]) or "nothing changed"
-        lines.append(f"last reload at {_iso(reload['at'])}: applied ({changed})")
+        lines.append(f"last reload at {iso_ms(reload['at'])}: applied ({changed})")
     elif reload:
-        lines.append(f"last reload at {_iso(reload['at'])}: REFUSED: {reload['error']}")
+        lines.append(f"last reload at {iso_ms(reload['at'])}: REFUSED: {reload['error']}")
     if s["flusher"]["stalledError"]:
         lines.append(f"WARNING: batches cannot be stored: {s['flusher']['stalledError']}")
     return "\n".join(lines)
@@ -263,9 +283,14 @@ def config_cmd(
         # The file alone, unless asked: a FLOWAGG_* variable in this shell would hide a
         # mistake the daemon's environment does not.
         environ = None if with_env else {}
-        checked = load_config(
+        checked, errors = check_config(
             flags={"root": ctx.obj["root"]}, config_path=check_file, environ=environ
         )
+        for error in errors:
+            click.echo(f"flowagg: {error}", err=True)
+        if errors:
+            sys.exit(EXIT_USAGE)
+        assert checked is not None
         for warning in config_warnings(checked):
             click.echo(f"flowagg: warning: {warning}", err=True)
         click.echo(f"{check_file}: ok")
@@ -283,12 +308,21 @@ def config_cmd(
         width = max(len(k) for k in d["settings"])
         rows = [f"# config file: {d['configFile'] or 'none'}"]
         for key, item in d["settings"].items():
-            value = item["value"]
-            shown = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
-            rows.append(f"{key:<{width}}  {shown!s:<14}  {item['source']}")
+            shown = _shown(item["value"])
+            if "atRestart" in item:
+                later = item["atRestart"]
+                says = "the file" if later["source"].startswith("file ") else later["source"]
+                shown = (
+                    f"{shown} (running; {says} says {_shown(later['value'])}, applied at restart)"
+                )
+            rows.append(f"{key:<{width}}  {shown:<14}  {item['source']}")
         return "\n".join(rows)
 
     emit(data, as_json, human)
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 @main.command()
@@ -361,7 +395,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
         if snapshot is not None and (not alive or not _is_running(snapshot)):
             raise NotRunningError(
                 f"flowagg is not running on {layout.root} (last snapshot at"
-                f" {_iso(snapshot.get('timestamp'))}); start it with `flowagg run`"
+                f" {iso_ms(snapshot.get('timestamp'))}); start it with `flowagg run`"
             )
     if snapshot is None:
         raise NotRunningError(
@@ -371,7 +405,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
     if live is None and is_stale(snapshot, now):
         age_s = (now - snapshot.get("timestamp", 0)) / 1000
         raise NotRunningError(
-            f"the last health snapshot is {age_s:.0f} s old (more than 3 intervals);"
+            f"the last health snapshot is {hms(age_s)} old (more than 3 intervals);"
             " the daemon is not running or is stuck: check `flowagg status`"
         )
 
@@ -381,7 +415,7 @@ def health(ctx: click.Context, as_json: bool) -> None:
         disk = sys_h["diskSpace"]
         agg = s["aggregatorHealth"]
         lines = [
-            f"status: {_status_word(s)} at {_iso(s['timestamp'])}",
+            f"status: {_status_word(s)} at {iso_ms(s['timestamp'])}",
             *[f"  ! {issue}" for issue in s["issues"]],
             f"queue: buffered {q['buffered']}, failed {q['failed']}, abandoned {q['abandoned']},"
             f" errors {q['errors']}, inbox {q['inbox']}",
@@ -414,14 +448,6 @@ def _size(count: Any) -> str:
 def _is_running(snapshot: dict[str, Any]) -> bool:
     daemon = snapshot.get("daemonHealth")
     return not isinstance(daemon, dict) or daemon.get("isRunning") is not False
-
-
-def _iso(ms: Any) -> str:
-    if not isinstance(ms, int):
-        return "an unknown time"
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(
-        timespec="milliseconds"
-    )
 
 
 @main.command()

@@ -12,10 +12,10 @@ from .errors import DaemonError
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["openmetrics", "prometheus"]),
-    default="openmetrics",
+    type=click.Choice(["prometheus", "openmetrics"]),
+    default="prometheus",
     show_default=True,
-    help="OpenMetrics text, or the classic Prometheus text format",
+    help="the Prometheus text format (0.0.4) that promtool reads, or OpenMetrics text",
 )
 @click.pass_context
 @handles_errors

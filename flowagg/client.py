@@ -20,7 +20,13 @@ import psutil
 from .clock import EntryIdFactory, SystemClock
 from .config import group_name, load_config
 from .entries import EntryError, validate_entry
-from .errors import ConfigError, DaemonError, NotRunningError, RootUnusableError
+from .errors import (
+    ConfigError,
+    DaemonError,
+    FlowaggError,
+    NotRunningError,
+    RootUnusableError,
+)
 from .fsutil import fsync_dir
 from .layout import Layout
 from .redact import Redactor
@@ -318,7 +324,7 @@ def send_entries(layout: Layout, items: list[Any], wait_s: float) -> dict[str, A
                 work.extend((start + i, chunk[i : i + limit]) for i in reversed(pieces))
                 continue
             if not reply.get("ok"):
-                raise DaemonError(_gave_up(reply, positions, total, wait_s))
+                raise _gave_up(reply, positions, total, wait_s)
             _tally(total, reply, positions)
     return total
 
@@ -336,16 +342,26 @@ def _tally(total: dict[str, Any], reply: dict[str, Any], positions: list[int]) -
 
 def _gave_up(
     reply: dict[str, Any], positions: list[int], total: dict[str, Any], wait_s: float
-) -> str:
-    error = reply.get("error")
+) -> FlowaggError:
+    """The refusal that ends an add, with what was stored before it (entries count from 1)."""
+    error = str(reply.get("error"))
+    first, last = positions[0] + 1, positions[-1] + 1
     if error in ("busy", "rate_limited"):
-        return (
+        return DaemonError(
             f"gave up after --retry-timeout {wait_s:g} s: the daemon still answers {error};"
-            f" {len(positions)} entries were not stored (the first is entry {positions[0]}),"
+            f" {len(positions)} entries were not stored (the first is entry {first}),"
             f" {total['accepted']} were; add those again later or raise --retry-timeout"
         )
-    return (
-        f"the daemon refused entries {positions[0]}-{positions[-1]}: {error};"
+    if error == "disk_full":
+        return RootUnusableError(
+            f"the daemon's disk is full: entries {first}-{last} were not stored,"
+            f" {total['accepted']} were before this; free space under its root, then add"
+            f" entries {first}-{last} again"
+        )
+    if error.startswith("not_allowed"):
+        return RootUnusableError(f"{error}; nothing was stored")
+    return DaemonError(
+        f"the daemon refused entries {first}-{last}: {error};"
         f" {total['accepted']} entries were accepted before this; retry later (entries with"
         " an entryId are deduplicated)"
     )

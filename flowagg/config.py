@@ -364,6 +364,18 @@ def group_name(gid: int) -> str:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
+    data = _parse_toml(path)
+    for key in data:
+        if key not in SETTINGS:
+            raise _unknown_key(path, key)
+    return data
+
+
+def _unknown_key(path: Path, key: str) -> ConfigError:
+    return ConfigError(f"config file {path}: unknown key {key!r}; {_suggest(key)}")
+
+
+def _parse_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -380,9 +392,6 @@ def read_toml(path: Path) -> dict[str, Any]:
         ) from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
-    for key in data:
-        if key not in SETTINGS:
-            raise ConfigError(f"config file {path}: unknown key {key!r}; {_suggest(key)}")
     return data
 
 
@@ -440,16 +449,44 @@ def load_config(
     environ: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the effective config. `flags` holds only the options given on the command line."""
+    config, errors = check_config(flags=flags, config_path=config_path, environ=environ)
+    if errors:
+        raise errors[0]
+    assert config is not None
+    return config
+
+
+def check_config(
+    *,
+    flags: Mapping[str, Any] | None = None,
+    config_path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Config | None, list[ConfigError]]:
+    """The config and every mistake in it, not only the first (`flowagg config --check`).
+
+    A key that is refused keeps its default, so the checks across keys still run on the rest.
+    The config is None only when the file cannot be parsed at all.
+    """
     env = os.environ if environ is None else environ
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     values: dict[str, Any] = {k: s.default for k, s in SETTINGS.items()}
     sources: dict[str, str] = dict.fromkeys(SETTINGS, "default")
+    errors: list[ConfigError] = []
+
+    def take(key: str, raw: Any, origin: str) -> None:
+        try:
+            values[key] = _coerce(key, raw, origin)
+            sources[key] = origin
+        except ConfigError as exc:
+            errors.append(exc)
 
     known_env = {env_name(k) for k in SETTINGS} | {"FLOWAGG_CONFIG"}
     for key in env:
         if key.startswith("FLOWAGG_") and key not in known_env:
-            raise ConfigError(
-                f"environment variable {key} is not a flowagg setting; unset it or fix the name"
+            errors.append(
+                ConfigError(
+                    f"environment variable {key} is not a flowagg setting; unset it or fix the name"
+                )
             )
 
     # The root decides where the default config file lives, so resolve it first.
@@ -466,24 +503,33 @@ def load_config(
 
     file_root: str | None = None
     if file_path is not None:
-        for key, raw in read_toml(file_path).items():
-            values[key] = _coerce(key, raw, f"file {file_path}")
-            sources[key] = f"file {file_path}"
+        try:
+            data = _parse_toml(file_path)
+        except ConfigError as exc:
+            return None, [*errors, exc]
+        for key, raw in data.items():
+            if key in SETTINGS:
+                take(key, raw, f"file {file_path}")
+            else:
+                errors.append(_unknown_key(file_path, key))
         file_root = values["root"] if sources["root"] != "default" else None
     for key in SETTINGS:
         name = env_name(key)
         if name in env:
-            values[key] = _coerce(key, env[name], f"env {name}")
-            sources[key] = f"env {name}"
+            take(key, env[name], f"env {name}")
     for key, raw in flags.items():
-        if key not in SETTINGS:
-            raise ConfigError(f"unknown setting {key!r}; {_suggest(key)}")
-        values[key] = _coerce(key, raw, "flag")
-        sources[key] = "flag"
+        if key in SETTINGS:
+            take(key, raw, "flag")
+        else:
+            errors.append(ConfigError(f"unknown setting {key!r}; {_suggest(key)}"))
     values["logLevel"] = values["logLevel"].upper()
-    _check_sink(values, sources)
-    _check_metrics(values, sources)
-    return Config(values=values, sources=sources, config_file=file_path, file_root=file_root)
+    for check in (_check_sink, _check_metrics):
+        try:
+            check(values, sources)
+        except ConfigError as exc:
+            errors.append(exc)
+    config = Config(values=values, sources=sources, config_file=file_path, file_root=file_root)
+    return config, errors
 
 
 def config_warnings(config: Config) -> list[str]:
@@ -492,7 +538,15 @@ def config_warnings(config: Config) -> list[str]:
     warnings = []
     if config.values["sinkType"] == "command":
         program = shlex.split(config.values["sinkCommand"])[0]
-        if shutil.which(program) is None:
+        if os.sep in program and shutil.which(program) is None:
+            # A path is run as it is: PATH plays no part in it.
+            what = "is not an executable file" if os.path.exists(program) else "does not exist"
+            warnings.append(
+                f"sinkCommand ({config.sources['sinkCommand']}): {program} {what}; every batch"
+                " will fail until it does: install the program there or fix the path (under"
+                " systemd, ProtectHome and PrivateTmp hide /home and /tmp)"
+            )
+        elif shutil.which(program) is None:
             warnings.append(
                 f"sinkCommand ({config.sources['sinkCommand']}): program {program!r} is not found"
                 f" on PATH ({os.environ.get('PATH', '')}); every batch will fail until it is:"

@@ -453,6 +453,15 @@ class Daemon:
         }
         return {"ok": True, "changed": changed, "needsRestart": restart}
 
+    def config_on_disk(self) -> Config | None:
+        """What a reload would read now (for `config --running`); None when it cannot."""
+        if self._reload_config is None:
+            return None
+        try:
+            return self._reload_config()
+        except ConfigError:
+            return None
+
     def apply_config(self, config: Config, changed: list[str]) -> None:
         self.config = config
         assert self.pipeline is not None

@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from .humanize import iso_ms
+
 MIN_TIMESTAMP_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_FUTURE_MS = 86_400_000
 MAX_METADATA_DEPTH = 8
@@ -91,6 +93,18 @@ def _depth_exceeds(metadata: dict[str, Any], limit: int) -> bool:
     return False
 
 
+# Timestamps in this range are seconds from 2000 to 2286: a clock read in the wrong unit.
+_SECONDS_RANGE = range(MIN_TIMESTAMP_MS // 1000, 10_000_000_000)
+
+
+def _early_hint(ts: int) -> str:
+    if ts in _SECONDS_RANGE:
+        return " (seconds instead of milliseconds?)"
+    if ts >= 0:
+        return f" ({iso_ms(ts)}, before the earliest accepted time)"
+    return " (before 1970)"
+
+
 def validate_entry(
     raw: Any,
     index: int,
@@ -121,8 +135,10 @@ def validate_entry_json(
     """validate_entry, plus the entry as the compact JSON that is journaled and stored.
 
     This runs for every entry on the event loop: the common, valid case takes the cheap
-    checks, and messages are built only on the way out.
+    checks, and messages are built only on the way out. `index` counts from 0; messages
+    name the entry counting from 1, as a person does (`entry 1` is the first).
     """
+    index += 1
     if not isinstance(raw, dict):
         raise EntryError(f"entry {index}: must be a JSON object, got {_type_name(raw)}")
     if not raw.keys() <= _FIELD_SET:
@@ -150,7 +166,7 @@ def validate_entry_json(
     if ts < MIN_TIMESTAMP_MS:
         raise EntryError(
             f"entry {index}: timestamp: must be on or after 2000-01-01 ({MIN_TIMESTAMP_MS}),"
-            f" got {ts} (seconds instead of milliseconds?)"
+            f" got {ts}{_early_hint(ts)}"
         )
     if ts > now_ms + MAX_FUTURE_MS:
         raise EntryError(f"entry {index}: timestamp: must be at most 1 day in the future, got {ts}")

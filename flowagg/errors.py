@@ -8,6 +8,9 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 EXIT_ALREADY_RUNNING = 3
 EXIT_ROOT_UNUSABLE = 4
+# `add` only: the input or the command line was unusable, so nothing was sent or stored. Exit 2
+# from `add` means the valid entries were stored and only the rejected ones were not.
+EXIT_NOTHING_STORED = 5
 
 
 class FlowaggError(Exception):

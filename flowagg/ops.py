@@ -18,6 +18,7 @@ from .metrics import render, snapshot
 from .peers import privileged
 from .ratelimit import add_limited
 from .recovery import check_batch_id, undelivered_lag_ms
+from .reloading import RESTART_ONLY
 from .server import Peer, stopping_reply
 
 if TYPE_CHECKING:
@@ -81,11 +82,12 @@ async def handle_request(daemon: DaemonHost, request: dict[str, Any], peer: Peer
     if op == "metrics":
         text = render(
             snapshot(daemon, daemon_status(daemon)),
-            openmetrics=request.get("format") != "prometheus",
+            # promtool and older scrapers read only the Prometheus text format.
+            openmetrics=request.get("format") == "openmetrics",
         )
         return {"ok": True, "text": text.decode()}
     if op == "config":
-        report = config_report(daemon.config)
+        report = config_report(daemon.config, daemon.config_on_disk())
         return {"ok": True, **(report if privileged(peer) else mask_config_report(report))}
     return {
         "ok": False,
@@ -112,13 +114,19 @@ def audit_reply(event: str, reply: dict[str, Any], peer: Peer, fields: tuple[str
     audit(event, peer=peer, outcome=outcome, **details)
 
 
-def config_report(config: Config) -> dict[str, Any]:
-    """`flowagg config`: every setting, its value and where it came from."""
+def config_report(config: Config, on_disk: Config | None = None) -> dict[str, Any]:
+    """`flowagg config`: every setting, its value and where it came from. With `on_disk` (what
+    the file and environment say now), a running daemon's restart-only setting that differs
+    also shows the value the next start will take (`atRestart`)."""
+    settings: dict[str, dict[str, Any]] = {}
+    for key in SETTINGS:
+        item = {"value": config.values[key], "source": config.sources[key]}
+        if on_disk is not None and key in RESTART_ONLY and on_disk.values[key] != item["value"]:
+            item["atRestart"] = {"value": on_disk.values[key], "source": on_disk.sources[key]}
+        settings[key] = item
     return {
         "configFile": str(config.config_file) if config.config_file else None,
-        "settings": {
-            key: {"value": config.values[key], "source": config.sources[key]} for key in SETTINGS
-        },
+        "settings": settings,
     }
 
 

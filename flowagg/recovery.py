@@ -45,6 +45,7 @@ from .entries import short_repr
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, classify
 from .formats import NewerFormatError
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
+from .humanize import iso_ms
 from .layout import Layout
 from .sink import as_completer
 from .storage import (
@@ -472,12 +473,12 @@ class Recovery:
                 log.error("batch %s: cannot update its failed file: %s", batch_id, write_exc)
             report.retried_failed.append(batch_id)
             log.warning(
-                "batch %s: retry %d failed (%s%s); next at %d",
+                "batch %s: retry %d failed (%s%s); next at %s",
                 batch_id,
                 doc["retryCount"],
                 "the sink has it, the write failed: " if held else "",
                 error,
-                doc["nextRetryAt"],
+                iso_ms(doc["nextRetryAt"]),
             )
             return True
         path.unlink(missing_ok=True)

@@ -102,6 +102,7 @@ class Line:
     offset: int  # where the line starts in the file
     data: bytes  # without its newline; only a prefix when the line is over the limit
     length: int  # of the whole line, without its newline
+    number: int  # counting from 1, as the reasons name it
 
 
 @dataclasses.dataclass
@@ -119,8 +120,9 @@ class Problem:
     error: str
 
 
-def read_chunk(fd: int, start: int, max_line: int) -> Chunk:
-    """Lines from `start`, up to CHUNK_LINES of them or about CHUNK_BYTES.
+def read_chunk(fd: int, start: int, max_line: int, first_line: int = 1) -> Chunk:
+    """Lines from `start` (line number `first_line`), up to CHUNK_LINES of them or about
+    CHUNK_BYTES.
 
     The boundaries depend only on the file and `start`, so a resumed intake cuts the same
     chunks. A line over `max_line` is never buffered whole: a prefix is kept, the rest skipped.
@@ -134,25 +136,26 @@ def read_chunk(fd: int, start: int, max_line: int) -> Chunk:
         if newline >= 0:
             length = newline - at
             keep = length if length <= max_line else RAW_PREFIX_BYTES
-            lines.append(Line(pos, buf[at : at + keep], length))
+            lines.append(Line(pos, buf[at : at + keep], length, first_line + len(lines)))
             pos += length + 1
             at = newline + 1
         elif len(buf) - at > max_line:
-            line, pos = _skip_long_line(fd, pos, buf[at : at + RAW_PREFIX_BYTES], len(buf) - at)
+            prefix = buf[at : at + RAW_PREFIX_BYTES]
+            line, pos = _skip_long_line(fd, pos, prefix, len(buf) - at, first_line + len(lines))
             lines.append(line)
             buf, at = b"", 0
         else:
             block = os.pread(fd, READ_BLOCK, pos + len(buf) - at)
             if not block:
                 if len(buf) > at:  # the last line has no newline
-                    lines.append(Line(pos, buf[at:], len(buf) - at))
+                    lines.append(Line(pos, buf[at:], len(buf) - at, first_line + len(lines)))
                     pos += len(buf) - at
                 return Chunk(start, pos, lines, final=True)
             buf, at = buf[at:] + block, 0
     return Chunk(start, pos, lines, final=not os.pread(fd, 1, pos))
 
 
-def _skip_long_line(fd: int, pos: int, prefix: bytes, seen: int) -> tuple[Line, int]:
+def _skip_long_line(fd: int, pos: int, prefix: bytes, seen: int, number: int) -> tuple[Line, int]:
     """Find the end of an overlong line starting at `pos`; returns it and the next offset."""
     scanned = pos + seen
     while True:
@@ -160,8 +163,20 @@ def _skip_long_line(fd: int, pos: int, prefix: bytes, seen: int) -> tuple[Line, 
         newline = block.find(b"\n")
         if not block or newline >= 0:
             end = scanned + (newline if newline >= 0 else 0)
-            return Line(pos, prefix, end - pos), end + (1 if newline >= 0 else 0)
+            return Line(pos, prefix, end - pos, number), end + (1 if newline >= 0 else 0)
         scanned += len(block)
+
+
+def count_lines(fd: int, end: int) -> int:
+    """Newlines before byte `end`: the number of the line a resumed intake starts at, less 1."""
+    count = pos = 0
+    while pos < end:
+        block = os.pread(fd, min(READ_BLOCK, end - pos), pos)
+        if not block:
+            break
+        count += block.count(b"\n")
+        pos += len(block)
+    return count
 
 
 def read_at_most(fd: int, limit: int) -> bytes:
@@ -183,7 +198,7 @@ def parse_lines(lines: list[Line], max_line: int) -> tuple[list[Any], list[Line]
     problems: list[Problem] = []
     for line in lines:
         if line.length > max_line:
-            error = f"byte {line.offset}: line of {line.length} bytes, over {max_line}; split it"
+            error = f"line {line.number}: {line.length} bytes, over {max_line}; split it"
             problems.append(Problem(line.offset, line.data[:RAW_PREFIX_BYTES], error))
             continue
         if not line.data.strip():
@@ -191,7 +206,7 @@ def parse_lines(lines: list[Line], max_line: int) -> tuple[list[Any], list[Line]
         try:
             items.append(orjson.loads(line.data))
         except orjson.JSONDecodeError as exc:
-            error = f"byte {line.offset}: not valid JSON ({exc}); fix the line"
+            error = f"line {line.number}: not valid JSON ({exc}); fix the line"
             problems.append(Problem(line.offset, line.data, error))
             continue
         sources.append(line)
@@ -546,6 +561,7 @@ class SpoolIntake:
 
     async def _ingest_lines(self, adopted: str, fd: int, *, wait: bool) -> bool:
         off, fin = self._progress.get(adopted, (0, False))
+        line_no = 1 + (await asyncio.to_thread(count_lines, fd, off) if off and not fin else 0)
         first = True
         while not fin:
             # A stop lets a file it finds taken in get its first chunk journaled: a small file
@@ -553,7 +569,8 @@ class SpoolIntake:
             if self._stopping and not first:
                 return False
             first = False
-            chunk = await asyncio.to_thread(read_chunk, fd, off, self.max_line)
+            chunk = await asyncio.to_thread(read_chunk, fd, off, self.max_line, line_no)
+            line_no += len(chunk.lines)
             valid, problems = self._check_lines(chunk)
             if problems:
                 # Written before the journal record: once that exists, the lines are gone.
@@ -569,8 +586,8 @@ class SpoolIntake:
         valid, rejected = self.pipeline.validate(items)
         for r in rejected:
             line = sources[r["index"]]
-            error = r["error"].removeprefix(f"entry {r['index']}: ")
-            problems.append(Problem(line.offset, line.data, f"byte {line.offset}: {error}"))
+            error = r["error"].removeprefix(f"entry {r['index'] + 1}: ")
+            problems.append(Problem(line.offset, line.data, f"line {line.number}: {error}"))
         problems.sort(key=lambda p: p.offset)
         return valid, problems
 
@@ -582,8 +599,9 @@ class SpoolIntake:
             rejected_name(adopted, f".{chunk.start}.rejected.jsonl"),
             b"".join(p.raw + b"\n" for p in problems),
             reason=(
-                f"{len(problems)} invalid lines in spool file {original} (bytes {chunk.start}"
-                f" to {chunk.end}); the valid ones were accepted"
+                f"{len(problems)} invalid lines in spool file {original} (lines"
+                f" {chunk.lines[0].number} to {chunk.lines[-1].number}); the valid ones were"
+                " accepted"
             ),
             component="spool",
             now_ms=self.pipeline.clock.now_ms(),
@@ -636,8 +654,9 @@ class SpoolIntake:
             rejected_name(adopted, ".rejected.json"),
             data,
             reason=(
-                f"{len(rejected)} invalid entries in spool file {original} (listed by index);"
-                " the valid ones were accepted"
+                f"{len(rejected)} invalid entries in spool file {original} (listed by index,"
+                " counting from 0; the errors name them from entry 1); the valid ones were"
+                " accepted"
             ),
             component="spool",
             now_ms=self.pipeline.clock.now_ms(),

@@ -18,6 +18,7 @@ from typing import Any
 
 from .client import Client
 from .errors import DaemonError, NotRunningError
+from .humanize import hms
 from .layout import Layout
 
 INTERVAL_S = 1.0
@@ -79,7 +80,7 @@ def frame(now: Sample, before: Sample | None) -> list[tuple[str, str]]:
 
     issues = health.get("issues") or []
     return [
-        ("daemon", f"pid {s['pid']} on {s['root']}, up {s['uptimeS']:.0f} s"),
+        ("daemon", f"pid {s['pid']} on {s['root']}, up {hms(s['uptimeS'])}"),
         ("accepted", f"{rate(lambda st: st['counters']['accepted'])}  (total {c['accepted']:,})"),
         (
             "stored",

@@ -245,7 +245,9 @@ class FileChecker:
                 continue
             if not client_id:
                 self.report(
-                    Finding(shown, "entry", f"entry {index}: has no entryId (every stored one has)")
+                    Finding(
+                        shown, "entry", f"entry {index + 1}: has no entryId (every stored one has)"
+                    )
                 )
 
 

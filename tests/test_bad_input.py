@@ -271,7 +271,7 @@ def test_bad_entries_are_rejected_by_index_and_field(
     for r in rejected:
         error = r["error"]
         assert "\n" not in error
-        assert error.startswith(f"entry {r['index']}: "), error
+        assert error.startswith(f"entry {r['index'] + 1}: "), error
         assert words[r["index"]] in error, (words[r["index"]], error)
     after = counters(sock)
     assert after["rejected"] - before["rejected"] == len(expected_indexes)
@@ -343,7 +343,7 @@ def test_strings_with_escapes_and_controls(sock: Path, text: str) -> None:
     assert reply["ok"] is True, reply
     assert reply["accepted"] + len(reply["rejected"]) == 1
     if reply["rejected"]:
-        assert reply["rejected"][0]["error"].startswith("entry 0: ")
+        assert reply["rejected"][0]["error"].startswith("entry 1: ")
     still_serving(sock)
 
 
@@ -356,7 +356,7 @@ def test_bad_escapes_in_strings(sock: Path, escape: bytes) -> None:
     reply = exchange(sock, line % BASE_TS)
     if reply["ok"]:
         (rejected,) = reply["rejected"]
-        assert rejected["error"].startswith("entry 0: ")
+        assert rejected["error"].startswith("entry 1: ")
     else:
         assert_error(reply)
     still_serving(sock)
@@ -500,7 +500,7 @@ def test_connection_stays_usable_after_errors(sock: Path) -> None:
         send(s, b"\n  \n" + add_line([b'"x"']))
         reply = read_reply(reader)
         assert reply["ok"] is True
-        assert reply["rejected"][0]["error"].startswith("entry 0: must be a JSON object")
+        assert reply["rejected"][0]["error"].startswith("entry 1: must be a JSON object")
         send(s, b'{"op":"ping"}\n')
         assert read_reply(reader) == {"ok": True}
 

@@ -160,15 +160,15 @@ def test_rejected_entries_are_answered_and_exit_2(root: Path, daemons: list[Daem
     assert reply["rejected"] == [
         {
             "index": 1,
-            "error": 'entry 1: timestamp: must be an integer (ms since epoch), got "2024-01-01"',
+            "error": 'entry 2: timestamp: must be an integer (ms since epoch), got "2024-01-01"',
         }
     ]
     assert status(root)["counters"]["rejected"] == 1
 
 
-def test_unparseable_cli_input_is_a_usage_error(root: Path) -> None:
+def test_unparseable_cli_input_stores_nothing_and_exits_5(root: Path) -> None:
     proc = cli(root, "add", input=b'{"userId": "u", "action"')
-    assert proc.returncode == 2
+    assert proc.returncode == 5
     assert b"not valid JSON" in proc.stderr
 
 
@@ -264,10 +264,11 @@ def test_spool_keeps_valid_entries_and_quarantines_the_rest(
     assert reason["component"] == "spool" and reason["errorCount"] == 3
     assert reason["originalName"] == "mixed.jsonl"
     errors = reason["errors"]
-    assert "action" in errors[0]
-    assert f"byte {len(lines[0]) + len(lines[1]) + 2}" in errors[1]
-    assert "not valid JSON" in errors[1]
-    assert "unknown key" in errors[2] and "colour" in errors[2]
+    # Lines count from 1, like an editor's: the bad ones are lines 2, 3 and 4.
+    assert errors[0].startswith("line 2: action:"), errors
+    assert errors[1].startswith("line 3: not valid JSON"), errors
+    assert errors[2].startswith("line 4: unknown key") and "colour" in errors[2], errors
+    assert f"spool file mixed.jsonl (lines 1 to {len(lines)})" in reason["reason"], reason
     st = status(root)
     assert st["counters"]["rejected"] == 3 and st["spool"]["entriesRejected"] == 3
     assert not list(layout.inbox.iterdir())

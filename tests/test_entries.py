@@ -43,7 +43,7 @@ def reject(raw: Any, index: int = 0, **kw: Any) -> str:
         check(raw, index, **kw)
     message = str(info.value)
     assert "\n" not in message, "a rejection is one line"
-    assert message.startswith(f"entry {index}: ")
+    assert message.startswith(f"entry {index + 1}: "), "entries count from 1 in messages"
     return message
 
 
@@ -78,13 +78,13 @@ def nested(levels: int, *, arrays: bool = False) -> dict[str, Any]:
 
 
 def test_spec_example_message_is_exact() -> None:
-    message = reject(base(timestamp="2024-01-01"), 3)
+    message = reject(base(timestamp="2024-01-01"), 2)
     assert message == 'entry 3: timestamp: must be an integer (ms since epoch), got "2024-01-01"'
 
 
 @pytest.mark.parametrize("index", [0, 1, 17, 99_999])
-def test_message_names_the_index(index: int) -> None:
-    assert reject(base(userId=""), index).startswith(f"entry {index}: userId: ")
+def test_message_names_the_entry_counting_from_1(index: int) -> None:
+    assert reject(base(userId=""), index).startswith(f"entry {index + 1}: userId: ")
 
 
 @pytest.mark.parametrize("raw", [[], "x", 5, 1.5, None, True])
@@ -106,7 +106,7 @@ def test_user_id_lengths_accepted(user: str) -> None:
 @pytest.mark.parametrize("user", ["", "u" * 129, 5, None, ["a"], {"a": 1}, True])
 def test_user_id_rejected(user: Any) -> None:
     message = reject(base(userId=user))
-    assert message.startswith("entry 0: userId: must be a string of 1-128 characters")
+    assert message.startswith("entry 1: userId: must be a string of 1-128 characters")
 
 
 def test_user_id_missing_says_missing() -> None:
@@ -162,6 +162,21 @@ def test_timestamp_before_2000_rejected() -> None:
 def test_timestamp_in_seconds_hints_at_milliseconds() -> None:
     message = reject(base(timestamp=NOW // 1000))
     assert "seconds instead of milliseconds" in message
+    assert "seconds instead" in reject(base(timestamp=MIN_TIMESTAMP_MS // 1000))
+
+
+@pytest.mark.parametrize(
+    ("ts", "shown"),
+    [
+        (946_000_000_000, "(1999-12-24T01:46:40.000+00:00, before the earliest accepted time)"),
+        (5, "(1970-01-01T00:00:00.005+00:00, before the earliest accepted time)"),
+        (-3, "(before 1970)"),
+    ],
+)
+def test_an_early_millisecond_timestamp_is_not_called_seconds(ts: int, shown: str) -> None:
+    message = reject(base(timestamp=ts))
+    assert "seconds" not in message
+    assert message.endswith(f"got {ts} {shown}"), message
 
 
 def test_timestamp_more_than_a_day_ahead_rejected() -> None:
@@ -577,7 +592,7 @@ def test_any_json_value_gives_entry_or_entry_error(raw: Any, index: int) -> None
         entry, _ = check(raw, index, max_entry_bytes=2048)
     except EntryError as exc:
         message = str(exc)
-        assert message.startswith(f"entry {index}: ")
+        assert message.startswith(f"entry {index + 1}: ")
         assert "\n" not in message
         return
     assert list(entry) == ORDER

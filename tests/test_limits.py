@@ -65,7 +65,7 @@ def test_rejections_are_capped_with_a_total(root: Path) -> None:
     assert reply["ok"] is True and reply["accepted"] == 0
     assert reply["rejectedCount"] == 10_000
     assert [r["index"] for r in reply["rejected"]] == list(range(100))
-    assert reply["rejected"][0]["error"].startswith("entry 0: must be a JSON object")
+    assert reply["rejected"][0]["error"].startswith("entry 1: must be a JSON object")
     mixed = [entry(i) if i % 2 else {"bad": i} for i in range(300)]
     reply = request(sock_path, {"op": "add", "entries": mixed})
     assert reply["accepted"] == 150 and reply["rejectedCount"] == 150

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import stat
@@ -89,8 +90,39 @@ def _workload(sock: Path) -> None:
     assert reply["duplicates"] == 3 and reply["rejectedCount"] == 2, reply
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus)")
-def test_http_metrics_pass_promtool_and_agree_with_the_batch_files(tmp_path: Path) -> None:
+# What a Prometheus server sends: OpenMetrics preferred, the 0.0.4 text accepted.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def promtool() -> str:
+    """promtool's path; in CI (where .ci/run installs it) its absence fails the test."""
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing in CI: .ci/run installs Debian's prometheus")
+        pytest.skip("promtool (Debian's prometheus) is not installed")
+    return found
+
+
+def promtool_check(text: str) -> None:
+    check = subprocess.run(
+        [promtool(), "check", "metrics"], input=text.encode(), capture_output=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def fetch_as(url: str, accept: str | None) -> tuple[str, str]:
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(req, timeout=10) as reply:
+        body: bytes = reply.read()
+        return body.decode(), reply.headers["Content-Type"]
+
+
+def test_metrics_pass_promtool_and_agree_with_the_batch_files(tmp_path: Path) -> None:
+    promtool()
     root = tmp_path / "data"
     daemon = start_daemon(root, {"metricsListen": "127.0.0.1:0", "maxAgeMs": 600_000})
     try:
@@ -98,13 +130,22 @@ def test_http_metrics_pass_promtool_and_agree_with_the_batch_files(tmp_path: Pat
         assert cli(root, "flush").returncode == 0
         listen = request(daemon.layout.socket, {"op": "status"})["metrics"]["listen"]
         assert listen.startswith("127.0.0.1:") and not listen.endswith(":0")
-        text = fetch(f"http://{listen}/metrics")
-        check = subprocess.run(
-            ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60
-        )
-        assert check.returncode == 0, check.stdout + check.stderr
-        _check_against_files(samples(text), root)
+        url = f"http://{listen}/metrics"
+        for accept in (None, "text/plain", "*/*"):
+            text, content_type = fetch_as(url, accept)
+            assert content_type.startswith("text/plain; version=0.0.4"), (accept, content_type)
+            promtool_check(text)
+            _check_against_files(samples(text), root)
+        text, content_type = fetch_as(url, PROMETHEUS_ACCEPT)
+        assert content_type.startswith("application/openmetrics-text"), content_type
+        _check_against_files(samples(text, openmetrics=True), root)
+        # The command's default is what promtool reads; OpenMetrics only when asked.
         shown = cli(root, "metrics")
+        assert shown.returncode == 0, shown.stderr
+        promtool_check(shown.stdout.decode())
+        assert "# EOF" not in shown.stdout.decode()
+        _check_against_files(samples(shown.stdout.decode()), root)
+        shown = cli(root, "metrics", "--format", "openmetrics")
         assert shown.returncode == 0, shown.stderr
         assert shown.stdout.decode().endswith("# EOF\n")
         _check_against_files(samples(shown.stdout.decode(), openmetrics=True), root)

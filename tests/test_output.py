@@ -23,6 +23,7 @@ def test_status_shows_iso_times_and_the_last_reload(root: Path, daemons: list[Da
     assert cli(root, "reload").returncode == 1
     text = cli(root, "status").stdout.decode()
     assert re.search(rf"last flush at {ISO}", text), text
+    assert re.search(r", up \d+:\d\d:\d\d\n", text), text  # h:mm:ss, not "up 134 s"
     assert re.search(rf"last reload at {ISO}: REFUSED: batchSize", text), text
 
     (root / "flowagg.toml").write_text("")

@@ -140,7 +140,7 @@ def test_the_client_gives_up_with_a_clear_message(tmp_path: Path) -> None:
         message = proc.stderr.decode()
         assert proc.returncode == 1, message
         assert "gave up after --retry-timeout 0.3 s" in message and "rate_limited" in message
-        assert "4 entries were not stored (the first is entry 1), 1 were" in message
+        assert "4 entries were not stored (the first is entry 2), 1 were" in message
         assert cli(root, "flush").returncode == 0
     finally:
         assert daemon.stop() == 0

@@ -175,7 +175,7 @@ def test_bridge_with_stdin_closed_answers_json(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 5
     assert "stdin is closed" in orjson.loads(proc.stdout)["error"]
 
 

@@ -89,7 +89,7 @@ def test_every_planted_fault_is_reported_with_its_file(tmp_path: Path) -> None:
     by_what = {f["what"]: f for f in doc["findings"]}
     assert by_what["entryCount"]["expected"] == "10" and by_what["entryCount"]["found"] == "11"
     assert by_what["version"]["found"] == "3.0.0"
-    assert "entry 4: action" in by_what["entry"]["detail"]
+    assert "entry 5: action" in by_what["entry"]["detail"]
     assert "e-000003" in by_what["duplicate entryId"]["detail"]
     assert "waiting" in by_what["journal"]["detail"]
     assert doc["summary"]["badFiles"] == 7
