@@ -68,6 +68,11 @@ class Layout:
         return self.root / "recovery" / "abandoned"
 
     @property
+    def refused(self) -> Path:
+        """Entries a sink refused one by one (sink_refused); made on first use."""
+        return self.root / "recovery" / "refused"
+
+    @property
     def errors(self) -> Path:
         return self.root / "recovery" / "errors"
 
@@ -117,6 +122,7 @@ class Layout:
             self.aggregated,
             self.recovery,
             self.abandoned,
+            self.refused,
             self.errors,
             self.health,
             self.run,
