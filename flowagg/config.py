@@ -34,9 +34,14 @@ class Setting:
     minimum: float | None = None
     maximum: float | None = None
     help: str = ""
+    # For a setting where 0 means off: the smallest value it may take otherwise. A rate of
+    # 1e-300 entries per second asks for waits no reply can carry.
+    smallest_on: float | None = None
 
 
 DAY_MS = 86_400_000
+# One entry per 1000 s: the slowest rate limit whose retryAfterMs stays a plain number.
+MIN_RATE = 0.001
 
 SETTINGS: dict[str, Setting] = {
     "root": Setting("data", str, help="data root"),
@@ -128,12 +133,24 @@ SETTINGS: dict[str, Setting] = {
     "redactPatterns": Setting(
         (), list, help="regular expressions redacted inside metadata string values"
     ),
-    "rateLimitPerUser": Setting(0.0, float, 0, 1e9, "entries per second per userId (0: no limit)"),
+    "rateLimitPerUser": Setting(
+        0.0, float, 0, 1e9, "entries per second per userId (0: no limit)", MIN_RATE
+    ),
     "rateLimitPerConnection": Setting(
-        0.0, float, 0, 1e9, "entries per second per client process, uid and pid (0: no limit)"
+        0.0,
+        float,
+        0,
+        1e9,
+        "entries per second per client process, uid and pid (0: no limit)",
+        MIN_RATE,
     ),
     "rateLimitPerUid": Setting(
-        0.0, float, 0, 1e9, "entries per second per peer uid, all its processes (0: no limit)"
+        0.0,
+        float,
+        0,
+        1e9,
+        "entries per second per peer uid, all its processes (0: no limit)",
+        MIN_RATE,
     ),
     "rateLimitBurst": Setting(1000, int, 1, 1 << 40, "entries a rate limit lets through at once"),
     "rateLimitUsers": Setting(
@@ -245,6 +262,11 @@ def _coerce(key: str, raw: Any, origin: str) -> Any:
     if setting.minimum is not None and value < setting.minimum:
         raise ConfigError(
             f"{key} ({origin}): {value} is below the minimum {setting.minimum:g}; raise it"
+        )
+    if setting.smallest_on is not None and 0 < value < setting.smallest_on:
+        raise ConfigError(
+            f"{key} ({origin}): {value:g} is below the smallest rate {setting.smallest_on:g};"
+            " raise it, or set 0 for no limit"
         )
     if setting.maximum is not None and value > setting.maximum:
         raise ConfigError(

@@ -18,13 +18,19 @@ from .humanize import iso_ms
 MIN_TIMESTAMP_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_FUTURE_MS = 86_400_000
 MAX_METADATA_DEPTH = 8
+# Type-checked integers (timestamp, duration) fit a signed 64-bit integer: PostgreSQL's bigint,
+# Parquet's int64 and most readers hold no more.
+MAX_INT64 = (1 << 63) - 1
+# How orjson writes U+0000; the bytes may also come from a backslash before "u0000", so a
+# hit is confirmed on the values themselves (nul_field) before an entry is refused.
+_NUL_ESCAPE = b"\\u0000"
 FIELDS = ("userId", "action", "timestamp", "metadata", "entryId")
 _FIELD_SET = frozenset(FIELDS)
 _ACTION_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _KNOWN_METADATA: dict[str, tuple[type, str]] = {
     "sessionId": (str, "a string"),
     "taskId": (str, "a string"),
-    "duration": (int, "an integer number of ms >= 0"),
+    "duration": (int, f"an integer number of ms from 0 to {MAX_INT64} (signed 64-bit)"),
 }
 
 
@@ -78,6 +84,35 @@ def _type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+def nul_field(entry: dict[str, Any]) -> str | None:
+    """A field holding U+0000 in a string (a key or a value, at any depth), or None.
+
+    SPEC §3: databases and many tools cannot store NUL, and one such entry must never take its
+    batch-mates down at a sink, so it is refused at ingest. The path names keys as
+    `metadata.a.b` and array items as `metadata.a[2]`.
+    """
+    stack: list[tuple[str, Any]] = [(key, value) for key, value in entry.items()]
+    while stack:
+        path, value = stack.pop()
+        if type(value) is str and "\x00" in value:
+            return path
+        if type(value) is dict:
+            for key, child in value.items():
+                if "\x00" in key:
+                    return f"{path} key {_show(key)}"
+                stack.append((f"{path}.{key}", child))
+        elif type(value) is list:
+            stack += [(f"{path}[{i}]", child) for i, child in enumerate(value)]
+    return None
+
+
+def nul_error(index: int, field: str) -> EntryError:
+    return EntryError(
+        f"entry {index}: {field}: must not contain U+0000 (NUL), which databases cannot store;"
+        " remove it"
+    )
 
 
 def _depth_exceeds(metadata: dict[str, Any], limit: int) -> bool:
@@ -180,7 +215,7 @@ def validate_entry_json(
             known = _KNOWN_METADATA.get(key)
             if known is not None:
                 kind, rule = known
-                if type(value) is not kind or (kind is int and value < 0):
+                if type(value) is not kind or (kind is int and not 0 <= value <= MAX_INT64):
                     raise EntryError(
                         f"entry {index}: metadata.{key}: must be {rule}, got {_show(value)}"
                     )
@@ -220,6 +255,10 @@ def validate_entry_json(
         raise EntryError(
             f"entry {index}: holds a value JSON cannot carry ({exc}); remove it"
         ) from None
+    if _NUL_ESCAPE in data:
+        field = nul_field(entry)
+        if field is not None:
+            raise nul_error(index, field)
     if len(data) > max_entry_bytes:
         raise EntryError(
             f"entry {index}: is {len(data)} bytes as compact JSON, over"

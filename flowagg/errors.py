@@ -65,6 +65,11 @@ class CircuitOpenError(TransientError):
         self.retry_in_s = retry_in_s
 
 
+class SinkDownError(CircuitOpenError):
+    """The sink cannot take any batch (its table, a column or a grant is gone): not a verdict
+    on this batch, so it waits without using up a retry, and the breaker counts a failure."""
+
+
 def classify(exc: BaseException) -> str:
     """'permanent' skips the retries and goes straight to abandoned/; else 'transient'.
 

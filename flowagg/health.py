@@ -38,6 +38,10 @@ class Figures:
     stalled_error: str | None = None
     breaker_state: str | None = None
     sink_error: str | None = None
+    # Entries the sink refused one by one, waiting in recovery/refused/; entryIds it held
+    # with other content since start (SPEC §6a).
+    sink_refused: int = 0
+    sink_collisions: int = 0
     thread_issues: tuple[str, ...] = ()
 
 
@@ -90,6 +94,16 @@ def evaluate(f: Figures) -> tuple[str, list[str]]:
             f"sink circuit breaker is {f.breaker_state}: batches wait in recovery/"
             + (f" (last error: {f.sink_error})" if f.sink_error else "")
         )
+    if f.sink_refused:
+        degraded.append(
+            f"the sink refused {f.sink_refused} entries one by one (their batch-mates were"
+            " delivered); each waits with its reason in recovery/refused/"
+        )
+    if f.sink_collisions:
+        degraded.append(
+            f"{f.sink_collisions} entryIds reached the sink with other content than it held"
+            " (two clients used one id); both are kept: see the sink's collisions table"
+        )
     if f.memory_percent > 80:
         degraded.append(f"system memory {f.memory_percent:.0f}% used (> 80%)")
     status = "critical" if critical else "degraded" if degraded else "healthy"
@@ -128,6 +142,8 @@ def build_snapshot(
         stalled_error=st["flusher"]["stalledError"],
         breaker_state=st["sink"]["state"] if st["sink"] else None,
         sink_error=st["sink"].get("lastError") if st["sink"] else None,
+        sink_refused=st["sink"].get("refusedWaiting", 0) if st["sink"] else 0,
+        sink_collisions=st["sink"].get("collisions", 0) if st["sink"] else 0,
         thread_issues=facts.thread_issues,
     )
     status, issues = evaluate(figures)

@@ -70,6 +70,11 @@ class Layout:
         return self.root / "recovery" / "abandoned"
 
     @property
+    def refused(self) -> Path:
+        """Entries a sink refused one by one (sink_refused); made on first use."""
+        return self.root / "recovery" / "refused"
+
+    @property
     def errors(self) -> Path:
         return self.root / "recovery" / "errors"
 
@@ -119,6 +124,7 @@ class Layout:
             self.aggregated,
             self.recovery,
             self.abandoned,
+            self.refused,
             self.errors,
             self.health,
             self.run,

@@ -32,6 +32,8 @@ from typing import IO, Any, Protocol
 from .clock import Clock
 from .config import Config
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, TransientError
+from .layout import Layout
+from .sink_refused import Delivered, Refused, RefusedStore
 from .storage import CompletedFiles
 
 log = logging.getLogger("flowagg.sink")
@@ -45,8 +47,8 @@ RESPONSE_BODY_LIMIT = 64 << 10  # a reply body is read (to reuse nothing) but ne
 class Sink(Protocol):
     name: str
 
-    def deliver(self, batch_id: str, data: bytes) -> bool | None:
-        """True when the receiver recognised (some of) the batch as one it already holds."""
+    def deliver(self, batch_id: str, data: bytes) -> Delivered | None:
+        """None, or what the receiver reported beyond accepting the whole batch."""
         ...
 
 
@@ -266,15 +268,29 @@ class CircuitBreaker:
             }
 
 
-class GuardedSink:
-    """A sink behind its breaker, with counters for status and health."""
+def _no_refusals(batch_id: str, data: bytes, refused: list[Refused], now_ms: int) -> None:
+    raise PermanentError(
+        f"the sink refused {len(refused)} entries of the batch and there is no refused/ folder"
+    )
 
-    def __init__(self, sink: Sink, breaker: CircuitBreaker) -> None:
+
+class GuardedSink:
+    """A sink behind its breaker, with counters for status and health.
+
+    `refused`: where entries the sink refused one by one are parked (SPEC §6a).
+    """
+
+    def __init__(
+        self, sink: Sink, breaker: CircuitBreaker, refused: RefusedStore | None = None
+    ) -> None:
         self.sink = sink
         self.breaker = breaker
+        self.refused = refused
         self.delivered = 0
         self.failures = 0
         self.resends = 0
+        self.entries_refused = 0
+        self.collisions = 0
         self.last_delivery_at: int | None = None
         self.last_error: str | None = None
 
@@ -284,7 +300,7 @@ class GuardedSink:
         if resend:
             self.resends += 1
         try:
-            already_held = self.sink.deliver(batch_id, data)
+            outcome = self.sink.deliver(batch_id, data) or Delivered()
         except PermanentError as exc:
             # The sink is up and said no to this batch: not a reason to stop calling it.
             self.breaker.success()
@@ -304,11 +320,25 @@ class GuardedSink:
                     retry_in_s=self.breaker.cooldown_s,
                 ) from exc
             raise
+        if outcome.refused:
+            # Parked before the batch counts as accepted: a crash (or a failed write) in
+            # between re-sends the batch, which stores nothing twice and rewrites these files.
+            park = self.refused.park if self.refused is not None else _no_refusals
+            park(batch_id, data, list(outcome.refused), self.breaker.clock.now_ms())
         self.breaker.success()
         self.delivered += 1
         self.last_delivery_at = self.breaker.clock.now_ms()
         self.last_error = None
-        if already_held and not resend:
+        self.entries_refused += len(outcome.refused)
+        self.collisions += outcome.collisions
+        if outcome.refused:
+            log.warning(
+                "batch %s: the sink refused %d entries (parked in recovery/refused/): %s",
+                batch_id,
+                len(outcome.refused),
+                outcome.refused[0].reason,
+            )
+        if outcome.already_held and not resend:
             # An idempotent receiver saw rows it had: a copy nothing here knew was one (a
             # crash after the receiver committed, before the local write).
             self.resends += 1
@@ -321,6 +351,9 @@ class GuardedSink:
             "delivered": self.delivered,
             "failures": self.failures,
             "resends": self.resends,
+            "collisions": self.collisions,
+            "entriesRefused": self.entries_refused,
+            "refusedWaiting": self.refused.count() if self.refused is not None else 0,
             "lastDeliveryAt": self.last_delivery_at,
             "lastError": self.last_error,
             **(details() if details else {}),
@@ -342,7 +375,7 @@ def build_sink(config: Config, clock: Clock) -> GuardedSink | None:
     else:
         return None
     breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_ms / 1000, clock)
-    return GuardedSink(sink, breaker)
+    return GuardedSink(sink, breaker, RefusedStore(Layout.for_config(config).refused))
 
 
 def _no_sink() -> GuardedSink | None:

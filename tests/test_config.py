@@ -462,10 +462,13 @@ NUMERIC = sorted(k for k, s in SETTINGS.items() if s.kind in (int, float))
 
 @pytest.mark.parametrize("key", NUMERIC)
 def test_every_numeric_setting_refuses_hostile_values_by_name(key: str) -> None:
-    """Empty, not a number, huge, NaN, and one past each end of its range: each refused
-    with the key named, from the environment (always text) as from a flag."""
+    """Empty, not a number, huge, NaN, one past each end of its range and, for a number that
+    is not an integer, a vanishing one: each refused with the key named, from the environment
+    (always text) as from a flag."""
     setting = SETTINGS[key]
     hostile = ["", "abc", "1" * 400, "nan", "\x00", "1e999"]
+    if setting.kind is float:
+        hostile += ["1e-300", "5e-324"]
     if setting.minimum is not None:
         hostile.append(str(setting.kind(setting.minimum) - 1))
     if setting.maximum is not None:
@@ -475,3 +478,9 @@ def test_every_numeric_setting_refuses_hostile_values_by_name(key: str) -> None:
             load(environ={env_name(key): value})
     with pytest.raises(ConfigError, match=key):
         load(flags={key: [1]})
+
+
+def test_the_smallest_rate_loads_and_zero_stays_off() -> None:
+    config = load(environ={"FLOWAGG_RATE_LIMIT_PER_USER": "0.001"})
+    assert config.values["rateLimitPerUser"] == 0.001
+    assert load(environ={"FLOWAGG_RATE_LIMIT_PER_UID": "0"}).values["rateLimitPerUid"] == 0.0
