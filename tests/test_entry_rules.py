@@ -55,9 +55,9 @@ def test_add_refuses_by_field_and_keeps_the_rest(
     reply = request(daemon.layout.socket, {"op": "add", "entries": [good[0], bad, good[1]]})
     assert reply["ok"] and reply["accepted"] == 2, reply
     [rejected] = reply["rejected"]
-    assert rejected["index"] == 1
+    assert rejected["index"] == 1  # 0-based in JSON; a person reads "entry 2"
     error = rejected["error"]
-    assert error.startswith(f"entry 1: {field}") and "\n" not in error, error
+    assert error.startswith(f"entry 2: {field}") and "\n" not in error, error
     assert ("U+0000" in error) != ("duration" in field), error
     counts = wait_for(lambda: (c := stored_id_counts(daemon.root)) and c[f"{prefix}1"] and c)
     assert counts[f"{prefix}0"] == counts[f"{prefix}1"] == 1
