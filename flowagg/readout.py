@@ -157,6 +157,8 @@ def diagnostics_text(d: dict[str, Any]) -> str:
         f"journal: {size(j['bytes'])} in {j['segments']} segments, stored up to seq"
         f" {j['doneSeq']}, {j['waitingEntries']} entries waiting"
     )
+    if j["skipped"]:
+        lines.append(f"journal: not read, not regular files: {', '.join(j['skipped'])}")
     free = d["diskFree"]
     if free:
         lines.append(f"disk: {size(free['available'])} free of {size(free['total'])}")
