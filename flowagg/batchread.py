@@ -21,7 +21,7 @@ from typing import Any
 
 from .compression import TooLarge, decompress, stored_limit
 from .layout import Layout
-from .readsafe import NotRegular, kind_of, read_regular
+from .readsafe import NotRegular, kind_of, read_bounded
 
 AGGREGATED = "aggregated"
 FAILED = "failed"
@@ -108,7 +108,7 @@ def read_batch_bytes(path: Path, limit: int) -> bytes:
     """The JSON text of a batch file, decompressed by its suffix: at most `limit` bytes, read
     from at most as many as a file that inflates to that may hold (a link or a FIFO named like
     one is refused, never followed or waited on)."""
-    raw = read_regular(path, stored_limit(path.name, limit))
+    raw = read_bounded(path, stored_limit(path.name, limit))
     return decompress(path.name, raw, limit, needed_for=f"reading {path.name}")
 
 

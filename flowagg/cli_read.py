@@ -4,11 +4,9 @@ change a file under the root."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +19,10 @@ from .config import SETTINGS
 from .errors import EXIT_USAGE, ConfigError
 from .export import FORMATS
 from .layout import Layout
+from .readout import quiet_when_stdout_closes
 
 if TYPE_CHECKING:
     from .batchread import BatchPath
-    from .report import Totals
     from .selection import Selection, Skipped
     from .validate import FileChecker, Summary
 
@@ -56,21 +54,6 @@ def _inflate_limit(ctx: click.Context) -> int:
     except ConfigError:
         values = {key: SETTINGS[key].default for key in ("maxBatchBytes", "maxEntryBytes")}
     return inflate_limit(values)
-
-
-@contextlib.contextmanager
-def _quiet_when_stdout_closes(code_so_far: Callable[[], int]) -> Iterator[None]:
-    """A reader that stopped early (`| head`) ends the command at once, without a word,
-    with the exit code it has so far: not an error of the data root."""
-    try:
-        try:
-            yield
-        finally:
-            sys.stdout.flush()  # a pipe closed late shows here, not at the interpreter's exit
-    except BrokenPipeError:
-        # Python flushes stdout again at exit: point it at nothing, so that stays quiet.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(code_so_far())
 
 
 @main.command()
@@ -116,7 +99,7 @@ def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
         report=report,
     )
     with (
-        _quiet_when_stdout_closes(lambda: 1 if checker.summary.findings else 0),
+        quiet_when_stdout_closes(lambda: 1 if checker.summary.findings else 0),
         progress(len(files), "validating") as advance,
     ):
         if full:
@@ -293,7 +276,7 @@ def export(
             with atomic_output(Path(output)) as fh:
                 write(fh)
         else:
-            with _quiet_when_stdout_closes(lambda: code):
+            with quiet_when_stdout_closes(lambda: code):
                 write(sys.stdout.buffer)
     _warn_skipped(skipped)
     if sorter.skipped:
@@ -336,7 +319,7 @@ def report(
     --json). Exit 0, 1 when some batch files could not be read (named on stderr), 2 usage.
     """
     from .batchread import list_batch_files
-    from .readout import progress
+    from .readout import progress, report_output
     from .report import parse_by, totals
     from .selection import Skipped, iter_entry_lists
 
@@ -353,38 +336,10 @@ def report(
         lists = iter_entry_lists(files, selection, skipped, limit=limit, on_file=advance)
         result = totals(lists, by)
     code = 1 if skipped.unreadable else 0
-    with _quiet_when_stdout_closes(lambda: code):
-        _report_out(result, by, top, as_json, skipped)
+    with quiet_when_stdout_closes(lambda: code):
+        report_output(result, top, as_json, skipped)
     _warn_skipped(skipped)
     sys.exit(code)
-
-
-def _report_out(
-    result: Totals, by: tuple[str, ...], top: int | None, as_json: bool, skipped: Skipped
-) -> None:
-    from .readout import hms, table
-
-    if as_json:
-        doc = result.as_dict(top) | {
-            "unreadableFiles": [u.file for u in skipped.unreadable],
-            "copiesNotCounted": [
-                {"file": c.file, "batchId": c.batch_id, "readFrom": c.read_from}
-                for c in skipped.copies
-            ],
-        }
-        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-    else:
-        rows = [[*key, f"{g.entries:,}", hms(g.duration_ms)] for key, g in result.ranked(top)]
-        rows.append(
-            ["total", *[""] * (len(by) - 1), f"{result.entries:,}", hms(result.duration_ms)]
-        )
-        shown = f"top {top} of {len(result.groups):,}" if top else f"{len(result.groups):,}"
-        table(
-            f"time by {', '.join(by)} ({shown} groups)",
-            [*by, "entries", "duration"],
-            rows,
-            right={len(by), len(by) + 1},
-        )
 
 
 @main.command()
@@ -402,7 +357,7 @@ def diagnostics(ctx: click.Context, as_json: bool) -> None:
 
     layout = _root_layout(ctx)
     doc = gather(layout, SystemClock().now_ms())
-    with _quiet_when_stdout_closes(lambda: 0):
+    with quiet_when_stdout_closes(lambda: 0):
         if as_json:
             click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         else:

@@ -52,7 +52,7 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
     """All bytes of the regular file at `path`; TooLarge past `limit` (nothing more is read)."""
     with open_regular(path) as file:
         size = os.fstat(file.fileno()).st_size
