@@ -7,6 +7,7 @@ import gzip
 import os
 import resource
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -42,14 +43,30 @@ def zstd_bomb(path: Path) -> None:
             writer.write(chunk)
 
 
+# Linux carries a parent's peak RSS into a child it forks (and across exec), so the command
+# is started by a small process of its own, which reports the command's peak alone.
+_MEASURE = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(root: Path, *args: str, tmp: Path) -> tuple[int, bytes, int]:
     """Exit code, stdout + stderr and peak RSS (KiB) of one CLI call."""
+    rss = tmp / "rss"
     with (tmp / "out").open("w+b") as out:
-        proc = subprocess.Popen(flowagg_cmd(root, *args), stdout=out, stderr=out, env=clean_env())
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(rss), *flowagg_cmd(root, *args)],
+            stdout=out,
+            stderr=out,
+            env=clean_env(),
+            check=False,
+        ).returncode
         out.seek(0)
-        return proc.returncode, out.read(), usage.ru_maxrss
+        return code, out.read(), int(rss.read_text())
 
 
 @pytest.mark.parametrize("kind", ["gz", "zst"])
