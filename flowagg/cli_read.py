@@ -4,7 +4,6 @@ change a file under the root."""
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -16,13 +15,15 @@ import orjson
 
 from .cli import client_layout, fail, get_config, handles_errors, main
 from .clock import SystemClock
-from .errors import EXIT_USAGE, DaemonError, NotRunningError
+from .config import SETTINGS
+from .errors import EXIT_USAGE, ConfigError, DaemonError, NotRunningError
 from .export import FORMATS
 from .layout import Layout
+from .readout import quiet_when_stdout_closes
 
 if TYPE_CHECKING:
     from .batchread import BatchPath
-    from .selection import Selection, Unreadable
+    from .selection import Selection, Skipped
     from .validate import FileChecker, Summary
 
 # The modules behind each command are imported inside it: `flowagg add` loads this module too.
@@ -43,6 +44,18 @@ def _root_layout(ctx: click.Context) -> Layout:
     return layout
 
 
+def _inflate_limit(ctx: click.Context) -> int:
+    """The bound on a batch file's inflated size from the effective config, or from the
+    defaults when the daemon's config file has a mistake (which must not stop a reader)."""
+    from .batchread import inflate_limit
+
+    try:
+        values = get_config(ctx).values
+    except ConfigError:
+        values = {key: SETTINGS[key].default for key in ("maxBatchBytes", "maxEntryBytes")}
+    return inflate_limit(values)
+
+
 @main.command()
 @click.option("--full", is_flag=True, help="also check across files and against the journal")
 @click.option("--json", "as_json", is_flag=True, help="findings and summary as JSON")
@@ -55,9 +68,10 @@ def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
     Each file: parses, has the batch shape and version, its name matches its batchId,
     entryCount and entriesSha256 match, every entry passes the entry rules.
     --full: no entryId twice across files, batch ids unique and ordered, the journal
-    agrees with the files. One line per finding. Exit 0 clean, 1 findings, 2 usage.
+    agrees with the files. A name that is not a regular file (a FIFO, a link) is not
+    read: it is a finding. One line per finding. Exit 0 clean, 1 findings, 2 usage.
     """
-    from .batchread import list_batch_files
+    from .batchread import inflate_limit, list_batch_files
     from .readout import progress
     from .validate import FileChecker, Finding
 
@@ -81,25 +95,29 @@ def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
         layout.root,
         now_ms=SystemClock().now_ms(),
         max_entry_bytes=config.values["maxEntryBytes"],
+        limit=inflate_limit(config.values),
         report=report,
     )
-    with progress(len(files), "validating") as advance:
+    with (
+        quiet_when_stdout_closes(lambda: 1 if checker.summary.findings else 0),
+        progress(len(files), "validating") as advance,
+    ):
         if full:
             summary = _validate_full(
                 layout, checker, files, advance, config.values["retainBatchesMs"]
             )
         else:
             summary = checker.check_all(files, on_file=advance)
-    if as_json:
-        sys.stdout.write(
-            "\n],\n"
-            + f'"ok": {"false" if summary.findings else "true"},\n"summary": '
-            + orjson.dumps(summary.as_dict() | {"full": full}).decode()
-            + "}\n"
-        )
-    else:
-        _summary_table(summary, full)
-    sys.exit(1 if summary.findings else 0)
+        if as_json:
+            sys.stdout.write(
+                "\n],\n"
+                + f'"ok": {"false" if summary.findings else "true"},\n"summary": '
+                + orjson.dumps(summary.as_dict() | {"full": full}).decode()
+                + "}\n"
+            )
+        else:
+            _summary_table(summary, full)
+        sys.exit(1 if summary.findings else 0)
 
 
 def _validate_full(
@@ -118,6 +136,7 @@ def _validate_full(
             summary = checker.check_all(files, cross.add, advance)
             notes = cross.finish(journal=running_pid(layout) is None, retention=retention_ms > 0)
             summary.notes.extend(notes)
+            summary.skipped.extend(cross.skipped)
         finally:
             cross.close()
     return summary
@@ -134,6 +153,9 @@ def _summary_table(summary: Summary, full: bool) -> None:
     title = "validate --full" if full else "validate"
     verdict = "clean" if not d["findingCount"] else f"{d['findingCount']:,} findings"
     table(f"{title}: {verdict}", ["what", "count"], rows, right={1})
+    skipped = summary.skipped_line()
+    if skipped:
+        click.echo(skipped)
     for note in d["notes"]:
         click.echo(f"note: {note}")
 
@@ -172,13 +194,15 @@ def _selection(
     )
 
 
-def _warn_unreadable(unreadable: list[Unreadable]) -> None:
-    for item in unreadable:
+def _warn_skipped(skipped: Skipped) -> None:
+    for copy in skipped.copies:
+        click.echo(f"flowagg: {copy.line()}", err=True)
+    for item in skipped.unreadable:
         click.echo(f"flowagg: skipped {item.file}: {item.reason}", err=True)
-    if unreadable:
+    if skipped.unreadable:
         click.echo(
-            f"flowagg: {len(unreadable)} batch files could not be read, their entries are"
-            " missing above; run `flowagg validate` for details",
+            f"flowagg: {len(skipped.unreadable)} batch files could not be read, their entries"
+            " are missing above; run `flowagg validate` for details",
             err=True,
         )
 
@@ -202,23 +226,20 @@ def export(
     """Stored entries in timestamp order as JSON lines, CSV or Parquet (stdout or -o FILE).
 
     \b
-    CSV: entryId, userId, action, timestamp (ms), time (ISO-8601 UTC), then one
-    metadata.<key> column per key (nested keys dotted, arrays as JSON).
-    Parquet (needs the parquet extra, and -o): entryId, userId, action, timestamp,
-    sessionId, taskId, duration, metadata (JSON text).
-    Exit 0, 1 when some batch files could not be read (named on stderr), 2 usage.
+    CSV: entryId, userId, action, timestamp (ms), time (ISO-8601 UTC), then up to 64
+    metadata.<key> columns, the keys in the most entries (nested keys dotted, a dot in a
+    key as \\.), the other keys as JSON in otherMetadata; a text cell starting with
+    = + - @ TAB CR gets a leading '. Parquet (needs the parquet extra, and -o): entryId,
+    userId, action, timestamp, sessionId, taskId, duration, metadata (JSON text).
+    A batch stored twice (another suffix or folder) is read once; the copy not read is
+    named on stderr. Exit 0, 1 when some batch files could not be read (named on stderr),
+    2 usage.
     """
-    from .batchread import list_batch_files
-    from .export import (
-        Sorter,
-        atomic_output,
-        parquet_modules,
-        write_csv,
-        write_jsonl,
-        write_parquet,
-    )
+    from .batchread import inflate_limit, list_batch_files
+    from .csv_export import MetadataColumns, write_csv
+    from .export import Sorter, atomic_output, parquet_modules, write_jsonl, write_parquet
     from .readout import progress
-    from .selection import iter_entry_lists
+    from .selection import Skipped, iter_entry_lists
 
     config = get_config(ctx)
     layout = Layout.for_config(config)
@@ -231,19 +252,23 @@ def export(
         fail(f"-o {output}: its folder does not exist; create it or pick another", EXIT_USAGE)
     selection = _selection(since, until, users, actions)
     files = list_batch_files(layout, include_failed=include_failed)
-    unreadable: list[Unreadable] = []
+    skipped = Skipped()
     with tempfile.TemporaryDirectory(prefix="flowagg-export-") as tmp:
         sorter = Sorter(config.values["exportRunEntries"], Path(tmp))
-        sorter.collect_keys = fmt == "csv"
+        metadata = sorter.metadata = MetadataColumns() if fmt == "csv" else None
         with progress(len(files), "reading") as advance:
-            sorter.add_all(iter_entry_lists(files, selection, unreadable, on_file=advance))
+            lists = iter_entry_lists(
+                files, selection, skipped, limit=inflate_limit(config.values), on_file=advance
+            )
+            sorter.add_all(lists)
+        code = 1 if skipped.unreadable or sorter.skipped else 0
 
         def write(out: Any) -> None:
             rows = sorter.sorted()
-            if fmt == "jsonl":
+            if metadata is not None:
+                write_csv(rows, out, metadata)
+            elif fmt == "jsonl":
                 write_jsonl(rows, out)
-            elif fmt == "csv":
-                write_csv(rows, out, sorter.metadata_keys)
             else:
                 write_parquet(rows, out)
 
@@ -251,14 +276,9 @@ def export(
             with atomic_output(Path(output)) as fh:
                 write(fh)
         else:
-            try:
+            with quiet_when_stdout_closes(lambda: code):
                 write(sys.stdout.buffer)
-                sys.stdout.buffer.flush()
-            except BrokenPipeError:
-                # The reader stopped early (`| head`): not an error of the data root.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-                sys.exit(1)
-    _warn_unreadable(unreadable)
+    _warn_skipped(skipped)
     if sorter.skipped:
         click.echo(
             f"flowagg: {sorter.skipped} entries without an integer timestamp were left out;"
@@ -267,7 +287,7 @@ def export(
         )
     if output:
         click.echo(f"exported {sorter.count:,} entries to {output}", err=True)
-    sys.exit(1 if unreadable or sorter.skipped else 0)
+    sys.exit(code)
 
 
 @main.command()
@@ -294,13 +314,14 @@ def report(
 
     \b
     --by user|action|task|day, or several comma-separated (--by user,day).
-    Durations are ms in --json, h:mm:ss in the table. Exit 0, 1 when some batch files
-    could not be read (named on stderr), 2 usage.
+    Durations are ms in --json, h:mm:ss in the table. A batch stored twice (another suffix
+    or folder) is counted once; the copy not read is named on stderr (copiesNotCounted in
+    --json). Exit 0, 1 when some batch files could not be read (named on stderr), 2 usage.
     """
     from .batchread import list_batch_files
-    from .readout import hms, progress, table
+    from .readout import progress, report_output
     from .report import parse_by, totals
-    from .selection import iter_entry_lists
+    from .selection import Skipped, iter_entry_lists
 
     try:
         by = parse_by(by_text)
@@ -309,26 +330,16 @@ def report(
     layout = _root_layout(ctx)
     selection = _selection(since, until, users, actions)
     files = list_batch_files(layout, include_failed=include_failed)
-    unreadable: list[Unreadable] = []
+    skipped = Skipped()
+    limit = _inflate_limit(ctx)
     with progress(len(files), "reading") as advance:
-        result = totals(iter_entry_lists(files, selection, unreadable, on_file=advance), by)
-    if as_json:
-        doc = result.as_dict(top) | {"unreadableFiles": [u.file for u in unreadable]}
-        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-    else:
-        rows = [[*key, f"{g.entries:,}", hms(g.duration_ms)] for key, g in result.ranked(top)]
-        rows.append(
-            ["total", *[""] * (len(by) - 1), f"{result.entries:,}", hms(result.duration_ms)]
-        )
-        shown = f"top {top} of {len(result.groups):,}" if top else f"{len(result.groups):,}"
-        table(
-            f"time by {', '.join(by)} ({shown} groups)",
-            [*by, "entries", "duration"],
-            rows,
-            right={len(by), len(by) + 1},
-        )
-    _warn_unreadable(unreadable)
-    sys.exit(1 if unreadable else 0)
+        lists = iter_entry_lists(files, selection, skipped, limit=limit, on_file=advance)
+        result = totals(lists, by)
+    code = 1 if skipped.unreadable else 0
+    with quiet_when_stdout_closes(lambda: code):
+        report_output(result, top, as_json, skipped)
+    _warn_skipped(skipped)
+    sys.exit(code)
 
 
 @main.command()
@@ -346,10 +357,11 @@ def diagnostics(ctx: click.Context, as_json: bool) -> None:
 
     layout = _root_layout(ctx)
     doc = gather(layout, SystemClock().now_ms(), _live(layout))
-    if as_json:
-        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
-    else:
-        click.echo(diagnostics_text(doc))
+    with quiet_when_stdout_closes(lambda: 0):
+        if as_json:
+            click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        else:
+            click.echo(diagnostics_text(doc))
 
 
 @main.command()

@@ -46,29 +46,65 @@ def compress(kind: str, data: bytes) -> bytes:
     return data
 
 
+def stored_limit(name: str, inflated_limit: int) -> int:
+    """The most bytes a file named `name` may hold on disk when it inflates to at most
+    `inflated_limit`: compressing incompressible data adds a few bytes per block."""
+    if name.endswith((".gz", ".zst")):
+        return inflated_limit + inflated_limit // 256 + 1024
+    return inflated_limit
+
+
 def decompress(
     name: str, data: bytes, limit: int = MAX_INFLATED, *, needed_for: str = "reading .zst files"
 ) -> bytes:
-    """The JSON of a batch file named `name`; ValueError when it does not inflate."""
+    """The JSON of a batch file named `name`; ValueError when it does not inflate to one
+    stream of at most `limit` bytes (flowagg writes one gzip member or zstd frame, nothing
+    after it)."""
     if name.endswith(".gz"):
-        try:
-            inflater = zlib.decompressobj(wbits=31)
-            out = inflater.decompress(data, limit + 1)
-        except zlib.error as exc:
-            raise ValueError(f"not valid gzip ({exc})") from None
-        if len(out) > limit:
-            raise TooLarge(f"inflates past {limit} bytes")
-        if not inflater.eof:
-            raise ValueError("truncated gzip stream")
-        return out
+        return _gunzip(data, limit)
     if name.endswith(".zst"):
-        zstandard = zstd_module(needed_for)
-        try:
-            if zstandard.frame_content_size(data) > limit:
-                raise TooLarge(f"inflates past {limit} bytes")
-            # Past the limit (a frame that does not declare its size) is an error too.
-            out: bytes = zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
-        except zstandard.ZstdError as exc:
-            raise ValueError(f"not valid zstd, or over {limit} bytes ({exc})") from None
-        return out
+        return _unzstd(data, limit, zstd_module(needed_for))
     return data
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    try:
+        inflater = zlib.decompressobj(wbits=31)
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise ValueError(f"not valid gzip ({exc})") from None
+    if len(out) > limit:
+        raise TooLarge(f"inflates past {limit:,} bytes")
+    if not inflater.eof:
+        raise ValueError("truncated gzip stream")
+    if inflater.unused_data:
+        raise ValueError(
+            f"{len(inflater.unused_data):,} bytes after the gzip stream (a second member"
+            " or trailing data)"
+        )
+    return out
+
+
+def _unzstd(data: bytes, limit: int, zstandard: ModuleType) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared > limit:
+            raise TooLarge(f"inflates past {limit:,} bytes")
+        # A frame that does not declare its size is cut off at the limit, never allocated.
+        out: bytes = zstandard.ZstdDecompressor().decompress(
+            data, max_output_size=limit, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        if _inflates_past(data, limit, zstandard):
+            raise TooLarge(f"inflates past {limit:,} bytes") from None
+        raise ValueError(f"not valid zstd, or more than one frame ({exc})") from None
+    return out
+
+
+def _inflates_past(data: bytes, limit: int, zstandard: ModuleType) -> bool:
+    """Whether the first frame inflates past `limit`, reading at most limit + 1 bytes of it."""
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
+        return len(reader.read(limit + 1)) > limit
+    except zstandard.ZstdError:
+        return False

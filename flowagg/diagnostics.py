@@ -13,10 +13,11 @@ from typing import Any
 
 import psutil
 
-from .batchread import FAILED, list_batch_files
+from .batchread import FAILED, BatchPath, list_batch_files
 from .health import read_latest
 from .journal_view import JournalView, Waiting, iter_waiting, view
 from .layout import Layout
+from .readsafe import NotRegular, open_regular
 
 LOG_TAIL_BYTES = 64 * 1024
 RECENT_ERRORS = 10
@@ -61,13 +62,13 @@ def disk_use(layout: Layout) -> dict[str, dict[str, int]]:
 
 def _tail_lines(path: Path) -> list[str]:
     try:
-        with path.open("rb") as fh:
+        with open_regular(path) as fh:
             fh.seek(0, os.SEEK_END)
             end = fh.tell()
             fh.seek(max(0, end - LOG_TAIL_BYTES))
-            data = fh.read()
-    except OSError:
-        return []
+            data = fh.read(LOG_TAIL_BYTES)
+    except (OSError, NotRegular):
+        return []  # a log that is not a regular file holds no errors of flowagg's
     lines = data.decode("utf-8", "replace").splitlines()
     return lines[1:] if end > LOG_TAIL_BYTES else lines  # the first may be cut
 
@@ -97,6 +98,7 @@ def pending(layout: Layout, now_ms: int) -> dict[str, Any]:
             "segments": len(journal.segments),
             "doneSeq": journal.done_seq,
             "waitingEntries": waiting,
+            "skipped": [f"{name} ({kind})" for name, kind in journal.skipped],
         },
         "oldestPendingEntry": None
         if oldest is None
@@ -111,9 +113,13 @@ def _waiting(journal: JournalView) -> Iterator[Waiting]:
         return  # a segment compacted under us: what was seen is the answer
 
 
+def _failed(layout: Layout) -> list[BatchPath]:
+    return [bp for bp in list_batch_files(layout) if bp.kind == FAILED and bp.special is None]
+
+
 def oldest_failed(layout: Layout, now_ms: int) -> dict[str, Any] | None:
     """The oldest failed batch by its id (arrival of its first entry): it waits longest."""
-    failed = [bp for bp in list_batch_files(layout) if bp.kind == FAILED]
+    failed = _failed(layout)
     if not failed:
         return None
     oldest = min(failed, key=lambda bp: bp.name_id)
@@ -171,7 +177,7 @@ def gather(
         doc["sink"] = snapshot.get("sink") if snapshot else None
         counts = disk_use(layout)
         doc["queue"] = {
-            "failed": sum(1 for bp in list_batch_files(layout) if bp.kind == FAILED),
+            "failed": len(_failed(layout)),
             "abandoned": counts["recovery/abandoned"]["files"],
             "errors": sum(1 for p in layout.errors.glob("*.reason.json")),
             "inbox": sum(1 for p in layout.inbox.glob("*") if p.suffix in (".json", ".jsonl")),

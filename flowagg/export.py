@@ -9,10 +9,7 @@ the size of the data. Ties keep the stored order.
 from __future__ import annotations
 
 import contextlib
-import csv
-import datetime
 import heapq
-import io
 import itertools
 import os
 import tempfile
@@ -22,11 +19,11 @@ from typing import IO, Any
 
 import orjson
 
+from .csv_export import MetadataColumns
 from .errors import EXIT_USAGE, FlowaggError
 from .fsutil import FILE_MODE, TEMP_MARK, fsync_dir
 
 FORMATS = ("jsonl", "csv", "parquet")
-BASE_COLUMNS = ("entryId", "userId", "action", "timestamp", "time")
 PARQUET_ROWS = 65_536
 
 
@@ -48,14 +45,12 @@ class Sorter:
         self.runs: list[Path] = []
         self.count = 0
         self.skipped = 0  # entries without an integer timestamp: they cannot be placed
-        self.metadata_keys: set[str] = set()
-        self.collect_keys = False
+        self.metadata: MetadataColumns | None = None  # counted when the output is CSV
 
     def add_all(self, lists: Iterable[list[dict[str, Any]]]) -> None:
         """Every entry of every list (one list per batch file, in stored order)."""
         run = self.run
-        collect = self.collect_keys
-        keys = self.metadata_keys
+        columns = self.metadata
         count = self.count
         limit = self.run_entries
         dumps = orjson.dumps
@@ -64,10 +59,10 @@ class Sorter:
             if type(ts) is not int or not -_TS_OFFSET <= ts <= _MAX_TS:
                 self.skipped += 1
                 continue
-            if collect:
+            if columns is not None:
                 metadata = entry.get("metadata")
                 if isinstance(metadata, dict):
-                    keys.update(flatten(metadata))
+                    columns.add(metadata)
             # The concatenation is also an exact-size copy: orjson's own buffer keeps
             # kilobytes of slack per object.
             run.append(_KEY % (ts + _TS_OFFSET, count) + dumps(entry) + b"\n")
@@ -99,54 +94,8 @@ class Sorter:
                 yield line[KEY_BYTES:]
 
 
-def flatten(metadata: dict[str, Any], prefix: str = "metadata.") -> dict[str, Any]:
-    """Nested objects as dotted columns; arrays as JSON text (a column holds one value)."""
-    out: dict[str, Any] = {}
-    for key, value in metadata.items():
-        kind = type(value)
-        if kind is dict and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        elif kind is dict or kind is list:
-            out[prefix + key] = orjson.dumps(value).decode()
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def iso(ms: int) -> str:
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(
-        timespec="milliseconds"
-    )
-
-
 def write_jsonl(rows: Iterator[bytes], out: IO[bytes]) -> None:
     out.writelines(rows)
-
-
-def write_csv(rows: Iterator[bytes], out: IO[bytes], metadata_keys: set[str]) -> None:
-    columns = [*BASE_COLUMNS, *sorted(metadata_keys)]
-    position = {name: i for i, name in enumerate(columns)}
-    blank = [""] * len(columns)
-    text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=False)
-    writer = csv.writer(text)
-    writer.writerow(columns)
-    loads = orjson.loads
-    for data in rows:
-        entry = loads(data)
-        row = blank.copy()
-        ts = entry["timestamp"]
-        row[0] = entry.get("entryId", "")
-        row[1] = entry.get("userId", "")
-        row[2] = entry.get("action", "")
-        row[3] = ts
-        row[4] = iso(ts)
-        metadata = entry.get("metadata")
-        if type(metadata) is dict:
-            for name, value in flatten(metadata).items():
-                row[position[name]] = value
-        writer.writerow(row)
-    text.flush()
-    text.detach()
 
 
 def write_parquet(rows: Iterator[bytes], out: IO[bytes]) -> None:

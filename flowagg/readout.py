@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+import orjson
+
+if TYPE_CHECKING:
+    from .report import Totals
+    from .selection import Skipped
 
 
 def hms(ms: int) -> str:
@@ -157,6 +163,8 @@ def diagnostics_text(d: dict[str, Any]) -> str:
         f"journal: {size(j['bytes'])} in {j['segments']} segments, stored up to seq"
         f" {j['doneSeq']}, {j['waitingEntries']} entries waiting"
     )
+    if j["skipped"]:
+        lines.append(f"journal: not read, not regular files: {', '.join(j['skipped'])}")
     free = d["diskFree"]
     if free:
         lines.append(f"disk: {size(free['available'])} free of {size(free['total'])}")
@@ -169,3 +177,44 @@ def diagnostics_text(d: dict[str, Any]) -> str:
 
 def _by_trigger(written: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(written.items()))
+
+
+@contextlib.contextmanager
+def quiet_when_stdout_closes(code_so_far: Callable[[], int]) -> Iterator[None]:
+    """A reader that stopped early (`| head`) ends the command at once, without a word,
+    with the exit code it has so far: not an error of the data root."""
+    try:
+        try:
+            yield
+        finally:
+            sys.stdout.flush()  # a pipe closed late shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at nothing, so that stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(code_so_far())
+
+
+def report_output(result: Totals, top: int | None, as_json: bool, skipped: Skipped) -> None:
+    """`flowagg report`'s answer: a table, or JSON with the files it did not count."""
+    by = result.by
+    if as_json:
+        doc = result.as_dict(top) | {
+            "unreadableFiles": [u.file for u in skipped.unreadable],
+            "copiesNotCounted": [
+                {"file": c.file, "batchId": c.batch_id, "readFrom": c.read_from}
+                for c in skipped.copies
+            ],
+        }
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+    else:
+        rows = [[*key, f"{g.entries:,}", hms(g.duration_ms)] for key, g in result.ranked(top)]
+        rows.append(
+            ["total", *[""] * (len(by) - 1), f"{result.entries:,}", hms(result.duration_ms)]
+        )
+        shown = f"top {top} of {len(result.groups):,}" if top else f"{len(result.groups):,}"
+        table(
+            f"time by {', '.join(by)} ({shown} groups)",
+            [*by, "entries", "duration"],
+            rows,
+            right={len(by), len(by) + 1},
+        )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 
-from .batchread import BatchPath, iter_batch_bytes
+from .batchread import BatchPath, Unread, copies_by_batch, iter_batch_bytes
 from .durations import parse_duration_ms
 from .errors import EXIT_USAGE, FlowaggError
 
@@ -73,32 +74,85 @@ class Unreadable:
     reason: str
 
 
+@dataclasses.dataclass
+class Copy:
+    """Another file of a batch whose entries were read from `read_from`: not counted again."""
+
+    file: str
+    batch_id: str
+    read_from: str
+    reason: str | None = None  # why this copy was not the one read, when it was tried first
+
+    def line(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return (
+            f"not counted {self.file}{why}: batch {self.batch_id} was read from its copy"
+            f" {self.read_from}; keep one copy"
+        )
+
+
+@dataclasses.dataclass
+class Skipped:
+    """What a reader did not count, and why."""
+
+    unreadable: list[Unreadable] = dataclasses.field(default_factory=list)
+    copies: list[Copy] = dataclasses.field(default_factory=list)
+
+
+def _entries(data: bytes | Unread, *, whole: bool) -> list[Any] | str:
+    """A batch's entries, or why there are none; `whole`: the checksum must match too."""
+    if isinstance(data, Unread):
+        return data.reason
+    try:
+        doc = orjson.loads(data)
+        entries = doc["entries"]
+        if not isinstance(entries, list):
+            raise TypeError("entries is not an array")
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"not a batch ({exc})"
+    if whole and (
+        doc.get("entryCount") != len(entries)
+        or doc.get("entriesSha256") != hashlib.sha256(orjson.dumps(entries)).hexdigest()
+    ):
+        return "entryCount or entriesSha256 does not match its entries"
+    return entries
+
+
 def iter_entry_lists(
     files: list[BatchPath],
     selection: Selection,
-    unreadable: list[Unreadable],
+    skipped: Skipped,
     *,
+    limit: int,
     on_file: Callable[[], None] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
-    """The selected entries of every file, one list per file, each in stored order.
+    """The selected entries of every batch, one list per batch, each in stored order.
 
-    A file that cannot be read or parsed goes to `unreadable` (`flowagg validate` says why
-    in detail); its entries are not guessed at.
+    A batch stored in several files is read from one (`copies_by_batch` says in which order
+    they are tried; with several, the first whole one); the others go to `skipped.copies`. A
+    batch none of whose files can be read or parsed goes to `skipped.unreadable` (`flowagg
+    validate` says why in detail); its entries are not guessed at.
     """
     match = selection.matcher()
-    for bp, data in iter_batch_bytes(files):
-        if on_file is not None:
-            on_file()
-        if isinstance(data, OSError):
-            unreadable.append(Unreadable(str(bp.path), data.strerror or str(data)))
-            continue
-        try:
-            doc = orjson.loads(data)
-            entries = doc["entries"]
-            if not isinstance(entries, list):
-                raise TypeError("entries is not an array")
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            unreadable.append(Unreadable(str(bp.path), f"not a batch ({exc})"))
+    for group in copies_by_batch(files):
+        tried: list[tuple[BatchPath, str]] = []
+        entries: list[Any] | None = None
+        taken = group[0]
+        for bp, data in iter_batch_bytes(group, limit):
+            if on_file is not None:
+                on_file()
+            if entries is not None:
+                skipped.copies.append(Copy(str(bp.path), bp.name_id, str(taken.path)))
+                continue
+            got = _entries(data, whole=len(group) > 1)
+            if isinstance(got, str):
+                tried.append((bp, got))
+                continue
+            entries, taken = got, bp
+            for early, reason in tried:
+                skipped.copies.append(Copy(str(early.path), bp.name_id, str(bp.path), reason))
+        if entries is None:
+            skipped.unreadable.extend(Unreadable(str(bp.path), reason) for bp, reason in tried)
             continue
         if match is None:
             yield [e for e in entries if type(e) is dict]

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from . import formats
-from .batchread import ABANDONED, AGGREGATED, FAILED, BatchPath, iter_batch_bytes
+from .batchread import ABANDONED, AGGREGATED, FAILED, BatchPath, Unread, iter_batch_bytes
 from .entries import EntryError, short_repr, validate_entry_json
 from .recovery import BATCH_ID_RE, BATCH_KEYS, check_recovery_fields
 from .storage import TRIGGERS, CorruptBatch
@@ -58,6 +58,8 @@ class Summary:
     bad_files: set[str] = dataclasses.field(default_factory=set)  # shown names
     findings: Counter[str] = dataclasses.field(default_factory=Counter)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Names that are not regular files, each with what it is: never opened for a read.
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -67,7 +69,16 @@ class Summary:
             "findings": dict(sorted(self.findings.items())),
             "findingCount": sum(self.findings.values()),
             "notes": self.notes,
+            "skipped": self.skipped,
         }
+
+    def skipped_line(self) -> str | None:
+        if not self.skipped:
+            return None
+        return (
+            f"skipped {len(self.skipped)} entries that are not regular files:"
+            f" {', '.join(self.skipped)}; flowagg writes only regular files, move them away"
+        )
 
 
 @dataclasses.dataclass
@@ -83,10 +94,13 @@ Report = Callable[[Finding], None]
 
 
 class FileChecker:
-    def __init__(self, root: Path, *, now_ms: int, max_entry_bytes: int, report: Report) -> None:
+    def __init__(
+        self, root: Path, *, now_ms: int, max_entry_bytes: int, limit: int, report: Report
+    ) -> None:
         self.root = root
         self.now_ms = now_ms
         self.max_entry_bytes = max_entry_bytes
+        self.limit = limit  # the most bytes a batch file may inflate to
         self._report = report
         self.summary = Summary()
 
@@ -101,20 +115,24 @@ class FileChecker:
         on_good: Callable[[GoodBatch], None] | None = None,
         on_file: Callable[[], None] | None = None,
     ) -> Summary:
-        for bp, data in iter_batch_bytes(files):
+        for bp, data in iter_batch_bytes(files, self.limit):
             if on_file is not None:
                 on_file()
             shown = bp.shown(self.root)
+            if isinstance(data, Unread) and data.special is not None:
+                self.summary.skipped.append(f"{shown} ({data.special})")
+                self.report(Finding(shown, "not a regular file", data.reason))
+                continue
             self.summary.files[bp.kind] += 1
             doc = self._check(bp, shown, data)
             if doc is not None and on_good is not None:
                 on_good(GoodBatch(shown, doc["batchId"], doc))
         return self.summary
 
-    def _check(self, bp: BatchPath, shown: str, data: bytes | OSError) -> dict[str, Any] | None:
+    def _check(self, bp: BatchPath, shown: str, data: bytes | Unread) -> dict[str, Any] | None:
         """The document when its entries could be checked, else None (findings reported)."""
-        if isinstance(data, OSError):
-            self.report(Finding(shown, "unreadable", data.strerror or str(data)))
+        if isinstance(data, Unread):
+            self.report(Finding(shown, "unreadable", data.reason))
             return None
         try:
             doc = orjson.loads(data)

@@ -52,6 +52,7 @@ class CrossCheck:
         )
         self._files = 0
         self._rows: list[tuple[str, int, int]] = []
+        self.skipped: list[str] = []  # journal names that are not regular files, not read
 
     def add(self, good: GoodBatch) -> None:
         self._files += 1
@@ -202,6 +203,16 @@ class CrossCheck:
                     " for them, else they are stored twice",
                     "stored or waiting",
                     "both",
+                )
+            )
+        for name, kind in journal.skipped:
+            self.skipped.append(f"journal/{name} ({kind})")
+            self.report(
+                Finding(
+                    f"journal/{name}",
+                    "not a regular file",
+                    f"{kind} named like a journal file, not read; the daemon writes only"
+                    " regular files there, move it away",
                 )
             )
         if journal.bad_lines:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import gzip
 import io
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from flowagg.export import Sorter
 from tests.harness import cli
-from tests.readfixture import BASE_TS, make_entry, standard_root
+from tests.readfixture import BASE_TS, Root, make_entry, standard_root
 
 STORED = 40  # the aggregated batches of standard_root; failed and abandoned hold 20 more
 
@@ -182,3 +183,94 @@ def test_export_to_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
     result = cli(r.layout.root, "export", "-o", str(tmp_path / "nope" / "out.jsonl"))
     assert result.returncode == 2
     assert b"its folder does not exist" in result.stderr
+
+
+def test_a_batch_stored_under_several_names_is_counted_once(tmp_path: Path) -> None:
+    r = standard_root(tmp_path / "root", compressed=False)
+    first, second = sorted(r.layout.aggregated.iterdir())[:2]
+    # The same batch under another suffix, and in recovery/ (a crash between two copies).
+    copy = first.with_name(first.name + ".gz")
+    copy.write_bytes(gzip.compress(first.read_bytes()))
+    failed_copy = r.layout.recovery / first.name.replace("batch_", "").replace(
+        ".json", ".failed.json"
+    )
+    failed_copy.write_bytes(first.read_bytes())
+    result = cli(r.layout.root, "export", "--include-failed")
+    assert result.returncode == 0, result.stderr
+    assert [orjson.loads(x) for x in result.stdout.splitlines()] == by_time(r.entries)
+    stderr = result.stderr.decode()
+    assert f"not counted {copy}: batch" in stderr and f"copy {first}; keep one copy" in stderr
+    assert f"not counted {failed_copy}" in stderr
+    doc = orjson.loads(cli(r.layout.root, "report", "--json", "--include-failed").stdout)
+    assert doc["total"]["entries"] == len(r.entries)
+    assert {c["file"] for c in doc["copiesNotCounted"]} == {str(copy), str(failed_copy)}
+    assert {c["readFrom"] for c in doc["copiesNotCounted"]} == {str(first)}
+    # The first whole copy is read: a torn .json gives way to its whole .json.gz.
+    torn = second.with_name(second.name + ".gz")
+    torn.write_bytes(gzip.compress(second.read_bytes()))
+    second.write_bytes(second.read_bytes()[:50])
+    result = cli(r.layout.root, "export")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == STORED
+    assert f"not counted {second} (not a batch" in result.stderr.decode()
+
+
+def csv_rows(root: Path, tmp_path: Path) -> tuple[list[str], list[dict[str, str]], int]:
+    out = tmp_path / "out.csv"
+    result = cli(root, "export", "--format", "csv", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    with out.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader), out.stat().st_size
+
+
+def test_csv_cells_that_start_a_formula_are_escaped(tmp_path: Path) -> None:
+    r = Root(tmp_path / "root")
+    hostile = ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    entries = [
+        {**make_entry(i), "userId": text, "metadata": {"note": text, "n": -5, "s": "-5"}}
+        for i, text in enumerate(hostile)
+    ]
+    r.batch(entries)
+    r.write_journal()
+    _, rows, _ = csv_rows(r.layout.root, tmp_path)
+    by_id = {row["entryId"]: row for row in rows}
+    for e in entries:
+        row = by_id[e["entryId"]]
+        assert row["userId"] == "'" + e["userId"]
+        assert row["metadata.note"] == "'" + e["metadata"]["note"]
+        assert row["metadata.n"] == "-5", "a JSON number is written as it is"
+        assert row["metadata.s"] == "'-5", "a text that starts with - is escaped"
+
+
+def test_csv_columns_never_collide(tmp_path: Path) -> None:
+    r = Root(tmp_path / "root")
+    entry = {**make_entry(0), "metadata": {"a.b": 1, "a": {"b": 2}, "c\\.d": 3}}
+    r.batch([entry])
+    r.write_journal()
+    columns, rows, _ = csv_rows(r.layout.root, tmp_path)
+    assert rows[0]["metadata.a\\.b"] == "1"
+    assert rows[0]["metadata.a.b"] == "2"
+    assert rows[0]["metadata.c\\\\\\.d"] == "3"
+    assert len(columns) == len(set(columns)) == 5 + 3
+
+
+def test_csv_with_thousands_of_distinct_keys_stays_proportional(tmp_path: Path) -> None:
+    r = Root(tmp_path / "root")
+    common = {"taskId": "T-1", "duration": 60}
+    entries = [{**make_entry(i), "metadata": {**common, f"key{i:05d}": i}} for i in range(10_000)]
+    for start in range(0, len(entries), 1000):
+        r.batch(entries[start : start + 1000])
+    r.write_journal()
+    columns, rows, size = csv_rows(r.layout.root, tmp_path)
+    assert size < 3 << 20, f"{size:,} bytes for 10 000 short entries"
+    assert len(columns) == 5 + 64 + 1 and columns[-1] == "otherMetadata"
+    # The keys in the most entries have their columns; nothing is lost.
+    assert "metadata.taskId" in columns and "metadata.duration" in columns
+    by_id = {row["entryId"]: row for row in rows}
+    for i, e in enumerate(entries):
+        row = by_id[e["entryId"]]
+        column = f"metadata.key{i:05d}"
+        value = row[column] if column in row else orjson.loads(row["otherMetadata"])[column[9:]]
+        assert int(value) == i
+        assert row["metadata.duration"] == "60"
