@@ -16,6 +16,7 @@ import orjson
 import psutil
 
 from . import formats
+from .daemon_lock import read_pid_file
 from .fsutil import atomic_write
 from .layout import Layout
 
@@ -220,18 +221,15 @@ def is_stale(snapshot: dict[str, Any], now_ms: int) -> bool:
     return now_ms - snapshot.get("timestamp", 0) > STALE_INTERVALS * interval
 
 
-def read_pid(layout: Layout) -> int | None:
-    try:
-        return int(layout.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def running_pid(layout: Layout) -> int | None:
     """The pid of a live daemon on this root, or None.
 
-    From the pid file, not by trying the lock: a probe holding the lock even for a moment
-    could make a daemon starting at that moment refuse to run.
+    From the pid files (the root's first: it names the daemon whatever its runDir), not by
+    trying the lock: a probe holding the lock even for a moment could make a daemon starting
+    at that moment refuse to run.
     """
-    pid = read_pid(layout)
-    return pid if pid is not None and psutil.pid_exists(pid) else None
+    for path in (layout.root_pid_file, layout.pid_file):
+        pid = read_pid_file(path)
+        if pid is not None and psutil.pid_exists(pid):
+            return pid
+    return None
