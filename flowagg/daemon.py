@@ -36,7 +36,7 @@ from .health import (
     system_figures,
     write_snapshot,
 )
-from .jobs import reschedule, start_scheduler, start_watchdog
+from .jobs import reschedule, resume_job, start_scheduler, start_watchdog
 from .journal import JournalVersionError, scan_root
 from .layout import Layout
 from .logsetup import setup_logging
@@ -230,6 +230,12 @@ class Daemon:
 
     async def scheduled_recovery(self) -> None:
         report = await self.recover(force=False)
+        paused = report["paused"]
+        if paused is not None and self._scheduler is not None:
+            # The loop's own backoff: one pass when the pause ends, not a wait for the
+            # next scheduleIntervalMs.
+            delay_s = max(0, paused["retryAt"] - self.clock.now_ms()) / 1000
+            resume_job(self._scheduler, self.scheduled_recovery, delay_s)
         if any(report[key] for key in ("recovered", "abandoned", "quarantined")):
             audit(
                 "recover", by="scheduler", **{k: report[k] for k in RECOVERY_FIELDS if k in report}
@@ -286,7 +292,7 @@ class Daemon:
         return build_snapshot(
             facts,
             now_ms=self.clock.now_ms(),
-            system=system_figures(self.layout.root),
+            system=system_figures(self.layout),
             abandoned_before=self._abandoned_seen,
         )
 

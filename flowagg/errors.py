@@ -49,6 +49,11 @@ class TransientError(OSError):
     """A failure worth retrying that is not a file-system error (a sink's 5xx, a timeout)."""
 
 
+class SinkDownError(TransientError):
+    """The sink as a whole cannot take batches (unreachable, unavailable, cannot run): not a
+    verdict on the batch, so it costs no retry (recovery pauses instead)."""
+
+
 class AmbiguousDelivery(TransientError):
     """The sink may hold the batch (a timeout, a reset after the request went out, a killed
     command): retrying at once would likely send a second copy, so the batch waits."""

@@ -24,7 +24,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, PermanentError, TransientError
+from .errors import ConfigError, PermanentError, SinkDownError, TransientError
 
 if TYPE_CHECKING:
     import psycopg
@@ -327,6 +327,8 @@ class PostgresSink:
                 f"PostgreSQL connection lost during COMMIT ({detail}); the batch may be"
                 " stored: it is sent again, which is safe (rows are stored once)"
             )
+        if stage == "connecting":
+            return SinkDownError(f"PostgreSQL unavailable while {stage}: {detail}")
         return TransientError(f"PostgreSQL unavailable while {stage}: {detail}")
 
     def snapshot(self) -> dict[str, Any]:
