@@ -87,8 +87,10 @@ def _run(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if not reply.get("ok"):
         return reply, EXIT_DAEMON_FAILURE
     if args.action == "aggregate-recover" and (
-        reply["failedAgain"] or reply["abandoned"] or reply["circuitOpen"]
+        reply["failedAgain"] or reply["abandoned"] or reply["circuitOpen"] or reply["paused"]
     ):
+        return reply, EXIT_DAEMON_FAILURE
+    if args.action == "aggregate-force" and reply["failedBatches"]:
         return reply, EXIT_DAEMON_FAILURE
     return reply, EXIT_OK
 

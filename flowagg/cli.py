@@ -242,9 +242,22 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 @handles_errors
 def flush(ctx: click.Context, as_json: bool) -> None:
-    """Write everything buffered to batch files now."""
+    """Write everything buffered to batch files now; exit 1 when a batch failed."""
     reply = _daemon_request(ctx, {"op": "flush"})
-    emit(reply, as_json, lambda r: f"flushed {r['entries']} entries in {r['batches']} batches")
+    emit(reply, as_json, _flush_text)
+    if reply.get("failedBatches"):
+        sys.exit(1)
+
+
+def _flush_text(r: dict[str, Any]) -> str:
+    text = f"stored {r['storedEntries']} entries in {r['storedBatches']} batches"
+    if r["failedBatches"]:
+        text += (
+            f"; {r['failedBatches']} batches ({r['failedEntries']} entries) failed and are kept"
+            " in recovery/ (abandoned/ if refused for good): see logs/aggregation.log for why,"
+            " then run `flowagg recover`"
+        )
+    return text
 
 
 @main.command()
@@ -357,6 +370,13 @@ def recover(ctx: click.Context, abandoned: bool, batch_id: str | None, as_json: 
         )
         lines += [f"  recovered {b}" for b in r["recovered"]]
         lines += [f"  abandoned {b}" for b in r["abandoned"]]
+        if r["paused"]:
+            paused = r["paused"]
+            where = f" on {paused['folder']}" if paused["folder"] else ""
+            lines.append(
+                f"{r['waiting']} batches wait, no retry charged: {paused['cause']}{where}"
+                f" ({paused['error']}); fix that, then run `flowagg recover` again"
+            )
         if r["circuitOpen"]:
             lines.append(
                 f"{r['waiting']} batches not tried: sink breaker open, next trial in"
@@ -365,7 +385,7 @@ def recover(ctx: click.Context, abandoned: bool, batch_id: str | None, as_json: 
         return "\n".join(lines)
 
     emit(reply, as_json, human)
-    if reply["failedAgain"] or reply["abandoned"] or reply["circuitOpen"]:
+    if reply["failedAgain"] or reply["abandoned"] or reply["circuitOpen"] or reply["paused"]:
         sys.exit(1)
 
 

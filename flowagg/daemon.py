@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import filelock
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from . import __version__
@@ -26,18 +25,18 @@ from .audit import audit
 from .cleanup import apply_cleanup, cleanup_fields, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
 from .config import Config, config_warnings
-from .errors import AlreadyRunningError, ConfigError, RootUnusableError
-from .fsutil import atomic_write, remove_stale_temps
+from .daemon_lock import DaemonLock
+from .errors import ConfigError, RootUnusableError
+from .fsutil import remove_stale_temps
 from .health import (
     DaemonFacts,
     SuccessWindow,
     abandoned_before,
     build_snapshot,
-    read_pid,
     system_figures,
     write_snapshot,
 )
-from .jobs import reschedule, start_scheduler, start_watchdog
+from .jobs import reschedule, resume_job, start_scheduler, start_watchdog
 from .journal import JournalVersionError, scan_root
 from .layout import Layout
 from .logsetup import setup_logging
@@ -103,40 +102,16 @@ class Daemon:
         self.socket_recreated = 0
         self.last_reload: dict[str, Any] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._lock: filelock.BaseFileLock | None = None
+        self._lock = DaemonLock(self.layout)
 
     # -- life cycle -------------------------------------------------------------------------
     def acquire(self) -> None:
         """Prepare the root and take the one-daemon-per-root lock (exit 4 / exit 3)."""
         self.layout.prepare()
-        lock = filelock.FileLock(str(self.layout.lock_file), timeout=0)
-        try:
-            lock.acquire()
-        except filelock.Timeout:
-            pid = read_pid(self.layout)
-            who = f"pid {pid}" if pid else "another process"
-            raise AlreadyRunningError(
-                f"flowagg is already running on {self.layout.root} ({who});"
-                " stop it first or use another --root"
-            ) from None
-        except OSError as exc:
-            raise RootUnusableError(
-                f"cannot create the lock file {self.layout.lock_file}: {exc.strerror}"
-            ) from None
-        self._lock = lock
-        try:
-            atomic_write(self.layout.pid_file, f"{os.getpid()}\n".encode())
-        except OSError as exc:
-            # A full disk must not stop the daemon (SPEC §2); the pid file only names us.
-            logging.getLogger("flowagg.daemon").warning("cannot write the pid file: %s", exc)
+        self._lock.acquire()
 
     def release(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if read_pid(self.layout) == os.getpid():
-                self.layout.pid_file.unlink()
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self._lock.release()
 
     def run(self) -> int:
         # The journal writer and the flusher wait for the GIL after every system call; with
@@ -255,6 +230,12 @@ class Daemon:
 
     async def scheduled_recovery(self) -> None:
         report = await self.recover(force=False)
+        paused = report["paused"]
+        if paused is not None and self._scheduler is not None:
+            # The loop's own backoff: one pass when the pause ends, not a wait for the
+            # next scheduleIntervalMs.
+            delay_s = max(0, paused["retryAt"] - self.clock.now_ms()) / 1000
+            resume_job(self._scheduler, self.scheduled_recovery, delay_s)
         if any(report[key] for key in ("recovered", "abandoned", "quarantined")):
             audit(
                 "recover", by="scheduler", **{k: report[k] for k in RECOVERY_FIELDS if k in report}
@@ -311,7 +292,7 @@ class Daemon:
         return build_snapshot(
             facts,
             now_ms=self.clock.now_ms(),
-            system=system_figures(self.layout.root),
+            system=system_figures(self.layout),
             abandoned_before=self._abandoned_seen,
         )
 

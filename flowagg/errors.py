@@ -52,6 +52,12 @@ class TransientError(OSError):
     """A failure worth retrying that is not a file-system error (a sink's 5xx, a timeout)."""
 
 
+class SinkDownError(TransientError):
+    """The sink as a whole cannot take batches (unreachable, unavailable, cannot run, or its
+    table, a column or a grant is gone): not a verdict on the batch, so it costs no retry
+    (recovery pauses instead), and the breaker counts a failure."""
+
+
 class AmbiguousDelivery(TransientError):
     """The sink may hold the batch (a timeout, a reset after the request went out, a killed
     command): retrying at once would likely send a second copy, so the batch waits."""
@@ -63,11 +69,6 @@ class CircuitOpenError(TransientError):
     def __init__(self, message: str, retry_in_s: float = 0.0) -> None:
         super().__init__(message)
         self.retry_in_s = retry_in_s
-
-
-class SinkDownError(CircuitOpenError):
-    """The sink cannot take any batch (its table, a column or a grant is gone): not a verdict
-    on this batch, so it waits without using up a retry, and the breaker counts a failure."""
 
 
 def classify(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import orjson
 import psutil
 
 from . import formats
+from .daemon_lock import read_pid_file
 from .fsutil import atomic_write
 from .layout import Layout
 
@@ -43,6 +45,10 @@ class Figures:
     sink_refused: int = 0
     sink_collisions: int = 0
     thread_issues: tuple[str, ...] = ()
+    # The folder whose file system has the least free space (disk_free_fraction is its).
+    disk_folder: str | None = None
+    # The recovery loop's pause (pause.py): what stops every batch, charged to none.
+    paused: dict[str, Any] | None = None
 
 
 class SuccessWindow:
@@ -74,10 +80,13 @@ def evaluate(f: Figures) -> tuple[str, list[str]]:
         )
     elif f.success_rate < 0.9:
         degraded.append(f"batch write success rate {f.success_rate:.1%} is below 90%")
+    on = f" on {f.disk_folder}" if f.disk_folder else ""
     if f.disk_free_fraction < 0.02:
-        critical.append(f"disk nearly full: {f.disk_free_fraction:.1%} free (< 2%)")
+        critical.append(f"disk nearly full: {f.disk_free_fraction:.1%} free{on} (< 2%)")
     elif f.disk_free_fraction < 0.10:
-        degraded.append(f"disk filling up: {f.disk_free_fraction:.1%} free (< 10%)")
+        degraded.append(f"disk filling up: {f.disk_free_fraction:.1%} free{on} (< 10%)")
+    if f.paused is not None:
+        _paused_issue(f.paused, critical if f.paused["folder"] else degraded)
     if f.abandoned_now > f.abandoned_before:
         critical.append(
             f"{f.abandoned_now - f.abandoned_before} batches abandoned since the last snapshot;"
@@ -110,6 +119,24 @@ def evaluate(f: Figures) -> tuple[str, list[str]]:
     return status, critical + degraded
 
 
+def _paused_issue(paused: dict[str, Any], issues: list[str]) -> None:
+    """A folder that refuses writes stops every batch (critical); a sink that is down leaves
+    batches waiting, unlost (degraded, like an open breaker)."""
+    if paused["folder"]:
+        fix = (
+            "free space on its file system"
+            if paused["cause"] in ("ENOSPC", "EDQUOT")
+            else "make it writable for the daemon's user"
+        )
+        cause = f"{paused['cause']} on {paused['folder']}"
+    else:
+        fix, cause = "bring the sink back", paused["cause"]
+    issues.append(
+        f"recovery paused: {cause} ({paused['error']}); batches wait in recovery/ without"
+        f" using up retries; {fix}"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class DaemonFacts:
     """What the daemon knows about itself for one snapshot (`status` is `Daemon.status()`)."""
@@ -131,12 +158,15 @@ def build_snapshot(
 ) -> dict[str, Any]:
     """The snapshot of SPEC §7. A stopped daemon's last one says so: `isRunning` false."""
     st = facts.status
-    disk = system["diskSpace"]
+    disk_folder, disk_free = _least_free(system)
+    paused = st["recovery"].get("paused")
     figures = Figures(
         success_rate=facts.success_rate,
         flush_p99_ms=st["latencyMs"]["flushP99"],
         memory_percent=system["memoryPercent"],
-        disk_free_fraction=disk["available"] / disk["total"] if disk["total"] else 1.0,
+        disk_free_fraction=disk_free,
+        disk_folder=disk_folder,
+        paused=paused,
         abandoned_now=st["queue"]["abandoned"],
         abandoned_before=abandoned_before,
         stalled_error=st["flusher"]["stalledError"],
@@ -175,6 +205,7 @@ def build_snapshot(
         "systemHealth": system,
         "queue": st["queue"],
         "latencyMs": st["latencyMs"],
+        "recovery": {"paused": paused},
         "sink": st["sink"],
         "security": {
             "redactedEntries": st["counters"]["redactedEntries"],
@@ -184,16 +215,59 @@ def build_snapshot(
     }
 
 
-def system_figures(root: Path) -> dict[str, Any]:
+def _least_free(system: dict[str, Any]) -> tuple[str | None, float]:
+    """(folder, free fraction) of the fullest file system a folder is on; the root's figure
+    when the folders are not known."""
+    folders = system.get("folders") or {}
+    figures = [(f["available"] / f["total"], name) for name, f in folders.items() if f["total"]]
+    if figures:
+        fraction, name = min(figures)
+        return name, fraction
+    disk = system["diskSpace"]
+    return None, disk["available"] / disk["total"] if disk["total"] else 1.0
+
+
+def system_figures(layout: Layout) -> dict[str, Any]:
     mem = psutil.virtual_memory()
-    disk = psutil.disk_usage(str(root))
+    disk = psutil.disk_usage(str(layout.root))
     rss = psutil.Process().memory_info().rss
     return {
         "memoryUsage": {"used": mem.total - mem.available, "total": mem.total},
         "memoryPercent": mem.percent,
         "processRss": rss,
         "diskSpace": {"available": disk.free, "total": disk.total},
+        "folders": folder_space(layout),
     }
+
+
+def folder_space(layout: Layout) -> dict[str, dict[str, int]]:
+    """Free and total bytes of the file system each folder is on, by folder ("aggregated/"):
+    a tmpfs or another disk mounted on one folder fills up apart from the root's. Folders on
+    one file system (one st_dev) share one statvfs figure."""
+    by_device: dict[int, dict[str, int]] = {}
+    out: dict[str, dict[str, int]] = {}
+    for folder in (layout.root, *layout.all_dirs()):
+        try:
+            device = os.stat(folder).st_dev
+            if device not in by_device:
+                vfs = os.statvfs(folder)
+                by_device[device] = {
+                    "available": vfs.f_bavail * vfs.f_frsize,
+                    "total": vfs.f_blocks * vfs.f_frsize,
+                    "device": device,
+                }
+        except OSError:
+            continue
+        out[_folder_name(layout, folder)] = by_device[device]
+    return out
+
+
+def _folder_name(layout: Layout, folder: Path) -> str:
+    try:
+        rel = folder.relative_to(layout.root)
+    except ValueError:
+        return str(folder)  # a runDir outside the root
+    return f"{rel.as_posix()}/" if rel.parts else "./"
 
 
 def write_snapshot(layout: Layout, snapshot: dict[str, Any]) -> Path:
@@ -236,18 +310,15 @@ def is_stale(snapshot: dict[str, Any], now_ms: int) -> bool:
     return now_ms - snapshot.get("timestamp", 0) > STALE_INTERVALS * interval
 
 
-def read_pid(layout: Layout) -> int | None:
-    try:
-        return int(layout.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def running_pid(layout: Layout) -> int | None:
     """The pid of a live daemon on this root, or None.
 
-    From the pid file, not by trying the lock: a probe holding the lock even for a moment
-    could make a daemon starting at that moment refuse to run.
+    From the pid files (the root's first: it names the daemon whatever its runDir), not by
+    trying the lock: a probe holding the lock even for a moment could make a daemon starting
+    at that moment refuse to run.
     """
-    pid = read_pid(layout)
-    return pid if pid is not None and psutil.pid_exists(pid) else None
+    for path in (layout.root_pid_file, layout.pid_file):
+        pid = read_pid_file(path)
+        if pid is not None and psutil.pid_exists(pid):
+            return pid
+    return None

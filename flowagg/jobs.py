@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -71,6 +72,14 @@ def start_scheduler(daemon: TimedWork) -> AsyncIOScheduler:
     )
     scheduler.start()
     return scheduler
+
+
+def resume_job(
+    scheduler: AsyncIOScheduler, func: Callable[[], Awaitable[None]], delay_s: float
+) -> None:
+    """One extra recovery pass after `delay_s` (a paused loop's backoff); one at a time."""
+    run_at = _utcnow() + datetime.timedelta(seconds=delay_s)
+    scheduler.add_job(func, "date", run_date=run_at, id="recovery-resume", replace_existing=True)
 
 
 def reschedule(scheduler: AsyncIOScheduler, config: Config, changed: list[str]) -> None:

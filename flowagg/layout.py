@@ -27,8 +27,8 @@ SHARED_RUN_MODE = 0o750
 @dataclasses.dataclass(frozen=True)
 class Layout:
     root: Path
-    # Socket, pid and lock. Apart from the root because a Unix socket cannot be bound on
-    # every file system (FUSE, NFS); systemd's RuntimeDirectory gives /run/flowagg.
+    # Socket, pid and a lock of its own. Apart from the root because a Unix socket cannot be
+    # bound on every file system (FUSE, NFS); systemd's RuntimeDirectory gives /run/flowagg.
     run_dir: Path | None = None
     # socketGroup's gid: shares the root (to traverse), inbox/ and the run dir with it.
     group: int | None = None
@@ -91,7 +91,16 @@ class Layout:
         return self.run_dir if self.run_dir is not None else self.root / "run"
 
     @property
-    def lock_file(self) -> Path:
+    def root_lock_file(self) -> Path:
+        """The one-daemon-per-root lock: in the root, so no runDir setting gets around it."""
+        return self.root / "flowagg.lock"
+
+    @property
+    def root_pid_file(self) -> Path:
+        return self.root / "flowagg.pid"
+
+    @property
+    def run_lock_file(self) -> Path:
         return self.run / "flowagg.lock"
 
     @property

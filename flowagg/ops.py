@@ -201,7 +201,11 @@ def daemon_status(daemon: DaemonHost) -> dict[str, Any]:
         "abandoned": queue["abandoned"],
         "errors": queue["errors"],
         "queue": queue,
-        "recovery": {"runs": daemon.recovery.runs, **daemon.recovery.totals},
+        "recovery": {
+            "runs": daemon.recovery.runs,
+            **daemon.recovery.totals,
+            "paused": daemon.recovery.pause.snapshot(),
+        },
         "sink": (
             {**daemon.sink.snapshot(), "lagMs": undelivered_lag_ms(daemon.layout, daemon.clock)}
             if daemon.sink

@@ -90,6 +90,9 @@ class Pipeline:
         self.last_acked_seq = 0
         self.stored_batches = 0
         self.stored_entries = 0
+        # Of those, the ones parked in recovery/ or abandoned/ rather than completed.
+        self.parked_batches = 0
+        self.parked_entries = 0
         self.counters: Counter[str] = Counter()
         self.batches_by_trigger: Counter[str] = Counter()
         self.last_flush_at: int | None = None
@@ -365,6 +368,9 @@ class Pipeline:
             self.batches_by_trigger[batch.trigger] += 1
             self.stored_batches += 1
             self.stored_entries += batch.count
+            if path.parent != self.layout.aggregated:
+                self.parked_batches += 1
+                self.parked_entries += batch.count
             self.flush_latency.append(seconds)
             log.debug(
                 "batch %s: %d entries, trigger %s -> %s/%s",
@@ -391,11 +397,13 @@ class Pipeline:
     async def flush(self, trigger: str = "manual", *, include_disk: bool = True) -> dict[str, int]:
         """Store every entry acknowledged before this call; returns once they are stored.
 
-        Counts the batches and entries stored meanwhile, whatever trigger cut them. Without
-        `include_disk` only the memory window is written (the rest stays journaled).
+        Counts the batches and entries stored meanwhile, whatever trigger cut them: all of them
+        (`batches`, `entries`), those completed into aggregated/ (`stored...`) and those that
+        failed to recovery/ or abandoned/ (`failed...`). Without `include_disk` only the memory
+        window is written (the rest stays journaled).
         """
         target = self.last_acked_seq if include_disk else self.aggregator.last_seq_loaded
-        batches, entries = self.stored_batches, self.stored_entries
+        before = self._stored_counts()
         while self.done_seq < target:
             for batch in self.aggregator.cut_all(trigger, self.clock.now_ms()):
                 self._submit(batch)
@@ -407,10 +415,20 @@ class Pipeline:
             else:
                 break  # nothing left to cut, in flight or on disk
         self._arm_age_timer()
+        batches, entries, failed_batches, failed_entries = (
+            now - then for now, then in zip(self._stored_counts(), before, strict=True)
+        )
         return {
-            "batches": self.stored_batches - batches,
-            "entries": self.stored_entries - entries,
+            "batches": batches,
+            "entries": entries,
+            "storedBatches": batches - failed_batches,
+            "storedEntries": entries - failed_entries,
+            "failedBatches": failed_batches,
+            "failedEntries": failed_entries,
         }
+
+    def _stored_counts(self) -> tuple[int, int, int, int]:
+        return (self.stored_batches, self.stored_entries, self.parked_batches, self.parked_entries)
 
     async def wait_for_space(self) -> None:
         """Wait until a batch is stored (the buffer shrinks); for spool intake under pressure."""

@@ -47,6 +47,7 @@ from .formats import NewerFormatError
 from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
 from .humanize import iso_ms
 from .layout import Layout
+from .pause import Cause, Pause, environment_cause
 from .sink import as_completer
 from .storage import (
     CompletedFiles,
@@ -77,6 +78,8 @@ INT_FIELDS = (
     "sinkAcceptedAt",
 )
 STR_FIELDS = ("lastError", "abandonReason")
+# What a delivery attempt learns about the sink's copy (kept even when nothing is charged).
+DELIVERY_FIELDS = ("sinkAcceptedAt", "possiblyDelivered")
 BATCH_KEYS = (
     "batchId",
     "timestamp",
@@ -183,6 +186,8 @@ class RecoveryReport:
     circuit_open: bool = False
     breaker_retry_in_s: float | None = None
     stopped: bool = False
+    # The environment-wide failure that stopped this pass (pause.py), without a retry charged.
+    paused: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +203,7 @@ class RecoveryReport:
                 None if self.breaker_retry_in_s is None else round(self.breaker_retry_in_s, 1)
             ),
             "stopped": self.stopped,
+            "paused": self.paused,
         }
 
 
@@ -222,6 +228,7 @@ class Recovery:
         self.completer = as_completer(
             store or (lambda batch_id, data: write_completed(layout, batch_id, data))
         )
+        self.pause = Pause()
         self.runs = 0
         self.totals: dict[str, int] = {"recovered": 0, "failedAgain": 0, "abandoned": 0}
         # Set by the daemon when it stops: a pass ends before its next batch.
@@ -379,19 +386,25 @@ class Recovery:
         return found
 
     def run_once(self, *, force: bool = False) -> RecoveryReport:
-        """One pass. `force` (an operator's `flowagg recover`) ignores nextRetryAt.
+        """One pass. `force` (an operator's `flowagg recover`) ignores nextRetryAt and the
+        loop's pause.
 
-        Every batch not tried (not due, stopped, or needing a sink whose breaker is open)
-        counts as waiting.
+        Every batch not tried (not due, stopped, paused, or needing a sink whose breaker is
+        open) counts as waiting.
         """
         self.runs += 1
         report = RecoveryReport()
         found = self._scan(report)
         self._settle_abandoned(report)
         found.sort(key=lambda item: (item[0].failed_at, item[1]))
+        paused_all = not force and self.pause.holds(self.clock.now_ms())
+        met: Cause | None = None
         for known, path, doc in found:
             if self.stop.is_set():
                 report.stopped = True
+                report.waiting += 1
+                continue
+            if paused_all or (met is not None and met.needs_disk):
                 report.waiting += 1
                 continue
             if not force and self.clock.now_ms() < known.next_retry_at:
@@ -399,16 +412,20 @@ class Recovery:
                 continue
             batch_id = path.name[: -len(FAILED_SUFFIX)]
             needs_sink = not known.sink_accepted and batch_id not in self._accepted
-            if report.circuit_open and needs_sink:
+            if (report.circuit_open or met is not None) and needs_sink:
                 report.waiting += 1
                 continue
             doc = doc or self._load(path, report)
             if doc is None:
                 continue
             self._known.pop(path.name, None)  # the retry rewrites or removes it
-            if not self._retry(path, doc, report):
+            cause = self._retry(path, doc, report)
+            if cause is not None:
                 report.waiting += 1
-                report.circuit_open = True
+                met = met if met is not None and met.needs_disk else cause
+                report.circuit_open = report.circuit_open or cause.cause == "breakerOpen"
+        tried = bool(report.recovered or report.retried_failed or report.abandoned)
+        self._settle_pause(met, tried or not found, report)
         if report.stopped:
             log.info("recovery pass stopped early: the daemon is stopping")
         for key, items in (
@@ -418,6 +435,23 @@ class Recovery:
         ):
             self.totals[key] += len(items)
         return report
+
+    def _settle_pause(self, met: Cause | None, cleared: bool, report: RecoveryReport) -> None:
+        """Pause the loop on an environment cause; lift the pause once a batch got past it
+        (or none is left)."""
+        now = self.clock.now_ms()
+        if met is not None:
+            first = self.pause.cause is None
+            self.pause.hit(met, now, self.policy.delay_cap_ms(self.pause.passes))
+            (log.error if first else log.warning)(
+                "recovery paused: %s; no batch is charged a retry; next try in %d ms",
+                met.describe(),
+                self.pause.until_ms - now,
+            )
+        elif cleared and self.pause.cause is not None:
+            log.info("recovery resumed: %s is gone", self.pause.cause.cause)
+            self.pause.clear()
+        report.paused = self.pause.snapshot()
 
     def _complete(self, batch_id: str, doc: dict[str, Any], now: int) -> None:
         """Deliver unless the sink already has the batch, then write it; `doc` keeps what the
@@ -438,16 +472,25 @@ class Recovery:
             doc["sinkAcceptedAt"] = accepted
         self.completer.write(batch_id, data)
 
-    def _retry(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> bool:
-        """Try one batch; False when the sink's breaker is open (nothing was tried)."""
+    def _retry(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> Cause | None:
+        """Try one batch; the environment's cause when it failed for every batch alike (an
+        open breaker, a sink that is down, a folder that refuses writes): nothing is charged."""
         batch_id = doc["batchId"]
         now = self.clock.now_ms()
+        learnt = [doc.get(key) for key in DELIVERY_FIELDS]
         try:
             self._complete(batch_id, doc, now)
-        except CircuitOpenError as exc:
-            report.breaker_retry_in_s = exc.retry_in_s
-            return False
         except Exception as exc:
+            cause = environment_cause(exc, self.layout.root, "aggregated/")
+            if cause is not None:
+                if isinstance(exc, CircuitOpenError):
+                    report.breaker_retry_in_s = exc.retry_in_s
+                if learnt != [doc.get(key) for key in DELIVERY_FIELDS]:
+                    # What the sink now holds must outlive a restart; the count stays as it is.
+                    with contextlib.suppress(OSError):
+                        atomic_write(path, orjson.dumps(doc))
+                log.warning("batch %s: not charged a retry: %s", batch_id, cause.describe())
+                return cause
             # Anything else (a bug, a sink's bad URL) is retried like a transient failure.
             if not isinstance(exc, (OSError, PermanentError)):
                 log.error("batch %s: unexpected error while recovering", batch_id, exc_info=exc)
@@ -465,7 +508,7 @@ class Recovery:
             if kind == "permanent" or (not held and doc["retryCount"] >= self.policy.limit):
                 why = "permanent error" if kind == "permanent" else "retry limit reached"
                 self._abandon(path, doc, why, report)
-                return True
+                return None
             doc["nextRetryAt"] = self.policy.next_retry_at(now, doc["retryCount"], self.rng)
             try:
                 atomic_write(path, orjson.dumps(doc))
@@ -480,14 +523,14 @@ class Recovery:
                 error,
                 iso_ms(doc["nextRetryAt"]),
             )
-            return True
+            return None
         path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             fsync_dir(path.parent)
         self._accepted.pop(batch_id, None)
         report.recovered.append(batch_id)
         log.info("batch %s: recovered into aggregated/", batch_id)
-        return True
+        return None
 
     def _abandon(self, path: Path, doc: dict[str, Any], why: str, report: RecoveryReport) -> None:
         batch_id = doc["batchId"]

@@ -31,7 +31,13 @@ from typing import IO, Any, Protocol
 
 from .clock import Clock
 from .config import Config
-from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, TransientError
+from .errors import (
+    AmbiguousDelivery,
+    CircuitOpenError,
+    PermanentError,
+    SinkDownError,
+    TransientError,
+)
 from .layout import Layout
 from .sink_refused import Delivered, Refused, RefusedStore
 from .storage import CompletedFiles
@@ -40,6 +46,8 @@ log = logging.getLogger("flowagg.sink")
 
 EX_TEMPFAIL = 75
 RETRYABLE_HTTP = {408, 429}
+# Answers that speak for the service rather than the batch: a gateway without its backend.
+DOWN_HTTP = {502, 503, 504}
 STDERR_TAIL_BYTES = 4096
 RESPONSE_BODY_LIMIT = 64 << 10  # a reply body is read (to reuse nothing) but never kept whole
 
@@ -79,7 +87,7 @@ class CommandSink:
             )
         except OSError as exc:
             # A missing or unrunnable program is for an operator to fix: keep the batch.
-            raise TransientError(f"sink command cannot run: {exc}") from None
+            raise SinkDownError(f"sink command cannot run: {exc}") from None
         assert proc.stdin is not None and proc.stderr is not None
         tail: collections.deque[bytes] = collections.deque()
         reader = threading.Thread(target=_tail, args=(proc.stderr, tail), daemon=True)
@@ -186,13 +194,13 @@ class HttpSink:
                 if sent:
                     message = f"sink dropped the connection before answering: {exc}"
                     raise AmbiguousDelivery(message) from None
-                raise TransientError(f"sink unreachable: {exc}") from None
+                raise SinkDownError(f"sink unreachable: {exc}") from None
         finally:
             timer.cancel()
             conn.close()
         if expired.is_set():
             message = f"sink did not answer within sinkTimeoutMs ({self.timeout_s:g} s)"
-            raise AmbiguousDelivery(message) if sent else TransientError(message)
+            raise AmbiguousDelivery(message) if sent else SinkDownError(message)
         if 200 <= status < 300:
             return
         if 300 <= status < 400:
@@ -201,6 +209,8 @@ class HttpSink:
                 " redirects are not followed: set sinkUrl to the final URL"
             )
         message = f"sink answered HTTP {status}"
+        if status in DOWN_HTTP:
+            raise SinkDownError(message)
         if status in RETRYABLE_HTTP or status >= 500:
             raise TransientError(message)
         raise PermanentError(message)

@@ -370,6 +370,8 @@ class PostgresSink:
                 f"PostgreSQL connection lost during COMMIT ({detail}); the batch may be"
                 " stored: it is sent again, which is safe (rows are stored once)"
             )
+        if stage == "connecting":
+            return SinkDownError(f"PostgreSQL unavailable while {stage}: {detail}")
         return TransientError(f"PostgreSQL unavailable while {stage}: {detail}")
 
     def snapshot(self) -> dict[str, Any]:

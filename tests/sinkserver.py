@@ -14,13 +14,17 @@ import orjson
 
 class Receiver:
     """mode: "ok", an HTTP status like "503" (a 3xx carries a Location), "timeout" (answers
-    too late), "trickle" (a 200 whose body comes a byte every 50 ms) or "drop"."""
+    too late), "hold" (sets `received` once the whole request is in, answers 200 only after
+    `release` is set: a late answer by events, not by timing), "trickle" (a 200 whose body
+    comes a byte every 50 ms) or "drop"."""
 
     def __init__(self) -> None:
         self.mode = "ok"
         self.delay_s = 2.0
         self.batches: list[dict[str, Any]] = []
         self.calls = Counter[str]()
+        self.received = threading.Event()
+        self.release = threading.Event()
         self._lock = threading.Lock()
         receiver = self
 
@@ -46,6 +50,10 @@ class Receiver:
                     return
                 if mode == "timeout":
                     time.sleep(receiver.delay_s)
+                    mode = "ok"
+                if mode == "hold":
+                    receiver.received.set()
+                    receiver.release.wait()
                     mode = "ok"
                 if mode == "ok":
                     doc = orjson.loads(body)
@@ -74,5 +82,6 @@ class Receiver:
             return Counter(e["entryId"] for b in self.batches for e in b["entries"])
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()

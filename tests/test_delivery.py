@@ -133,9 +133,9 @@ def test_a_parked_accepted_batch_says_so_and_recovery_only_writes_it(layout: Lay
     recovery = Recovery(layout, clock, random.Random(1), POLICY, store=completer)
     for _ in range(POLICY.limit * 2):  # far past the retry limit: the collector holds it
         report = recovery.run_once(force=True)
-        assert report.retried_failed == [BATCH_ID] and not report.abandoned
+        assert not report.abandoned and report.paused is not None  # the full disk's, not its
     assert sink.calls == 1
-    assert orjson.loads(path.read_bytes())["retryCount"] == POLICY.limit * 2
+    assert orjson.loads(path.read_bytes())["retryCount"] == 0
     write.failures = 0
     assert recovery.run_once(force=True).recovered == [BATCH_ID]
     assert sink.calls == 1
@@ -198,7 +198,8 @@ def test_an_ambiguous_recovery_retry_is_remembered_and_counted(
     assert orjson.loads(path.read_bytes())["possiblyDelivered"] is True
     receiver.mode = "503"  # a clear failure later does not make it undelivered
     recovery = Recovery(layout, FakeClock(now_ms=10_000), random.Random(1), POLICY, store=completer)
-    assert recovery.run_once(force=True).retried_failed == [BATCH_ID]
+    paused = recovery.run_once(force=True).paused  # a 503: the sink is down, no retry charged
+    assert paused is not None and paused["cause"] == "sinkDown"
     assert orjson.loads(path.read_bytes())["possiblyDelivered"] is True
     receiver.mode = "ok"
     assert recovery.run_once(force=True).recovered == [BATCH_ID]

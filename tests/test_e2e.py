@@ -21,6 +21,7 @@ from tests.harness import (
     cli,
     entry,
     flowagg_cmd,
+    ping,
     request,
     start_daemon,
     stored_entries,
@@ -123,6 +124,36 @@ def test_second_daemon_is_refused_with_exit_3(root: Path, daemons: list[DaemonPr
     message = second.stderr.decode()
     assert f"pid {first.proc.pid}" in message and "already running" in message
     assert request(first.layout.socket, {"op": "ping"}) == {"ok": True}
+
+
+def test_a_second_daemon_with_another_run_dir_is_refused_by_the_roots_lock(
+    tmp_path: Path, root: Path, daemons: list[DaemonProc]
+) -> None:
+    # Two run directories share nothing: only a lock in the root itself keeps the second
+    # daemon from writing journal seqs beside the first's.
+    first = start_daemon(root, {"runDir": str(tmp_path / "run-a"), **QUIET})
+    daemons.append(first)
+    assert add_via(first, entry(1))["accepted"] == 1
+    log_path = tmp_path / "second.log"
+    second = DaemonProc(root, env={"FLOWAGG_RUN_DIR": str(tmp_path / "run-b")}, log_path=log_path)
+    daemons.append(second)
+    # Exit, or (the bug) a second daemon answering on its own socket.
+    wait_for(lambda: second.proc.poll() is not None or ping(tmp_path / "run-b" / "flowagg.sock"))
+    assert second.stop() == 3, second.log()
+    message = log_path.read_text()
+    assert message.count("\n") == 1 and "already running" in message
+    assert f"pid {first.proc.pid}" in message and str(root / "flowagg.lock") in message
+    assert request(first.layout.socket, {"op": "flush"})["entries"] == 1
+    assert first.stop() == 0
+    # Stopped, the root is free again and no pid file names the old daemon.
+    assert not (root / "flowagg.pid").exists()
+    again = start_daemon(root, {"runDir": str(tmp_path / "run-b"), **QUIET})
+    daemons.append(again)
+    assert (root / "flowagg.pid").read_text() == f"{again.proc.pid}\n"
+
+
+def add_via(daemon: DaemonProc, *entries: dict[str, Any]) -> dict[str, Any]:
+    return request(daemon.layout.socket, {"op": "add", "entries": list(entries)})
 
 
 @pytest.mark.parametrize("kind", ["missing-parent", "file"])

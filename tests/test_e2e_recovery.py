@@ -69,14 +69,18 @@ def test_unwritable_aggregated_then_heal_and_recover(root: Path, daemons: list[D
     ids = [f"u{i}" for i in range(12)]
     with unwritable(layout.aggregated):
         add(root, ids[:6])
-        assert cli(root, "flush").returncode == 0
+        flushed = cli(root, "flush")
+        assert flushed.returncode == 1  # nothing was stored in aggregated/: said so
+        assert b"stored 0 entries in 0 batches; 1 batches (6 entries) failed" in flushed.stdout
         add(root, ids[6:])
-        assert cli(root, "flush").returncode == 0
+        reply = orjson.loads(cli(root, "flush", "--json").stdout)
+        assert (reply["storedBatches"], reply["failedBatches"], reply["failedEntries"]) == (0, 1, 6)
         assert status(root)["queue"]["failed"] == 2
         assert stored_id_counts(root) == dict.fromkeys(ids, 1)  # in recovery/, once each
         again = cli(root, "recover", "--json")
-        assert again.returncode == 1  # still broken: failed again, reported
-        assert len(orjson.loads(again.stdout)["failedAgain"]) == 2
+        assert again.returncode == 1  # still broken: paused, reported, no retry charged
+        paused = orjson.loads(again.stdout)["paused"]
+        assert paused["folder"] == "aggregated/" and paused["cause"] in ("EPERM", "ENOTDIR")
     healed = cli(root, "recover", "--json")
     assert healed.returncode == 0, healed.stdout
     assert len(orjson.loads(healed.stdout)["recovered"]) == 2
@@ -92,29 +96,73 @@ def test_unwritable_aggregated_then_heal_and_recover(root: Path, daemons: list[D
         assert name.stem.removeprefix("batch_") in log
 
 
-def test_retry_limit_abandons_then_requeue_recovers(root: Path, daemons: list[DaemonProc]) -> None:
-    daemon = start_daemon(root, {**FAST, "batchRetryLimit": 2})
+def test_an_unwritable_folder_for_longer_than_the_retry_limit_abandons_nothing(
+    root: Path, daemons: list[DaemonProc]
+) -> None:
+    # Many passes at a short backoff while aggregated/ refuses every write: the folder's
+    # failure, not the batches', so batchRetryLimit (2) is never reached.
+    settings = {**FAST, "batchRetryLimit": 2, "retryMaxDelayMs": 100, "scheduleIntervalMs": 100}
+    daemon = start_daemon(root, settings)
+    daemons.append(daemon)
+    layout = Layout(root)
+    ids = ["a1", "a2", "a3"]
+    with unwritable(layout.aggregated):
+        add(root, ids)
+        assert cli(root, "flush").returncode == 1
+        wait_for(lambda: status(root)["recovery"]["runs"] >= 20, timeout=60)
+        st = status(root)
+        assert st["queue"]["abandoned"] == 0 and st["queue"]["failed"] == 1
+        [failed] = layout.recovery.glob("*.failed.json")
+        assert orjson.loads(failed.read_bytes())["retryCount"] == 0
+
+        def names_the_cause() -> dict[str, Any] | None:
+            proc = cli(root, "health", "--json")
+            snap: dict[str, Any] = orjson.loads(proc.stdout)
+            return snap if snap.get("recovery", {}).get("paused") else None
+
+        snap = wait_for(names_the_cause)
+        assert snap["recovery"]["paused"]["folder"] == "aggregated/"
+        assert any("recovery paused" in issue for issue in snap["issues"])
+        folders = snap["systemHealth"]["folders"]
+        assert folders["aggregated/"]["available"] >= 0 and folders["./"]["total"] > 0
+    # Writable again: the loop's next pass completes the batch, without an operator.
+    wait_for(lambda: status(root)["queue"]["failed"] == 0, timeout=60)
+    assert stored_id_counts(root) == dict.fromkeys(ids, 1)
+    assert not list(layout.abandoned.iterdir())
+    assert status(root)["recovery"]["paused"] is None
+
+
+def test_retry_limit_abandons_then_requeue_recovers(
+    tmp_path: Path, root: Path, daemons: list[DaemonProc]
+) -> None:
+    # A sink that answers EX_TEMPFAIL for this batch while up: the batch's own failure, so
+    # each retry counts.
+    gate = tmp_path / "refuse"
+    gate.touch()
+    sink = f"sh -c 'cat >/dev/null; test -e {gate} && exit 75; exit 0'"
+    settings = {**FAST, "batchRetryLimit": 2, "sinkType": "command", "sinkCommand": sink}
+    daemon = start_daemon(root, {**settings, "breakerFailures": 1000})
     daemons.append(daemon)
     layout = Layout(root)
     wait_for(lambda: cli(root, "health").returncode == 0)
-    with unwritable(layout.aggregated):
-        add(root, ["a1", "a2", "a3"])
-        assert cli(root, "flush").returncode == 0
-        assert cli(root, "recover").returncode == 1
-        assert cli(root, "recover").returncode == 1
-        assert status(root)["queue"]["abandoned"] == 1
+    add(root, ["a1", "a2", "a3"])
+    assert cli(root, "flush").returncode == 1
+    assert cli(root, "recover").returncode == 1
+    assert cli(root, "recover").returncode == 1
+    assert status(root)["queue"]["abandoned"] == 1
 
-        def abandoned_reported() -> bool:
-            # Only the snapshot right after the abandonment says so; the kept files show it.
-            for path in layout.health.glob("health-*.json"):
-                snap = orjson.loads(path.read_bytes())
-                if snap["status"] == "critical" and any(
-                    "abandoned since" in issue for issue in snap["issues"]
-                ):
-                    return True
-            return False
+    def abandoned_reported() -> bool:
+        # Only the snapshot right after the abandonment says so; the kept files show it.
+        for path in layout.health.glob("health-*.json"):
+            snap = orjson.loads(path.read_bytes())
+            if snap["status"] == "critical" and any(
+                "abandoned since" in issue for issue in snap["issues"]
+            ):
+                return True
+        return False
 
-        wait_for(abandoned_reported)
+    wait_for(abandoned_reported)
+    gate.unlink()
     [parked] = layout.abandoned.glob("*.abandoned.json")
     batch_id = parked.name.removesuffix(".abandoned.json")
     requeue = cli(root, "recover", "--abandoned", "--batch", batch_id, "--json")
@@ -151,7 +199,7 @@ def test_full_aggregated_then_space_returns(root: Path, small_tmpfs: Path) -> No
             fh.write(b"\0" * 65536)
     ids = [f"f{i}" for i in range(20)]
     add(root, ids)
-    assert cli(root, "flush").returncode == 0
+    assert cli(root, "flush").returncode == 1
     assert status(root)["queue"]["failed"] == 1
     filler.unlink()
     assert cli(root, "recover").returncode == 0

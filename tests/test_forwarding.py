@@ -119,7 +119,7 @@ def test_command_sink_retry_then_accept_and_refuse(
     layout = Layout(root)
     add = cli(root, "add", input=orjson.dumps([entry(1, entryId="c1"), entry(2, entryId="c2")]))
     assert add.returncode == 0
-    assert cli(root, "flush").returncode == 0
+    assert cli(root, "flush").returncode == 1  # the batch failed: said so
     assert len(list(layout.recovery.glob("*.failed.json"))) == 1  # 75: try again later
     code.write_text("0")
     assert cli(root, "recover").returncode == 0
@@ -128,7 +128,7 @@ def test_command_sink_retry_then_accept_and_refuse(
 
     code.write_text("1")  # refused for good: straight to abandoned, no retries
     assert cli(root, "add", input=orjson.dumps(entry(3, entryId="c3"))).returncode == 0
-    assert cli(root, "flush").returncode == 0
+    assert cli(root, "flush").returncode == 1
     [parked] = layout.abandoned.glob("*.abandoned.json")
     doc = orjson.loads(parked.read_bytes())
     assert doc["abandonReason"] == "permanent error" and "exited 1" in doc["lastError"]
@@ -153,7 +153,7 @@ def test_recover_with_the_breaker_open_fails_and_counts_every_batch_waiting(
     daemons.append(start_daemon(root, settings))
     for n in range(3):
         assert cli(root, "add", input=orjson.dumps(entry(n, entryId=f"w{n}"))).returncode == 0
-        assert cli(root, "flush").returncode == 0
+        assert cli(root, "flush").returncode == 1
     st = status(root)
     assert st["queue"]["failed"] == 3 and st["sink"]["state"] == "open"
     assert receiver.calls["503"] == 1  # the breaker parked the others at once, untried
@@ -186,7 +186,7 @@ def test_a_slow_collector_gets_no_inline_copies_and_the_resend_is_reported(
     }
     daemons.append(start_daemon(root, settings))
     assert cli(root, "add", input=orjson.dumps(entry(1, entryId="slow1"))).returncode == 0
-    assert cli(root, "flush").returncode == 0
+    assert cli(root, "flush").returncode == 1
     [parked] = Layout(root).recovery.glob("*.failed.json")
     assert orjson.loads(parked.read_bytes())["possiblyDelivered"] is True
     wait_for(lambda: receiver.entry_ids() == {"slow1": 1})

@@ -50,11 +50,12 @@ def put_failed(layout: Layout, doc: dict[str, Any]) -> Path:
 
 
 class FlakyStore:
-    """A store that fails while `error` is set, then writes for real."""
+    """A store that fails while `error` is set, then writes for real. EIO by default: a
+    failure of the batch's own file, charged to it (a full disk is not, test_pause)."""
 
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.error: BaseException | None = OSError(errno.ENOSPC, "No space left on device")
+        self.error: BaseException | None = OSError(errno.EIO, "Input/output error")
         self.calls = 0
 
     def __call__(self, batch_id: str, data: bytes) -> Path:
@@ -97,7 +98,7 @@ def test_schedule_then_abandon_then_requeue(tmp_path: Path) -> None:
         doc = orjson.loads((layout.recovery / f"{B1}.failed.json").read_bytes())
         assert doc["retryCount"] == attempt
         assert doc["lastRetryAt"] == clock.now_ms()
-        assert "No space left" in doc["lastError"]
+        assert "Input/output error" in doc["lastError"]
         delay = doc["nextRetryAt"] - clock.now_ms()
         assert 0 <= delay <= POLICY.delay_cap_ms(attempt)
         assert len(doc["history"]) == attempt
@@ -228,7 +229,11 @@ def test_disk_full_on_a_fake_filesystem_then_space_returns(fs: Any) -> None:
     fs.set_disk_usage(used + 200, path="/flowagg")  # room for little more than nothing
     recovery = Recovery(layout, FakeClock(), random.Random(1), POLICY)
     report = recovery.run_once(force=True)
-    assert report.retried_failed == ["full"]
+    # The disk's failure, not the batch's: no retry charged, the loop paused with the cause.
+    assert report.retried_failed == [] and report.waiting == 1
+    assert report.paused is not None
+    assert (report.paused["cause"], report.paused["folder"]) == ("ENOSPC", "aggregated/")
+    assert orjson.loads((layout.recovery / "full.failed.json").read_bytes())["retryCount"] == 0
     assert not list(layout.aggregated.iterdir())  # no partial or temp file left behind
     fs.set_disk_usage(10 * 1024 * 1024, path="/flowagg")
     assert recovery.run_once(force=True).recovered == ["full"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -219,24 +220,50 @@ def test_chatty_command_costs_no_memory_and_keeps_its_last_stderr_line() -> None
     assert int(growth) < 20 * 2**20
 
 
-def test_failures_after_the_request_went_out_are_ambiguous(receiver: Receiver) -> None:
+class DeadlineAtReceipt:
+    """Stands for the sink's deadline timer: it expires once the receiver holds the whole
+    request, whatever the machine's load, instead of after a fixed time."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    def __call__(self, _interval: float, function: Callable[[], None]) -> threading.Thread:
+        cancelled = threading.Event()
+
+        def expire() -> None:
+            while not cancelled.is_set():
+                if self.receiver.received.wait(0.01):
+                    function()
+                    return
+
+        timer = threading.Thread(target=expire, daemon=True)
+        timer.cancel = cancelled.set  # type: ignore[attr-defined]
+        return timer
+
+
+def test_failures_after_the_request_went_out_are_ambiguous(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The collector may hold the batch: a timeout after it was sent, or a hang-up before the
     # answer. Before the request is out, the batch cannot be there.
-    receiver.mode, receiver.delay_s = "timeout", 1.0
-    with pytest.raises(AmbiguousDelivery, match="within sinkTimeoutMs"):
-        HttpSink(receiver.url, 0.2).deliver("1_1", BATCH)
+    receiver.mode = "hold"
+    with monkeypatch.context() as patched:
+        patched.setattr(threading, "Timer", DeadlineAtReceipt(receiver))
+        with pytest.raises(AmbiguousDelivery, match="within sinkTimeoutMs"):
+            HttpSink(receiver.url, 0.2).deliver("1_1", BATCH)
+    receiver.release.set()
     receiver.mode = "drop"
     with pytest.raises(AmbiguousDelivery, match="dropped the connection"):
-        HttpSink(receiver.url, 5).deliver("1_1", BATCH)
+        HttpSink(receiver.url, 60).deliver("1_1", BATCH)
     for status in ("503", "429"):
         receiver.mode = status
         with pytest.raises(TransientError) as answered:
-            HttpSink(receiver.url, 5).deliver("1_1", BATCH)
+            HttpSink(receiver.url, 60).deliver("1_1", BATCH)
         assert not isinstance(answered.value, AmbiguousDelivery)
     url = receiver.url
     receiver.close()
     with pytest.raises(TransientError) as unreachable:
-        HttpSink(url, 2).deliver("1_1", BATCH)
+        HttpSink(url, 60).deliver("1_1", BATCH)
     assert not isinstance(unreachable.value, AmbiguousDelivery)
 
 
