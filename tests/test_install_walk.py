@@ -6,6 +6,10 @@ mount and PID namespace, where every folder they write (/etc, /opt, /usr/local, 
 changes land in the test's tmp dir. When the namespace's first process ends, the kernel kills
 what is left in it (the daemon among them) and the mounts go with it.
 
+The walk runs with the caller's PATH, whatever python3 comes first on it: `sudo python3` is
+what sudo's secure_path finds (Debian's /usr/bin/python3), as on the reader's machine; the
+daemon starting as flowagg shows that its venv is one that account can run.
+
 Only the substitutions in SUBSTITUTIONS are made, each with its reason; every other line runs
 exactly as the README has it, so README and test cannot drift apart: a substitution that no
 longer matches its line fails the test.
@@ -204,7 +208,10 @@ def require_tools() -> None:
         missing.append("root")
     if missing:
         if ci:
-            pytest.fail(f"the install walk needs {', '.join(missing)} in CI (.ci/run installs)")
+            pytest.fail(
+                f"in CI the install walk needs {', '.join(missing)}: run it as root;"
+                " .ci/run installs sudo, the rest comes with Debian"
+            )
         pytest.skip(f"the install walk needs {', '.join(missing)}")
 
 

@@ -178,7 +178,8 @@ def stop(unit: str) -> None:
     pid_file = STATE / f"{unit}.pid"
     if pid_file.exists():
         pid = int(pid_file.read_text())
-        os.kill(pid, signal.Signals[last(settings, "KillSignal", "SIGTERM")])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.Signals[last(settings, "KillSignal", "SIGTERM")])
         deadline = time.monotonic() + min(
             seconds(last(settings, "TimeoutStopSec", "90")), MAX_WAIT_S
         )
