@@ -216,7 +216,7 @@ def require_tools() -> None:
 
 
 def markers(output: str) -> list[tuple[float, str, str]]:
-    """(time, README text, what followed until the next marker) for each step."""
+    """(time, the step's first README line, what followed until the next marker) per step."""
     parts = re.split(r"^### (\d+\.\d+) ", output, flags=re.M)
     found = []
     for stamp, body in zip(parts[1::2], parts[2::2], strict=True):
@@ -253,7 +253,7 @@ def test_install_walk_as_written(tmp_path: Path) -> None:
     )
     assert host_state() == before
     steps = markers(proc.stdout)
-    assert proc.returncode == 0 and steps[-1][1] == "walked", proc.stdout[-6000:]
+    assert proc.returncode == 0 and steps and steps[-1][1] == "walked", proc.stdout[-6000:]
     took = {a[1]: round(b[0] - a[0], 1) for a, b in itertools.pairwise(steps)}
     print("seconds per step:", json.dumps(took, indent=1))
     # The check line ran as written and reached the daemon the unit started.
