@@ -134,7 +134,7 @@ def test_allowed_uids_refuse_other_peers_with_one_line(
         accounts.member, "--root", str(root), "add", orjson.dumps(entry(1)).decode()
     )
     message = refused.stderr.decode()
-    assert refused.returncode == 1, message
+    assert refused.returncode == 4, message  # not_allowed: README's exit codes of `add`
     assert message.count("\n") == 1 and "not_allowed" in message and "allowedUids" in message
     member_uid = accounts.uid(accounts.member)
     wait_for(lambda: f"refused a request from uid {member_uid}" in daemon.log())

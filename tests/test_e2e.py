@@ -61,7 +61,15 @@ def test_size_trigger_then_manual_flush(root: Path, daemons: list[DaemonProc]) -
 
     flushed = cli(root, "flush", "--json")
     assert flushed.returncode == 0
-    assert orjson.loads(flushed.stdout) == {"ok": True, "batches": 1, "entries": 2}
+    assert orjson.loads(flushed.stdout) == {
+        "ok": True,
+        "batches": 1,
+        "entries": 2,
+        "storedBatches": 1,
+        "storedEntries": 2,
+        "failedBatches": 0,
+        "failedEntries": 0,
+    }
     got = batches(root)
     assert [b["trigger"] for b in got] == ["size", "size", "manual"]
     # Arrival order kept across batches; batch ids unique and sorted like the files.

@@ -145,6 +145,23 @@ def test_batch_file_site(root: Path, faults: FaultInjector, name: str) -> None:
         assert failed["retryCount"] == 0
         assert os.strerror(ERRNOS[name]) in failed["lastError"]
         assert failed["failedAt"] <= failed["nextRetryAt"] <= failed["failedAt"] + 1000
+        if ERRNOS[name] != errno.EIO:
+            # A full, refusing or read-only folder fails every batch alike: recovery pauses and
+            # charges no batch a retry, however long it lasts (issue #24 item 4).
+            for _ in range(LIMIT + 2):
+                report = rig.recovery.run_once(force=True)
+                rig.check("recovery")
+                assert report.paused is not None and report.paused["cause"] == name
+            assert (
+                orjson.loads(next(rig.layout.recovery.glob("*.failed.json")).read_bytes())[
+                    "retryCount"
+                ]
+                == 0
+            )
+            heal()
+            assert rig.recovery.run_once(force=True).recovered
+            rig.check("aggregated")
+            return
         for attempt in range(1, LIMIT + 1):
             report = rig.recovery.run_once(force=True)
             rig.check("recovery" if attempt < LIMIT else "abandoned")
@@ -190,7 +207,9 @@ def test_failed_file_site_keeps_the_batch_in_the_journal(
 @pytest.mark.parametrize("name", list(ERRNOS))
 def test_abandoned_file_site(root: Path, faults: FaultInjector, name: str) -> None:
     async def scenario(rig: Rig) -> None:
-        heal_batches = faults.breaks(under(rig.layout.aggregated), ERRNOS[name])
+        # EIO on aggregated/ is the batch's own failure (a full folder would pause recovery
+        # and never abandon): it spends the retries, then abandoned/ refuses with `name`.
+        heal_batches = faults.breaks(under(rig.layout.aggregated), errno.EIO)
         heal_abandoned = faults.breaks(under(rig.layout.abandoned), ERRNOS[name])
         await rig.add(5)
         assert rig.pipeline is not None
