@@ -13,223 +13,52 @@ Intake of one file:
 A crash leaves the adopted file, and the next start resumes it after the last journaled chunk
 (chunk boundaries depend only on the file and where the chunk starts) or deletes it when the
 journal says it is finished. So no entry is ingested twice or lost.
+
+This module is the intake itself (scan, adopt, journal, resume); reading a file is spool_read's,
+opening it spool_open's, what goes to recovery/errors/ spool_quarantine's, and the inbox/
+events that wake a scan are spool_watch's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import errno
 import itertools
 import logging
 import os
-import stat
 from pathlib import Path
-from typing import Any
 
 import orjson
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
-from .audit import FileOwner, audit
-from .fsutil import (
-    REASON_SUFFIX,
-    display_name,
-    fit_name,
-    fsync_dir,
-    quarantine_bytes,
-    quarantine_file,
-    rotate_errors,
-)
+from .fsutil import display_name, fit_name, fsync_dir
 from .layout import Layout
 from .pipeline import Pipeline, Valid
-from .spool_trust import OPEN_FLAGS, READ_BLOCK, Droppers, account, refusal, take_over
+from .spool_open import open_adopted
+from .spool_quarantine import SpoolQuarantine
+from .spool_read import (
+    Chunk,
+    Problem,
+    adopted_ms,
+    count_lines,
+    file_kind,
+    is_spool_name,
+    not_regular_reason,
+    parse_lines,
+    read_at_most,
+    read_chunk,
+)
+from .spool_trust import Droppers
+from .spool_watch import InboxWatch
 
 log = logging.getLogger("flowagg.spool")
 
-SPOOL_SUFFIXES = (".json", ".jsonl")
-CHUNK_LINES = 1000
-CHUNK_BYTES = 1 << 20
-RAW_PREFIX_BYTES = 4096  # what is kept of a line too long to buffer
-MAX_LISTED_ERRORS = 100
 # Junk (not a spool file) moved to errors/ per scan; more waits JUNK_PAUSE_S for the next one.
 JUNK_PER_SCAN = 64
 JUNK_PAUSE_S = 0.5
 JUNK = "\0junk"  # what _take says of a file that is not a spool file (no file name has a NUL)
 STOP_GRACE_S = 5.0
-ADOPTED_MS_DIGITS = 13
 
 Progress = tuple[int, bool]  # journaled end offset, finished
-
-
-def is_spool_name(name: str) -> bool:
-    return not name.startswith(".") and name.endswith(SPOOL_SUFFIXES)
-
-
-def original_name(adopted: str) -> str:
-    """The inbox name an adopted name came from (as far as it was kept)."""
-    parts = adopted.split("-", 2)
-    return parts[2] if len(parts) == 3 and parts[0].isdigit() else adopted
-
-
-def adopted_ms(adopted: str) -> int:
-    head = adopted[:ADOPTED_MS_DIGITS]
-    return int(head) if head.isdigit() else 0
-
-
-def file_kind(mode: int) -> str | None:
-    """None for a regular file, else what it is, for the reason file."""
-    if stat.S_ISREG(mode):
-        return None
-    kinds = [
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ]
-    return next((name for test, name in kinds if test(mode)), "a special file")
-
-
-def not_regular_reason(kind: str) -> str:
-    return f"{kind}, not a regular file: only regular files are read; spool a regular file"
-
-
-@dataclasses.dataclass
-class Line:
-    offset: int  # where the line starts in the file
-    data: bytes  # without its newline; only a prefix when the line is over the limit
-    length: int  # of the whole line, without its newline
-    number: int  # counting from 1, as the reasons name it
-
-
-@dataclasses.dataclass
-class Chunk:
-    start: int
-    end: int  # where the next chunk starts
-    lines: list[Line]
-    final: bool
-
-
-@dataclasses.dataclass
-class Problem:
-    offset: int
-    raw: bytes
-    error: str
-
-
-def read_chunk(fd: int, start: int, max_line: int, first_line: int = 1) -> Chunk:
-    """Lines from `start` (line number `first_line`), up to CHUNK_LINES of them or about
-    CHUNK_BYTES.
-
-    The boundaries depend only on the file and `start`, so a resumed intake cuts the same
-    chunks. A line over `max_line` is never buffered whole: a prefix is kept, the rest skipped.
-    """
-    lines: list[Line] = []
-    pos = start
-    buf = b""
-    at = 0  # buf[at:] holds the bytes at pos that are not a line yet
-    while len(lines) < CHUNK_LINES and pos - start < CHUNK_BYTES:
-        newline = buf.find(b"\n", at)
-        if newline >= 0:
-            length = newline - at
-            keep = length if length <= max_line else RAW_PREFIX_BYTES
-            lines.append(Line(pos, buf[at : at + keep], length, first_line + len(lines)))
-            pos += length + 1
-            at = newline + 1
-        elif len(buf) - at > max_line:
-            prefix = buf[at : at + RAW_PREFIX_BYTES]
-            line, pos = _skip_long_line(fd, pos, prefix, len(buf) - at, first_line + len(lines))
-            lines.append(line)
-            buf, at = b"", 0
-        else:
-            block = os.pread(fd, READ_BLOCK, pos + len(buf) - at)
-            if not block:
-                if len(buf) > at:  # the last line has no newline
-                    lines.append(Line(pos, buf[at:], len(buf) - at, first_line + len(lines)))
-                    pos += len(buf) - at
-                return Chunk(start, pos, lines, final=True)
-            buf, at = buf[at:] + block, 0
-    return Chunk(start, pos, lines, final=not os.pread(fd, 1, pos))
-
-
-def _skip_long_line(fd: int, pos: int, prefix: bytes, seen: int, number: int) -> tuple[Line, int]:
-    """Find the end of an overlong line starting at `pos`; returns it and the next offset."""
-    scanned = pos + seen
-    while True:
-        block = os.pread(fd, READ_BLOCK, scanned)
-        newline = block.find(b"\n")
-        if not block or newline >= 0:
-            end = scanned + (newline if newline >= 0 else 0)
-            return Line(pos, prefix, end - pos, number), end + (1 if newline >= 0 else 0)
-        scanned += len(block)
-
-
-def count_lines(fd: int, end: int) -> int:
-    """Newlines before byte `end`: the number of the line a resumed intake starts at, less 1."""
-    count = pos = 0
-    while pos < end:
-        block = os.pread(fd, min(READ_BLOCK, end - pos), pos)
-        if not block:
-            break
-        count += block.count(b"\n")
-        pos += len(block)
-    return count
-
-
-def read_at_most(fd: int, limit: int) -> bytes:
-    parts = []
-    total = 0
-    while total < limit:
-        block = os.read(fd, min(READ_BLOCK, limit - total))
-        if not block:
-            break
-        parts.append(block)
-        total += len(block)
-    return b"".join(parts)
-
-
-def parse_lines(lines: list[Line], max_line: int) -> tuple[list[Any], list[Line], list[Problem]]:
-    """JSON values of the lines (and the line of each), plus the lines that are not JSON."""
-    items: list[Any] = []
-    sources: list[Line] = []
-    problems: list[Problem] = []
-    for line in lines:
-        if line.length > max_line:
-            error = f"line {line.number}: {line.length} bytes, over {max_line}; split it"
-            problems.append(Problem(line.offset, line.data[:RAW_PREFIX_BYTES], error))
-            continue
-        if not line.data.strip():
-            continue
-        try:
-            items.append(orjson.loads(line.data))
-        except orjson.JSONDecodeError as exc:
-            error = f"line {line.number}: not valid JSON ({exc}); fix the line"
-            problems.append(Problem(line.offset, line.data, error))
-            continue
-        sources.append(line)
-    return items, sources, problems
-
-
-def rejected_name(adopted: str, tail: str) -> str:
-    """`adopted` plus `tail`, which must survive whole: it tells one chunk's copy from another."""
-    return fit_name(adopted, len(tail) + len(REASON_SUFFIX)) + tail
-
-
-def listed_errors(errors: list[str]) -> dict[str, object]:
-    """The reason file's bounded list: the first ones plus how many there were."""
-    return {"errors": errors[:MAX_LISTED_ERRORS], "errorCount": len(errors)}
-
-
-class _Kick(FileSystemEventHandler):
-    def __init__(self, kick: Any) -> None:
-        self._kick = kick
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("created", "moved", "closed"):
-            self._kick()
 
 
 class SpoolIntake:
@@ -247,27 +76,32 @@ class SpoolIntake:
         self.rescan_s = rescan_s
         self.max_file_bytes = max_file_bytes
         self.max_error_files = max_error_files  # 0: recovery/errors/ is not rotated
-        self._rotation_due = True
+        self._quarantine = SpoolQuarantine(layout, pipeline.clock, pipeline.counters)
         # Room for whitespace around an entry; its compact JSON is checked against the limit.
         self.max_line = 2 * pipeline.config.max_entry_bytes
         self._wake = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._stopping = False
-        self._observer: Any = None
+        self._watch = InboxWatch(layout.inbox, self._wake)
         self._task: asyncio.Task[None] | None = None
         self._counter = itertools.count()
         self._floor_ms = 0
         # Adopted files still in journal/spool/ -> how far the journal holds them.
         self._progress: dict[str, Progress] = {}
-        # Inbox names (as text) of the files this run adopted, which may have been cut to fit.
-        self._originals: dict[str, str] = {}
         self._droppers = Droppers(layout.group)
-        # Who wrote each adopted file (before the daemon copied it): the peer of its rejects.
-        self._owners: dict[str, FileOwner] = {}
         self.files_ingested = 0
-        self.files_quarantined = 0
-        self.entries_rejected = 0
-        self.errors_rotated = 0
+
+    @property
+    def files_quarantined(self) -> int:
+        return self._quarantine.files_quarantined
+
+    @property
+    def entries_rejected(self) -> int:
+        return self._quarantine.entries_rejected
+
+    @property
+    def errors_rotated(self) -> int:
+        return self._quarantine.errors_rotated
 
     async def recover(self, journaled: dict[str, Progress]) -> None:
         """At start, before the daemon reports ready: finish what a previous run adopted.
@@ -310,8 +144,7 @@ class SpoolIntake:
             )
             return
         self._progress.pop(adopted, None)
-        self._originals.pop(adopted, None)
-        self._owners.pop(adopted, None)
+        self._quarantine.forget(adopted)
 
     async def _ingest_or_wait(self, adopted: str, *, wait: bool) -> None:
         path = self.layout.journal_spool / adopted
@@ -324,7 +157,7 @@ class SpoolIntake:
         except Exception:
             log.exception("spool file %s: intake failed; moving it to recovery/errors/", adopted)
             off = self._progress.get(adopted, (0, False))[0]
-            finished = self._quarantine_move(
+            finished = self._quarantine.move(
                 path,
                 f"intake failed unexpectedly (see aggregation.log); the entries before byte"
                 f" {off} are stored, fix the rest and spool it again",
@@ -334,16 +167,7 @@ class SpoolIntake:
 
     async def start(self) -> None:
         """Watch inbox/ (events plus a periodic rescan); the first scan runs at once."""
-        loop = asyncio.get_running_loop()
-        observer = Observer()
-        observer.schedule(
-            _Kick(lambda: loop.call_soon_threadsafe(self._wake.set)),
-            str(self.layout.inbox),
-            recursive=False,
-        )
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        self._watch.start()
         self._wake.set()
         self._task = asyncio.create_task(self._run(), name="spool")
 
@@ -360,9 +184,7 @@ class SpoolIntake:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
-        if self._observer is not None:
-            self._observer.stop()
-            await asyncio.to_thread(self._observer.join)
+        await self._watch.stop()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -407,32 +229,10 @@ class SpoolIntake:
             # More junk than a scan moves: the rest waits a while, so that a flood's renames
             # and fsyncs come at a bounded rate and the journal's fsyncs keep the disk.
             asyncio.get_running_loop().call_later(JUNK_PAUSE_S, self._wake.set)
-        if self._rotation_due and self.max_error_files:
-            self._rotation_due = False
-            await asyncio.to_thread(self._rotate_errors)
+        if self._quarantine.rotation_due and self.max_error_files:
+            self._quarantine.rotation_due = False
+            await asyncio.to_thread(self._quarantine.rotate, self.max_error_files)
         return count
-
-    def _rotate_errors(self) -> None:
-        """Keep recovery/errors/ within maxErrorFiles: the oldest quarantined files go."""
-        try:
-            removed = rotate_errors(self.layout.errors, self.max_error_files)
-        except OSError as exc:
-            log.error("cannot rotate recovery/errors/: %s; trying again at the next scan", exc)
-            self._rotation_due = True
-            return
-        if removed:
-            self.errors_rotated += len(removed)
-            log.warning(
-                "recovery/errors/ holds more than maxErrorFiles (%d): removed the %d oldest",
-                self.max_error_files,
-                len(removed),
-            )
-            audit(
-                "errors_rotated",
-                fileCount=len(removed),
-                files=removed[:MAX_LISTED_ERRORS],
-                maxErrorFiles=self.max_error_files,
-            )
 
     def _take(self, path: Path, quarantine: bool) -> str | None:
         """Adopt a regular spool file; anything else in inbox/ is JUNK, moved to errors/ unread
@@ -448,7 +248,7 @@ class SpoolIntake:
         else:
             return self._adopt(path)
         if quarantine:
-            self._quarantine_move(path, reason)
+            self._quarantine.move(path, reason)
         return JUNK
 
     def _adopt(self, path: Path) -> str | None:
@@ -469,45 +269,15 @@ class SpoolIntake:
             fsync_dir(self.layout.inbox)
         except OSError as exc:
             log.error("spool file %s: cannot fsync its folders: %s", display_name(path.name), exc)
-        self._originals[adopted] = display_name(path.name)
+        self._quarantine.originals[adopted] = display_name(path.name)
         return adopted
-
-    def _original(self, adopted: str) -> str:
-        """The inbox name of an adopted file; after a restart, what its adopted name kept."""
-        return self._originals.get(adopted) or display_name(original_name(adopted))
-
-    def _quarantine_move(self, path: Path, reason: str) -> bool:
-        """Move a file to errors/ with its reason; False (logged) when it cannot be moved."""
-        if path.parent == self.layout.inbox:
-            original = display_name(path.name)
-        else:
-            original = self._original(path.name)
-        try:
-            target = quarantine_file(
-                self.layout.errors,
-                path,
-                reason=reason,
-                component="spool",
-                now_ms=self.pipeline.clock.now_ms(),
-                extra={"originalName": original},
-                owner=self._owners.get(path.name) if path.parent != self.layout.inbox else None,
-            )
-        except OSError as exc:
-            shown = display_name(str(path))
-            log.error("spool file %s should go to errors/ (%s) but cannot: %s", shown, reason, exc)
-            return False
-        self.files_quarantined += 1
-        self._rotation_due = True
-        shown = display_name(target.name)
-        log.warning("spool file %s quarantined to %s: %s", original, shown, reason)
-        return True
 
     async def _ingest(self, adopted: str, *, wait: bool) -> bool:
         """Journal what is left of one adopted file; True once it needs nothing more."""
         path = self.layout.journal_spool / adopted
         if not is_spool_name(adopted) or display_name(adopted) != adopted:
-            return self._quarantine_move(path, "not a name flowagg adopts; spool it again")
-        fd = await asyncio.to_thread(self._open_regular, path)
+            return self._quarantine.move(path, "not a name flowagg adopts; spool it again")
+        fd = await asyncio.to_thread(open_adopted, path, self._droppers, self._quarantine)
         if fd is None:
             return not os.path.lexists(path)  # gone or quarantined; else tried again later
         try:
@@ -516,48 +286,6 @@ class SpoolIntake:
             return await self._ingest_document(adopted, fd, wait=wait)
         finally:
             os.close(fd)
-
-    def _open_regular(self, path: Path) -> int | None:
-        """An fd of the file if it is a regular one; None when it is gone or was quarantined."""
-        try:
-            st = os.lstat(path)
-            kind = file_kind(st.st_mode)
-            if kind is None:
-                try:
-                    fd = os.open(path, OPEN_FLAGS)
-                except PermissionError:
-                    if st.st_uid == os.geteuid():
-                        raise
-                    self._quarantine_move(
-                        path,
-                        f"unreadable: {account(st.st_uid)} wrote it with mode"
-                        f" {stat.S_IMODE(st.st_mode):04o}; spool files must be readable by the"
-                        " daemon's user (`flowagg add --spool` writes them so)",
-                    )
-                    return None
-                st = os.fstat(fd)
-                kind = file_kind(st.st_mode)
-                if kind is None:
-                    return self._trusted(path, fd, st)
-                os.close(fd)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            kind = "a symbolic link"
-        self._quarantine_move(path, not_regular_reason(kind))
-        return None
-
-    def _trusted(self, path: Path, fd: int, st: os.stat_result) -> int | None:
-        """The fd to read an adopted file by, or None when it is refused (quarantined)."""
-        refused = refusal(st, self._droppers)
-        if refused is None:
-            self._owners[path.name] = FileOwner.of(st)
-            return take_over(path, fd, st)
-        os.close(fd)
-        self._quarantine_move(path, refused)
-        return None
 
     async def _ingest_lines(self, adopted: str, fd: int, *, wait: bool) -> bool:
         off, fin = self._progress.get(adopted, (0, False))
@@ -574,7 +302,7 @@ class SpoolIntake:
             valid, problems = self._check_lines(chunk)
             if problems:
                 # Written before the journal record: once that exists, the lines are gone.
-                self._reject_lines(adopted, chunk, problems)
+                self._quarantine.reject_lines(adopted, chunk, problems)
             if not await self._journal(adopted, valid, chunk.end, chunk.final, wait=wait):
                 return False
             off, fin = chunk.end, chunk.final
@@ -591,32 +319,6 @@ class SpoolIntake:
         problems.sort(key=lambda p: p.offset)
         return valid, problems
 
-    def _reject_lines(self, adopted: str, chunk: Chunk, problems: list[Problem]) -> None:
-        original = self._original(adopted)
-        # A fixed name: a resumed intake cuts the same chunk and replaces this copy.
-        quarantine_bytes(
-            self.layout.errors,
-            rejected_name(adopted, f".{chunk.start}.rejected.jsonl"),
-            b"".join(p.raw + b"\n" for p in problems),
-            reason=(
-                f"{len(problems)} invalid lines in spool file {original} (lines"
-                f" {chunk.lines[0].number} to {chunk.lines[-1].number}); the valid ones were"
-                " accepted"
-            ),
-            component="spool",
-            now_ms=self.pipeline.clock.now_ms(),
-            extra={"originalName": original, **listed_errors([p.error for p in problems])},
-            overwrite=True,
-            owner=self._owners.get(adopted),
-        )
-        self._count_rejected(original, len(problems))
-        self._rotation_due = True
-
-    def _count_rejected(self, original: str, count: int) -> None:
-        self.entries_rejected += count
-        self.pipeline.counters["rejected"] += count
-        log.warning("spool file %s: %d invalid entries quarantined", original, count)
-
     async def _ingest_document(self, adopted: str, fd: int, *, wait: bool) -> bool:
         """A .json file: one entry or an array, read whole, so only up to max_file_bytes."""
         path = self.layout.journal_spool / adopted
@@ -625,51 +327,26 @@ class SpoolIntake:
             " line), which is streamed"
         )
         if os.fstat(fd).st_size > self.max_file_bytes:
-            return await asyncio.to_thread(self._quarantine_move, path, too_big)
+            return await asyncio.to_thread(self._quarantine.move, path, too_big)
         data = await asyncio.to_thread(read_at_most, fd, self.max_file_bytes + 1)
         if len(data) > self.max_file_bytes:  # it grew after the check
-            return await asyncio.to_thread(self._quarantine_move, path, too_big)
+            return await asyncio.to_thread(self._quarantine.move, path, too_big)
         try:
             doc = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             return await asyncio.to_thread(
-                self._quarantine_move,
+                self._quarantine.move,
                 path,
                 f"not valid JSON ({exc}); fix the file and spool it again",
             )
         items = doc if isinstance(doc, list) else [doc]
         valid, rejected = self.pipeline.validate(items)
         if rejected:
-            self._reject_document(adopted, data, rejected)
+            self._quarantine.reject_document(adopted, data, rejected)
         if not await self._journal(adopted, valid, len(data), True, wait=wait):
             return False
         self.files_ingested += 1
         return True
-
-    def _reject_document(self, adopted: str, data: bytes, rejected: list[dict[str, Any]]) -> None:
-        """A copy of the whole file, with the indexes of its invalid entries and why."""
-        original = self._original(adopted)
-        quarantine_bytes(
-            self.layout.errors,
-            rejected_name(adopted, ".rejected.json"),
-            data,
-            reason=(
-                f"{len(rejected)} invalid entries in spool file {original} (listed by index,"
-                " counting from 0; the errors name them from entry 1); the valid ones were"
-                " accepted"
-            ),
-            component="spool",
-            now_ms=self.pipeline.clock.now_ms(),
-            extra={
-                "originalName": original,
-                "rejectedIndexes": [r["index"] for r in rejected[:MAX_LISTED_ERRORS]],
-                **listed_errors([r["error"] for r in rejected]),
-            },
-            overwrite=True,
-            owner=self._owners.get(adopted),
-        )
-        self._count_rejected(original, len(rejected))
-        self._rotation_due = True
 
     async def _journal(
         self, adopted: str, valid: list[Valid], off: int, fin: bool, *, wait: bool

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from flowagg import client, spool, spool_trust
+from flowagg import client, spool_open, spool_trust
 from flowagg.config import load_config
 from flowagg.errors import ConfigError
 from flowagg.fsutil import TEMP_MARK
@@ -102,7 +102,7 @@ def test_a_spool_file_the_daemon_cannot_read_is_quarantined_not_retried_forever(
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(spool.os, "open", as_another_user)
+    monkeypatch.setattr(spool_open.os, "open", as_another_user)
 
     async def go() -> None:
         await rig.start()

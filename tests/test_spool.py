@@ -32,7 +32,8 @@ from flowagg.journal import list_segments, scan_root, unframe
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
 from flowagg.recovery import write_completed
-from flowagg.spool import CHUNK_LINES, SpoolIntake, read_chunk
+from flowagg.spool import SpoolIntake
+from flowagg.spool_read import CHUNK_LINES, read_chunk
 from flowagg.storage import iter_batch_files, read_batch
 from tests.harness import DaemonProc, entry, ping, request, start_daemon, stored_id_counts, wait_for
 

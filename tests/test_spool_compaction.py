@@ -33,7 +33,8 @@ from flowagg.journal import list_segments, scan_root, segment_name, unframe
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
 from flowagg.recovery import write_completed
-from flowagg.spool import CHUNK_LINES, SpoolIntake
+from flowagg.spool import SpoolIntake
+from flowagg.spool_read import CHUNK_LINES
 from flowagg.storage import iter_batch_files, read_batch
 from tests.harness import BASE_TS, DaemonProc, entry, start_daemon, stored_id_counts, wait_for
 from tests.test_journal import DAY, NOW, Journal, wait_until
