@@ -15,7 +15,7 @@ import orjson
 
 from .cli import client_layout, fail, get_config, handles_errors, main
 from .clock import SystemClock
-from .config import SETTINGS
+from .config_schema import SETTINGS
 from .errors import EXIT_USAGE, ConfigError, DaemonError, NotRunningError
 from .export import FORMATS
 from .layout import Layout

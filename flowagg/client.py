@@ -18,7 +18,8 @@ import orjson
 import psutil
 
 from .clock import EntryIdFactory, SystemClock
-from .config import group_name, load_config
+from .config import load_config
+from .config_values import group_name
 from .entries import EntryError, validate_entry
 from .errors import (
     ConfigError,

@@ -35,7 +35,7 @@ class Layout:
 
     @classmethod
     def for_config(cls, config: object) -> Layout:
-        from .config import resolve_group
+        from .config_values import resolve_group
 
         values = config.values  # type: ignore[attr-defined]
         run = values["runDir"]
@@ -217,7 +217,7 @@ class Layout:
     def _secure(self, directory: Path) -> None:
         """Give a folder its mode (and group): a root shared once and then unshared, or a
         folder made under a loose umask, must not stay open to others."""
-        from .config import group_name
+        from .config_values import group_name
 
         mode, gid = self.access(directory)
         st = directory.stat()

@@ -29,7 +29,7 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from . import __version__
-from .config import parse_listen
+from .config_values import parse_listen
 from .fsutil import atomic_write
 from .metrics_server import MetricsServer, listen_socket
 

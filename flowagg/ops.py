@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .audit import audit
-from .config import SETTINGS, Config
+from .config import Config
+from .config_schema import SETTINGS
 from .entries import short_repr
 from .fsutil import count_files
 from .masking import mask_config_report, mask_report

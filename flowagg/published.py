@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .aggregator import Aggregator
 from .clock import Clock
-from .config import SETTINGS
+from .config_schema import SETTINGS
 from .formats import NewerFormatError
 from .fsutil import quarantine_file
 from .journal import Position, ScanResult, read_records

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .config import SETTINGS, Config
+from .config import Config
+from .config_schema import SETTINGS
 
 # Settings fixed by what the daemon built at start (paths, the socket, log handlers).
 RESTART_ONLY = (

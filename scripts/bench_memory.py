@@ -30,7 +30,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flowagg.config import DAY_MS  # noqa: E402
+from flowagg.config_schema import DAY_MS  # noqa: E402
 from flowagg.dedupe import DedupeIndex  # noqa: E402
 from flowagg.journal import JournalWriter  # noqa: E402
 from flowagg.layout import Layout  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowagg.config import DAY_MS
+from flowagg.config_schema import DAY_MS
 from flowagg.journal import Position, list_segments, read_records, segment_number
 from flowagg.pipeline import Pipeline
 from tests.harness import entry

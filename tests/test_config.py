@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from flowagg.config import SETTINGS, Config, ConfigError, env_name, load_config
-from flowagg.errors import EXIT_USAGE
+from flowagg.config import Config, load_config
+from flowagg.config_schema import SETTINGS, env_name
+from flowagg.errors import EXIT_USAGE, ConfigError
 
 
 @pytest.fixture(autouse=True)
