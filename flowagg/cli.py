@@ -346,7 +346,7 @@ def _shown(value: Any) -> str:
 @handles_errors
 def recover(ctx: click.Context, abandoned: bool, batch_id: str | None, as_json: bool) -> None:
     """Retry every failed batch now (and, with --abandoned, the abandoned ones)."""
-    from .recovery import check_batch_id
+    from .recovery_format import check_batch_id
 
     if batch_id and not abandoned:
         fail("--batch only applies with --abandoned", EXIT_USAGE)

@@ -44,8 +44,9 @@ from .metrics import MetricsExport
 from .ops import RECOVERY_FIELDS, daemon_status, handle_request
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter
-from .recovery import Recovery, RetryPolicy
+from .recovery import Recovery
 from .reloading import merge_reload
+from .retry_policy import RetryPolicy
 from .sdnotify import notify
 from .server import Peer, SocketServer
 from .sink import Completer, build_sink

@@ -18,7 +18,8 @@ from .masking import mask_config_report, mask_report
 from .metrics import render, snapshot
 from .peers import privileged
 from .ratelimit import add_limited
-from .recovery import check_batch_id, undelivered_lag_ms
+from .recovery_folder import undelivered_lag_ms
+from .recovery_format import check_batch_id
 from .reloading import RESTART_ONLY
 from .server import Peer, stopping_reply
 

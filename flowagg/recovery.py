@@ -1,15 +1,10 @@
-"""Layer 2 of SPEC §6: the recovery loop over recovery/*.failed.json.
+"""Layer 2 of SPEC §6: the recovery loop over recovery/*.failed.json, one pass at a time.
 
 Oldest failures first. A batch is retried when `now >= nextRetryAt` (or at once, when an
-operator asks); a failure sets `nextRetryAt = now + U(0, min(retryMaxDelayMs, retryBaseMs *
-2^retryCount))` (full jitter). After `batchRetryLimit` failed retries, or at once for a
-permanent error, it moves to recovery/abandoned/ with its history.
-
-Every move is write-new-then-delete-old, so a crash can leave one batch id in two places;
-every run settles that, keeping the copy that was being moved to. A copy in
-aggregated/ also appears when a rename succeeded but the directory fsync after it failed,
-and the writer counted the batch as failed. The kept copy is trusted only once its directory
-fsync succeeds: until then both stay.
+operator asks); a failure sets the next try by the retry policy (retry_policy.py). After
+`batchRetryLimit` failed retries, or at once for a permanent error, it moves to
+recovery/abandoned/ with its history. A batch id found in two places is settled first
+(recovery_reconcile.py).
 
 A pass reads a failed file only when it is due or has changed since the last pass (by inode,
 mtime and size): thousands of waiting batches cost a stat each, not a read and a checksum.
@@ -27,9 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import random
-import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -39,129 +32,25 @@ import orjson
 
 from .audit import audit
 from .clock import Clock
-from .compression import SUFFIXES
-from .config import Config
-from .entries import short_repr
 from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError, classify
-from .formats import NewerFormatError
-from .fsutil import TEMP_MARK, atomic_write, fsync_dir, quarantine_file
+from .fsutil import atomic_write, fsync_dir
 from .humanize import iso_ms
 from .layout import Layout
 from .pause import Cause, Pause, environment_cause
+from .recovery_folder import RecoveryFolder
+from .recovery_format import ABANDONED_SUFFIX, FAILED_SUFFIX, completed_document
+from .recovery_reconcile import Reconciler
+from .recovery_report import RecoveryReport
+from .recovery_requeue import requeue_abandoned
+from .retry_policy import RetryPolicy
 from .sink import as_completer
-from .storage import (
-    CompletedFiles,
-    CorruptBatch,
-    batch_file_name,
-    decode_batch,
-    find_completed,
-    read_batch,
-    read_regular,
-)
+from .storage import CompletedFiles
 
 log = logging.getLogger("flowagg.recovery")
 
-FAILED_SUFFIX = ".failed.json"
-ABANDONED_SUFFIX = ".abandoned.json"
-# storage.make_batch_id: arrival ms (13 digits) and journal seq (12 digits); ASCII only.
-BATCH_ID_RE = re.compile(r"[0-9]{13}_[0-9]{12}")
 HISTORY_LIMIT = 50
-# Times and counts stay within what any JSON reader holds exactly (JavaScript's safe integers).
-FIELD_MAX = 2**53 - 1
-INT_FIELDS = (
-    "retryCount",
-    "lastRetryAt",
-    "failedAt",
-    "nextRetryAt",
-    "requeuedAt",
-    "abandonedAt",
-    "sinkAcceptedAt",
-)
-STR_FIELDS = ("lastError", "abandonReason")
 # What a delivery attempt learns about the sink's copy (kept even when nothing is charged).
 DELIVERY_FIELDS = ("sinkAcceptedAt", "possiblyDelivered")
-BATCH_KEYS = (
-    "batchId",
-    "timestamp",
-    "version",
-    "trigger",
-    "entries",
-    "entryCount",
-    "entriesSha256",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    base_ms: int
-    max_delay_ms: int
-    limit: int
-
-    @classmethod
-    def from_config(cls, config: Config) -> RetryPolicy:
-        return cls(
-            base_ms=config.retry_base_ms,
-            max_delay_ms=config.retry_max_delay_ms,
-            limit=config.batch_retry_limit,
-        )
-
-    def delay_cap_ms(self, retry_count: int) -> int:
-        return min(self.max_delay_ms, self.base_ms * 2 ** min(retry_count, 62))
-
-    def next_retry_at(self, now_ms: int, retry_count: int, rng: random.Random) -> int:
-        return now_ms + rng.randint(0, self.delay_cap_ms(retry_count))
-
-
-def check_batch_id(text: str) -> str:
-    """A batch id from a user (CLI, socket); anything else could name a path outside the root."""
-    if not BATCH_ID_RE.fullmatch(text):
-        raise ValueError(
-            f"{short_repr(text)} is not a batch id; use one like 1704067200000_000000000001"
-            " (the file name in recovery/abandoned/ without .abandoned.json)"
-        )
-    return text
-
-
-def undelivered_lag_ms(layout: Layout, clock: Clock) -> int:
-    """Age of the oldest batch waiting in recovery/, from its first entry's arrival (the
-    batch id's prefix); 0 when none waits."""
-    oldest = min(
-        (
-            name
-            for name in os.listdir(layout.recovery)
-            if name.endswith(FAILED_SUFFIX) and BATCH_ID_RE.fullmatch(name[: -len(FAILED_SUFFIX)])
-        ),
-        default=None,
-    )
-    return 0 if oldest is None else max(0, clock.now_ms() - int(oldest[:13]))
-
-
-def check_recovery_fields(doc: dict[str, Any]) -> None:
-    """The fields a pass computes with, checked once on load: a hand-edited or damaged file
-    is quarantined instead of raising out of every pass. Absent fields take their defaults."""
-    for key in INT_FIELDS:
-        value = doc.get(key, 0)
-        if type(value) is not int or not 0 <= value <= FIELD_MAX:
-            raise CorruptBatch(
-                f"{key} must be an integer from 0 to 2^53-1, got {short_repr(value)}"
-            )
-    for key in STR_FIELDS:
-        if not isinstance(doc.get(key, ""), str):
-            raise CorruptBatch(f"{key} must be a string, got {short_repr(doc[key])}")
-    if not isinstance(doc.get("possiblyDelivered", False), bool):
-        raise CorruptBatch(
-            f"possiblyDelivered must be true or false, got {short_repr(doc['possiblyDelivered'])}"
-        )
-    history = doc.get("history", [])
-    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-        raise CorruptBatch(f"history must be an array of objects, got {short_repr(history)}")
-
-
-def completed_document(doc: dict[str, Any]) -> bytes:
-    """The batch as it goes to aggregated/: the batch keys only, marked recovered."""
-    out = {key: doc[key] for key in BATCH_KEYS if key in doc}
-    out["recovered"] = True
-    return orjson.dumps(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,39 +61,6 @@ class _Known:
     failed_at: int
     next_retry_at: int
     sink_accepted: bool
-
-
-@dataclasses.dataclass
-class RecoveryReport:
-    recovered: list[str] = dataclasses.field(default_factory=list)
-    retried_failed: list[str] = dataclasses.field(default_factory=list)
-    abandoned: list[str] = dataclasses.field(default_factory=list)
-    quarantined: list[str] = dataclasses.field(default_factory=list)
-    waiting: int = 0
-    reconciled: list[str] = dataclasses.field(default_factory=list)
-    refused: list[str] = dataclasses.field(default_factory=list)
-    circuit_open: bool = False
-    breaker_retry_in_s: float | None = None
-    stopped: bool = False
-    # The environment-wide failure that stopped this pass (pause.py), without a retry charged.
-    paused: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "recovered": self.recovered,
-            "failedAgain": self.retried_failed,
-            "abandoned": self.abandoned,
-            "quarantined": self.quarantined,
-            "waiting": self.waiting,
-            "reconciled": self.reconciled,
-            "refused": self.refused,
-            "circuitOpen": self.circuit_open,
-            "breakerRetryInS": (
-                None if self.breaker_retry_in_s is None else round(self.breaker_retry_in_s, 1)
-            ),
-            "stopped": self.stopped,
-            "paused": self.paused,
-        }
 
 
 def write_completed(layout: Layout, batch_id: str, data: bytes) -> Path:
@@ -238,127 +94,14 @@ class Recovery:
         # Batch id -> when the sink accepted it, for failed files that could not be updated
         # to say so (the disk that refused the batch refuses its failed file too).
         self._accepted: dict[str, int] = {}
-
-    # -- reading ----------------------------------------------------------------------------
-    def _load(self, path: Path, report: RecoveryReport) -> dict[str, Any] | None:
-        """Parse and verify a recovery file; quarantine it when it cannot be trusted."""
-        try:
-            doc = decode_batch(read_regular(path), path)
-            expected = doc["batchId"] + (
-                FAILED_SUFFIX if path.name.endswith(FAILED_SUFFIX) else ABANDONED_SUFFIX
-            )
-            if path.name != expected:
-                raise CorruptBatch(f"file name does not match batchId {doc['batchId']!r}")
-            check_recovery_fields(doc)
-            return doc
-        except NewerFormatError as exc:
-            log.error("%s", exc)
-            report.refused.append(path.name)
-            return None
-        except (CorruptBatch, OSError, TypeError, KeyError, AttributeError) as exc:
-            self._quarantine(path, f"unreadable recovery file: {exc}", report)
-            return None
-
-    def _quarantine(self, path: Path, reason: str, report: RecoveryReport) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            target = quarantine_file(
-                self.layout.errors,
-                path,
-                reason=reason,
-                component="recovery",
-                now_ms=self.clock.now_ms(),
-            )
-            report.quarantined.append(path.name)
-            log.warning("quarantined %s to errors/%s: %s", path.name, target.name, reason)
-
-    def _failed_files(self, report: RecoveryReport) -> list[Path]:
-        paths = []
-        for name in sorted(os.listdir(self.layout.recovery)):
-            path = self.layout.recovery / name
-            if name.startswith((".", TEMP_MARK)) or path.is_dir():
-                continue
-            if name.endswith(FAILED_SUFFIX):
-                paths.append(path)
-            else:
-                self._quarantine(path, "unexpected file in recovery/", report)
-        return paths
-
-    # -- reconcile --------------------------------------------------------------------------
-    def _drop(self, path: Path, kept: Path, why: str, report: RecoveryReport) -> bool:
-        """Delete `path` once `kept` is durable; False (both stay) while it is not."""
-        try:
-            fsync_dir(kept.parent)
-        except OSError as exc:
-            log.error(
-                "keeping both %s and %s/%s until the latter is durable: %s",
-                path.name,
-                kept.parent.name,
-                kept.name,
-                exc,
-            )
-            return False
-        path.unlink(missing_ok=True)
-        fsync_dir(path.parent)
-        report.reconciled.append(path.name)
-        log.info("batch %s: removed %s (%s)", path.name.split(".")[0], path.name, why)
-        return True
-
-    def _same_completed(self, batch_id: str, doc: dict[str, Any]) -> Path | None:
-        """The aggregated/ copy of this batch with the same entries, if there is one."""
-        # Every suffix: an unreadable copy under one must not hide the same batch under another.
-        for done in (self.layout.aggregated / batch_file_name(batch_id, c) for c in SUFFIXES):
-            try:
-                if read_batch(done)["entriesSha256"] == doc["entriesSha256"]:
-                    return done
-            except (CorruptBatch, OSError):
-                continue
-        return None
-
-    def _settle_failed(self, path: Path, doc: dict[str, Any], report: RecoveryReport) -> bool:
-        """Settle a failed file's batch id found in a second place; True when it was dropped."""
-        batch_id = doc["batchId"]
-        done = self._same_completed(batch_id, doc)
-        if done is not None:
-            return self._drop(path, done, "already in aggregated/", report)
-        parked = self.layout.abandoned / f"{batch_id}{ABANDONED_SUFFIX}"
-        if not parked.exists():
-            return False
-        other = self._load(parked, report)
-        if other is None or other["entriesSha256"] != doc["entriesSha256"]:
-            return False
-        if doc.get("requeuedAt", -1) >= other.get("abandonedAt", 0):
-            self._drop(parked, path, "requeued", report)
-            return False
-        return self._drop(path, parked, "already abandoned", report)
-
-    def _settle_abandoned(self, report: RecoveryReport) -> None:
-        """Abandoned batches that are also in aggregated/: the completed copy wins."""
-        for name in sorted(os.listdir(self.layout.abandoned)):
-            if not name.endswith(ABANDONED_SUFFIX) or name.startswith((".", TEMP_MARK)):
-                continue
-            batch_id = name[: -len(ABANDONED_SUFFIX)]
-            if find_completed(self.layout, batch_id) is None:
-                continue
-            path = self.layout.abandoned / name
-            doc = self._load(path, report)
-            if doc is None:
-                continue
-            done = self._same_completed(batch_id, doc)
-            if done is not None:
-                self._drop(path, done, "already in aggregated/", report)
+        self.folder = RecoveryFolder(layout, clock)
+        self.reconciler = Reconciler(layout, self.folder)
 
     # -- the loop ---------------------------------------------------------------------------
-    def _has_twin(self, name: str) -> bool:
-        batch_id = name[: -len(FAILED_SUFFIX)]
-        return (
-            find_completed(self.layout, batch_id) is not None
-            or (self.layout.abandoned / f"{batch_id}{ABANDONED_SUFFIX}").exists()
-        )
-
     def _scan(self, report: RecoveryReport) -> list[tuple[_Known, Path, dict[str, Any] | None]]:
         """Every failed file with its schedule; read only when new, changed or twinned."""
         found: list[tuple[_Known, Path, dict[str, Any] | None]] = []
-        paths = self._failed_files(report)
+        paths = self.folder.failed_files(report)
         present = {path.name for path in paths}
         for name in [n for n in self._known if n not in present]:
             del self._known[name]
@@ -371,12 +114,16 @@ class Recovery:
                 continue
             stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
             known = self._known.get(path.name)
-            if known is not None and known.stamp == stamp and not self._has_twin(path.name):
+            if (
+                known is not None
+                and known.stamp == stamp
+                and not self.reconciler.has_twin(path.name)
+            ):
                 found.append((known, path, None))
                 continue
             self._known.pop(path.name, None)
-            doc = self._load(path, report)
-            if doc is None or self._settle_failed(path, doc, report):
+            doc = self.folder.load(path, report)
+            if doc is None or self.reconciler.settle_failed(path, doc, report):
                 continue
             known = _Known(
                 stamp, doc.get("failedAt", 0), doc.get("nextRetryAt", 0), "sinkAcceptedAt" in doc
@@ -395,7 +142,7 @@ class Recovery:
         self.runs += 1
         report = RecoveryReport()
         found = self._scan(report)
-        self._settle_abandoned(report)
+        self.reconciler.settle_abandoned(report)
         found.sort(key=lambda item: (item[0].failed_at, item[1]))
         paused_all = not force and self.pause.holds(self.clock.now_ms())
         met: Cause | None = None
@@ -415,7 +162,7 @@ class Recovery:
             if (report.circuit_open or met is not None) and needs_sink:
                 report.waiting += 1
                 continue
-            doc = doc or self._load(path, report)
+            doc = doc or self.folder.load(path, report)
             if doc is None:
                 continue
             self._known.pop(path.name, None)  # the retry rewrites or removes it
@@ -560,33 +307,4 @@ class Recovery:
     # -- operator ---------------------------------------------------------------------------
     def requeue_abandoned(self, batch_id: str | None = None) -> list[str]:
         """Put abandoned batches back into the retry queue (all, or one by id)."""
-        report = RecoveryReport()
-        requeued = []
-        if batch_id is not None:
-            names = [f"{check_batch_id(batch_id)}{ABANDONED_SUFFIX}"]
-            if not (self.layout.abandoned / names[0]).exists():
-                raise FileNotFoundError(f"no abandoned batch {batch_id}")
-        else:
-            names = sorted(
-                n for n in os.listdir(self.layout.abandoned) if n.endswith(ABANDONED_SUFFIX)
-            )
-        for name in names:
-            path = self.layout.abandoned / name
-            doc = self._load(path, report)
-            if doc is None:
-                continue
-            now = self.clock.now_ms()
-            doc.pop("abandonedAt", None)
-            doc.pop("abandonReason", None)
-            doc["retryCount"] = 0
-            doc["requeuedAt"] = now
-            doc["nextRetryAt"] = now
-            doc.setdefault("history", []).append({"at": now, "event": "requeued"})
-            atomic_write(
-                self.layout.recovery / f"{doc['batchId']}{FAILED_SUFFIX}", orjson.dumps(doc)
-            )
-            path.unlink()
-            fsync_dir(path.parent)
-            requeued.append(doc["batchId"])
-            log.info("batch %s: requeued from abandoned/", doc["batchId"])
-        return requeued
+        return requeue_abandoned(self.folder, self.clock, batch_id)

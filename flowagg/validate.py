@@ -21,7 +21,7 @@ import orjson
 from . import formats
 from .batchread import ABANDONED, AGGREGATED, FAILED, BatchPath, Unread, iter_batch_bytes
 from .entries import EntryError, short_repr, validate_entry_json
-from .recovery import BATCH_ID_RE, BATCH_KEYS, check_recovery_fields
+from .recovery_format import BATCH_ID_RE, BATCH_KEYS, check_recovery_fields
 from .storage import TRIGGERS, CorruptBatch
 
 _NO_ID = "\x00"  # what the validator's new_id hands back: a stored entry must bring its own

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .journal_view import iter_waiting, view
 from .layout import Layout
-from .recovery import BATCH_ID_RE
+from .recovery_format import BATCH_ID_RE
 from .storage import find_batch
 from .validate import Finding, GoodBatch
 

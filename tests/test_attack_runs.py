@@ -35,7 +35,8 @@ from flowagg.dedupe import CHECKPOINT_ONLY_INTERVAL_S
 from flowagg.fsutil import TEMP_MARK
 from flowagg.journal_format import split_add
 from flowagg.layout import Layout
-from flowagg.recovery import Recovery, RetryPolicy
+from flowagg.recovery import Recovery
+from flowagg.retry_policy import RetryPolicy
 from flowagg.storage import (
     Batch,
     CompletedFiles,

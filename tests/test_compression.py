@@ -16,7 +16,8 @@ from flowagg.compression import COMPRESSIONS, SUFFIXES, TooLarge, compress, deco
 from flowagg.config import load_config
 from flowagg.errors import ConfigError
 from flowagg.layout import Layout
-from flowagg.recovery import Recovery, RetryPolicy
+from flowagg.recovery import Recovery
+from flowagg.retry_policy import RetryPolicy
 from flowagg.sink import Completer
 from flowagg.storage import (
     CompletedFiles,

@@ -17,7 +17,8 @@ from flowagg.clock import FakeClock
 from flowagg.errors import TransientError
 from flowagg.flusher import Flusher, Stored
 from flowagg.layout import Layout
-from flowagg.recovery import Recovery, RetryPolicy, write_completed
+from flowagg.recovery import Recovery, write_completed
+from flowagg.retry_policy import RetryPolicy
 from flowagg.sink import CircuitBreaker, Completer, GuardedSink, HttpSink
 from flowagg.storage import Batch, batch_file_name, read_batch
 from tests.harness import wait_for

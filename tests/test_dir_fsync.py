@@ -35,7 +35,8 @@ from flowagg.flusher import Flusher, Stored
 from flowagg.health import write_snapshot
 from flowagg.journal import Append, JournalWriter, Position
 from flowagg.layout import Layout
-from flowagg.recovery import Recovery, RetryPolicy
+from flowagg.recovery import Recovery
+from flowagg.retry_policy import RetryPolicy
 from flowagg.spool import SpoolIntake
 from flowagg.storage import Batch, batch_file_name
 from tests.test_faults import Rig

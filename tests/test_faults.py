@@ -27,7 +27,8 @@ from flowagg.health import read_latest, write_snapshot
 from flowagg.journal import list_segments, scan_root
 from flowagg.layout import Layout
 from flowagg.pipeline import Pipeline
-from flowagg.recovery import Recovery, RetryPolicy
+from flowagg.recovery import Recovery
+from flowagg.retry_policy import RetryPolicy
 from flowagg.sink import Completer
 from flowagg.storage import CompletedFiles, iter_batch_files, read_batch
 from tests.faults import ERRNOS, FaultInjector, directory, under

@@ -13,7 +13,8 @@ from flowagg.clock import FakeClock
 from flowagg.errors import SinkDownError, TransientError
 from flowagg.layout import Layout
 from flowagg.pause import environment_cause
-from flowagg.recovery import Recovery, RetryPolicy, write_completed
+from flowagg.recovery import Recovery, write_completed
+from flowagg.retry_policy import RetryPolicy
 from flowagg.sink import CircuitBreaker, Completer, GuardedSink
 from tests.test_recovery import FlakyStore, failed_doc, make_layout, put_failed
 

@@ -14,11 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import flowagg.recovery
+import flowagg.recovery_folder
 from flowagg.clock import FakeClock
 from flowagg.errors import PermanentError, TransientError
 from flowagg.layout import Layout
-from flowagg.recovery import INT_FIELDS, Recovery, RetryPolicy, write_completed
+from flowagg.recovery import Recovery, write_completed
+from flowagg.recovery_format import INT_FIELDS
+from flowagg.retry_policy import RetryPolicy
 from flowagg.sink import CircuitBreaker, Completer, GuardedSink
 from flowagg.storage import Batch, batch_file_name, encode_batch, read_batch
 
@@ -250,13 +252,13 @@ def test_a_pass_reads_only_files_that_are_due_or_changed(
     for i in range(20):
         put_failed(layout, failed_doc(f"w{i:02d}", nextRetryAt=50_000, failedAt=i))
     reads: list[str] = []
-    real_read = flowagg.recovery.read_regular
+    real_read = flowagg.recovery_folder.read_regular
 
     def counting_read(path: Path) -> bytes:
         reads.append(path.name)
         return real_read(path)
 
-    monkeypatch.setattr(flowagg.recovery, "read_regular", counting_read)
+    monkeypatch.setattr(flowagg.recovery_folder, "read_regular", counting_read)
     assert recovery.run_once().waiting == 20 and len(reads) == 20  # learnt once
     reads.clear()
     assert recovery.run_once().waiting == 20 and reads == []

@@ -17,7 +17,8 @@ import pytest
 
 from flowagg.clock import FakeClock
 from flowagg.layout import Layout
-from flowagg.recovery import Recovery, RetryPolicy
+from flowagg.recovery import Recovery
+from flowagg.retry_policy import RetryPolicy
 from flowagg.sink import CircuitBreaker, CommandSink, Completer, GuardedSink, HttpSink
 from flowagg.storage import batch_file_name
 from tests.harness import wait_for
