@@ -571,8 +571,10 @@ def test_the_action_cache_never_admits_what_the_rule_refuses(
         except entries.EntryError as exc:
             accepted = False
             assert "action" in str(exc) or "metadata" in str(exc)
-        known_bad = any(k in ("sessionId", "taskId") for k in metadata) or any(
-            k == "duration" and v < 0 for k, v in metadata.items()
+        known_bad = (
+            any(k in ("sessionId", "taskId") for k in metadata)
+            or any(k == "duration" and v < 0 for k, v in metadata.items())
+            or any("\x00" in k for k in metadata)  # SPEC §3: no U+0000 in any string
         )
         assert accepted == (valid and not known_bad)
 
