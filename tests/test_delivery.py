@@ -18,7 +18,8 @@ from flowagg.errors import TransientError
 from flowagg.flusher import Flusher, Stored
 from flowagg.layout import Layout
 from flowagg.recovery import Recovery, RetryPolicy, write_completed
-from flowagg.sink import CircuitBreaker, Completer, GuardedSink, HttpSink
+from flowagg.sink import CircuitBreaker, Completer, GuardedSink
+from flowagg.sink_http import HttpSink
 from flowagg.storage import Batch, batch_file_name, read_batch
 from tests.harness import wait_for
 from tests.sinkserver import Receiver
