@@ -160,7 +160,7 @@ def test_a_stall_after_an_acceptance_does_not_deliver_again(
     def full(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("flowagg.flusher.atomic_write", full)
+    monkeypatch.setattr("flowagg.flush_parking.atomic_write", full)
     sink = CountingSink()
     write = FailingWrite(layout, failures=40)
     path, sleeps = run_flusher(layout, Completer(write, lambda: guarded(sink)))
