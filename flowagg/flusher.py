@@ -32,12 +32,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from .audit import audit
 from .batch_runs import MAX_RUN, STAGE_WORKERS, Staged, Stager, stage
 from .clock import Clock
-from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError
-from .failed_format import Delivery, failed_document
-from .fsutil import atomic_write, fsync_dir
+from .errors import AmbiguousDelivery, CircuitOpenError
+from .failed_format import Delivery
+from .flush_parking import Parking
+from .fsutil import fsync_dir
 from .layout import Layout
 from .replayed import find_stored
 from .sink import as_completer
@@ -101,7 +101,7 @@ class Flusher:
         self.layout = layout
         self.clock = clock
         self.immediate_retries = immediate_retries
-        self.next_retry_at = next_retry_at
+        self.parking = Parking(layout, next_retry_at)
         self.completer = as_completer(store)
         self._on_stored = on_stored
         self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
@@ -112,9 +112,7 @@ class Flusher:
         self.stalled_error: str | None = None
         self.failed_batches = 0
         self.inline_retries = 0
-        self.unexpected_errors = 0
         self.found_at_start = 0
-        self._traced: set[str] = set()
         self.outcomes = Outcomes()
 
     def start(self) -> None:
@@ -361,31 +359,10 @@ class Flusher:
                         )
                         self.stalled_error = None
                     return written
-            error, permanent = self._classify(batch.batch_id, failure)
-            failure = None
-            now = self.clock.now_ms()
-            if permanent:
-                target = self.layout.abandoned / f"{batch.batch_id}.abandoned.json"
-                doc = failed_document(
-                    data, error=error, now_ms=now, next_retry_ms=None, delivery=delivery
-                )
-            else:
-                target = self.layout.recovery / f"{batch.batch_id}.failed.json"
-                doc = failed_document(
-                    data,
-                    error=error,
-                    now_ms=now,
-                    next_retry_ms=self.next_retry_at(now),
-                    delivery=delivery,
-                )
             try:
-                atomic_write(target, doc)
-                self.failed_batches += 1
-                self.outcomes.record(self.clock.monotonic(), False)
-                if permanent:
-                    audit("abandon", batchId=batch.batch_id, reason=error, retryCount=0)
-                log.warning("batch %s parked in %s/: %s", batch.batch_id, target.parent.name, error)
-                return target
+                target = self.parking.park(
+                    batch.batch_id, data, failure, delivery, self.clock.now_ms()
+                )
             except OSError as exc:
                 self.stalled_error = f"{type(exc).__name__}: {exc}"
                 log.error(
@@ -393,30 +370,11 @@ class Flusher:
                     batch.batch_id,
                     self.stalled_error,
                 )
+            else:
+                self.failed_batches += 1
+                self.outcomes.record(self.clock.monotonic(), False)
+                return target
+            failure = None
             if self._sleep(stall_delay):
                 return None
             stall_delay = min(stall_delay * 2, STALL_MAX_DELAY_S)
-
-    def _classify(self, batch_id: str, exc: BaseException) -> tuple[str, bool]:
-        """(the error as recorded, permanent?) for a batch that could not be completed."""
-        error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, PermanentError):
-            log.error("batch %s refused for good: %s", batch_id, error)
-            return error, True
-        if isinstance(exc, OSError):
-            log.error("batch %s could not be completed: %s", batch_id, error)
-            return error, False
-        # A bug or an unforeseen error (a sink's bad URL, say): handled like a transient
-        # failure, so the batch is parked and retried instead of dying with the thread.
-        self.unexpected_errors += 1
-        self._log_unexpected(batch_id, exc)
-        return error, False
-
-    def _log_unexpected(self, batch_id: str, exc: BaseException) -> None:
-        """The traceback once per kind of error; a repeat gets one line."""
-        kind = type(exc).__name__
-        if kind in self._traced:
-            log.error("batch %s: unexpected %s: %s", batch_id, kind, exc)
-            return
-        self._traced.add(kind)
-        log.error("batch %s: unexpected error; it is parked and retried", batch_id, exc_info=exc)

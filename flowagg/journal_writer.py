@@ -7,7 +7,6 @@ fsync makes the whole group durable.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 import threading
@@ -18,6 +17,7 @@ from typing import Any
 import orjson
 
 from .fsutil import fsync_dir
+from .journal_compaction import deletable, delete_segments, expired_segments, progress_to_carry
 from .journal_format import (
     FORMAT_VERSION,
     MAX_RECORD_BYTES,
@@ -26,7 +26,6 @@ from .journal_format import (
     Position,
     SegmentInfo,
     SpoolProgress,
-    covers,
     encode_add,
     encode_cut,
     frame,
@@ -34,7 +33,6 @@ from .journal_format import (
     note_spool_chunk,
     segment_name,
     split_add,
-    summary_path,
     write_summary,
 )
 from .layout import SPOOL_FOLDER
@@ -335,71 +333,20 @@ class JournalWriter:
         with self._cond:
             candidates = self.segments[:-1]
             live = dict(self.segments[-1].sources) if self.segments else {}
-        expired = list(
-            itertools.takewhile(
-                # A segment's cut records name batches as much as its entries do.
-                lambda seg: max(seg.last_seq, seg.cut_seq) <= done_seq and seg.max_t < horizon_ms,
-                candidates,
-            )
-        )
+        expired = expired_segments(candidates, done_seq, horizon_ms)
         later = [seg.sources for seg in candidates[len(expired) :]]
-        removable = expired[: self._progress_safe(expired, merge_sources(*later, live))]
-        removed = []
-        for seg in removable:
-            # The summary first: a segment left without one is only parsed at the next start.
-            summary_path(seg.path).unlink(missing_ok=True)
-            seg.path.unlink(missing_ok=True)
-            removed.append(seg.path)
+        # The progress only they record, of files still adopted, is queued for the live segment.
+        carried = progress_to_carry(
+            self.directory / SPOOL_FOLDER, expired, merge_sources(*later, live)
+        )
+        if carried:
+            self._carry(carried, max(seg.max_t for seg in expired))
+        removed = delete_segments(expired[: deletable(expired, carried)])
         if removed:
             with self._cond:
                 self.segments = self.segments[len(removed) :]
             fsync_dir(self.directory)
         return removed
-
-    def _progress_safe(self, expired: list[SegmentInfo], kept: SpoolProgress) -> int:
-        """How many of `expired` (oldest first) can go without losing a spool file's progress.
-
-        The progress only they record, of files still adopted, is queued for the live segment.
-        """
-        needed = merge_sources(*(seg.sources for seg in expired))
-        adopted = self._adopted(set(needed))
-        missing = {
-            name: progress
-            for name, progress in needed.items()
-            if name in adopted and not covers(kept.get(name), progress)
-        }
-        if not missing:
-            return len(expired)
-        self._carry(missing, max(seg.max_t for seg in expired))
-        return next(
-            n for n, seg in enumerate(expired) if not missing.keys().isdisjoint(seg.sources)
-        )
-
-    def _adopted(self, names: set[str]) -> set[str]:
-        """Which of `names` are still in journal/spool/; all of them when that is unknown.
-
-        The intake deletes a file once the journal says it is finished; that unlink is made
-        durable here before its records may go, or a power cut could bring the file back
-        with nothing to say it was ingested.
-        """
-        if not names:
-            return set()
-        folder = self.directory / SPOOL_FOLDER
-        try:
-            present = set(os.listdir(folder))
-            if not names <= present:
-                fsync_dir(folder)
-        except FileNotFoundError:
-            return set()  # no folder, no file a start could resume
-        except OSError as exc:
-            log.error(
-                "journal compaction cannot read %s (%s); the progress of every spool file the"
-                " journal names is kept until it can",
-                folder,
-                exc,
-            )
-            return names
-        return names & present
 
     def _carry(self, progress: SpoolProgress, t_ms: int) -> None:
         """Queue a copy of each file's progress: an add record of no entries, as old as them.

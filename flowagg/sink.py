@@ -1,10 +1,9 @@
 """Sinks (SPEC §6a): forward every batch before it is marked complete, at least once.
 
-`command` runs a program with the batch JSON on stdin (exit 0 accepts, 75 = EX_TEMPFAIL
-retries, any other code is permanent); `http` POSTs it (2xx accepts; 408, 429, 5xx and
-connection errors retry; other 4xx are permanent). A circuit breaker stops calling a sink
-after `breakerFailures` consecutive failures for `breakerCooldownMs`, then lets one trial
-call through (half-open): success closes it, failure opens it again.
+The sinks themselves are `command` (sink_command), `http` (sink_http) and `postgres`
+(sink_postgres). A circuit breaker stops calling a sink after `breakerFailures` consecutive
+failures for `breakerCooldownMs`, then lets one trial call through (half-open): success
+closes it, failure opens it again.
 
 A failure after the sink may have taken the batch (a timeout, a reset once the request was
 out, a command killed) is `AmbiguousDelivery`: the caller backs off instead of re-sending at
@@ -13,43 +12,23 @@ once, and the next delivery of that batch is counted as a re-send.
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import http.client
 import logging
-import os
 import shlex
-import signal
-import socket
-import ssl
-import subprocess
 import threading
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from .clock import Clock
 from .config import Config
-from .errors import (
-    AmbiguousDelivery,
-    CircuitOpenError,
-    PermanentError,
-    SinkDownError,
-    TransientError,
-)
+from .errors import AmbiguousDelivery, CircuitOpenError, PermanentError
 from .layout import Layout
+from .sink_command import CommandSink
+from .sink_http import HttpSink
 from .sink_refused import Delivered, Refused, RefusedStore
 from .storage import CompletedFiles
 
 log = logging.getLogger("flowagg.sink")
-
-EX_TEMPFAIL = 75
-RETRYABLE_HTTP = {408, 429}
-# Answers that speak for the service rather than the batch: a gateway without its backend.
-DOWN_HTTP = {502, 503, 504}
-STDERR_TAIL_BYTES = 4096
-RESPONSE_BODY_LIMIT = 64 << 10  # a reply body is read (to reuse nothing) but never kept whole
 
 
 class Sink(Protocol):
@@ -58,162 +37,6 @@ class Sink(Protocol):
     def deliver(self, batch_id: str, data: bytes) -> Delivered | None:
         """None, or what the receiver reported beyond accepting the whole batch."""
         ...
-
-
-def _tail(stream: IO[bytes], keep: collections.deque[bytes]) -> None:
-    """Drain a pipe, keeping only its last bytes: a chatty program never costs memory."""
-    for chunk in iter(lambda: stream.read(4096), b""):
-        keep.append(chunk)
-        while sum(len(c) for c in keep) > STDERR_TAIL_BYTES and len(keep) > 1:
-            keep.popleft()
-
-
-class CommandSink:
-    def __init__(self, argv: list[str], timeout_s: float) -> None:
-        self.argv = argv
-        self.timeout_s = timeout_s
-        self.name = f"command {argv[0]}"
-
-    def deliver(self, batch_id: str, data: bytes) -> None:
-        try:
-            # Its own process group, so a timeout kills the program and everything it started;
-            # stdout is discarded (SPEC §6a), stderr keeps a bounded tail for the reason.
-            proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            # A missing or unrunnable program is for an operator to fix: keep the batch.
-            raise SinkDownError(f"sink command cannot run: {exc}") from None
-        assert proc.stdin is not None and proc.stderr is not None
-        tail: collections.deque[bytes] = collections.deque()
-        reader = threading.Thread(target=_tail, args=(proc.stderr, tail), daemon=True)
-        reader.start()
-        writer = threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True)
-        writer.start()
-        try:
-            code = proc.wait(timeout=self.timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            # It may have stored the batch and hung on the way out.
-            raise AmbiguousDelivery(
-                f"sink command timed out after {self.timeout_s:g} s (killed with its children)"
-            ) from None
-        finally:
-            writer.join(timeout=1.0)
-            reader.join(timeout=1.0)
-            proc.stderr.close()
-        detail = b"".join(tail).decode(errors="replace").strip().splitlines()[-1:] or [""]
-        if code == 0:
-            return
-        if code < 0:
-            # Killed by a signal (a `systemctl stop` reaching it, the OOM killer): not a verdict
-            # on the batch, and it may have stored it before it died.
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
-            raise AmbiguousDelivery(f"sink command killed by signal {name}: {detail[0][-200:]}")
-        message = f"sink command exited {code}: {detail[0][-200:]}"
-        if code == EX_TEMPFAIL:
-            raise TransientError(message)
-        raise PermanentError(message)
-
-
-def _feed(stdin: IO[bytes], data: bytes) -> None:
-    # A program that exits without reading its input is its own verdict, given by its code.
-    with contextlib.suppress(OSError):
-        stdin.write(data)
-    with contextlib.suppress(OSError):
-        stdin.close()
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5.0)
-
-
-class HttpSink:
-    """POST with a total deadline; redirects are never followed (SPEC §6a)."""
-
-    def __init__(self, url: str, timeout_s: float) -> None:
-        self.url = url
-        self.timeout_s = timeout_s
-        self.name = f"http {url}"
-        parts = urllib.parse.urlsplit(url)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or ""
-        self._port = parts.port
-        self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-    def deliver(self, batch_id: str, data: bytes) -> None:
-        conn: http.client.HTTPConnection
-        if self._https:
-            conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=self.timeout_s, context=ssl.create_default_context()
-            )
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
-        # A socket timeout bounds each read, not the call: a server trickling a byte a second
-        # would hold the flusher forever. The timer cuts the connection at the deadline.
-        expired = threading.Event()
-        sock: socket.socket | None = None
-        # Once the whole request is out, the collector may store the batch whatever happens
-        # to its answer: a failure from then on is ambiguous, before it the batch is not there.
-        sent = False
-
-        def cut() -> None:
-            expired.set()
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-        timer = threading.Timer(self.timeout_s, cut)
-        timer.daemon = True
-        timer.start()
-        try:
-            conn.connect()
-            sock = conn.sock  # the response keeps using it after the connection lets go
-            if expired.is_set():
-                cut()
-            conn.request(
-                "POST",
-                self._path,
-                body=data,
-                headers={"Content-Type": "application/json", "X-Flowagg-Batch-Id": batch_id},
-            )
-            sent = True
-            response = conn.getresponse()
-            status, location = response.status, response.getheader("Location")
-            while response.read(RESPONSE_BODY_LIMIT):
-                pass
-        except (http.client.HTTPException, OSError, ValueError) as exc:
-            if not expired.is_set():
-                if sent:
-                    message = f"sink dropped the connection before answering: {exc}"
-                    raise AmbiguousDelivery(message) from None
-                raise SinkDownError(f"sink unreachable: {exc}") from None
-        finally:
-            timer.cancel()
-            conn.close()
-        if expired.is_set():
-            message = f"sink did not answer within sinkTimeoutMs ({self.timeout_s:g} s)"
-            raise AmbiguousDelivery(message) if sent else SinkDownError(message)
-        if 200 <= status < 300:
-            return
-        if 300 <= status < 400:
-            raise PermanentError(
-                f"sink answered HTTP {status} redirecting to {location or '(no Location)'};"
-                " redirects are not followed: set sinkUrl to the final URL"
-            )
-        message = f"sink answered HTTP {status}"
-        if status in DOWN_HTTP:
-            raise SinkDownError(message)
-        if status in RETRYABLE_HTTP or status >= 500:
-            raise TransientError(message)
-        raise PermanentError(message)
 
 
 class CircuitBreaker:

@@ -19,7 +19,8 @@ from flowagg.flusher import Flusher, Stored
 from flowagg.layout import Layout
 from flowagg.recovery import Recovery, write_completed
 from flowagg.retry_policy import RetryPolicy
-from flowagg.sink import CircuitBreaker, Completer, GuardedSink, HttpSink
+from flowagg.sink import CircuitBreaker, Completer, GuardedSink
+from flowagg.sink_http import HttpSink
 from flowagg.storage import Batch, batch_file_name, read_batch
 from tests.harness import wait_for
 from tests.sinkserver import Receiver
@@ -160,7 +161,7 @@ def test_a_stall_after_an_acceptance_does_not_deliver_again(
     def full(path: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("flowagg.flusher.atomic_write", full)
+    monkeypatch.setattr("flowagg.flush_parking.atomic_write", full)
     sink = CountingSink()
     write = FailingWrite(layout, failures=40)
     path, sleeps = run_flusher(layout, Completer(write, lambda: guarded(sink)))

@@ -15,7 +15,9 @@ import pytest
 
 from flowagg.clock import FakeClock
 from flowagg.errors import AmbiguousDelivery, CircuitOpenError, PermanentError, TransientError
-from flowagg.sink import CircuitBreaker, CommandSink, GuardedSink, HttpSink
+from flowagg.sink import CircuitBreaker, GuardedSink
+from flowagg.sink_command import CommandSink
+from flowagg.sink_http import HttpSink
 from tests.sinkserver import Receiver
 
 BATCH = b'{"batchId":"1_1","entries":[{"entryId":"a"}]}'
@@ -197,7 +199,7 @@ def test_chatty_command_costs_no_memory_and_keeps_its_last_stderr_line() -> None
     # The probe samples its own RSS: ru_maxrss would carry the forking pytest's high mark.
     probe = (
         "import threading, psutil\n"
-        "from flowagg.sink import CommandSink\n"
+        "from flowagg.sink_command import CommandSink\n"
         "from flowagg.errors import PermanentError\n"
         "me, peak, done = psutil.Process(), [0], threading.Event()\n"
         "def sample():\n"

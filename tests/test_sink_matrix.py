@@ -19,7 +19,9 @@ from flowagg.clock import FakeClock
 from flowagg.layout import Layout
 from flowagg.recovery import Recovery
 from flowagg.retry_policy import RetryPolicy
-from flowagg.sink import CircuitBreaker, CommandSink, Completer, GuardedSink, HttpSink
+from flowagg.sink import CircuitBreaker, Completer, GuardedSink
+from flowagg.sink_command import CommandSink
+from flowagg.sink_http import HttpSink
 from flowagg.storage import batch_file_name
 from tests.harness import wait_for
 from tests.sinkserver import Receiver

@@ -129,7 +129,7 @@ def test_flusher_parks_a_batch_whose_store_raises_anything(
     assert stored == [layout.recovery / f"{BATCH_ID}.failed.json"] * 2
     parked = orjson.loads(stored[0].read_bytes())
     assert parked["lastError"] == "ValueError: Invalid IPv6 URL" and parked["entryCount"] == 2
-    assert flusher.unexpected_errors == 2
+    assert flusher.parking.unexpected_errors == 2
     assert sum(1 for r in caplog.records if r.exc_info) == 1  # the traceback once
 
 
