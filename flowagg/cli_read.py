@@ -1,5 +1,5 @@
-"""The read commands of SPEC §8 (validate, export, report, diagnostics, top), registered on the
-`main` group. They work with or without a running daemon, never take its lock and never
+"""The read commands of SPEC §8 that select entries or look at the daemon (export, report,
+diagnostics, top). They work with or without a running daemon, never take its lock and never
 change a file under the root."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import orjson
 
-from .cli import client_layout, fail, get_config, handles_errors, main
+from .cli_support import client_layout, fail, get_config, handles_errors, require_root
 from .clock import SystemClock
 from .config_schema import SETTINGS
 from .errors import EXIT_USAGE, ConfigError, DaemonError, NotRunningError
@@ -22,25 +22,15 @@ from .layout import Layout
 from .readout import quiet_when_stdout_closes
 
 if TYPE_CHECKING:
-    from .batchread import BatchPath
     from .selection import Selection, Skipped
-    from .validate import FileChecker, Summary
 
 # The modules behind each command are imported inside it: `flowagg add` loads this module too.
-
-
-def _require_root(layout: Layout) -> None:
-    if not layout.root.is_dir():
-        fail(
-            f"data root {layout.root} does not exist; pass --root or set FLOWAGG_ROOT",
-            EXIT_USAGE,
-        )
 
 
 def _root_layout(ctx: click.Context) -> Layout:
     """The root alone: a mistake in the daemon's config file does not stop a reader."""
     layout = client_layout(ctx)
-    _require_root(layout)
+    require_root(layout)
     return layout
 
 
@@ -54,110 +44,6 @@ def _inflate_limit(ctx: click.Context) -> int:
     except ConfigError:
         values = {key: SETTINGS[key].default for key in ("maxBatchBytes", "maxEntryBytes")}
     return inflate_limit(values)
-
-
-@main.command()
-@click.option("--full", is_flag=True, help="also check across files and against the journal")
-@click.option("--json", "as_json", is_flag=True, help="findings and summary as JSON")
-@click.pass_context
-@handles_errors
-def validate(ctx: click.Context, full: bool, as_json: bool) -> None:
-    """Check every batch file in aggregated/, recovery/ and recovery/abandoned/.
-
-    \b
-    Each file: parses, has the batch shape and version, its name matches its batchId,
-    entryCount and entriesSha256 match, every entry passes the entry rules.
-    --full: no entryId twice across files, batch ids unique and ordered, the journal
-    agrees with the files. A name that is not a regular file (a FIFO, a link) is not
-    read: it is a finding. One line per finding. Exit 0 clean, 1 findings, 2 usage.
-    """
-    from .batchread import inflate_limit, list_batch_files
-    from .readout import progress
-    from .validate import FileChecker, Finding
-
-    config = get_config(ctx)
-    layout = Layout.for_config(config)
-    _require_root(layout)
-    files = list_batch_files(layout)
-    first = True
-
-    def report(finding: Finding) -> None:
-        nonlocal first
-        if as_json:
-            sys.stdout.write(("" if first else ",\n") + orjson.dumps(finding.as_dict()).decode())
-        else:
-            sys.stdout.write(finding.line() + "\n")
-        first = False
-
-    if as_json:
-        sys.stdout.write('{"findings": [\n')
-    checker = FileChecker(
-        layout.root,
-        now_ms=SystemClock().now_ms(),
-        max_entry_bytes=config.values["maxEntryBytes"],
-        limit=inflate_limit(config.values),
-        report=report,
-    )
-    with (
-        quiet_when_stdout_closes(lambda: 1 if checker.summary.findings else 0),
-        progress(len(files), "validating") as advance,
-    ):
-        if full:
-            summary = _validate_full(
-                layout, checker, files, advance, config.values["retainBatchesMs"]
-            )
-        else:
-            summary = checker.check_all(files, on_file=advance)
-        if as_json:
-            sys.stdout.write(
-                "\n],\n"
-                + f'"ok": {"false" if summary.findings else "true"},\n"summary": '
-                + orjson.dumps(summary.as_dict() | {"full": full}).decode()
-                + "}\n"
-            )
-        else:
-            _summary_table(summary, full)
-        sys.exit(1 if summary.findings else 0)
-
-
-def _validate_full(
-    layout: Layout,
-    checker: FileChecker,
-    files: list[BatchPath],
-    advance: Callable[[], None],
-    retention_ms: int,
-) -> Summary:
-    from .health import running_pid
-    from .validate_full import CrossCheck
-
-    with tempfile.TemporaryDirectory(prefix="flowagg-validate-") as tmp:
-        cross = CrossCheck(layout, checker.report, Path(tmp))
-        try:
-            summary = checker.check_all(files, cross.add, advance)
-            notes = cross.finish(journal=running_pid(layout) is None, retention=retention_ms > 0)
-            summary.notes.extend(notes)
-            summary.skipped.extend(cross.skipped)
-        finally:
-            cross.close()
-    return summary
-
-
-def _summary_table(summary: Summary, full: bool) -> None:
-    from .readout import table
-
-    d = summary.as_dict()
-    rows: list[list[Any]] = [[f"{k} files", f"{v:,}"] for k, v in d["files"].items()]
-    rows.append(["entries", f"{d['entries']:,}"])
-    rows.append(["files with findings", f"{d['badFiles']:,}"])
-    rows += [[f"finding: {what}", f"{n:,}"] for what, n in d["findings"].items()]
-    title = "validate --full" if full else "validate"
-    verdict = "clean" if not d["findingCount"] else f"{d['findingCount']:,} findings"
-    table(f"{title}: {verdict}", ["what", "count"], rows, right={1})
-    skipped = summary.skipped_line()
-    if skipped:
-        click.echo(skipped)
-    for note in d["notes"]:
-        click.echo(f"note: {note}")
 
 
 def _selection_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -207,7 +93,7 @@ def _warn_skipped(skipped: Skipped) -> None:
         )
 
 
-@main.command()
+@click.command()
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="write here (atomically)")
 @_selection_options
@@ -243,7 +129,7 @@ def export(
 
     config = get_config(ctx)
     layout = Layout.for_config(config)
-    _require_root(layout)
+    require_root(layout)
     if fmt == "parquet":
         if not output:
             fail("--format parquet writes a binary file: give -o FILE", EXIT_USAGE)
@@ -290,7 +176,7 @@ def export(
     sys.exit(code)
 
 
-@main.command()
+@click.command()
 @click.option(
     "--by", "by_text", default="user", show_default=True, help="user, action, task, day or a list"
 )
@@ -342,7 +228,7 @@ def report(
     sys.exit(code)
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handles_errors
@@ -364,7 +250,7 @@ def diagnostics(ctx: click.Context, as_json: bool) -> None:
             click.echo(diagnostics_text(doc))
 
 
-@main.command()
+@click.command()
 @click.option(
     "--interval",
     type=click.FloatRange(min=0.1),

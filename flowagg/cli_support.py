@@ -1,5 +1,5 @@
-"""What every `flowagg` command shares: one-line errors with their exit code, the client's
-view of the root, and human or JSON output."""
+"""What every `flowagg` command shares: one-line errors with their exit code, the effective
+config, the client's view of the root, a request to the daemon, and human or JSON output."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any, NoReturn, TypeVar
 import click
 import orjson
 
-from .config import load_client_paths
-from .errors import EXIT_ROOT_UNUSABLE, FlowaggError
+from .config import Config, load_client_paths, load_config
+from .errors import EXIT_ROOT_UNUSABLE, EXIT_USAGE, DaemonError, FlowaggError
 from .layout import Layout
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -41,9 +41,31 @@ def handles_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def get_config(ctx: click.Context, extra: dict[str, Any] | None = None) -> Config:
+    flags = {"root": ctx.obj["root"], **(extra or {})}
+    return load_config(flags=flags, config_path=ctx.obj["config"])
+
+
 def client_layout(ctx: click.Context) -> Layout:
     """Where the daemon lives, for commands that only talk to it (see load_client_paths)."""
     return Layout(*load_client_paths(root=ctx.obj["root"], config_path=ctx.obj["config"]))
+
+
+def require_root(layout: Layout) -> None:
+    if not layout.root.is_dir():
+        fail(
+            f"data root {layout.root} does not exist; pass --root or set FLOWAGG_ROOT",
+            EXIT_USAGE,
+        )
+
+
+def daemon_request(ctx: click.Context, payload: dict[str, Any]) -> dict[str, Any]:
+    from .client import request
+
+    reply = request(client_layout(ctx), payload)
+    if not reply.get("ok"):
+        raise DaemonError(f"the daemon answered: {reply.get('error')}")
+    return reply
 
 
 def emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:

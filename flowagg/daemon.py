@@ -22,26 +22,18 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from . import __version__
 from .audit import audit
-from .cleanup import apply_cleanup, cleanup_fields, plan_cleanup
 from .clock import Clock, EntryIdFactory, SystemClock
 from .config import Config, config_warnings
+from .daemon_duties import Duties
 from .daemon_lock import DaemonLock
 from .errors import ConfigError, RootUnusableError
 from .fsutil import remove_stale_temps
-from .health import (
-    DaemonFacts,
-    SuccessWindow,
-    abandoned_before,
-    build_snapshot,
-    system_figures,
-    write_snapshot,
-)
-from .jobs import reschedule, resume_job, start_scheduler, start_watchdog
+from .jobs import reschedule, start_scheduler, start_watchdog
 from .journal import JournalVersionError, scan_root
 from .layout import Layout
 from .logsetup import setup_logging
 from .metrics import MetricsExport
-from .ops import RECOVERY_FIELDS, daemon_status, handle_request
+from .ops import daemon_status, handle_request
 from .pipeline import Pipeline
 from .ratelimit import RateLimiter
 from .recovery import Recovery
@@ -56,7 +48,6 @@ from .supervise import EX_SOFTWARE, DaemonExecutor, Deadline, Supervisor
 
 log = logging.getLogger("flowagg.daemon")
 
-SUCCESS_WINDOW_INTERVALS = 10
 SIGNALS = {
     signal.SIGTERM: "term",
     signal.SIGINT: "int",
@@ -88,11 +79,7 @@ class Daemon:
         )
         self.supervisor = Supervisor()
         self.limiter = RateLimiter.from_config(config, self.clock.monotonic)
-        self.health_checks = 0
-        self.success_window = SuccessWindow(SUCCESS_WINDOW_INTERVALS)
-        self.cleanup_runs = 0
-        self._abandoned_seen: int | None = None
-        self._recovery_lock: asyncio.Lock | None = None
+        self.duties = Duties(self, lambda: daemon_status(self))
         self._scheduler: AsyncIOScheduler | None = None
         self.started_mono = 0.0
         self.pipeline: Pipeline | None = None
@@ -198,8 +185,8 @@ class Daemon:
         await self.server.start()
         self.metrics.start()
         await self.spool.start()
-        self._recovery_lock = asyncio.Lock()
         self._scheduler = start_scheduler(self)
+        self.duties.start(self._scheduler)
         log.info("ready in %.3f s; socket %s", time.perf_counter() - started, self.layout.socket)
         audit("start", version=__version__, pid=os.getpid(), root=str(self.layout.root))
         notify(f"READY=1\nSTATUS=accepting entries\nMAINPID={os.getpid()}")
@@ -229,98 +216,23 @@ class Daemon:
             self.socket_recreated += 1
             log.warning("the socket %s was gone; listening on it again", self.server.path)
 
+    # -- duties: the scheduler's jobs and the socket's operations call them here ------------
     async def scheduled_recovery(self) -> None:
-        report = await self.recover(force=False)
-        paused = report["paused"]
-        if paused is not None and self._scheduler is not None:
-            # The loop's own backoff: one pass when the pause ends, not a wait for the
-            # next scheduleIntervalMs.
-            delay_s = max(0, paused["retryAt"] - self.clock.now_ms()) / 1000
-            resume_job(self._scheduler, self.scheduled_recovery, delay_s)
-        if any(report[key] for key in ("recovered", "abandoned", "quarantined")):
-            audit(
-                "recover", by="scheduler", **{k: report[k] for k in RECOVERY_FIELDS if k in report}
-            )
+        await self.duties.scheduled_recovery()
 
     async def recover(
         self, *, force: bool, requeue: bool = False, batch: str | None = None
     ) -> dict[str, Any]:
-        """One recovery pass in a worker thread, never two at once."""
-        assert self._recovery_lock is not None and self.pipeline is not None
-        async with self._recovery_lock:
-            requeued: list[str] = []
-            if requeue:
-                requeued = await asyncio.to_thread(self.recovery.requeue_abandoned, batch)
-            report = await asyncio.to_thread(self.recovery.run_once, force=force)
-        if self.pipeline.flusher is not None:
-            now = self.clock.monotonic()
-            outcomes = self.pipeline.flusher.outcomes
-            outcomes.record(now, True, len(report.recovered))
-            outcomes.record(now, False, len(report.retried_failed) + len(report.abandoned))
-        result = report.as_dict()
-        if requeue:
-            result["requeued"] = requeued
-        return result
+        return await self.duties.recover(force=force, requeue=requeue, batch=batch)
 
     def health_snapshot(self, *, running: bool = True) -> dict[str, Any]:
-        assert self.pipeline is not None
-        st = daemon_status(self)
-        flusher = self.pipeline.flusher
-        # Success rate over the last SUCCESS_WINDOW_INTERVALS health intervals, so a bad spell
-        # shows at once and is forgotten once writes have worked for a while, or at once when
-        # nothing waits in recovery/ any more.
-        interval_ms = self.config.health_check_interval_ms
-        horizon = self.success_window.since(
-            self.clock.monotonic(),
-            interval_s=interval_ms / 1000,
-            failed_queued=st["queue"]["failed"],
-        )
-        if self._abandoned_seen is None:
-            self._abandoned_seen = abandoned_before(self.layout, st["queue"]["abandoned"])
-        facts = DaemonFacts(
-            status=st,
-            interval_ms=interval_ms,
-            success_rate=flusher.outcomes.success_rate(horizon) if flusher else 1.0,
-            flush_latency_s=list(self.pipeline.flush_latency),
-            retry_count=(flusher.inline_retries if flusher else 0)
-            + self.recovery.totals["failedAgain"],
-            scheduled_tasks=self.recovery.runs,
-            health_checks=self.health_checks,
-            cleanup_runs=self.cleanup_runs,
-            thread_issues=tuple(self.supervisor.issues()),
-            running=running,
-        )
-        return build_snapshot(
-            facts,
-            now_ms=self.clock.now_ms(),
-            system=system_figures(self.layout),
-            abandoned_before=self._abandoned_seen,
-        )
+        return self.duties.health_snapshot(running=running)
 
     async def write_health(self) -> None:
-        snapshot = self.health_snapshot()
-        self.health_checks += 1
-        try:
-            await asyncio.to_thread(write_snapshot, self.layout, snapshot)
-        except OSError as exc:
-            log.error("cannot write the health snapshot: %s", exc)
-            return
-        self._abandoned_seen = snapshot["queue"]["abandoned"]
-        notify(f"STATUS={snapshot['status']}: {'; '.join(snapshot['issues']) or 'ok'}")
+        await self.duties.write_health()
 
     async def run_cleanup(self) -> None:
-        plan = await asyncio.to_thread(
-            plan_cleanup,
-            self.layout,
-            self.clock.now_ms(),
-            age_ms=self.config.cleanup_age_ms,
-            retain_batches_ms=self.config.retain_batches_ms,
-        )
-        freed = await asyncio.to_thread(apply_cleanup, plan)
-        self.cleanup_runs += 1
-        if plan:
-            audit("cleanup", by="scheduler", **cleanup_fields(plan, freed))
-            log.info("cleanup: %d files removed, %d bytes freed", len(plan), freed)
+        await self.duties.run_cleanup()
 
     async def _shutdown(self) -> int:
         """Stop within shutdownTimeoutMs, whatever clients, sinks or the disk do (SPEC §9).
@@ -354,7 +266,7 @@ class Daemon:
         left = self.pipeline.aggregator.unflushed_entries
         if left:
             log.warning("stopped with %d entries in the journal; the next start writes them", left)
-        await self._final_snapshot(deadline.share(0.05))
+        await self.duties.final_snapshot(deadline.share(0.05))
         code = EX_SOFTWARE if dead else 0
         audit("stop", outcome="ok" if not dead else "thread died", exitCode=code, journaled=left)
         if dead:
@@ -362,16 +274,6 @@ class Daemon:
             return EX_SOFTWARE
         log.info("stopped")
         return 0
-
-    async def _final_snapshot(self, timeout_s: float) -> None:
-        """Mark the snapshot stopped, so `flowagg health` does not report a dead daemon healthy."""
-        snapshot = self.health_snapshot(running=False)
-        try:
-            await asyncio.wait_for(
-                asyncio.to_thread(write_snapshot, self.layout, snapshot), timeout_s
-            )
-        except (OSError, TimeoutError) as exc:
-            log.error("cannot write the final health snapshot: %r", exc)
 
     # -- signals ----------------------------------------------------------------------------
     async def handle_term(self) -> None:

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from flowagg.clock import FakeClock
-from flowagg.daemon import SUCCESS_WINDOW_INTERVALS
+from flowagg.daemon_duties import SUCCESS_WINDOW_INTERVALS
 from flowagg.flusher import Outcomes
 from flowagg.health import Figures, SuccessWindow, evaluate, write_snapshot
 from flowagg.layout import Layout

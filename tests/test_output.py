@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from flowagg.cli import _size, _status_word
+from flowagg.cli_admin import _size, _status_word
 from tests.harness import DaemonProc, clean_env, cli, entry, flowagg_cmd, start_daemon
 
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"
@@ -85,7 +85,7 @@ def test_a_sink_program_not_on_path_and_a_differing_root_are_warned(tmp_path: Pa
 
 
 def test_the_documented_example_entry_is_valid() -> None:
-    from flowagg.cli import add
+    from flowagg.cli_daemon import add
     from flowagg.entries import validate_entry
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
