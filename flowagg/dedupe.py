@@ -32,6 +32,7 @@ import orjson
 
 from .dedupe_filter import BITS_PER_ID, Filter, filter_chunks, hash_id, merge, read_filters
 from .fsutil import atomic_write_chunks, remove_stale_temps
+from .supervise import name_os_thread, plain_thread
 
 log = logging.getLogger("flowagg.dedupe")
 
@@ -84,9 +85,14 @@ class DedupeIndex:
         self._stopping = False
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._thread = threading.Thread(target=self._run, name="dedupe-index", daemon=True)
+        self._thread = plain_thread("dedupe-index", self._run)
         # One thread owns the reader connection; lookups queue behind each other.
-        self._lookups = ThreadPoolExecutor(1, thread_name_prefix="dedupe-lookup")
+        self._lookups = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="dedupe-lookup",
+            initializer=name_os_thread,
+            initargs=("dedupe-lookup",),
+        )
         self._busy_at = float("-inf")  # when a lookup last found the index locked (monotonic)
 
     # -- open / close -----------------------------------------------------------------------
