@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from .dedupe_filter import BITS_PER_ID, Filter, filter_chunks, hash_id, merge, read_filters
+from .dedupe_filter import BITS_PER_ID, Filter, Key, filter_chunks, key_of, merge, read_filters
 from .fsutil import atomic_write_chunks, remove_stale_temps
 from .supervise import name_os_thread, plain_thread
 
@@ -222,10 +222,13 @@ class DedupeIndex:
     def generation(self, t_ms: int) -> int:
         return t_ms // self.window_ms
 
-    def add(self, ids: list[str], t_ms: int, last_seq: int) -> None:
+    def add(
+        self, ids: list[str], t_ms: int, last_seq: int, keys: dict[str, Key] | None = None
+    ) -> None:
         """Remember the client ids of one durable journal record (records in seq order).
 
         Called for records without client ids too, so the checkpoint keeps up with the journal.
+        `keys` holds filter keys `check` already worked out (hashing is most of the cost).
         """
         if self.window_ms <= 0:
             self.seq = max(self.seq, last_seq)
@@ -234,9 +237,11 @@ class DedupeIndex:
         if ids:
             self.gens.add(gen)
             flt = self.filters.get(gen) or self._new_filter(gen)
+            recent, words = self.recent, self.words
             for entry_id in ids:
-                flt.add(*hash_id(entry_id))
-                self.recent[entry_id] = t_ms
+                key = keys.get(entry_id) if keys else None
+                flt.add(key or key_of(entry_id, words))
+                recent[entry_id] = t_ms
         with self._cond:
             self.seq = max(self.seq, last_seq)
             if not ids:
@@ -275,19 +280,25 @@ class DedupeIndex:
             return entry_id in self.confirm_later([entry_id], now_ms).result()
         return known
 
-    def check(self, entry_id: str, now_ms: int) -> bool | None:
+    def check(self, entry_id: str, now_ms: int, keys: dict[str, Key] | None = None) -> bool | None:
         """From memory only: True accepted within the window, False never (or expired),
-        None when only SQLite can tell (a filter hit: `confirm` it off the loop)."""
+        None when only SQLite can tell (a filter hit: `confirm` it off the loop).
+
+        The filter key worked out on the way goes into `keys`, for `add` to reuse.
+        """
         if self.window_ms <= 0:
             return False
         horizon = now_ms - self.window_ms
         t = self.recent.get(entry_id)
         if t is not None:
             return t >= horizon
-        hashes = hash_id(entry_id)
-        low = self.generation(max(0, horizon))
-        if any(hashes in f for g, f in list(self.filters.items()) if g >= low):
-            return None
+        key = key_of(entry_id, self.words)
+        if keys is not None:
+            keys[entry_id] = key
+        low = (horizon if horizon > 0 else 0) // self.window_ms
+        for gen, flt in tuple(self.filters.items()):
+            if gen >= low and key in flt:
+                return None
         return False
 
     def live_gens(self, now_ms: int) -> list[int]:

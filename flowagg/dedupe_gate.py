@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .dedupe import DedupeIndex, LookupBusy
+from .dedupe_filter import Key
 
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
 
@@ -32,6 +33,7 @@ class Screened:
     duplicates: int
     claim: asyncio.Future[bool]
     claimed: list[str]  # every id the claim holds: the new ones and those found stored
+    keys: dict[str, Key]  # filter keys of new ids, worked out by the screen, reused to add
 
     @property
     def client_ids(self) -> list[str]:
@@ -63,11 +65,12 @@ class DedupeGate:
                 continue
             window_now = now_ms()
             verdicts: dict[str, bool | None] = {}
+            keys: dict[str, Key] = {}
             for entry, client_id, _ in valid:
                 entry_id = entry["entryId"]
                 if client_id and entry_id not in verdicts:
                     verdicts[entry_id] = (
-                        True if entry_id in known else dedupe.check(entry_id, window_now)
+                        True if entry_id in known else dedupe.check(entry_id, window_now, keys)
                     )
             claim: asyncio.Future[bool] = self.loop.create_future()
             new = [i for i, seen in verdicts.items() if not seen]
@@ -81,7 +84,7 @@ class DedupeGate:
                     self.release(claim, new, known=False)
                     raise
                 verdicts.update((i, True) for i in found)
-            return self._split(valid, verdicts, claim, new)
+            return self._split(valid, verdicts, claim, new, keys)
 
     @staticmethod
     def _split(
@@ -89,6 +92,7 @@ class DedupeGate:
         verdicts: dict[str, bool | None],
         claim: asyncio.Future[bool],
         claimed: list[str],
+        keys: dict[str, Key],
     ) -> Screened:
         datas: list[bytes] = []
         ids: list[str] = []
@@ -105,7 +109,7 @@ class DedupeGate:
                 client_idx.append(len(datas))
             datas.append(data)
             ids.append(entry_id)
-        return Screened(datas, ids, client_idx, duplicates, claim, claimed)
+        return Screened(datas, ids, client_idx, duplicates, claim, claimed, keys)
 
     def release(self, claim: asyncio.Future[bool], ids: list[str], *, known: bool) -> None:
         """End a claim: `known` when its ids are now remembered (stored or found stored)."""

@@ -252,7 +252,7 @@ class Pipeline:
                 self.aggregator.acknowledge(-len(datas), -size)
             else:
                 dedupe.expire(self.window_clock.now_ms())  # before a new generation starts
-                dedupe.add(client_ids, now, first_seq + len(datas) - 1)
+                dedupe.add(client_ids, now, first_seq + len(datas) - 1, screened.keys)
                 if datas:
                     self.last_acked_seq = first_seq + len(datas) - 1
                     arrival = self.clock.monotonic()
