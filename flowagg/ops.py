@@ -12,6 +12,7 @@ from . import __version__
 from .audit import audit
 from .config import SETTINGS, Config
 from .entries import short_repr
+from .entry_codec import DecodedEntries
 from .fsutil import count_files
 from .masking import mask_config_report, mask_report
 from .metrics import render, snapshot
@@ -47,6 +48,8 @@ async def handle_request(daemon: Daemon, request: dict[str, Any], peer: Peer) ->
         if daemon.stopping:
             return stopping_reply()
         if daemon.limiter.active:
+            if isinstance(entries, DecodedEntries):
+                entries = entries.plain()  # the limiter reads each entry's userId
             return await add_limited(daemon.pipeline.add, daemon.limiter, entries, peer)
         return (await daemon.pipeline.add(entries)).reply()
     if op == "ping":
