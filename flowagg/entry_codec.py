@@ -10,14 +10,13 @@ answers are the validator's, only cheaper; tests/test_entry_codec.py holds it to
 What it leaves to the validator without deciding:
 - any `\\u0000` in the line (no string may hold U+0000; an escaped backslash before `u0000`
   is sent there too, harmlessly);
-- any run of 19 or more digits (an integer that may not fit 64 bits: orjson reads those as
-  floats, msgspec as ints, and the rules bound checked integers to int64);
+- any integer in metadata outside int64 (|n| <= 2**63 - 1): orjson reads those past 64 bits
+  as floats, msgspec as ints, and the rules bound checked integers to int64;
 - anything msgspec refuses, from malformed JSON to a wrong type or another top-level key.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -30,12 +29,11 @@ from .entries import (
     MAX_FUTURE_MS,
     MAX_METADATA_DEPTH,
     MIN_TIMESTAMP_MS,
-    _depth_exceeds,
     _remember_action,
 )
 
 _NUL = b"\\u0000"
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+INT64_MAX = 2**63 - 1
 _ID = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
@@ -74,7 +72,7 @@ class DecodedEntries(list[_Entry]):
 
 def decode_add(line: bytes) -> DecodedEntries | None:
     """The entries of an `add` line whose static rules all hold, else None (any other line)."""
-    if _NUL in line or _LONG_NUMBER.search(line) is not None:
+    if _NUL in line:
         return None
     try:
         request = _DECODER.decode(line)
@@ -123,7 +121,10 @@ def check_decoded(
             "entryId": entry_id if client_id else new_id(),
         }
         # A copy of exact size, as the validator makes it (see validate_entry_json).
-        data = bytes(memoryview(orjson.dumps(out)))
+        try:
+            data = bytes(memoryview(orjson.dumps(out)))
+        except orjson.JSONEncodeError:
+            return None  # the validator words it ("holds a value JSON cannot carry")
         if len(data) > max_entry_bytes:
             return None
         valid.append((out, client_id, data))
@@ -131,17 +132,34 @@ def check_decoded(
 
 
 def _metadata_ok(metadata: dict[str, Any]) -> bool:
-    """The known keys' types and the nesting bound (ints are within int64: see decode_add)."""
+    """The known keys' types, integers within int64, and the nesting bound."""
     for key in ("sessionId", "taskId"):
-        value = metadata.get(key, "")
-        if type(value) is not str:
+        if type(metadata.get(key, "")) is not str:
             return False
-    duration = metadata.get("duration", 0)
-    if type(duration) is not int or duration < 0:
+    if type(metadata.get("duration", 0)) is not int or metadata.get("duration", 0) < 0:
         return False
-    nested = False
     for value in metadata.values():
-        if type(value) is dict or type(value) is list:
-            nested = True
-            break
-    return not (nested and _depth_exceeds(metadata, MAX_METADATA_DEPTH))
+        kind = type(value)
+        if kind is int:
+            if not -INT64_MAX <= value <= INT64_MAX:
+                return False
+        elif kind is dict or kind is list:
+            return _nested_ok(metadata)
+    return True
+
+
+def _nested_ok(metadata: dict[str, Any]) -> bool:
+    """Integers within int64 at any depth, and no deeper than MAX_METADATA_DEPTH."""
+    stack: list[tuple[Any, int]] = [(metadata, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            return False
+        for child in node.values() if type(node) is dict else node:
+            kind = type(child)
+            if kind is int:
+                if not -INT64_MAX <= child <= INT64_MAX:
+                    return False
+            elif kind is dict or kind is list:
+                stack.append((child, depth + 1))
+    return True
