@@ -43,6 +43,8 @@ MAX_QUEUED = 10_000
 # rollback journal) at most this often keeps those fsyncs off a disk busy with batch files,
 # and costs a start after kill -9 at most this much more replay.
 CHECKPOINT_ONLY_INTERVAL_S = 1.0
+# Client ids are committed at most this often (a start after kill -9 replays them anyway).
+COMMIT_INTERVAL_S = 0.1
 FILTER_NAME = "filter.bin"
 MAX_FILTERS = 2
 DB_NAME = "index.sqlite"
@@ -381,6 +383,17 @@ class DedupeIndex:
                     and not self._loose_due
                 ):
                     self._cond.wait()
+                # A commit costs fsyncs and rewrites every page it touches: under a stream of
+                # ids, one commit per COMMIT_INTERVAL_S holds many ids per page. Meanwhile the
+                # ids are answered from `recent` (exactly); a filling queue does not wait.
+                while (
+                    self._queue
+                    and not self._stopping
+                    and self._queued < MAX_QUEUED // 2
+                    and (left := self._checkpoint_saved_at + COMMIT_INTERVAL_S - time.monotonic())
+                    > 0
+                ):
+                    self._cond.wait(left)
                 self._held_seq = max(self._held_seq, self._loose_seq)
                 self._loose_seq, self._loose_due = 0, False
                 if not self._queue and not self._drops and not self._held_seq:

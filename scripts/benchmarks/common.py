@@ -397,7 +397,7 @@ def cpu_seconds(ps: psutil.Process) -> float:
     return times.user + times.system
 
 
-EXITED = "(threads that ended)"
+EXITED = "(unattributed: tick rounding, ended threads)"
 
 
 def thread_cpu(ps: psutil.Process) -> dict[str, float]:

@@ -439,8 +439,8 @@ def notes(b: Bench) -> str:
             " serialization is not charged to them).",
             "daemon CPU per entry: user + system seconds of the daemon (psutil) from just before"
             " the 8-client run's first send until its last entry is in a batch file, per"
-            " entry; per thread by the kernel's thread names, threads that ended meanwhile"
-            " summed apart.",
+            " entry; per thread by the kernel's thread names (psutil counts 10 ms ticks per"
+            " thread, so the rounding, and threads that ended meanwhile, show as unattributed).",
             "raw: one thread appends the entries as JSON lines, write+fsync per group of 8"
             " requests (1 client: per request).",
             "sqlite: one connection per thread, WAL, synchronous=FULL,"
