@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -282,26 +282,38 @@ class DedupeIndex:
             return entry_id in self.confirm_later([entry_id], now_ms).result()
         return known
 
-    def check(self, entry_id: str, now_ms: int, keys: dict[str, Key] | None = None) -> bool | None:
+    def check(self, entry_id: str, now_ms: int) -> bool | None:
         """From memory only: True accepted within the window, False never (or expired),
-        None when only SQLite can tell (a filter hit: `confirm` it off the loop).
+        None when only SQLite can tell (a filter hit: `confirm` it off the loop)."""
+        return self.check_many([entry_id], now_ms)[0][entry_id]
 
-        The filter key worked out on the way goes into `keys`, for `add` to reuse.
-        """
+    def check_many(
+        self, ids: Iterable[str], now_ms: int, known: Container[str] = ()
+    ) -> tuple[dict[str, bool | None], dict[str, Key]]:
+        """`check` for the ids of one add (those in `known` are True), and the filter keys it
+        worked out on the way, for `add` to reuse: hashing is most of the cost, and the
+        window and the live filters are looked up once per add, not per id."""
+        verdicts: dict[str, bool | None] = {}
+        keys: dict[str, Key] = {}
         if self.window_ms <= 0:
-            return False
+            return {i: i in known for i in ids}, keys
         horizon = now_ms - self.window_ms
-        t = self.recent.get(entry_id)
-        if t is not None:
-            return t >= horizon
-        key = key_of(entry_id, self.words)
-        if keys is not None:
-            keys[entry_id] = key
-        low = (horizon if horizon > 0 else 0) // self.window_ms
-        for gen, flt in tuple(self.filters.items()):
-            if gen >= low and key in flt:
-                return None
-        return False
+        low = self.generation(max(0, horizon))
+        live = [flt for gen, flt in self.filters.items() if gen >= low]
+        recent, words = self.recent, self.words
+        for entry_id in ids:
+            if entry_id in verdicts:
+                continue
+            if entry_id in known:
+                verdicts[entry_id] = True
+                continue
+            t = recent.get(entry_id)
+            if t is not None:
+                verdicts[entry_id] = t >= horizon
+                continue
+            key = keys[entry_id] = key_of(entry_id, words)
+            verdicts[entry_id] = None if any(key in flt for flt in live) else False
+        return verdicts, keys
 
     def live_gens(self, now_ms: int) -> list[int]:
         """The generations a lookup at `now_ms` reads, newest first (taken on the loop thread)."""

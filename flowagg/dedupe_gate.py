@@ -64,14 +64,9 @@ class DedupeGate:
                 known.update(i for i, fut in waits.items() if fut.result())
                 continue
             window_now = now_ms()
-            verdicts: dict[str, bool | None] = {}
-            keys: dict[str, Key] = {}
-            for entry, client_id, _ in valid:
-                entry_id = entry["entryId"]
-                if client_id and entry_id not in verdicts:
-                    verdicts[entry_id] = (
-                        True if entry_id in known else dedupe.check(entry_id, window_now, keys)
-                    )
+            verdicts, keys = dedupe.check_many(
+                (entry["entryId"] for entry, client_id, _ in valid if client_id), window_now, known
+            )
             claim: asyncio.Future[bool] = self.loop.create_future()
             new = [i for i, seen in verdicts.items() if not seen]
             for entry_id in new:
