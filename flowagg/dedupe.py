@@ -256,9 +256,13 @@ class DedupeIndex:
                 return
             while self._queued >= MAX_QUEUED and not self._failing and self._thread.is_alive():
                 self._cond.wait()
+            first = not self._queue
             self._queue.append((gen, last_seq, [(i, t_ms) for i in ids]))
             self._queued += len(ids)
-            self._cond.notify_all()
+            # The thread wakes for the first ids of a group and when the queue fills up; in
+            # between it waits out COMMIT_INTERVAL_S by itself (a wake per add cost the loop).
+            if first or self._queued >= MAX_QUEUED // 2:
+                self._cond.notify_all()
 
     def _new_filter(self, gen: int) -> Filter:
         """A filter for `gen`, never more than MAX_FILTERS in memory.

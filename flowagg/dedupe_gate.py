@@ -53,20 +53,17 @@ class DedupeGate:
         The caller must `release` the claim once the entries are durable or refused.
         """
         known: set[str] = set()  # settled by a claim this add waited for
+        ids = [entry["entryId"] for entry, client_id, _ in valid if client_id]
         while True:
-            waits = {
-                entry["entryId"]: fut
-                for entry, client_id, _ in valid
-                if client_id and (fut := self.claims.get(entry["entryId"])) is not None
-            }
+            claims = self.claims
+            # A set operation, not a lookup per id: other adds' claims are many under load.
+            waits = {i: claims[i] for i in claims.keys() & ids}
             if waits:
                 await asyncio.wait(set(waits.values()))
                 known.update(i for i, fut in waits.items() if fut.result())
                 continue
             window_now = now_ms()
-            verdicts, keys = dedupe.check_many(
-                (entry["entryId"] for entry, client_id, _ in valid if client_id), window_now, known
-            )
+            verdicts, keys = dedupe.check_many(ids, window_now, known)
             claim: asyncio.Future[bool] = self.loop.create_future()
             new = [i for i, seen in verdicts.items() if not seen]
             for entry_id in new:
