@@ -24,14 +24,15 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
 
-from .dedupe_filter import BITS_PER_ID, Filter, filter_chunks, hash_id, merge, read_filters
+from .dedupe_filter import BITS_PER_ID, Filter, Key, filter_chunks, key_of, merge, read_filters
 from .fsutil import atomic_write_chunks, remove_stale_temps
+from .supervise import name_os_thread, plain_thread
 
 log = logging.getLogger("flowagg.dedupe")
 
@@ -42,6 +43,8 @@ MAX_QUEUED = 10_000
 # rollback journal) at most this often keeps those fsyncs off a disk busy with batch files,
 # and costs a start after kill -9 at most this much more replay.
 CHECKPOINT_ONLY_INTERVAL_S = 1.0
+# Client ids are committed at most this often (a start after kill -9 replays them anyway).
+COMMIT_INTERVAL_S = 0.1
 FILTER_NAME = "filter.bin"
 MAX_FILTERS = 2
 DB_NAME = "index.sqlite"
@@ -84,9 +87,14 @@ class DedupeIndex:
         self._stopping = False
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._thread = threading.Thread(target=self._run, name="dedupe-index", daemon=True)
+        self._thread = plain_thread("dedupe-index", self._run)
         # One thread owns the reader connection; lookups queue behind each other.
-        self._lookups = ThreadPoolExecutor(1, thread_name_prefix="dedupe-lookup")
+        self._lookups = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="dedupe-lookup",
+            initializer=name_os_thread,
+            initargs=("dedupe-lookup",),
+        )
         self._busy_at = float("-inf")  # when a lookup last found the index locked (monotonic)
 
     # -- open / close -----------------------------------------------------------------------
@@ -216,10 +224,13 @@ class DedupeIndex:
     def generation(self, t_ms: int) -> int:
         return t_ms // self.window_ms
 
-    def add(self, ids: list[str], t_ms: int, last_seq: int) -> None:
+    def add(
+        self, ids: list[str], t_ms: int, last_seq: int, keys: dict[str, Key] | None = None
+    ) -> None:
         """Remember the client ids of one durable journal record (records in seq order).
 
         Called for records without client ids too, so the checkpoint keeps up with the journal.
+        `keys` holds filter keys `check` already worked out (hashing is most of the cost).
         """
         if self.window_ms <= 0:
             self.seq = max(self.seq, last_seq)
@@ -228,9 +239,11 @@ class DedupeIndex:
         if ids:
             self.gens.add(gen)
             flt = self.filters.get(gen) or self._new_filter(gen)
+            recent, words = self.recent, self.words
             for entry_id in ids:
-                flt.add(*hash_id(entry_id))
-                self.recent[entry_id] = t_ms
+                key = keys.get(entry_id) if keys else None
+                flt.add(key or key_of(entry_id, words))
+                recent[entry_id] = t_ms
         with self._cond:
             self.seq = max(self.seq, last_seq)
             if not ids:
@@ -243,9 +256,13 @@ class DedupeIndex:
                 return
             while self._queued >= MAX_QUEUED and not self._failing and self._thread.is_alive():
                 self._cond.wait()
+            first = not self._queue
             self._queue.append((gen, last_seq, [(i, t_ms) for i in ids]))
             self._queued += len(ids)
-            self._cond.notify_all()
+            # The thread wakes for the first ids of a group and when the queue fills up; in
+            # between it waits out COMMIT_INTERVAL_S by itself (a wake per add cost the loop).
+            if first or self._queued >= MAX_QUEUED // 2:
+                self._cond.notify_all()
 
     def _new_filter(self, gen: int) -> Filter:
         """A filter for `gen`, never more than MAX_FILTERS in memory.
@@ -272,17 +289,35 @@ class DedupeIndex:
     def check(self, entry_id: str, now_ms: int) -> bool | None:
         """From memory only: True accepted within the window, False never (or expired),
         None when only SQLite can tell (a filter hit: `confirm` it off the loop)."""
+        return self.check_many([entry_id], now_ms)[0][entry_id]
+
+    def check_many(
+        self, ids: Iterable[str], now_ms: int, known: Container[str] = ()
+    ) -> tuple[dict[str, bool | None], dict[str, Key]]:
+        """`check` for the ids of one add (those in `known` are True), and the filter keys it
+        worked out on the way, for `add` to reuse: hashing is most of the cost, and the
+        window and the live filters are looked up once per add, not per id."""
+        verdicts: dict[str, bool | None] = {}
+        keys: dict[str, Key] = {}
         if self.window_ms <= 0:
-            return False
+            return {i: i in known for i in ids}, keys
         horizon = now_ms - self.window_ms
-        t = self.recent.get(entry_id)
-        if t is not None:
-            return t >= horizon
-        hashes = hash_id(entry_id)
         low = self.generation(max(0, horizon))
-        if any(hashes in f for g, f in list(self.filters.items()) if g >= low):
-            return None
-        return False
+        live = [flt for gen, flt in self.filters.items() if gen >= low]
+        recent, words = self.recent, self.words
+        for entry_id in ids:
+            if entry_id in verdicts:
+                continue
+            if entry_id in known:
+                verdicts[entry_id] = True
+                continue
+            t = recent.get(entry_id)
+            if t is not None:
+                verdicts[entry_id] = t >= horizon
+                continue
+            key = keys[entry_id] = key_of(entry_id, words)
+            verdicts[entry_id] = None if any(key in flt for flt in live) else False
+        return verdicts, keys
 
     def live_gens(self, now_ms: int) -> list[int]:
         """The generations a lookup at `now_ms` reads, newest first (taken on the loop thread)."""
@@ -364,6 +399,17 @@ class DedupeIndex:
                     and not self._loose_due
                 ):
                     self._cond.wait()
+                # A commit costs fsyncs and rewrites every page it touches: under a stream of
+                # ids, one commit per COMMIT_INTERVAL_S holds many ids per page. Meanwhile the
+                # ids are answered from `recent` (exactly); a filling queue does not wait.
+                while (
+                    self._queue
+                    and not self._stopping
+                    and self._queued < MAX_QUEUED // 2
+                    and (left := self._checkpoint_saved_at + COMMIT_INTERVAL_S - time.monotonic())
+                    > 0
+                ):
+                    self._cond.wait(left)
                 self._held_seq = max(self._held_seq, self._loose_seq)
                 self._loose_seq, self._loose_due = 0, False
                 if not self._queue and not self._drops and not self._held_seq:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .dedupe import DedupeIndex, LookupBusy
+from .dedupe_filter import Key
 
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
 
@@ -32,6 +33,7 @@ class Screened:
     duplicates: int
     claim: asyncio.Future[bool]
     claimed: list[str]  # every id the claim holds: the new ones and those found stored
+    keys: dict[str, Key]  # filter keys of new ids, worked out by the screen, reused to add
 
     @property
     def client_ids(self) -> list[str]:
@@ -51,24 +53,17 @@ class DedupeGate:
         The caller must `release` the claim once the entries are durable or refused.
         """
         known: set[str] = set()  # settled by a claim this add waited for
+        ids = [entry["entryId"] for entry, client_id, _ in valid if client_id]
         while True:
-            waits = {
-                entry["entryId"]: fut
-                for entry, client_id, _ in valid
-                if client_id and (fut := self.claims.get(entry["entryId"])) is not None
-            }
+            claims = self.claims
+            # A set operation, not a lookup per id: other adds' claims are many under load.
+            waits = {i: claims[i] for i in claims.keys() & ids}
             if waits:
                 await asyncio.wait(set(waits.values()))
                 known.update(i for i, fut in waits.items() if fut.result())
                 continue
             window_now = now_ms()
-            verdicts: dict[str, bool | None] = {}
-            for entry, client_id, _ in valid:
-                entry_id = entry["entryId"]
-                if client_id and entry_id not in verdicts:
-                    verdicts[entry_id] = (
-                        True if entry_id in known else dedupe.check(entry_id, window_now)
-                    )
+            verdicts, keys = dedupe.check_many(ids, window_now, known)
             claim: asyncio.Future[bool] = self.loop.create_future()
             new = [i for i, seen in verdicts.items() if not seen]
             for entry_id in new:
@@ -81,7 +76,7 @@ class DedupeGate:
                     self.release(claim, new, known=False)
                     raise
                 verdicts.update((i, True) for i in found)
-            return self._split(valid, verdicts, claim, new)
+            return self._split(valid, verdicts, claim, new, keys)
 
     @staticmethod
     def _split(
@@ -89,6 +84,7 @@ class DedupeGate:
         verdicts: dict[str, bool | None],
         claim: asyncio.Future[bool],
         claimed: list[str],
+        keys: dict[str, Key],
     ) -> Screened:
         datas: list[bytes] = []
         ids: list[str] = []
@@ -105,7 +101,7 @@ class DedupeGate:
                 client_idx.append(len(datas))
             datas.append(data)
             ids.append(entry_id)
-        return Screened(datas, ids, client_idx, duplicates, claim, claimed)
+        return Screened(datas, ids, client_idx, duplicates, claim, claimed, keys)
 
     def release(self, claim: asyncio.Future[bool], ids: list[str], *, known: bool) -> None:
         """End a claim: `known` when its ids are now remembered (stored or found stored)."""

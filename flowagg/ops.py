@@ -13,6 +13,7 @@ from .audit import audit
 from .config import Config
 from .config_schema import SETTINGS
 from .entries import short_repr
+from .entry_codec import DecodedEntries
 from .fsutil import count_files
 from .masking import mask_config_report, mask_report
 from .metrics import render, snapshot
@@ -50,6 +51,8 @@ async def handle_request(daemon: DaemonHost, request: dict[str, Any], peer: Peer
         if daemon.stopping:
             return stopping_reply()
         if daemon.limiter.active:
+            if isinstance(entries, DecodedEntries):
+                entries = entries.plain()  # the limiter reads each entry's userId
             return await add_limited(daemon.pipeline.add, daemon.limiter, entries, peer)
         return (await daemon.pipeline.add(entries)).reply()
     if op == "ping":

@@ -23,6 +23,7 @@ from .cut_queue import CutQueue
 from .dedupe import DedupeIndex
 from .dedupe_gate import DedupeGate, LookupBusy, Valid
 from .entries import EntryError, validate_entry_json
+from .entry_codec import DecodedEntries, check_decoded
 from .flusher import Flusher, Stored
 from .fsutil import is_disk_full
 from .journal import (
@@ -202,7 +203,20 @@ class Pipeline:
         return valid, rejected
 
     async def add(self, raw_entries: list[Any]) -> AddResult:
-        valid, rejected = self.validate(raw_entries, max_listed=MAX_LISTED_REJECTIONS)
+        valid: list[Valid] | None = None
+        rejected: list[dict[str, Any]] = []
+        if isinstance(raw_entries, DecodedEntries):
+            valid = check_decoded(
+                raw_entries,
+                now_ms=self.clock.now_ms(),
+                max_entry_bytes=self.config.max_entry_bytes,
+                new_id=self.ids.new,
+                redact=self.redactor.metadata if self.redactor.active else None,
+            )
+            if valid is None:  # some entry breaks a rule: the validator words why
+                raw_entries = raw_entries.plain()
+        if valid is None:
+            valid, rejected = self.validate(raw_entries, max_listed=MAX_LISTED_REJECTIONS)
         result = await self.add_valid(valid, wait_for_space=False)
         result.rejected_count = len(raw_entries) - len(valid)
         if result.error is None:
@@ -255,7 +269,7 @@ class Pipeline:
                 self.aggregator.acknowledge(-len(datas), -size)
             else:
                 dedupe.expire(self.window_clock.now_ms())  # before a new generation starts
-                dedupe.add(client_ids, now, first_seq + len(datas) - 1)
+                dedupe.add(client_ids, now, first_seq + len(datas) - 1, screened.keys)
                 if datas:
                     self.last_acked_seq = first_seq + len(datas) - 1
                     arrival = self.clock.monotonic()

@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from .entries import short_repr
+from .entry_codec import decode_add
 from .errors import RootUnusableError
 from .peers import UNKNOWN_PEER, AdmittingProtocol, Peer, RefusalLog, UidBudget, peer_of
 from .request_shape import CONTAINERS_PER_ENTRY, PRECHECK_BYTES, largest_top_array, request_shape
@@ -371,14 +372,18 @@ class SocketServer:
             count = largest_top_array(shape)
             if count > limit:
                 return self._too_many_entries(count)
-        try:
-            request = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            self.bad_requests += 1
-            return _error(f"malformed JSON: {exc}")
-        if not isinstance(request, dict):
-            self.bad_requests += 1
-            return _error('request must be a JSON object like {"op": "ping"}')
+        decoded = decode_add(line)
+        if decoded is not None:
+            request: Any = {"op": "add", "entries": decoded}
+        else:
+            try:
+                request = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                self.bad_requests += 1
+                return _error(f"malformed JSON: {exc}")
+            if not isinstance(request, dict):
+                self.bad_requests += 1
+                return _error('request must be a JSON object like {"op": "ping"}')
         entries = request.get("entries")
         if isinstance(entries, list) and len(entries) > limit:
             return self._too_many_entries(len(entries))
@@ -390,7 +395,7 @@ class SocketServer:
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
-        writer.write(orjson.dumps(reply) + b"\n")
+        writer.write(orjson.dumps(reply, option=orjson.OPT_APPEND_NEWLINE))
         await writer.drain()
 
 

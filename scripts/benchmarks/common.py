@@ -397,6 +397,38 @@ def cpu_seconds(ps: psutil.Process) -> float:
     return times.user + times.system
 
 
+EXITED = "(unattributed: tick rounding, ended threads)"
+
+
+def thread_cpu(ps: psutil.Process) -> dict[str, float]:
+    """User + system seconds per thread name, the whole process under "total".
+
+    Names are the kernel's (`/proc/<pid>/task/<tid>/comm`, set by the daemon as each thread
+    starts); threads that share a name are summed, the main thread is the event loop.
+    """
+    out: dict[str, float] = {"total": cpu_seconds(ps)}
+    for t in ps.threads():
+        if t.id == ps.pid:
+            name = "main (event loop)"
+        else:
+            try:
+                name = Path(f"/proc/{ps.pid}/task/{t.id}/comm").read_text().strip()
+            except OSError:
+                continue  # ended between the listing and the read: counted under EXITED
+        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
+    return out
+
+
+def thread_cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Seconds per thread name between two `thread_cpu` readings; what threads that ended
+    meanwhile used is the part of the total that no live thread accounts for."""
+    # A name whose threads ended meanwhile can read less than before: nothing, then.
+    delta = {k: max(0.0, v - before.get(k, 0.0)) for k, v in after.items()}
+    named = sum(v for k, v in delta.items() if k != "total")
+    delta[EXITED] = max(0.0, delta["total"] - named)
+    return delta
+
+
 # -- client processes ----------------------------------------------------------------------------
 def _client_job(conn: multiprocessing.connection.Connection, job: dict[str, Any]) -> None:
     """Prepare requests and connect, report ready, wait for the start time, send them all."""

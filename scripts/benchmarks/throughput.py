@@ -18,6 +18,8 @@ from .common import (
     entry_lines,
     running,
     span,
+    thread_cpu,
+    thread_cpu_delta,
     wait_stored,
 )
 
@@ -29,7 +31,11 @@ def flowagg_throughput(
     prefix: str,
     idle: bool,
     settings: dict[str, Any] | None = None,
+    *,
+    with_ids: bool = False,
 ) -> None:
+    """`with_ids`: client entryIds, so the daemon dedupes and remembers every entry; the
+    daemon's CPU is then also taken from the first send until the last entry is stored."""
     s = b.sizes
     assert b.pool is not None
     root = b.fresh_dir(f"tp{clients}")
@@ -40,7 +46,8 @@ def flowagg_throughput(
             conn.add(add_request(entry_lines(99, 0, s.per_request)))
         before = daemon.status()
         cpu_before = cpu_seconds(daemon.ps)
-        jobs = client_jobs(daemon.sock, clients, requests, s.per_request)
+        threads_before = thread_cpu(daemon.ps)
+        jobs = client_jobs(daemon.sock, clients, requests, s.per_request, with_ids=with_ids)
         results = b.pool.run(jobs)
         after = daemon.status()
         cpu_after = cpu_seconds(daemon.ps)
@@ -50,6 +57,10 @@ def flowagg_throughput(
             raise RuntimeError(f"{accepted} of {expected} entries accepted")
         elapsed = span(results)
         stored_at = wait_stored(daemon, s.drain_timeout_s)
+        if with_ids:
+            threads = thread_cpu_delta(threads_before, thread_cpu(daemon.ps))
+            for name, seconds in threads.items():
+                b.record(f"{prefix}.cpu_us_stored.{name}", seconds / accepted * 1e6)
         entries = after["journal"]["entries"] - before["journal"]["entries"]
         syncs = after["journal"]["syncs"] - before["journal"]["syncs"]
         rate = accepted / elapsed
@@ -89,7 +100,7 @@ def throughput(b: Bench) -> None:
         baseline_persist_queue(b, 8, s.per_request, 8 * s.tp8_requests * s.per_request),
     )
     flowagg_throughput(b, 1, s.tp1_requests, "tp1", idle=False)
-    flowagg_throughput(b, 8, s.tp8_requests, "tp8", idle=True)
+    flowagg_throughput(b, 8, s.tp8_requests, "tp8", idle=True, with_ids=True)
     for prefix in ("tp1", "tp8"):
         flowagg = b.samples[f"{prefix}.flowagg"][-1]
         b.record(f"{prefix}.ratio_sqlite", flowagg / b.samples[f"{prefix}.sqlite"][-1])
