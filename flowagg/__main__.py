@@ -1,3 +1,3 @@
-from .cli import main
+from flowagg.cli.main import main
 
 main()

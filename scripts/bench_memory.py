@@ -30,10 +30,10 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from flowagg.config_schema import DAY_MS  # noqa: E402
-from flowagg.dedupe import DedupeIndex  # noqa: E402
-from flowagg.journal import JournalWriter  # noqa: E402
-from flowagg.layout import Layout  # noqa: E402
+from flowagg.core.config_schema import DAY_MS  # noqa: E402
+from flowagg.core.layout import Layout  # noqa: E402
+from flowagg.journal.dedupe import DedupeIndex  # noqa: E402
+from flowagg.journal.public import JournalWriter  # noqa: E402
 from tests.harness import DaemonProc  # noqa: E402
 
 RECORD = 100

@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from flowagg.layout import Layout
-from flowagg.storage import iter_batch_files, read_batch
+from flowagg.batches.storage import iter_batch_files, read_batch
+from flowagg.core.layout import Layout
 
 READY_TIMEOUT_S = 30.0
 BASE_TS = 1_704_067_200_000

@@ -8,7 +8,8 @@ and every batch file is read back: the stored entryIds must equal the acknowledg
 each exactly once, and no batch file may be torn.
 
 LazyFS keeps directory operations (create, rename, unlink) even without a directory fsync;
-tests/test_dir_fsync.py checks those. Run longer with `scripts/torture --power-loss --cuts N`.
+tests/system/test_dir_fsync.py checks those. Run longer with
+`scripts/torture --power-loss --cuts N`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flowagg.layout import Layout
+from flowagg.core.layout import Layout
 from tests.harness import DaemonProc
 from tests.lazyfs import LazyFS, ensure_lazyfs
 from tests.torture import SETTINGS, crash_loop

@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
-from flowagg.journal_format import encode_add, frame, segment_name
-from flowagg.layout import Layout
-from flowagg.storage import Batch, batch_file_name, encode_batch, make_batch_id
+from flowagg.batches.storage import Batch, batch_file_name, encode_batch, make_batch_id
+from flowagg.core.layout import Layout
+from flowagg.journal.format import encode_add, frame, segment_name
 
 BASE_TS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 USERS = ("alice", "bob", "carol")

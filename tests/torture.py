@@ -30,10 +30,10 @@ from typing import Any
 
 import orjson
 
-from flowagg.client import write_spool_file
-from flowagg.journal import list_segments
-from flowagg.layout import Layout
-from flowagg.storage import CorruptBatch, iter_batch_files, read_batch
+from flowagg.batches.storage import CorruptBatch, iter_batch_files, read_batch
+from flowagg.cli.client import write_spool_file
+from flowagg.core.layout import Layout
+from flowagg.journal.public import list_segments
 from tests.harness import BASE_TS, DaemonProc, request
 
 SETTINGS = {

@@ -1,4 +1,4 @@
-"""A stand-in for `systemctl` where no systemd runs (tests/test_install_walk.py).
+"""A stand-in for `systemctl` where no systemd runs (tests/service/test_install_walk.py).
 
 `unitrun.py verify|start|stop|restart UNIT` and `unitrun.py edit UNIT KEY=VALUE...` do for one
 service unit under /etc/systemd/system what systemd would, as far as the unit's settings say:

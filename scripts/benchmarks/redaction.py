@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import orjson
 
-from flowagg.redact import DEFAULT_KEYS, Redactor
-from flowagg.redact_patterns import PatternSet
+from flowagg.core.redact import DEFAULT_KEYS, Redactor
+from flowagg.core.redact_patterns import PatternSet
 
 from .common import Bench
 from .throughput import flowagg_throughput

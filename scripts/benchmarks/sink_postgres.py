@@ -42,7 +42,7 @@ def baseline_copy(dsn: str, clients: int, requests: int, per_request: int) -> fl
     """Rows/s of COPY into the table, 50 rows per transaction, from one process."""
     import psycopg
 
-    from flowagg.sink_postgres import ddl_statements
+    from flowagg.delivery.sink_postgres import ddl_statements
 
     rows = [
         (

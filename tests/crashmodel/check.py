@@ -19,8 +19,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from flowagg.layout import Layout
-from flowagg.storage import CorruptBatch, decode_batch, iter_batch_files, read_batch
+from flowagg.batches.storage import CorruptBatch, decode_batch, iter_batch_files, read_batch
+from flowagg.core.layout import Layout
 from tests.crashmodel.model import DIR, State, materialize
 from tests.harness import DaemonProc, request, wait_for
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flowagg.layout import Layout
+from flowagg.core.layout import Layout
 from tests.crashmodel.check import Verdict, acked_ids, check_state, short_run_dir
 from tests.crashmodel.model import Barrier, Fs, Link, Op, materialize
 from tests.crashmodel.record import Recording, fresh_root, record, traced_run

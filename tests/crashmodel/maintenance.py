@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import sys
 
-from flowagg import jobs
-from flowagg.cli import main
+from flowagg.cli.main import main
+from flowagg.service import jobs
 
 if __name__ == "__main__":
     jobs.MAINTENANCE_INTERVAL_S = float(sys.argv.pop(1))

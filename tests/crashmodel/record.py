@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flowagg.client import write_spool_file
-from flowagg.layout import Layout
+from flowagg.cli.client import write_spool_file
+from flowagg.core.layout import Layout
 from tests.crashmodel.check import SINK_LOG, entry_key, short_run_dir, sink_script
 from tests.crashmodel.model import Fs, Op, State, snapshot
 from tests.crashmodel.resolve import IGNORED, Resolver

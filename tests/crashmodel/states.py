@@ -16,7 +16,7 @@ import itertools
 import random
 from collections.abc import Iterator
 
-from flowagg.fsutil import TEMP_MARK
+from flowagg.core.fsutil import TEMP_MARK
 from tests.crashmodel.model import DIR, Ack, Barrier, Data, External, Fs, Link, Op, State
 
 FULL_SUBSETS_UP_TO = 8  # non-durable operations at a point: every subset up to 2**8

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from flowagg.journal_format import SEGMENT_PREFIX, SEGMENT_SUFFIX
+from flowagg.journal.format import SEGMENT_PREFIX, SEGMENT_SUFFIX
 from tests.crashmodel.check import ANONYMOUS_MARK, SINK_FAILS, SINK_HOLDS
 from tests.crashmodel.record import Driver, Step
 from tests.harness import entry, request, wait_for

@@ -1,0 +1,380 @@
+"""The flusher thread: turns cut batches into files, strictly in order, off the ack path.
+
+Layer 1 of SPEC §6: a batch that cannot be completed (written to aggregated/, after the sink
+took it) is retried inline (`immediateRetries`, 50/100/200 ms), then written to
+recovery/<id>.failed.json; a permanent error goes straight to abandoned/. When even
+that fails (disk full), the batch stays queued here, and in the journal, and is retried
+with a capped backoff: never dropped, and no later batch overtakes it (the journal's done
+cursor relies on batches being stored in order).
+
+Once the sink accepted a batch, only the write is retried, inline and in the stall loop,
+and the failed file says so (`sinkAcceptedAt`). An open breaker or an ambiguous delivery
+parks the batch at once: inline sleeps would only hold up the batches behind it, and an
+ambiguous one re-sent at once would likely reach the collector twice.
+
+Without a sink, batches that queue up are written as a run (batch_runs): side by side,
+published in order. A batch that fails there takes the one-at-a-time path above, and so
+does every batch behind it in that run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from flowagg.batches.batch_runs import MAX_RUN, STAGE_WORKERS, Staged, Stager, stage
+from flowagg.batches.replayed import find_stored
+from flowagg.batches.storage import Batch, CompletedFiles
+from flowagg.core.clock import Clock
+from flowagg.core.errors import AmbiguousDelivery, CircuitOpenError
+from flowagg.core.fsutil import fsync_dir
+from flowagg.core.layout import Layout
+from flowagg.core.supervise import Spawn, plain_thread
+from flowagg.delivery.failed_format import Delivery
+from flowagg.delivery.flush_parking import Parking
+from flowagg.delivery.sink import as_completer
+
+log = logging.getLogger("flowagg.flusher")
+
+INLINE_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6)
+STALL_MAX_DELAY_S = 5.0
+OUTCOMES_KEPT = 1000
+T = TypeVar("T")
+Stored = tuple[Batch, Path, float]  # a batch, where it lies, seconds its write took
+
+
+class Outcomes:
+    """Recent (monotonic time, completed?) results of batch writes, for the success rate.
+
+    The flusher thread records while the loop reads for health: every access holds the lock.
+    """
+
+    def __init__(self, maxlen: int = OUTCOMES_KEPT) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[tuple[float, bool]] = deque(maxlen=maxlen)
+
+    def record(self, at: float, ok: bool, count: int = 1) -> None:
+        with self._lock:
+            self._items.extend(itertools.repeat((at, ok), min(count, self._items.maxlen or 0)))
+
+    def success_rate(self, since: float) -> float:
+        """Share of completed writes at or after `since`; 1.0 when there were none."""
+        with self._lock:
+            recent = [ok for t, ok in self._items if t >= since]
+        return sum(recent) / len(recent) if recent else 1.0
+
+
+@dataclasses.dataclass
+class Pending:
+    """A batch a run handed to the one-at-a-time path, with what the run did with it."""
+
+    batch: Batch
+    data: bytes  # as delivered (empty: not encoded yet)
+    delivery: Delivery = dataclasses.field(default_factory=Delivery)
+    error: BaseException | None = None  # the run's delivery failed with this
+
+
+class Flusher:
+    def __init__(
+        self,
+        layout: Layout,
+        clock: Clock,
+        *,
+        immediate_retries: int,
+        next_retry_at: Callable[[int], int],
+        store: Callable[[str, bytes], Path],
+        on_stored: Callable[[list[Stored]], None],
+        sleep: Callable[[float], bool] | None = None,
+        spawn: Spawn = plain_thread,
+        writers: int = STAGE_WORKERS,
+    ) -> None:
+        self.layout = layout
+        self.clock = clock
+        self.immediate_retries = immediate_retries
+        self.parking = Parking(layout, next_retry_at)
+        self.completer = as_completer(store)
+        self._on_stored = on_stored
+        self._queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._sleep = sleep or self._stop.wait
+        self._thread = spawn("flusher", self._run)
+        self._stager = Stager(writers, spawn)
+        self.stalled_error: str | None = None
+        self.failed_batches = 0
+        self.inline_retries = 0
+        self.found_at_start = 0
+        self.outcomes = Outcomes()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, batch: Batch) -> None:
+        self._queue.put(batch)
+
+    def stop(self, *, give_up: bool, timeout: float | None = None) -> bool:
+        """Finish queued batches; with give_up, abandon a stalled retry (it stays journaled).
+
+        False when the thread is still busy after `timeout` (stuck in a sink, say).
+        """
+        if give_up:
+            self._stop.set()
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                run, last = self._next_run()
+                if run and not self._store_run(run):
+                    return  # stopping while the disk refuses every write: the journal keeps it
+                if last:
+                    return
+        finally:
+            self._stager.stop()
+
+    def _next_run(self) -> tuple[list[Batch], bool]:
+        """The next batch and those queued behind it; True when the stop marker followed."""
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        run = [first]
+        while len(run) < MAX_RUN:
+            try:
+                batch = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if batch is None:
+                return run, True
+            run.append(batch)
+        return run, False
+
+    def _store_run(self, run: list[Batch]) -> bool:
+        """Store `run` in order; False when a stop gave up on a batch (it stays journaled).
+
+        With a sink, the run is delivered batch by batch first (each with its inline
+        retries), then the accepted ones are written as a run; the first batch the sink
+        did not take, and every one after it, go one at a time.
+        """
+        started = self.clock.monotonic()
+        if run[0].look_first:
+            return self._store_replayed(run, started)
+        files = self.completer.files
+        if files is None:
+            return self._store_each([(batch, None) for batch in run], started)
+        if not self.completer.has_sink():
+            stored = self._write_run(run, files, started)
+            return self._store_each([(batch, None) for batch in run[stored:]], started)
+        accepted, refused = self._deliver_run(run)
+        stored = self._write_run([a.batch for a in accepted], files, started, accepted)
+        rest: list[tuple[Batch, Pending | None]] = [(a.batch, a) for a in accepted[stored:]]
+        if refused is not None:
+            rest.append((refused.batch, refused))
+            rest += [(batch, None) for batch in run[len(accepted) + 1 :]]
+        return self._store_each(rest, started)
+
+    def _store_replayed(self, run: list[Batch], started: float) -> bool:
+        """Batches rebuilt at start that may be stored already: stored ones are only reported,
+        the others stored one at a time (a sink may have taken them before the crash)."""
+        for n, batch in enumerate(run):
+            if not batch.look_first:
+                return self._store_run(run[n:])
+            path = find_stored(self.layout, self.clock, batch)
+            if path is not None:
+                self.found_at_start += 1
+                self._on_stored([(batch, path, 0.0)])
+                continue
+            pending = Pending(batch, b"", Delivery(possibly_delivered=self.completer.has_sink()))
+            if not self._store_each([(batch, pending)], started):
+                return False
+        return True
+
+    def _store_each(self, items: list[tuple[Batch, Pending | None]], started: float) -> bool:
+        for batch, pending in items:
+            path = self._store(batch, pending)
+            if path is None:
+                return False
+            self._on_stored([(batch, path, self.clock.monotonic() - started)])
+        return True
+
+    def _deliver_run(self, run: list[Batch]) -> tuple[list[Pending], Pending | None]:
+        """Deliver in order until one is not taken: (the accepted, the first refused)."""
+        accepted: list[Pending] = []
+        for batch in run:
+            pending = Pending(batch, batch.encode(self.clock.now_ms()))
+            try:
+                self._inline(self._deliver, batch.batch_id, pending.data, pending.delivery)
+            except Exception as exc:
+                pending.error = exc
+                return accepted, pending
+            accepted.append(pending)
+        return accepted, None
+
+    def _write_run(
+        self,
+        run: list[Batch],
+        files: CompletedFiles,
+        started: float,
+        accepted: list[Pending] | None = None,
+    ) -> int:
+        """Write the run's files side by side and publish them in order, one directory fsync
+        for the names renamed while the next file was still being written.
+
+        Returns how many batches were stored; the rest go one at a time.
+        """
+        if not run:
+            return 0
+        now_ms = self.clock.now_ms()
+
+        # What a sink accepted is what gets written: those bytes are fixed.
+        fixed = {a.batch.batch_id: a.data for a in accepted or []}
+
+        def job(batch: Batch) -> Callable[[], Staged]:
+            def make() -> Staged:
+                data = fixed.get(batch.batch_id) or batch.encode(now_ms)
+                return stage(batch, files.path(batch.batch_id), files.file_bytes(data))
+
+            return make
+
+        if len(run) == 1:
+            done: concurrent.futures.Future[Staged] = concurrent.futures.Future()
+            try:
+                done.set_result(job(run[0])())
+            except Exception as exc:
+                done.set_exception(exc)
+            futures = [done]
+        else:
+            self._stager.start()
+            futures = [self._stager.submit(job(batch)) for batch in run]
+        renamed: list[Staged] = []  # published, not yet durable: one directory fsync each group
+        stored, end = 0, len(run)
+        for n, future in enumerate(futures):
+            if renamed and not future.done():
+                if not self._publish(renamed, started):
+                    end, renamed = n, []
+                    break
+                stored, renamed = n, []
+            try:
+                staged = future.result()
+            except Exception as exc:
+                log.warning("batch %s: run write failed (%s); retried alone", run[n].batch_id, exc)
+                end = n
+                break
+            try:
+                os.rename(staged.tmp, staged.target)
+            except OSError as exc:
+                staged.discard()
+                log.warning("batch %s: rename failed (%s); retried alone", run[n].batch_id, exc)
+                end = n
+                break
+            renamed.append(staged)
+        if renamed and self._publish(renamed, started):
+            stored += len(renamed)
+        for future in futures[end:]:
+            with contextlib.suppress(Exception):
+                future.result().discard()
+        return stored
+
+    def _publish(self, renamed: list[Staged], started: float) -> bool:
+        """Make the renamed files' names durable, then report them stored, in order."""
+        try:
+            fsync_dir(renamed[0].target.parent)
+        except OSError as exc:
+            # Visible but perhaps not durable: the one-at-a-time path writes them again.
+            log.warning("run of %d batch files: directory fsync failed (%s)", len(renamed), exc)
+            return False
+        self._report(renamed, started)
+        return True
+
+    def _report(self, published: list[Staged], started: float) -> None:
+        now = self.clock.monotonic()
+        self.outcomes.record(now, True, len(published))
+        if self.stalled_error:
+            log.info(
+                "batch %s written after a stall; writes work again", published[0].batch.batch_id
+            )
+            self.stalled_error = None
+        self._on_stored([(staged.batch, staged.target, now - started) for staged in published])
+
+    def _deliver(self, batch_id: str, data: bytes, delivery: Delivery) -> None:
+        """Deliver unless the sink already accepted the batch."""
+        if delivery.accepted_at is None:
+            try:
+                if self.completer.deliver(batch_id, data, resend=delivery.possibly_delivered):
+                    delivery.accepted_at = self.clock.now_ms()
+            except AmbiguousDelivery:
+                delivery.possibly_delivered = True
+                raise
+            delivery.possibly_delivered = False
+
+    def _attempt(self, batch_id: str, data: bytes, delivery: Delivery) -> Path:
+        """Deliver unless the sink already accepted the batch, then write it."""
+        self._deliver(batch_id, data, delivery)
+        return self.completer.write(batch_id, data)
+
+    def _inline(
+        self, step: Callable[[str, bytes, Delivery], T], batch_id: str, data: bytes, d: Delivery
+    ) -> T:
+        """Layer 1: the first attempt plus `immediateRetries` more, 50/100/200 ms apart."""
+        for delay in INLINE_DELAYS_S[: self.immediate_retries]:
+            try:
+                return step(batch_id, data, d)
+            except (CircuitOpenError, AmbiguousDelivery):
+                raise
+            except OSError:
+                self.inline_retries += 1
+                self._sleep(delay)
+        return step(batch_id, data, d)
+
+    def _store(self, batch: Batch, pending: Pending | None = None) -> Path | None:
+        """Complete one batch with every retry; `pending` carries what a run did with it
+        (the sink accepted it, or refused it with `error`, which is then not tried again)."""
+        stall_delay = 0.05
+        pending = pending or Pending(batch, b"")
+        delivery, data, failure = pending.delivery, pending.data, pending.error
+        while True:
+            if failure is None:
+                # What the sink accepted is what gets written: the bytes stay fixed from then on.
+                if delivery.accepted_at is None:
+                    data = batch.encode(self.clock.now_ms())
+                try:
+                    written = self._inline(self._attempt, batch.batch_id, data, delivery)
+                except Exception as exc:
+                    failure = exc
+                else:
+                    self.outcomes.record(self.clock.monotonic(), True)
+                    if self.stalled_error:
+                        log.info(
+                            "batch %s written after a stall; writes work again", batch.batch_id
+                        )
+                        self.stalled_error = None
+                    return written
+            try:
+                target = self.parking.park(
+                    batch.batch_id, data, failure, delivery, self.clock.now_ms()
+                )
+            except OSError as exc:
+                self.stalled_error = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "batch %s cannot be stored anywhere (%s); it stays in the journal, retrying",
+                    batch.batch_id,
+                    self.stalled_error,
+                )
+            else:
+                self.failed_batches += 1
+                self.outcomes.record(self.clock.monotonic(), False)
+                return target
+            failure = None
+            if self._sleep(stall_delay):
+                return None
+            stall_delay = min(stall_delay * 2, STALL_MAX_DELAY_S)

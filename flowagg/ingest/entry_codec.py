@@ -1,0 +1,165 @@
+"""One compiled decode-and-check step for `add` requests (SPEC §3, §4.1).
+
+A typed msgspec decode parses a request line and checks the static entry rules (types,
+lengths, unknown keys) in C; what depends on the clock or on settings (timestamp window,
+action alphabet, known metadata keys, depth, redaction, size) is checked per entry after it.
+This path only ever *accepts*: a request it cannot accept whole, and one it cannot be sure of,
+goes to orjson and the Python validator (entries.py), which word every rejection. So its
+answers are the validator's, only cheaper; tests/ingest/test_entry_codec.py holds it to that.
+
+What it leaves to the validator without deciding:
+- any `\\u0000` in the line (no string may hold U+0000; an escaped backslash before `u0000`
+  is sent there too, harmlessly);
+- any integer in metadata outside int64 (|n| <= 2**63 - 1): orjson reads those past 64 bits
+  as floats, msgspec as ints, and the rules bound checked integers to int64;
+- anything msgspec refuses, from malformed JSON to a wrong type or another top-level key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+import msgspec
+import orjson
+
+from flowagg.core.entries import (
+    _GOOD_ACTIONS,
+    MAX_FUTURE_MS,
+    MAX_METADATA_DEPTH,
+    MIN_TIMESTAMP_MS,
+    _remember_action,
+)
+from flowagg.ingest.dedupe_gate import Valid
+
+_NUL = b"\\u0000"
+INT64_MAX = 2**63 - 1
+_ID = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class _Entry(msgspec.Struct, forbid_unknown_fields=True):
+    userId: _ID
+    action: str
+    timestamp: int
+    metadata: dict[str, Any] = {}
+    entryId: _ID | msgspec.UnsetType = msgspec.UNSET
+
+
+class _AddRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Other top-level keys go to orjson: msgspec skips an ignored value without checking its
+    UTF-8, where orjson refuses the whole line."""
+
+    op: Literal["add"]
+    entries: list[_Entry]
+
+
+_DECODER = msgspec.json.Decoder(_AddRequest)
+
+
+class DecodedEntries(list[_Entry]):
+    """The entries of an add request that passed the compiled checks, and the line they came
+    from (to hand the validator the plain parse when a per-entry rule does not hold)."""
+
+    def __init__(self, entries: list[_Entry], line: bytes) -> None:
+        super().__init__(entries)
+        self.line = line
+
+    def plain(self) -> list[Any]:
+        """The entries as orjson parses them, for the validator and the rate limiter."""
+        entries: list[Any] = orjson.loads(self.line)["entries"]
+        return entries
+
+
+def decode_add(line: bytes) -> DecodedEntries | None:
+    """The entries of an `add` line whose static rules all hold, else None (any other line)."""
+    if _NUL in line:
+        return None
+    try:
+        request = _DECODER.decode(line)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return DecodedEntries(request.entries, line)
+
+
+def check_decoded(
+    entries: DecodedEntries,
+    *,
+    now_ms: int,
+    max_entry_bytes: int,
+    new_id: Callable[[], str],
+    redact: Callable[[dict[str, Any]], None] | None = None,
+) -> list[Valid] | None:
+    """validate_entry_json's answer for every entry when all are valid, else None.
+
+    A None leaves nothing the caller uses: it validates `entries.plain()`, a fresh parse, so
+    metadata redacted here is dropped, and ids drawn here are skipped (never reused).
+    """
+    latest = now_ms + MAX_FUTURE_MS
+    good_actions = _GOOD_ACTIONS
+    for entry in entries:
+        ts = entry.timestamp
+        if ts < MIN_TIMESTAMP_MS or ts > latest:
+            return None
+        action = entry.action
+        if action not in good_actions and not _remember_action(action):
+            return None
+        metadata = entry.metadata
+        if metadata and not _metadata_ok(metadata):
+            return None
+    valid: list[Valid] = []
+    for entry in entries:
+        metadata = entry.metadata
+        if metadata and redact is not None:
+            redact(metadata)
+        entry_id = entry.entryId
+        client_id = entry_id is not msgspec.UNSET
+        out = {
+            "userId": entry.userId,
+            "action": entry.action,
+            "timestamp": entry.timestamp,
+            "metadata": metadata,
+            "entryId": entry_id if client_id else new_id(),
+        }
+        # A copy of exact size, as the validator makes it (see validate_entry_json).
+        try:
+            data = bytes(memoryview(orjson.dumps(out)))
+        except orjson.JSONEncodeError:
+            return None  # the validator words it ("holds a value JSON cannot carry")
+        if len(data) > max_entry_bytes:
+            return None
+        valid.append((out, client_id, data))
+    return valid
+
+
+def _metadata_ok(metadata: dict[str, Any]) -> bool:
+    """The known keys' types, integers within int64, and the nesting bound."""
+    for key in ("sessionId", "taskId"):
+        if type(metadata.get(key, "")) is not str:
+            return False
+    if type(metadata.get("duration", 0)) is not int or metadata.get("duration", 0) < 0:
+        return False
+    for value in metadata.values():
+        kind = type(value)
+        if kind is int:
+            if not -INT64_MAX <= value <= INT64_MAX:
+                return False
+        elif kind is dict or kind is list:
+            return _nested_ok(metadata)
+    return True
+
+
+def _nested_ok(metadata: dict[str, Any]) -> bool:
+    """Integers within int64 at any depth, and no deeper than MAX_METADATA_DEPTH."""
+    stack: list[tuple[Any, int]] = [(metadata, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_METADATA_DEPTH:
+            return False
+        for child in node.values() if type(node) is dict else node:
+            kind = type(child)
+            if kind is int:
+                if not -INT64_MAX <= child <= INT64_MAX:
+                    return False
+            elif kind is dict or kind is list:
+                stack.append((child, depth + 1))
+    return True

@@ -1,0 +1,173 @@
+"""`flowagg export`: stored entries in timestamp order as JSON lines, CSV or Parquet.
+
+Batch ids sort by arrival, but timestamps are the clients' and interleave across batches, so
+the order comes from an external merge sort: runs of `exportRunEntries` entries are sorted in
+memory and spilled to temp files, then merged (`heapq.merge`); memory stays bounded whatever
+the size of the data. Ties keep the stored order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from flowagg.core.errors import EXIT_USAGE, FlowaggError
+from flowagg.core.fsutil import FILE_MODE, TEMP_MARK, fsync_dir
+from flowagg.read.csv_export import MetadataColumns
+
+FORMATS = ("jsonl", "csv", "parquet")
+PARQUET_ROWS = 65_536
+
+
+# Each entry is kept as one line whose fixed-width prefix sorts as (timestamp, stored order):
+# runs then sort and merge as plain bytes, compared in C, and merge straight from the files.
+_TS_OFFSET = 1 << 63  # timestamps below zero still sort first
+_KEY = b"%016x%012x"
+KEY_BYTES = 28
+_MAX_TS = (1 << 63) - 1
+
+
+class Sorter:
+    """Entries in, entry JSON out in (timestamp, stored order); spills sorted runs to disk."""
+
+    def __init__(self, run_entries: int, tmp_dir: Path) -> None:
+        self.run_entries = run_entries
+        self.tmp_dir = tmp_dir
+        self.run: list[bytes] = []
+        self.runs: list[Path] = []
+        self.count = 0
+        self.skipped = 0  # entries without an integer timestamp: they cannot be placed
+        self.metadata: MetadataColumns | None = None  # counted when the output is CSV
+
+    def add_all(self, lists: Iterable[list[dict[str, Any]]]) -> None:
+        """Every entry of every list (one list per batch file, in stored order)."""
+        run = self.run
+        columns = self.metadata
+        count = self.count
+        limit = self.run_entries
+        dumps = orjson.dumps
+        for entry in itertools.chain.from_iterable(lists):
+            ts = entry.get("timestamp")
+            if type(ts) is not int or not -_TS_OFFSET <= ts <= _MAX_TS:
+                self.skipped += 1
+                continue
+            if columns is not None:
+                metadata = entry.get("metadata")
+                if isinstance(metadata, dict):
+                    columns.add(metadata)
+            # The concatenation is also an exact-size copy: orjson's own buffer keeps
+            # kilobytes of slack per object.
+            run.append(_KEY % (ts + _TS_OFFSET, count) + dumps(entry) + b"\n")
+            count += 1
+            if len(run) >= limit:
+                self._spill()
+        self.count = count
+
+    def _spill(self) -> None:
+        self.run.sort()
+        path = self.tmp_dir / f"run-{len(self.runs):06d}"
+        with path.open("wb") as fh:
+            fh.writelines(self.run)
+        self.runs.append(path)
+        self.run.clear()
+
+    def sorted(self) -> Iterator[bytes]:
+        """Entry JSON lines (newline-terminated), in order."""
+        if not self.runs:
+            self.run.sort()
+            for line in self.run:
+                yield line[KEY_BYTES:]
+            return
+        if self.run:
+            self._spill()
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(p.open("rb")) for p in self.runs]
+            for line in heapq.merge(*files):
+                yield line[KEY_BYTES:]
+
+
+def write_jsonl(rows: Iterator[bytes], out: IO[bytes]) -> None:
+    out.writelines(rows)
+
+
+def write_parquet(rows: Iterator[bytes], out: IO[bytes]) -> None:
+    """Fixed columns (the known metadata keys typed, the whole metadata as JSON text): one
+    schema for every file, whatever metadata holds."""
+    pa, pq = parquet_modules()
+    schema = pa.schema(
+        [
+            ("entryId", pa.string()),
+            ("userId", pa.string()),
+            ("action", pa.string()),
+            ("timestamp", pa.timestamp("ms", tz="UTC")),
+            ("sessionId", pa.string()),
+            ("taskId", pa.string()),
+            ("duration", pa.int64()),
+            ("metadata", pa.string()),
+        ]
+    )
+    names = schema.names
+    with pq.ParquetWriter(out, schema) as writer:
+        columns: dict[str, list[Any]] = {n: [] for n in names}
+        for data in rows:
+            entry = orjson.loads(data)
+            metadata = entry.get("metadata")
+            metadata = metadata if isinstance(metadata, dict) else {}
+            columns["entryId"].append(entry.get("entryId"))
+            columns["userId"].append(entry.get("userId"))
+            columns["action"].append(entry.get("action"))
+            columns["timestamp"].append(entry["timestamp"])
+            columns["sessionId"].append(_typed(metadata.get("sessionId"), str))
+            columns["taskId"].append(_typed(metadata.get("taskId"), str))
+            columns["duration"].append(_typed(metadata.get("duration"), int))
+            columns["metadata"].append(orjson.dumps(metadata).decode())
+            if len(columns["entryId"]) >= PARQUET_ROWS:
+                writer.write_table(pa.table(columns, schema=schema))
+                columns = {n: [] for n in names}
+        if columns["entryId"]:
+            writer.write_table(pa.table(columns, schema=schema))
+
+
+def _typed(value: Any, kind: type) -> Any:
+    return value if type(value) is kind else None
+
+
+def parquet_modules() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise FlowaggError(
+            "--format parquet needs pyarrow; install the parquet extra:"
+            " pip install 'flowagg[parquet]'",
+            EXIT_USAGE,
+        ) from None
+    return pa, pq
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[IO[bytes]]:
+    """A file that appears at `path` whole, once everything is written, or not at all."""
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_MARK}{path.name}.", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        with open(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fchmod(fh.fileno(), FILE_MODE)
+            os.fsync(fh.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(directory)

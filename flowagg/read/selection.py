@@ -1,0 +1,160 @@
+"""Which stored entries a read command looks at: time range, users, actions (export, report)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+
+from flowagg.core.durations import parse_duration_ms
+from flowagg.core.errors import EXIT_USAGE, FlowaggError
+from flowagg.read.batchread import BatchPath, Unread, copies_by_batch, iter_batch_bytes
+
+_RELATIVE_RE = re.compile(r"\d+\s*(ms|s|m|h|d)")
+
+
+def parse_when(text: str, *, now_ms: int, option: str) -> int:
+    """`7d` (that long before now), `2024-01-31`, `2024-01-31T12:00:00[+02:00]` (UTC unless a
+    zone is given) or epoch milliseconds, as epoch ms."""
+    value = text.strip()
+    if value.isdigit():
+        return int(value)
+    if _RELATIVE_RE.fullmatch(value):
+        return now_ms - parse_duration_ms(value)
+    try:
+        moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise FlowaggError(
+            f"{option} {text!r} is not a time; write e.g. 7d, 2024-01-31,"
+            " 2024-01-31T12:00:00Z or epoch milliseconds",
+            EXIT_USAGE,
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp() * 1000)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    since_ms: int | None = None  # inclusive
+    until_ms: int | None = None  # exclusive
+    users: frozenset[str] = frozenset()
+    actions: frozenset[str] = frozenset()
+
+    def matcher(self) -> Callable[[dict[str, Any]], bool] | None:
+        """A test for one entry, or None when every entry is selected (the fast path)."""
+        if self.since_ms is None and self.until_ms is None and not self.users and not self.actions:
+            return None
+        since = self.since_ms if self.since_ms is not None else -(2**63)
+        until = self.until_ms if self.until_ms is not None else 2**63
+        users, actions = self.users, self.actions
+
+        def match(entry: dict[str, Any]) -> bool:
+            ts = entry.get("timestamp")
+            return (
+                isinstance(ts, int)
+                and since <= ts < until
+                and (not users or entry.get("userId") in users)
+                and (not actions or entry.get("action") in actions)
+            )
+
+        return match
+
+
+@dataclasses.dataclass
+class Unreadable:
+    """A batch file a reader skipped: reported at the end, never silently dropped."""
+
+    file: str
+    reason: str
+
+
+@dataclasses.dataclass
+class Copy:
+    """Another file of a batch whose entries were read from `read_from`: not counted again."""
+
+    file: str
+    batch_id: str
+    read_from: str
+    reason: str | None = None  # why this copy was not the one read, when it was tried first
+
+    def line(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return (
+            f"not counted {self.file}{why}: batch {self.batch_id} was read from its copy"
+            f" {self.read_from}; keep one copy"
+        )
+
+
+@dataclasses.dataclass
+class Skipped:
+    """What a reader did not count, and why."""
+
+    unreadable: list[Unreadable] = dataclasses.field(default_factory=list)
+    copies: list[Copy] = dataclasses.field(default_factory=list)
+
+
+def _entries(data: bytes | Unread, *, whole: bool) -> list[Any] | str:
+    """A batch's entries, or why there are none; `whole`: the checksum must match too."""
+    if isinstance(data, Unread):
+        return data.reason
+    try:
+        doc = orjson.loads(data)
+        entries = doc["entries"]
+        if not isinstance(entries, list):
+            raise TypeError("entries is not an array")
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"not a batch ({exc})"
+    if whole and (
+        doc.get("entryCount") != len(entries)
+        or doc.get("entriesSha256") != hashlib.sha256(orjson.dumps(entries)).hexdigest()
+    ):
+        return "entryCount or entriesSha256 does not match its entries"
+    return entries
+
+
+def iter_entry_lists(
+    files: list[BatchPath],
+    selection: Selection,
+    skipped: Skipped,
+    *,
+    limit: int,
+    on_file: Callable[[], None] | None = None,
+) -> Iterator[list[dict[str, Any]]]:
+    """The selected entries of every batch, one list per batch, each in stored order.
+
+    A batch stored in several files is read from one (`copies_by_batch` says in which order
+    they are tried; with several, the first whole one); the others go to `skipped.copies`. A
+    batch none of whose files can be read or parsed goes to `skipped.unreadable` (`flowagg
+    validate` says why in detail); its entries are not guessed at.
+    """
+    match = selection.matcher()
+    for group in copies_by_batch(files):
+        tried: list[tuple[BatchPath, str]] = []
+        entries: list[Any] | None = None
+        taken = group[0]
+        for bp, data in iter_batch_bytes(group, limit):
+            if on_file is not None:
+                on_file()
+            if entries is not None:
+                skipped.copies.append(Copy(str(bp.path), bp.name_id, str(taken.path)))
+                continue
+            got = _entries(data, whole=len(group) > 1)
+            if isinstance(got, str):
+                tried.append((bp, got))
+                continue
+            entries, taken = got, bp
+            for early, reason in tried:
+                skipped.copies.append(Copy(str(early.path), bp.name_id, str(bp.path), reason))
+        if entries is None:
+            skipped.unreadable.extend(Unreadable(str(bp.path), reason) for bp, reason in tried)
+            continue
+        if match is None:
+            yield [e for e in entries if type(e) is dict]
+        else:
+            yield [e for e in entries if type(e) is dict and match(e)]
