@@ -1,4 +1,4 @@
-"""Runs of batch files (flowagg/batch_runs.py): written side by side, published in order.
+"""Runs of batch files (flowagg/batches/batch_runs.py): written side by side, published in order.
 
 The flusher takes every batch queued behind the first and writes their temp files in
 parallel; the renames stay in batch order and each group of renamed files gets one
