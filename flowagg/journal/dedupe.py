@@ -14,6 +14,9 @@ little behind), and each store records the journal seq up to which it holds ever
 At start the records after the older of the two checkpoints (filter file, SQLite) are
 replayed into both; a missing, damaged or foreign-version index file is
 simply rebuilt from the journal (it is derived data, so it is never refused).
+
+Here: the screen in memory, the lookups and the filter file. The filter itself is
+`dedupe_filter`'s, the SQLite file's layout `dedupe_sqlite`'s, its thread `dedupe_writer`'s.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from pathlib import Path
 import orjson
 
 from flowagg.core.fsutil import atomic_write_chunks, remove_stale_temps
-from flowagg.core.supervise import name_os_thread, plain_thread
+from flowagg.core.supervise import name_os_thread
+from flowagg.journal import dedupe_sqlite
 from flowagg.journal.dedupe_filter import (
     BITS_PER_ID,
     Filter,
@@ -41,26 +45,16 @@ from flowagg.journal.dedupe_filter import (
     merge,
     read_filters,
 )
+from flowagg.journal.dedupe_sqlite import FORMAT_VERSION
+from flowagg.journal.dedupe_writer import IndexWriter
 
 log = logging.getLogger("flowagg.dedupe")
 
-FORMAT_VERSION = 1
-# Ids handed to the SQLite thread but not committed; past this the producer waits for it.
-MAX_QUEUED = 10_000
-# Records without client ids only move the checkpoint: committing it (several fsyncs on a
-# rollback journal) at most this often keeps those fsyncs off a disk busy with batch files,
-# and costs a start after kill -9 at most this much more replay.
-CHECKPOINT_ONLY_INTERVAL_S = 1.0
-# Client ids are committed at most this often (a start after kill -9 replays them anyway).
-COMMIT_INTERVAL_S = 0.1
 FILTER_NAME = "filter.bin"
 MAX_FILTERS = 2
-DB_NAME = "index.sqlite"
 # How long a lookup waits for a lock on the index before the add is answered busy: a commit
 # holds it for a few fsyncs; anything longer is someone else's lock, and the client retries.
 LOOKUP_BUSY_TIMEOUT_S = 1.0
-# Ids per SELECT ... IN (...): under SQLite's oldest bound on parameters (999).
-LOOKUP_CHUNK = 500
 
 
 class LookupBusy(Exception):
@@ -75,27 +69,16 @@ class DedupeIndex:
         # generation -> filter; at most MAX_FILTERS: a filter may also hold older generations
         self.filters: dict[int, Filter] = {}
         self.gens: set[int] = set()  # generations with a table in SQLite
-        # The tables the SQLite thread has committed, as it records them: a lookup that finds
-        # one of these missing could not read the schema, which is not "never stored".
-        self._tables: frozenset[int] = frozenset()
         self._expired_below = 0
         self.recent: dict[str, int] = {}  # handed to SQLite, not yet committed: id -> t
         self.seq = 0  # every client id of a journal record up to this seq is in the filter
         self.checkpoint = 0  # ... and in the filter and SQLite both, as found at open
         self.saved_seq = 0  # the seq the filter file on disk covers
-        self._cond = threading.Condition()
-        self._queue: list[tuple[int, int, list[tuple[str, int]]]] = []  # gen, seq, (id, t)
-        self._drops: list[int] = []
-        self._queued = 0
-        self._held_seq = 0  # a checkpoint not committed yet (records without client ids)
-        self._loose_seq = 0  # the same, handed over by `add`
-        self._loose_due = False
-        self._checkpoint_saved_at = 0.0
-        self._failing = False
-        self._stopping = False
+        # Guards `filters` and `seq`: `save` takes them together from another thread.
+        self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._thread = plain_thread("dedupe-index", self._run)
+        self._writer = IndexWriter(self._forget)
         # One thread owns the reader connection; lookups queue behind each other.
         self._lookups = ThreadPoolExecutor(
             1,
@@ -117,21 +100,8 @@ class DedupeIndex:
         filter_seq = self._load_filter()
         self.checkpoint = min(db_seq, filter_seq)
         self.seq = self.checkpoint
-        self._thread.start()
-
-    def _connect(self, timeout: float = 30.0) -> sqlite3.Connection:
-        db = sqlite3.connect(
-            self.directory / DB_NAME, isolation_level=None, check_same_thread=False, timeout=timeout
-        )
-        # A rollback journal, not WAL: WAL maps a shared-memory file, which FUSE file systems
-        # handle badly (LazyFS crashed under it in the power-loss test). PERSIST ends a commit
-        # by zeroing the journal's header, not truncating it: as safe, and it keeps truncates
-        # (LazyFS's fragile path) out of every commit. FULL keeps the index consistent across
-        # a power cut; commits are few, grouped and off the ack path.
-        db.execute("PRAGMA journal_mode=PERSIST")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA cache_size=-2048")  # KiB: the page cache is part of the RSS bound
-        return db
+        assert self._db is not None
+        self._writer.start(self._db, frozenset(self.gens))
 
     def _open_db(self) -> int:
         try:
@@ -139,33 +109,14 @@ class DedupeIndex:
         except sqlite3.DatabaseError as exc:
             log.error("dedupe index unreadable (%s); rebuilding it from the journal", exc)
             self._close_db()
-            for suffix in ("", "-journal", "-wal", "-shm"):
-                (self.directory / (DB_NAME + suffix)).unlink(missing_ok=True)
+            dedupe_sqlite.remove(self.directory)
             return self._try_open_db()
 
     def _try_open_db(self) -> int:
-        db = self._db = self._connect()
-        self._reader = self._connect(LOOKUP_BUSY_TIMEOUT_S)
-        db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
-        meta = dict(db.execute("SELECT k, v FROM meta").fetchall())
-        if meta.get("version") == FORMAT_VERSION and meta.get("windowMs") == self.window_ms:
-            for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'"):
-                if name.startswith("g_"):
-                    self.gens.add(int(name[2:]))
-            self._tables = frozenset(self.gens)
-            return int(meta.get("seq", 0))
-        # Another layout or window: generations would not line up, so start over.
-        db.execute("BEGIN")
-        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
-            if name.startswith("g_"):
-                db.execute(f"DROP TABLE {name}")
-        db.execute("DELETE FROM meta")
-        db.executemany(
-            "INSERT INTO meta VALUES (?, ?)",
-            [("version", FORMAT_VERSION), ("windowMs", self.window_ms), ("seq", 0)],
-        )
-        db.execute("COMMIT")
-        return 0
+        self._db = dedupe_sqlite.connect(self.directory)
+        self._reader = dedupe_sqlite.connect(self.directory, LOOKUP_BUSY_TIMEOUT_S)
+        seq, self.gens = dedupe_sqlite.prepare(self._db, self.window_ms)
+        return seq
 
     def _load_filter(self) -> int:
         path = self.directory / FILTER_NAME
@@ -196,7 +147,7 @@ class DedupeIndex:
         """
         if self.window_ms <= 0:
             return
-        with self._cond:
+        with self._lock:
             gens = sorted(self.filters)
             filters = [self.filters[g] for g in gens]
             seq = self.seq
@@ -209,11 +160,7 @@ class DedupeIndex:
 
     def close(self) -> None:
         """Commit what is queued, save the filter, stop the thread."""
-        if self._thread.is_alive():
-            with self._cond:
-                self._stopping = True
-                self._cond.notify_all()
-            self._thread.join()
+        self._writer.stop()
         self._lookups.shutdown(wait=True)
         try:
             self.save()
@@ -252,25 +199,19 @@ class DedupeIndex:
                 key = keys.get(entry_id) if keys else None
                 flt.add(key or key_of(entry_id, words))
                 recent[entry_id] = t_ms
-        with self._cond:
+        with self._lock:
             self.seq = max(self.seq, last_seq)
-            if not ids:
-                # Only the checkpoint moves: it rides on the next commit unless it is due
-                # (a wake per add would cost the loop, a commit per add the disk).
-                self._loose_seq = max(self._loose_seq, last_seq)
-                if time.monotonic() - self._checkpoint_saved_at >= CHECKPOINT_ONLY_INTERVAL_S:
-                    self._loose_due = True
-                    self._cond.notify_all()
-                return
-            while self._queued >= MAX_QUEUED and not self._failing and self._thread.is_alive():
-                self._cond.wait()
-            first = not self._queue
-            self._queue.append((gen, last_seq, [(i, t_ms) for i in ids]))
-            self._queued += len(ids)
-            # The thread wakes for the first ids of a group and when the queue fills up; in
-            # between it waits out COMMIT_INTERVAL_S by itself (a wake per add cost the loop).
-            if first or self._queued >= MAX_QUEUED // 2:
-                self._cond.notify_all()
+        if ids:
+            self._writer.put(gen, last_seq, [(i, t_ms) for i in ids])
+        else:
+            self._writer.checkpoint(last_seq)
+
+    def _forget(self, rows: list[tuple[str, int]]) -> None:
+        """Committed to SQLite: the ids leave `recent`, unless added again meanwhile."""
+        recent = self.recent
+        for entry_id, t in rows:
+            if recent.get(entry_id) == t:
+                del recent[entry_id]
 
     def _new_filter(self, gen: int) -> Filter:
         """A filter for `gen`, never more than MAX_FILTERS in memory.
@@ -278,7 +219,7 @@ class DedupeIndex:
         Over the bound (a clock step can make arrival times run ahead of the expiry clock)
         the two oldest are merged: their union answers for both, only for longer.
         """
-        with self._cond:
+        with self._lock:
             if len(self.filters) >= MAX_FILTERS and gen < min(self.filters):
                 return self.filters[min(self.filters)]
             flt = self.filters[gen] = Filter(self.words)
@@ -363,20 +304,14 @@ class DedupeIndex:
 
     def _select(self, gen: int, ids: list[str]) -> dict[str, int]:
         assert self._reader is not None
-        times: dict[str, int] = {}
         try:
-            for at in range(0, len(ids), LOOKUP_CHUNK):
-                chunk = ids[at : at + LOOKUP_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                query = f"SELECT id, t FROM g_{gen} WHERE id IN ({marks})"
-                times.update((i, int(t)) for i, t in self._reader.execute(query, chunk))
+            return dedupe_sqlite.select(self._reader, gen, ids)
         except sqlite3.Error as exc:
-            if "no such table" in str(exc) and gen not in self._tables:
+            if "no such table" in str(exc) and gen not in self._writer.tables:
                 return {}  # not committed yet: the generation's ids are still in `recent`
             self._busy_at = time.monotonic()
             log.warning("dedupe index lookup failed (%s); adds with remembered ids wait", exc)
             raise LookupBusy(str(exc)) from exc
-        return times
 
     def expire(self, now_ms: int) -> int:
         """Drop the generations wholly older than the window; returns how many."""
@@ -387,109 +322,9 @@ class DedupeIndex:
             return 0
         self._expired_below = low
         self.gens = {g for g in self.gens if g >= low}
-        with self._cond:
+        with self._lock:
             old = [g for g in self.filters if g < low]
             for g in old:
                 del self.filters[g]
-            self._drops.append(low)
-            self._cond.notify_all()
+        self._writer.drop_below(low)
         return len(old)
-
-    # -- the SQLite thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        failures = 0
-        while True:
-            with self._cond:
-                while (
-                    not self._queue
-                    and not self._drops
-                    and not self._stopping
-                    and not self._loose_due
-                ):
-                    self._cond.wait()
-                # A commit costs fsyncs and rewrites every page it touches: under a stream of
-                # ids, one commit per COMMIT_INTERVAL_S holds many ids per page. Meanwhile the
-                # ids are answered from `recent` (exactly); a filling queue does not wait.
-                while (
-                    self._queue
-                    and not self._stopping
-                    and self._queued < MAX_QUEUED // 2
-                    and (left := self._checkpoint_saved_at + COMMIT_INTERVAL_S - time.monotonic())
-                    > 0
-                ):
-                    self._cond.wait(left)
-                self._held_seq = max(self._held_seq, self._loose_seq)
-                self._loose_seq, self._loose_due = 0, False
-                if not self._queue and not self._drops and not self._held_seq:
-                    if self._stopping:
-                        return
-                    continue
-                group, drops = self._queue, self._drops
-                self._queue, self._drops = [], []
-            try:
-                self._commit(group, drops)
-            except sqlite3.Error as exc:
-                # Ids stay in `recent` (exact, in memory) until a later commit succeeds.
-                failures += 1
-                log.error("dedupe index write failed (%s); retrying", exc)
-                with self._cond:
-                    self._failing = True
-                    self._queue = group + self._queue
-                    self._drops = drops + self._drops
-                    self._cond.notify_all()
-                    self._cond.wait(min(30.0, 0.1 * 2**failures))
-                    if self._stopping:
-                        return
-                continue
-            failures = 0
-            done = 0
-            for _, _, rows in group:
-                for entry_id, t in rows:
-                    if self.recent.get(entry_id) == t:
-                        del self.recent[entry_id]
-                done += len(rows)
-            with self._cond:
-                self._failing = False
-                self._queued -= done
-                self._cond.notify_all()
-
-    def _commit(
-        self, group: list[tuple[int, int, list[tuple[str, int]]]], drops: list[int]
-    ) -> None:
-        db = self._db
-        assert db is not None
-        db.execute("BEGIN")
-        try:
-            tables = {
-                name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
-            }
-            if drops:
-                below = max(drops)
-                for name in sorted(tables):
-                    if name.startswith("g_") and int(name[2:]) < below:
-                        db.execute(f"DROP TABLE {name}")
-                        tables.discard(name)
-            seq = self._held_seq
-            for gen, last_seq, rows in group:
-                seq = max(seq, last_seq)
-                if not rows:
-                    continue
-                name = f"g_{gen}"
-                if name not in tables:
-                    db.execute(
-                        f"CREATE TABLE IF NOT EXISTS {name}"
-                        " (id TEXT PRIMARY KEY, t INTEGER NOT NULL) WITHOUT ROWID"
-                    )
-                    tables.add(name)
-                db.executemany(f"INSERT OR REPLACE INTO {name} VALUES (?, ?)", rows)
-            if seq:
-                db.execute("UPDATE meta SET v = max(v, ?) WHERE k = 'seq'", (seq,))
-            db.execute("COMMIT")
-            # Before the committed ids leave `recent` (see `_select`).
-            self._tables = frozenset(int(n[2:]) for n in tables if n.startswith("g_"))
-            self._held_seq = 0
-            self._checkpoint_saved_at = time.monotonic()
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise

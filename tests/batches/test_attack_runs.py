@@ -43,7 +43,7 @@ from flowagg.core.fsutil import TEMP_MARK
 from flowagg.core.layout import Layout
 from flowagg.delivery.recovery import Recovery
 from flowagg.delivery.retry_policy import RetryPolicy
-from flowagg.journal.dedupe import CHECKPOINT_ONLY_INTERVAL_S
+from flowagg.journal.dedupe_writer import CHECKPOINT_ONLY_INTERVAL_S
 from flowagg.journal.format import split_add
 from flowagg.service.cleanup import apply_cleanup, plan_cleanup
 from tests import torture

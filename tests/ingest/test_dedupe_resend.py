@@ -22,7 +22,8 @@ import pytest
 
 from flowagg.core.config import load_config
 from flowagg.core.layout import Layout
-from flowagg.journal.dedupe import DB_NAME, LookupBusy
+from flowagg.journal.dedupe import LookupBusy
+from flowagg.journal.dedupe_sqlite import DB_NAME
 from flowagg.journal.format import SEGMENT_PREFIX, SEGMENT_SUFFIX
 from tests.harness import (
     DaemonProc,

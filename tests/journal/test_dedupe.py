@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flowagg.journal.dedupe import DB_NAME, FILTER_NAME, DedupeIndex
+from flowagg.journal.dedupe import FILTER_NAME, DedupeIndex
+from flowagg.journal.dedupe_sqlite import DB_NAME
 
 NOW = 1_704_067_200_000
 HOUR = 3_600_000
