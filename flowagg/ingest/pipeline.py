@@ -3,6 +3,9 @@
 Everything here runs on the asyncio loop thread, so the buffer, the dedupe index and the
 counters need no locks. The journal writer and the flusher are threads; their results come
 back through `loop.call_soon_threadsafe`, in order.
+
+The pipeline wires the stages and takes entries in; checking them against the entry rules is
+`entry_check`'s, and the buffer's way out to the flusher is `flush_driver`'s.
 """
 
 from __future__ import annotations
@@ -20,19 +23,18 @@ from flowagg.batches.cut_queue import CutQueue
 from flowagg.batches.published import skip_uncut
 from flowagg.batches.replayed import sync_folders
 from flowagg.batches.spill import Spill
-from flowagg.batches.storage import Batch
 from flowagg.core.clock import Clock, EntryIdFactory, WindowClock
 from flowagg.core.config import Config
-from flowagg.core.entries import EntryError, validate_entry_json
 from flowagg.core.fsutil import is_disk_full
 from flowagg.core.latency import LatencySamples
 from flowagg.core.layout import Layout
 from flowagg.core.redact import Redactor
 from flowagg.core.supervise import Spawn, plain_thread
-from flowagg.delivery.flusher import Flusher, Stored
+from flowagg.delivery.flusher import Flusher
 from flowagg.ingest.add_result import AddResult
 from flowagg.ingest.dedupe_gate import DedupeGate, LookupBusy, Valid
-from flowagg.ingest.entry_codec import DecodedEntries, check_decoded
+from flowagg.ingest.entry_check import EntryRules, check_add, validate_entries
+from flowagg.ingest.flush_driver import FlushDriver
 from flowagg.ingest.pipeline_status import (
     buffered_status,
     flusher_status,
@@ -87,23 +89,13 @@ class Pipeline:
         self.writer: JournalWriter | None = None
         self.flusher: Flusher | None = None
         self.spill = Spill()
-        self.done_seq = 0
+        self.flushing = FlushDriver(
+            layout, clock, loop, self.aggregator, self.spill, latency_samples=LATENCY_SAMPLES
+        )
         self.last_acked_seq = 0
-        self.stored_batches = 0
-        self.stored_entries = 0
-        # Of those, the ones parked in recovery/ or abandoned/ rather than completed.
-        self.parked_batches = 0
-        self.parked_entries = 0
         self.counters: Counter[str] = Counter()
-        self.batches_by_trigger: Counter[str] = Counter()
-        self.last_flush_at: int | None = None
         self.add_latency = LatencySamples(LATENCY_SAMPLES)
-        self.flush_latency = LatencySamples(LATENCY_SAMPLES)
         self.last_journal_error: str | None = None
-        self._batch_waiters: dict[str, asyncio.Future[None]] = {}
-        self.cuts: CutQueue | None = None
-        self._age_timer: asyncio.TimerHandle | None = None
-        self._space_waiters: list[asyncio.Future[None]] = []
         self._dedupe_saved_at = clock.monotonic()
         self._dedupe_saving: asyncio.Future[None] | None = None
 
@@ -116,7 +108,7 @@ class Pipeline:
         )
         self.dedupe.expire(self.window_clock.now_ms())
         self._dedupe_saved_at = self.clock.monotonic()
-        self.done_seq = scan.done_seq
+        self.flushing.done_seq = scan.done_seq
         self.last_acked_seq = scan.next_seq - 1
         self.aggregator.last_seq_loaded = scan.done_seq
         self.aggregator.acknowledge(scan.backlog_entries, scan.backlog_bytes)
@@ -143,7 +135,7 @@ class Pipeline:
                 self.layout, self.clock, self.aggregator, scan, self.writer.append_done
             )
             if skipped:
-                self.done_seq = done_seq
+                self.flushing.done_seq = done_seq
                 self.counters["batchesFoundAtStart"] += skipped
         self.flusher = Flusher(
             self.layout,
@@ -151,13 +143,16 @@ class Pipeline:
             immediate_retries=self.config.immediate_retries,
             next_retry_at=self._next_retry_at,
             store=self._store,
-            on_stored=lambda stored: self.loop.call_soon_threadsafe(self._batches_stored, stored),
+            on_stored=lambda stored: self.loop.call_soon_threadsafe(
+                self.flushing.batches_stored, stored
+            ),
             spawn=self._spawn,
             writers=self.config.flush_writers,
         )
         self.flusher.start()
-        self.cuts = CutQueue(self.loop, self.writer, self.flusher.submit, self._cut_failed)
-        self._refill()
+        cuts = CutQueue(self.loop, self.writer, self.flusher.submit, self._cut_failed)
+        self.flushing.attach(self.writer, cuts)
+        self.flushing.refill()
 
     def reconfigure(self, config: Config) -> None:
         """Apply reloaded flush settings; the buffer is kept and re-checked at once."""
@@ -169,7 +164,7 @@ class Pipeline:
         if self.writer is not None:
             self.writer.segment_bytes = config.journal_segment_bytes
             self._size_records()
-        self._refill()
+        self.flushing.refill()
 
     def _size_records(self) -> None:
         """Records no larger than the window always fit once it drains."""
@@ -180,45 +175,19 @@ class Pipeline:
     def validate(
         self, raw_entries: list[Any], *, max_listed: int | None = None
     ) -> tuple[list[Valid], list[dict[str, Any]]]:
-        """Check entries against §3: (valid entries, rejections).
+        """Check entries against §3 (`validate_entries`): (valid entries, rejections)."""
+        return validate_entries(raw_entries, self._rules(), max_listed=max_listed)
 
-        Past `max_listed` rejections are only counted: len(raw) - len(valid) is the total.
-        """
-        now = self.clock.now_ms()
-        limit = self.config.max_entry_bytes
-        new_id = self.ids.new
+    def _rules(self) -> EntryRules:
         redact = self.redactor.metadata if self.redactor.active else None
-        valid: list[Valid] = []
-        rejected: list[dict[str, Any]] = []
-        for index, raw in enumerate(raw_entries):
-            try:
-                valid.append(
-                    validate_entry_json(
-                        raw, index, now_ms=now, max_entry_bytes=limit, new_id=new_id, redact=redact
-                    )
-                )
-            except EntryError as exc:
-                if max_listed is None or len(rejected) < max_listed:
-                    rejected.append({"index": index, "error": str(exc)})
-        return valid, rejected
+        return EntryRules(self.clock, self.config.max_entry_bytes, self.ids.new, redact)
 
     async def add(self, raw_entries: list[Any]) -> AddResult:
-        valid: list[Valid] | None = None
-        rejected: list[dict[str, Any]] = []
-        if isinstance(raw_entries, DecodedEntries):
-            valid = check_decoded(
-                raw_entries,
-                now_ms=self.clock.now_ms(),
-                max_entry_bytes=self.config.max_entry_bytes,
-                new_id=self.ids.new,
-                redact=self.redactor.metadata if self.redactor.active else None,
-            )
-            if valid is None:  # some entry breaks a rule: the validator words why
-                raw_entries = raw_entries.plain()
-        if valid is None:
-            valid, rejected = self.validate(raw_entries, max_listed=MAX_LISTED_REJECTIONS)
+        valid, rejected, rejected_count = check_add(
+            raw_entries, self._rules(), max_listed=MAX_LISTED_REJECTIONS
+        )
         result = await self.add_valid(valid, wait_for_space=False)
-        result.rejected_count = len(raw_entries) - len(valid)
+        result.rejected_count = rejected_count
         if result.error is None:
             self.counters["rejected"] += result.rejected_count
         result.rejected = rejected
@@ -301,7 +270,7 @@ class Pipeline:
         while self.aggregator.is_busy():
             if not wait_for_space:
                 return False
-            await self.wait_for_space()
+            await self.flushing.wait_for_space()
         return True
 
     def _busy(self) -> AddResult:
@@ -316,11 +285,15 @@ class Pipeline:
         code = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "error")
         return AddResult(error=f"journal_unavailable: {code}", retry_after_ms=1000)
 
+    def _cut_failed(self, error: BaseException) -> None:
+        self.last_journal_error = f"{type(error).__name__}: {error}"
+        self.counters["journalErrors"] += 1
+
     def _journal_done(self, results: list[tuple[Append, BaseException | None, Position]]) -> None:
         for append, error, after in results:
             if append.callback is not None:
                 append.callback(error, after)
-        self._refill()
+        self.flushing.refill()
 
     @property
     def batches_found_at_start(self) -> int:
@@ -332,123 +305,15 @@ class Pipeline:
     def spilled(self) -> bool:
         return self.spill.spilled
 
-    def _refill(self) -> None:
-        """Load what waits on disk as room allows (after every durable append and every
-        stored batch), then check the triggers."""
-        if self.writer is not None:
-            self.spill.refill(self.aggregator, self.writer, self.clock.monotonic())
-            if self.aggregator.replay_waits() and not self.spill.spilled:
-                # Every durable record is loaded, yet a journaled cut lacks entries: they were
-                # in a record damaged since and quarantined. What is left keeps the cut's id
-                # (cut anew, its first entry would name a batch of other entries).
-                self.aggregator.stop_waiting()
-                log.error(
-                    "journaled batch %s lost entries to a damaged record",
-                    self.aggregator.replay[0].batch_id,
-                )
-        self._check_triggers()
-
     # -- flushing ---------------------------------------------------------------------------
-    def _check_triggers(self) -> None:
-        for batch in self.aggregator.cut_due(self.clock.monotonic(), self.clock.now_ms()):
-            self._submit(batch)
-        self._arm_age_timer()
-
-    def _arm_age_timer(self) -> None:
-        if self._age_timer is not None:
-            self._age_timer.cancel()
-            self._age_timer = None
-        deadline = self.aggregator.next_deadline()
-        if deadline is not None:
-            delay = max(0.0, deadline - self.clock.monotonic())
-            self._age_timer = self.loop.call_later(delay, self._check_triggers)
-
-    def _submit(self, batch: Batch) -> asyncio.Future[None]:
-        """Hand a cut batch on; the flusher gets it once its cut is durable (cut_queue)."""
-        assert self.cuts is not None
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        self._batch_waiters[batch.batch_id] = waiter
-        self.cuts.put(batch)
-        return waiter
-
-    def _cut_failed(self, error: BaseException) -> None:
-        self.last_journal_error = f"{type(error).__name__}: {error}"
-        self.counters["journalErrors"] += 1
-
-    def _batches_stored(self, stored: list[Stored]) -> None:
-        """Batches reached disk, in order: one done record for the last covers them all."""
-        for batch, path, seconds in stored:
-            self.aggregator.stored(batch)
-            self.batches_by_trigger[batch.trigger] += 1
-            self.stored_batches += 1
-            self.stored_entries += batch.count
-            if path.parent != self.layout.aggregated:
-                self.parked_batches += 1
-                self.parked_entries += batch.count
-            self.flush_latency.append(seconds)
-            log.debug(
-                "batch %s: %d entries, trigger %s -> %s/%s",
-                batch.batch_id,
-                batch.count,
-                batch.trigger,
-                path.parent.name,
-                path.name,
-            )
-            waiter = self._batch_waiters.pop(batch.batch_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
-        last = stored[-1][0]
-        self.done_seq = last.last_seq
-        assert self.writer is not None
-        self.writer.append_done(last.last_seq, last.batch_id)
-        self.last_flush_at = self.clock.now_ms()
-        for fut in self._space_waiters:
-            if not fut.done():
-                fut.set_result(None)
-        self._space_waiters.clear()
-        self._refill()
-
     async def flush(self, trigger: str = "manual", *, include_disk: bool = True) -> dict[str, int]:
         """Store every entry acknowledged before this call; returns once they are stored.
 
-        Counts the batches and entries stored meanwhile, whatever trigger cut them: all of them
-        (`batches`, `entries`), those completed into aggregated/ (`stored...`) and those that
-        failed to recovery/ or abandoned/ (`failed...`). Without `include_disk` only the memory
-        window is written (the rest stays journaled).
+        The counts are `FlushDriver.flush`'s. Without `include_disk` only the memory window is
+        written (the rest stays journaled).
         """
         target = self.last_acked_seq if include_disk else self.aggregator.last_seq_loaded
-        before = self._stored_counts()
-        while self.done_seq < target:
-            for batch in self.aggregator.cut_all(trigger, self.clock.now_ms()):
-                self._submit(batch)
-            pending = list(self._batch_waiters.values())
-            if pending:
-                await asyncio.gather(*pending)
-            elif self.spilled:
-                self._refill()
-            else:
-                break  # nothing left to cut, in flight or on disk
-        self._arm_age_timer()
-        batches, entries, failed_batches, failed_entries = (
-            now - then for now, then in zip(self._stored_counts(), before, strict=True)
-        )
-        return {
-            "batches": batches,
-            "entries": entries,
-            "storedBatches": batches - failed_batches,
-            "storedEntries": entries - failed_entries,
-            "failedBatches": failed_batches,
-            "failedEntries": failed_entries,
-        }
-
-    def _stored_counts(self) -> tuple[int, int, int, int]:
-        return (self.stored_batches, self.stored_entries, self.parked_batches, self.parked_entries)
-
-    async def wait_for_space(self) -> None:
-        """Wait until a batch is stored (the buffer shrinks); for spool intake under pressure."""
-        fut: asyncio.Future[None] = self.loop.create_future()
-        self._space_waiters.append(fut)
-        await fut
+        return await self.flushing.flush(target, trigger)
 
     def expire_dedupe(self) -> int:
         """Forget client entryIds older than the window; now and then save the filter."""
@@ -484,8 +349,7 @@ class Pipeline:
 
         Returns the threads still busy after `join_s` (they are left to the process exit).
         """
-        if self._age_timer is not None:
-            self._age_timer.cancel()
+        self.flushing.cancel_age_timer()
         # Nothing can be stored while the flusher is stalled, nor cut without the journal.
         stalled = (self.flusher is not None and self.flusher.stalled_error is not None) or (
             self.writer is not None and self.writer.broken
@@ -519,11 +383,11 @@ class Pipeline:
                 "journalErrors": self.counters["journalErrors"],
                 "redactedEntries": self.redactor.entries,
                 "redactedValues": self.redactor.values,
-                "batches": dict(self.batches_by_trigger),
-                "storedEntries": self.stored_entries,
+                "batches": dict(self.flushing.batches_by_trigger),
+                "storedEntries": self.flushing.stored_entries,
             },
             "journal": journal_status(self.writer, self.last_journal_error),
             "flusher": flusher_status(self.flusher),
-            "lastFlushAt": self.last_flush_at,
-            "latencyMs": latency_status(self.add_latency, self.flush_latency),
+            "lastFlushAt": self.flushing.last_flush_at,
+            "latencyMs": latency_status(self.add_latency, self.flushing.flush_latency),
         }

@@ -376,7 +376,7 @@ class SpoolIntake:
 
     async def _space_or_stop(self) -> bool:
         """Wait until the buffer has room (or a rescan's time); False when stopping."""
-        space = asyncio.ensure_future(self.pipeline.wait_for_space())
+        space = asyncio.ensure_future(self.pipeline.flushing.wait_for_space())
         stopping = asyncio.ensure_future(self._stop_event.wait())
         try:
             await asyncio.wait(

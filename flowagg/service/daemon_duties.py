@@ -122,7 +122,7 @@ class Duties:
             status=st,
             interval_ms=interval_ms,
             success_rate=flusher.outcomes.success_rate(horizon) if flusher else 1.0,
-            flush_latency_s=list(host.pipeline.flush_latency),
+            flush_latency_s=list(host.pipeline.flushing.flush_latency),
             retry_count=(flusher.inline_retries if flusher else 0)
             + host.recovery.totals["failedAgain"],
             scheduled_tasks=host.recovery.runs,

@@ -50,10 +50,13 @@ def snapshot(daemon: MetricsSource, status: dict[str, Any]) -> Snapshot:
     assert pipeline is not None
     return {
         "status": status,
-        "storedBatches": pipeline.stored_batches,
-        "storedEntries": pipeline.stored_entries,
+        "storedBatches": pipeline.flushing.stored_batches,
+        "storedEntries": pipeline.flushing.stored_entries,
         "addLatency": (pipeline.add_latency.cumulative(), pipeline.add_latency.sum),
-        "flushLatency": (pipeline.flush_latency.cumulative(), pipeline.flush_latency.sum),
+        "flushLatency": (
+            pipeline.flushing.flush_latency.cumulative(),
+            pipeline.flushing.flush_latency.sum,
+        ),
         "journalBytes": _dir_bytes(daemon.layout.journal),
         "startTime": time.time() - status["uptimeS"],
     }

@@ -243,9 +243,9 @@ def test_a_failed_cut_with_later_cuts_durable_then_a_crash(
         pipeline = await rig.start()
         for _ in range(3):
             await rig.add(30)
-        assert pipeline.cuts is not None
+        assert pipeline.flushing.cuts is not None
         await until(lambda: len(journaled_cuts(rig.layout)) == 2)
-        assert len(pipeline.cuts) == 3, "no batch leaves before the failed cut"
+        assert len(pipeline.flushing.cuts) == 3, "no batch leaves before the failed cut"
         await pipeline.shutdown(flush_s=0)
         return rig
 

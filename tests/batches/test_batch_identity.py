@@ -324,8 +324,8 @@ def test_a_cut_whose_journal_write_fails_is_journaled_again_and_keeps_its_place(
             handed.append(batch.batch_id)
             submit(batch)
 
-        assert pipeline.cuts is not None
-        pipeline.cuts._hand_over = record  # what the flusher is handed, in that order
+        assert pipeline.flushing.cuts is not None
+        pipeline.flushing.cuts._hand_over = record  # what the flusher is handed, in that order
         await rig.add(90)
         await asyncio.wait_for(pipeline.flush(), 30)
         assert pipeline.counters["journalErrors"] == 2

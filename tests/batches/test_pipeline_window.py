@@ -117,9 +117,9 @@ def test_add_larger_than_the_window_keeps_batches_flowing(root: Path) -> None:
         try:
             await rig.add(pipeline, 151)
             # Size batches follow without a flush: the spilled add is read back as room frees.
-            await until(lambda: pipeline.stored_entries == 150)
+            await until(lambda: pipeline.flushing.stored_entries == 150)
             await rig.add(pipeline, 49)
-            await until(lambda: pipeline.stored_entries == 200)
+            await until(lambda: pipeline.flushing.stored_entries == 200)
             assert not pipeline.spilled
         finally:
             await pipeline.shutdown()
@@ -163,7 +163,7 @@ def test_big_old_record_is_not_parsed_again_per_refill(root: Path, parsed: Count
                 await rig.add(pipeline, 5)  # each durable append retries the refill
             assert parsed[31] == measured  # known not to fit yet: not parsed again
             await pipeline.flush()
-            assert pipeline.done_seq == 645
+            assert pipeline.flushing.done_seq == 645
         finally:
             await pipeline.shutdown()
         # Once to learn it does not fit, once to load it whole into the drained window (not
