@@ -76,6 +76,14 @@ async def handle_request(daemon: DaemonHost, request: dict[str, Any], peer: Peer
             )
         except (FileNotFoundError, ValueError) as exc:
             reply = {"ok": False, "error": f"recover: {exc}"}
+        except OSError as exc:
+            # A requeue's write into recovery/ (a full disk, a refused folder): what was not
+            # moved stays abandoned, so the operator only needs to fix the cause and rerun.
+            reply = {
+                "ok": False,
+                "error": f"recover: cannot write {exc.filename} ({exc.strerror}); free space"
+                " or fix the folder's permissions, then run it again",
+            }
         else:
             reply = {"ok": True, **report}
         audit_reply(event, reply, peer, RECOVERY_FIELDS)
