@@ -194,12 +194,16 @@ class DedupeIndex:
         if ids:
             self.gens.add(gen)
             flt = self.filters.get(gen) or self._new_filter(gen)
-            recent, words = self.recent, self.words
+            words = self.words
             for entry_id in ids:
                 key = keys.get(entry_id) if keys else None
                 flt.add(key or key_of(entry_id, words))
-                recent[entry_id] = t_ms
         with self._lock:
+            # Under the lock the writer's thread takes to forget committed ids: its check and
+            # delete must not fall between a re-add's write, or the re-added id is forgotten.
+            recent = self.recent
+            for entry_id in ids:
+                recent[entry_id] = t_ms
             self.seq = max(self.seq, last_seq)
         if ids:
             self._writer.put(gen, last_seq, [(i, t_ms) for i in ids])
@@ -208,10 +212,11 @@ class DedupeIndex:
 
     def _forget(self, rows: list[tuple[str, int]]) -> None:
         """Committed to SQLite: the ids leave `recent`, unless added again meanwhile."""
-        recent = self.recent
-        for entry_id, t in rows:
-            if recent.get(entry_id) == t:
-                del recent[entry_id]
+        with self._lock:
+            recent = self.recent
+            for entry_id, t in rows:
+                if recent.get(entry_id) == t:
+                    del recent[entry_id]
 
     def _new_filter(self, gen: int) -> Filter:
         """A filter for `gen`, never more than MAX_FILTERS in memory.
