@@ -24,6 +24,8 @@ MAX_INT64 = (1 << 63) - 1
 # How orjson writes U+0000; the bytes may also come from a backslash before "u0000", so a
 # hit is confirmed on the values themselves (nul_field) before an entry is refused.
 _NUL_ESCAPE = b"\\u0000"
+# 19 digits or more: the only integers that can fall outside int64 (2**63 has 19 digits).
+_LONG_NUMBER = re.compile(rb"\d{19,}")
 FIELDS = ("userId", "action", "timestamp", "metadata", "entryId")
 _FIELD_SET = frozenset(FIELDS)
 _ACTION_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -106,6 +108,32 @@ def nul_field(entry: dict[str, Any]) -> str | None:
         elif type(value) is list:
             stack += [(f"{path}[{i}]", child) for i, child in enumerate(value)]
     return None
+
+
+def wide_int_field(entry: dict[str, Any]) -> str | None:
+    """A field holding an integer outside int64 (at any depth), or None.
+
+    SPEC §3: PostgreSQL's bigint, Parquet's int64 and most readers hold no wider integer, so
+    one is refused at ingest rather than failing a reader or a sink later.
+    """
+    stack: list[tuple[str, Any]] = [(key, value) for key, value in entry.items()]
+    while stack:
+        path, value = stack.pop()
+        if type(value) is int and not -MAX_INT64 - 1 <= value <= MAX_INT64:
+            return path
+        if type(value) is dict:
+            stack += [(f"{path}.{key}", child) for key, child in value.items()]
+        elif type(value) is list:
+            stack += [(f"{path}[{i}]", child) for i, child in enumerate(value)]
+    return None
+
+
+def wide_int_error(index: int, field: str) -> EntryError:
+    return EntryError(
+        f"entry {index}: {field}: an integer outside the signed 64-bit range"
+        f" ({-MAX_INT64 - 1} to {MAX_INT64}), which databases and Parquet cannot hold;"
+        " send it as a string"
+    )
 
 
 def nul_error(index: int, field: str) -> EntryError:
@@ -252,6 +280,10 @@ def validate_entry_json(
         # these bytes live in the buffer until the entry is stored.
         data = bytes(memoryview(orjson.dumps(entry)))
     except orjson.JSONEncodeError as exc:
+        # orjson writes no integer below -2**63 (nor above 2**64-1): name the field.
+        field = wide_int_field(entry)
+        if field is not None:
+            raise wide_int_error(index, field) from None
         raise EntryError(
             f"entry {index}: holds a value JSON cannot carry ({exc}); remove it"
         ) from None
@@ -259,6 +291,10 @@ def validate_entry_json(
         field = nul_field(entry)
         if field is not None:
             raise nul_error(index, field)
+    if _LONG_NUMBER.search(data):
+        field = wide_int_field(entry)
+        if field is not None:
+            raise wide_int_error(index, field)
     if len(data) > max_entry_bytes:
         raise EntryError(
             f"entry {index}: is {len(data)} bytes as compact JSON, over"
