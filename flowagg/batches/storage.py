@@ -9,10 +9,8 @@ disk is the proof that those entries are stored.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ from flowagg.core import formats
 from flowagg.core.compression import SUFFIXES, compress, decompress
 from flowagg.core.fsutil import atomic_write
 from flowagg.core.layout import Layout
+from flowagg.core.readsafe import NotRegular, open_regular
 
 TRIGGERS = ("size", "age", "threshold", "manual", "shutdown")
 
@@ -125,14 +124,13 @@ def read_regular(path: Path) -> bytes:
     flowagg did not write must neither hang a start or the recovery loop nor count as stored.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CorruptBatch("a symbolic link, not a batch file") from None
-        raise
-    with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CorruptBatch("not a regular file")
+        file = open_regular(path)
+    except NotRegular as exc:
+        link = exc.kind == "a symbolic link"
+        raise CorruptBatch(
+            "a symbolic link, not a batch file" if link else "not a regular file"
+        ) from None
+    with file:
         return file.read()
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from flowagg.core.readsafe import kind_of
 from flowagg.ingest.spool_trust import READ_BLOCK
 
 SPOOL_SUFFIXES = (".json", ".jsonl")
@@ -40,17 +41,7 @@ def adopted_ms(adopted: str) -> int:
 
 def file_kind(mode: int) -> str | None:
     """None for a regular file, else what it is, for the reason file."""
-    if stat.S_ISREG(mode):
-        return None
-    kinds = [
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ]
-    return next((name for test, name in kinds if test(mode)), "a special file")
+    return None if stat.S_ISREG(mode) else kind_of(mode)
 
 
 def not_regular_reason(kind: str) -> str:
