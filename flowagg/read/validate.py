@@ -31,7 +31,7 @@ from flowagg.read.batchread import (
     iter_batch_bytes,
 )
 
-_NO_ID = "\x00"  # what the validator's new_id hands back: a stored entry must bring its own
+_NO_ID = "-"  # what the validator's new_id hands back: a stored entry must bring its own
 
 
 @dataclasses.dataclass(frozen=True)

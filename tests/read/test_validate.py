@@ -185,3 +185,17 @@ def test_validate_while_the_daemon_runs(tmp_path: Path) -> None:
     code, doc = run_json(root, "--full")
     assert code == 0, doc
     assert doc["summary"]["notes"] == []
+
+
+def test_an_entry_without_entry_id_is_named_so(tmp_path: Path) -> None:
+    # The validator's placeholder id was U+0000, which the NUL rule then refused: the finding
+    # said "must not contain U+0000" about an entryId the file did not have.
+    root = tmp_path / "root"
+    r = Root(root)
+    path = r.batch([make_entry(i) for i in range(3)])
+    rewrite(path, lambda d: d["entries"][1].pop("entryId"))
+    r.write_journal()
+    code, out = run_json(root)
+    assert code == 1
+    [finding] = out["findings"]
+    assert finding["detail"] == "entry 2: has no entryId (every stored one has)", finding
