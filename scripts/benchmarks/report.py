@@ -16,6 +16,7 @@ from .common import MB, Bench
 from .hostile import ITEMS, KILL_ABOVE, MAX_REQUEST_BYTES, REPLY_READ_CAP
 from .memory import LARGE_BATCHES, day_sizes, rss_sizes
 from .redaction import KEYS, METADATA, PATTERNS
+from .spool import spool_row
 
 
 def fmt_rate(v: float | None) -> str:
@@ -284,6 +285,7 @@ def build_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
             )
         )
     rows.append(hostile_row(b))
+    rows.append(spool_row(b))
     rows.append(power_row(b))
     return rows
 
