@@ -488,6 +488,12 @@ def notes(b: Bench) -> str:
             f" reply newline, reading at most {REPLY_READ_CAP:,} bytes for at most"
             f" {s.hostile_timeout_s:g} s; RSS polled every 10 ms until ping is polled for"
             f" 5 s afterwards; the daemon is SIGKILLed above {KILL_ABOVE / MB:,.0f} MB RSS.",
+            f"spool intake: {s.spool_files:,} files of {s.spool_entries} entries (mode 0600,"
+            " each with client entryIds) made in a folder beside inbox/ and synced, then renamed"
+            " into inbox/ under a default daemon; time = first rename -> inbox/ and"
+            " journal/spool/ both empty (polled every 5 ms); baseline: the same entries as"
+            f" {s.spool_entries}-entry files written one after another like the atomic files"
+            " above.",
             "redaction (--redaction only): the 8-client throughput run twice, redactKeys=[] and"
             f" redactPatterns=[] (off) beside {len(KEYS)} keys and {len(PATTERNS)} patterns"
             " (e-mail, card number, bearer token); the entries hold no secret, so every key is"
