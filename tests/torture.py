@@ -305,18 +305,32 @@ def crash_loop(
     return Tally(acked, counts, torn, len(files))
 
 
-def wait_for_intake(layout: Layout, stall_s: float = 60.0) -> None:
-    """Wait until the daemon took every spool file, however many; fail once it takes none for
-    `stall_s`. Long power-loss runs leave thousands behind: each short-lived daemon spends
-    most of its life starting on LazyFS while the spool writer keeps writing."""
-    left = len(list(layout.inbox.glob("*.jsonl")))
+def spool_backlog(layout: Layout) -> tuple[int, int]:
+    """Spool files not taken yet: (in inbox/, adopted and not yet journaled and deleted)."""
+    inbox = sum(1 for _ in layout.inbox.glob("*.jsonl"))
+    adopted = sum(1 for p in layout.journal_spool.iterdir() if not p.name.startswith("."))
+    return inbox, adopted
+
+
+def wait_for_intake(
+    layout: Layout,
+    stall_s: float = 60.0,
+    backlog: Callable[[Layout], tuple[int, int]] = spool_backlog,
+) -> None:
+    """Wait until the daemon took every spool file in inbox/ and journal/spool/, however many:
+    no deadline in all, so the wait grows with the backlog the run left (--kills 1000 leaves
+    tens of thousands); it fails only once neither count went down for `stall_s`."""
+    left = backlog(layout)
     deadline = time.monotonic() + stall_s
-    while left:
+    while any(left):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the daemon took no spool file in {stall_s} s; {left} left")
+            raise TimeoutError(
+                f"the daemon took no spool file in {stall_s} s; {left[0]} left in inbox/,"
+                f" {left[1]} in journal/spool/"
+            )
         time.sleep(0.05)
-        now = len(list(layout.inbox.glob("*.jsonl")))
-        if now < left:
+        now = backlog(layout)
+        if now[0] < left[0] or now[1] < left[1]:
             deadline = time.monotonic() + stall_s
         left = now
 

@@ -3,36 +3,39 @@
 Intake of one file:
  1. only a regular file is taken (lstat, then open with O_NOFOLLOW and fstat); a FIFO, socket,
     device, directory or symlink goes to recovery/errors/ unread;
- 2. adopt it: rename inbox/<name> to journal/spool/<ms>-<n>-<name> (the daemon owns it now);
+ 2. adopt it: rename inbox/<name> to journal/spool/<ms>-<n>-<name> (the daemon owns it now),
+    and fsync both folders before anything of it is journaled;
  3. read it in chunks: a .jsonl file by lines (up to CHUNK_LINES lines or about CHUNK_BYTES),
     a .json file whole, up to max_file_bytes; invalid lines go to recovery/errors/ as the raw
     bytes they were, with their reasons;
  4. journal each chunk's valid entries as one record naming the adopted file and the byte
     where the chunk ends; the last chunk's record is marked finished;
- 5. delete the adopted file.
+ 5. delete the adopted file (and fsync journal/spool/).
+Files go through these steps a step of files at a time (spool_adopt): a step's renames share
+two folder fsyncs, its files are journaled side by side so that their records share group
+commits, and its finished files are deleted with one folder fsync.
 A crash leaves the adopted file, and the next start resumes it after the last journaled chunk
 (chunk boundaries depend only on the file and where the chunk starts) or deletes it when the
 journal says it is finished. So no entry is ingested twice or lost.
 
-This module is the intake itself (scan, adopt, journal, resume); reading a file is spool_read's,
-opening it spool_open's, what goes to recovery/errors/ spool_quarantine's, and the inbox/
-events that wake a scan are spool_watch's.
+This module is the intake itself (scan, journal, resume); adopting files is spool_adopt's,
+reading a file spool_read's, opening it spool_open's, what goes to recovery/errors/
+spool_quarantine's, and the inbox/ events that wake a scan are spool_watch's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
-from pathlib import Path
 
 import orjson
 
-from flowagg.core.fsutil import display_name, fit_name, fsync_dir
+from flowagg.core.fsutil import display_name, fsync_dir
 from flowagg.core.layout import Layout
 from flowagg.ingest.pipeline import Pipeline, Valid
+from flowagg.ingest.spool_adopt import STEP_BYTES, STEP_FILES, Adopter
 from flowagg.ingest.spool_open import open_adopted
 from flowagg.ingest.spool_quarantine import SpoolQuarantine
 from flowagg.ingest.spool_read import (
@@ -40,9 +43,7 @@ from flowagg.ingest.spool_read import (
     Problem,
     adopted_ms,
     count_lines,
-    file_kind,
     is_spool_name,
-    not_regular_reason,
     parse_lines,
     read_at_most,
     read_chunk,
@@ -55,7 +56,6 @@ log = logging.getLogger("flowagg.spool")
 # Junk (not a spool file) moved to errors/ per scan; more waits JUNK_PAUSE_S for the next one.
 JUNK_PER_SCAN = 64
 JUNK_PAUSE_S = 0.5
-JUNK = "\0junk"  # what _take says of a file that is not a spool file (no file name has a NUL)
 STOP_GRACE_S = 5.0
 
 Progress = tuple[int, bool]  # journaled end offset, finished
@@ -84,8 +84,7 @@ class SpoolIntake:
         self._stopping = False
         self._watch = InboxWatch(layout.inbox, self._wake)
         self._task: asyncio.Task[None] | None = None
-        self._counter = itertools.count()
-        self._floor_ms = 0
+        self._adopter = Adopter(layout, pipeline.clock, self._quarantine)
         # Adopted files still in journal/spool/ -> how far the journal holds them.
         self._progress: dict[str, Progress] = {}
         self._droppers = Droppers(layout.group)
@@ -113,47 +112,76 @@ class SpoolIntake:
         self._progress = {name: p for name, p in journaled.items() if name in present}
         # New adopted names sort after every name the journal or the folder knows, even if
         # the clock went back, so none can take an old name.
-        self._floor_ms = max((adopted_ms(n) for n in [*journaled, *present]), default=-1) + 1
+        floor = max((adopted_ms(n) for n in [*journaled, *present]), default=-1) + 1
+        self._adopter.floor_ms = floor
         await self._finish_adopted(wait=False)
 
     async def _finish_adopted(self, *, wait: bool) -> None:
         """Finished adopted files are deleted; any other is resumed where the journal ends."""
-        for name in sorted(os.listdir(self.layout.journal_spool)):
-            if self._stopping:
-                return
-            if name.startswith("."):
-                continue
-            if self._progress.get(name, (0, False))[1]:
-                self._forget(name)
-            else:
-                await self._ingest_or_wait(name, wait=wait)
+        names = [n for n in sorted(os.listdir(self.layout.journal_spool)) if n[:1] != "."]
+        step: list[str] = []
+        size = 0
+        for name in names:
+            with contextlib.suppress(OSError):  # gone: the step finds that out
+                size += os.lstat(self.layout.journal_spool / name).st_size
+            step.append(name)
+            if len(step) >= STEP_FILES or size >= STEP_BYTES or name == names[-1]:
+                if self._stopping:
+                    return
+                await self._ingest_step(step, wait=wait)
+                step, size = [], 0
 
-    def _forget(self, adopted: str) -> None:
-        """Delete an adopted file that needs nothing more; until then its progress is kept."""
+    async def _ingest_step(self, adopted: list[str], *, wait: bool) -> None:
+        """Journal a step's adopted files side by side, so their records share group commits,
+        then delete the finished ones with one folder fsync."""
+        done = await asyncio.gather(*(self._ingest_or_wait(a, wait=wait) for a in adopted))
+        finished = [a for a, fin in zip(adopted, done, strict=True) if fin]
+        if finished:
+            for name in await asyncio.to_thread(self._delete, finished):
+                self._progress.pop(name, None)
+                self._quarantine.forget(name)
+
+    def _delete(self, adopted: list[str]) -> list[str]:
+        """Delete adopted files that need nothing more; returns those now durably gone (only
+        their progress may be forgotten)."""
+        gone = []
+        for name in adopted:
+            try:
+                (self.layout.journal_spool / name).unlink(missing_ok=True)
+                gone.append(name)
+            except OSError as exc:
+                log.error(
+                    "spool file %s is stored but cannot be deleted (%s); trying again at the"
+                    " next rescan",
+                    name,
+                    exc,
+                )
         try:
-            (self.layout.journal_spool / adopted).unlink(missing_ok=True)
-            # Durable before compaction drops the journal records naming it: back after a
-            # power cut, with no record, it would be ingested twice.
+            # Durable before compaction drops the journal records naming them: back after a
+            # power cut, with no record, a file would be ingested twice.
             fsync_dir(self.layout.journal_spool)
         except OSError as exc:
             log.error(
-                "spool file %s is stored but cannot be deleted (%s); trying again at the next"
-                " rescan",
-                adopted,
+                "spool files %s to %s are stored but their deletion is not durable (%s); trying"
+                " again at the next rescan",
+                adopted[0],
+                adopted[-1],
                 exc,
             )
-            return
-        self._progress.pop(adopted, None)
-        self._quarantine.forget(adopted)
+            return []
+        return gone
 
-    async def _ingest_or_wait(self, adopted: str, *, wait: bool) -> None:
+    async def _ingest_or_wait(self, adopted: str, *, wait: bool) -> bool:
+        """Journal what is left of one adopted file; True once it can be deleted."""
+        if self._progress.get(adopted, (0, False))[1]:
+            return True
         path = self.layout.journal_spool / adopted
         try:
             finished = await self._ingest(adopted, wait=wait)
         except OSError as exc:
             # The file stays adopted; the next rescan tries again (a full disk, say).
             log.error("spool file %s: %s; trying again at the next rescan", adopted, exc)
-            return
+            return False
         except Exception:
             log.exception("spool file %s: intake failed; moving it to recovery/errors/", adopted)
             off = self._progress.get(adopted, (0, False))[0]
@@ -162,8 +190,7 @@ class SpoolIntake:
                 f"intake failed unexpectedly (see aggregation.log); the entries before byte"
                 f" {off} are stored, fix the rest and spool it again",
             )
-        if finished:
-            self._forget(adopted)
+        return finished
 
     async def start(self) -> None:
         """Watch inbox/ (events plus a periodic rescan); the first scan runs at once."""
@@ -204,27 +231,21 @@ class SpoolIntake:
         await self._finish_adopted(wait=True)
         count = 0
         junk_left = JUNK_PER_SCAN
-        for name in sorted(os.listdir(self.layout.inbox)):
-            if self._stopping:
-                break
-            if name.startswith(".") or name.endswith(".tmp"):
-                continue
-            try:
-                # Off the loop: renames and folder fsyncs of a junk-file flood must not delay
-                # the acknowledgements of adds.
-                adopted = await asyncio.to_thread(
-                    self._take, self.layout.inbox / name, junk_left > 0
-                )
-            except Exception:
-                # One file must not stop the others: it stays in inbox/ for the next rescan.
-                log.exception("spool file %s cannot be taken from inbox/", display_name(name))
-                continue
-            if adopted is JUNK:
-                junk_left -= 1
-            elif adopted is not None:
-                await self._ingest_or_wait(adopted, wait=True)
-                count += 1
-            await asyncio.sleep(0)  # a flood of bad files must not starve the socket
+        names = [
+            n
+            for n in sorted(os.listdir(self.layout.inbox))
+            if not (n.startswith(".") or n.endswith(".tmp"))
+        ]
+        while names and not self._stopping:
+            # Off the loop: renames and folder fsyncs (of a junk-file flood too) must not delay
+            # the acknowledgements of adds.
+            step = await asyncio.to_thread(
+                self._adopter.take_step, names, junk_left, lambda: self._stopping
+            )
+            del names[: step.seen]
+            junk_left -= step.junk
+            await self._ingest_step(step.adopted, wait=True)
+            count += len(step.adopted)
         if junk_left < 0:
             # More junk than a scan moves: the rest waits a while, so that a flood's renames
             # and fsyncs come at a bounded rate and the journal's fsyncs keep the disk.
@@ -233,44 +254,6 @@ class SpoolIntake:
             self._quarantine.rotation_due = False
             await asyncio.to_thread(self._quarantine.rotate, self.max_error_files)
         return count
-
-    def _take(self, path: Path, quarantine: bool) -> str | None:
-        """Adopt a regular spool file; anything else in inbox/ is JUNK, moved to errors/ unread
-        when `quarantine` says this scan may still do so."""
-        try:
-            kind = file_kind(os.lstat(path).st_mode)
-        except FileNotFoundError:
-            return None  # its client or another scan took it away
-        if kind is not None:
-            reason = not_regular_reason(kind)
-        elif not is_spool_name(path.name):
-            reason = "not a spool file: name must end in .json or .jsonl"
-        else:
-            return self._adopt(path)
-        if quarantine:
-            self._quarantine.move(path, reason)
-        return JUNK
-
-    def _adopt(self, path: Path) -> str | None:
-        ms = max(self.pipeline.clock.now_ms(), self._floor_ms)
-        # The journal names the file in JSON, so the name must be text: odd bytes become \xNN.
-        adopted = fit_name(f"{ms:013d}-{next(self._counter):06d}-{display_name(path.name)}")
-        target = self.layout.journal_spool / adopted
-        try:
-            os.rename(path, target)
-        except FileNotFoundError:
-            return None  # its client or another scan took it away
-        except OSError as exc:
-            shown = display_name(path.name)
-            log.error("spool file %s cannot be adopted (%s); it waits in inbox/", shown, exc)
-            return None
-        try:
-            fsync_dir(self.layout.journal_spool)
-            fsync_dir(self.layout.inbox)
-        except OSError as exc:
-            log.error("spool file %s: cannot fsync its folders: %s", display_name(path.name), exc)
-        self._quarantine.originals[adopted] = display_name(path.name)
-        return adopted
 
     async def _ingest(self, adopted: str, *, wait: bool) -> bool:
         """Journal what is left of one adopted file; True once it needs nothing more."""

@@ -9,6 +9,7 @@ intake because none of it touches the journal: it only names, moves, copies and 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class SpoolQuarantine:
         # Who wrote each adopted file (before the daemon copied it): the peer of its rejects.
         self.owners: dict[str, FileOwner] = {}
         self.files_quarantined = 0
+        self._counting = threading.Lock()
         self.entries_rejected = 0
         self.errors_rotated = 0
 
@@ -83,7 +85,8 @@ class SpoolQuarantine:
             shown = display_name(str(path))
             log.error("spool file %s should go to errors/ (%s) but cannot: %s", shown, reason, exc)
             return False
-        self.files_quarantined += 1
+        with self._counting:  # files of one intake step are opened, so moved, side by side
+            self.files_quarantined += 1
         self.rotation_due = True
         shown = display_name(target.name)
         log.warning("spool file %s quarantined to %s: %s", original, shown, reason)

@@ -58,6 +58,8 @@ class Sizes:
     day_big: int = 5_000_000  # restart with a day of journal (--big)
     hostile_timeout_s: float = 30.0
     power_cuts: int = 50
+    spool_files: int = 5_000  # small spool files dropped into inbox/ at once
+    spool_entries: int = 10  # entries per spool file
 
 
 FULL = Sizes()
@@ -75,6 +77,7 @@ QUICK = Sizes(
     remembered_entries=200_000,
     hostile_timeout_s=15.0,
     power_cuts=10,
+    spool_files=1_000,
 )
 
 

@@ -28,6 +28,7 @@ from .redaction import redaction
 from .report import OtherLoad, build_rows, meta, notes, render
 from .restart import build_backlog, restart, restart_remembered
 from .sink_postgres import sink_notes, sink_postgres, sink_rows
+from .spool import spool_intake
 from .throughput import throughput
 
 FIGURES = (
@@ -37,6 +38,7 @@ FIGURES = (
     "flush",
     "start",
     "hostile",
+    "spool",
     "remembered",
     "power cuts",
 )
@@ -88,6 +90,7 @@ def run(b: Bench) -> None:
             section("flush", lambda: flush_latency(b))
             section("start", lambda: restart_backlog("start"))
             section("hostile", lambda: hostile(b))
+            section("spool", lambda: spool_intake(b))
         if b.args.big:
             b.progress(f"--big: building a journal of {s.big_entries:,} entries")
             section("big", lambda: build("big", s.big_entries))

@@ -16,6 +16,7 @@ from .common import MB, Bench
 from .hostile import ITEMS, KILL_ABOVE, MAX_REQUEST_BYTES, REPLY_READ_CAP
 from .memory import LARGE_BATCHES, day_sizes, rss_sizes
 from .redaction import KEYS, METADATA, PATTERNS
+from .spool import spool_row
 
 
 def fmt_rate(v: float | None) -> str:
@@ -284,6 +285,7 @@ def build_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
             )
         )
     rows.append(hostile_row(b))
+    rows.append(spool_row(b))
     rows.append(power_row(b))
     return rows
 
@@ -486,6 +488,12 @@ def notes(b: Bench) -> str:
             f" reply newline, reading at most {REPLY_READ_CAP:,} bytes for at most"
             f" {s.hostile_timeout_s:g} s; RSS polled every 10 ms until ping is polled for"
             f" 5 s afterwards; the daemon is SIGKILLed above {KILL_ABOVE / MB:,.0f} MB RSS.",
+            f"spool intake: {s.spool_files:,} files of {s.spool_entries} entries (mode 0600,"
+            " each with client entryIds) made in a folder beside inbox/ and synced, then renamed"
+            " into inbox/ under a default daemon; time = first rename -> inbox/ and"
+            " journal/spool/ both empty (polled every 5 ms); baseline: the same entries as"
+            f" {s.spool_entries}-entry files written one after another like the atomic files"
+            " above.",
             "redaction (--redaction only): the 8-client throughput run twice, redactKeys=[] and"
             f" redactPatterns=[] (off) beside {len(KEYS)} keys and {len(PATTERNS)} patterns"
             " (e-mail, card number, bearer token); the entries hold no secret, so every key is"

@@ -1,9 +1,14 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from tests.torture import run_torture
+import pytest
+
+from flowagg.core.layout import Layout
+from tests.torture import run_torture, wait_for_intake
 
 # 200 kills in CI (SPEC §12); raise it locally with TORTURE_KILLS or use scripts/torture.
 KILLS = int(os.environ.get("TORTURE_KILLS", "200"))
@@ -16,3 +21,23 @@ def test_sigkill_torture_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     assert result.duplicated == [], result.summary()
     assert result.unexpected == [], result.summary()
     assert result.stored == result.acknowledged
+
+
+def test_the_final_wait_lasts_as_long_as_the_spool_backlog_shrinks(tmp_path: Path) -> None:
+    # inbox/ drains while journal/spool/ fills, then journal/spool/ drains: each is progress.
+    left: Iterator[tuple[int, int]] = iter(
+        [(6 - n, min(n, 3)) for n in range(7)] + [(0, 2), (0, 1), (0, 0)]
+    )
+    stall_s = 0.15
+    started = time.monotonic()
+    wait_for_intake(Layout(tmp_path), stall_s, lambda layout: next(left))
+    assert time.monotonic() - started > 2 * stall_s  # longer than one stall, without failing
+    assert next(left, None) is None
+
+
+def test_the_final_wait_fails_while_adopted_files_stay_in_journal_spool(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "data")
+    layout.prepare()
+    (layout.journal_spool / "0000000000001-000000-a.jsonl").write_bytes(b"")
+    with pytest.raises(TimeoutError, match=r"0 left in inbox/, 1 in journal/spool/"):
+        wait_for_intake(layout, stall_s=0.2)
