@@ -119,6 +119,10 @@ class SpoolIntake:
     async def _finish_adopted(self, *, wait: bool) -> None:
         """Finished adopted files are deleted; any other is resumed where the journal ends."""
         names = [n for n in sorted(os.listdir(self.layout.journal_spool)) if n[:1] != "."]
+        # Left by a step whose folder fsync failed: durable first (see sync_folders).
+        unjournaled = any(n not in self._progress for n in names)
+        if unjournaled and not await asyncio.to_thread(self._adopter.sync_folders):
+            return
         step: list[str] = []
         size = 0
         for name in names:
@@ -244,6 +248,8 @@ class SpoolIntake:
             )
             del names[: step.seen]
             junk_left -= step.junk
+            if not step.synced:
+                break  # the step's files wait in journal/spool/ for the next rescan
             await self._ingest_step(step.adopted, wait=True)
             count += len(step.adopted)
         if junk_left < 0:

@@ -35,6 +35,7 @@ class Step:
     seen: int = 0  # names of the listing this step looked at
     adopted: list[str] = dataclasses.field(default_factory=list)
     junk: int = 0  # junk found, moved to errors/ or not
+    synced: bool = True  # the step's renames are durable: its files may be journaled
 
 
 class Adopter:
@@ -67,17 +68,27 @@ class Adopter:
                 step.adopted.append(adopted)
                 size += file_size
         if step.adopted:
-            try:
-                fsync_dir(self.layout.journal_spool)
-                fsync_dir(self.layout.inbox)
-            except OSError as exc:
-                log.error(
-                    "spool files %s to %s: cannot fsync their folders: %s",
-                    step.adopted[0],
-                    step.adopted[-1],
-                    exc,
-                )
+            step.synced = self.sync_folders()
         return step
+
+    def sync_folders(self) -> bool:
+        """Make the renames into journal/spool/ durable; False (logged) when they are not.
+
+        A file journaled while its rename may still be undone by a power cut would come back
+        in inbox/ after the cut, beside journal records that already hold its entries: it
+        would be ingested twice. So nothing adopted is journaled until this succeeds.
+        """
+        try:
+            fsync_dir(self.layout.journal_spool)
+            fsync_dir(self.layout.inbox)
+        except OSError as exc:
+            log.error(
+                "spool: cannot fsync inbox/ and journal/spool/ (%s); adopted files wait there"
+                " until it works (tried again at the next rescan)",
+                exc,
+            )
+            return False
+        return True
 
     def _take(self, path: Path, quarantine: bool) -> tuple[str | None, int]:
         """Adopt a regular spool file (its name and size); anything else in inbox/ is JUNK,

@@ -632,3 +632,36 @@ def test_a_real_daemon_stays_up_through_a_hostile_inbox(
         "a symbolic link",
     ]
     assert sum(r.get("errorCount", 0) for r in reasons) == 2
+
+
+def test_an_adoption_whose_folder_fsync_fails_is_journaled_only_once_it_is_durable(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Journaled while its rename could still be undone by a power cut, the file would come
+    # back in inbox/ after the cut beside records that already hold its entries: twice.
+    from flowagg.ingest import spool_adopt
+
+    real = spool_adopt.fsync_dir
+    broken = {"on": True}
+
+    def fsync_dir(path: Path) -> None:
+        if broken["on"]:
+            raise OSError(5, "Input/output error", str(path))
+        real(path)
+
+    monkeypatch.setattr(spool_adopt, "fsync_dir", fsync_dir)
+
+    async def scenario(rig: Rig) -> None:
+        (rig.layout.inbox / "a.jsonl").write_bytes(line(1) + b"\n" + line(2) + b"\n")
+        await rig.scan()
+        assert rig.left() and not os.listdir(rig.layout.inbox)  # adopted, and waiting
+        assert rig.pipeline is not None and rig.pipeline.counters["accepted"] == 0
+        await rig.scan()  # still failing: still waiting
+        assert rig.pipeline.counters["accepted"] == 0
+        broken["on"] = False
+        await rig.scan()
+        assert rig.pipeline.counters["accepted"] == 2 and rig.left() == []
+        await rig.pipeline.flush()
+        assert rig.stored() == Counter({"e1": 1, "e2": 1})
+
+    run(root, scenario)
