@@ -12,8 +12,8 @@ Intake of one file:
     where the chunk ends; the last chunk's record is marked finished;
  5. delete the adopted file (and fsync journal/spool/).
 Files go through these steps a step of files at a time (spool_adopt): a step's renames share
-two folder fsyncs, its files are journaled side by side so that their records share group
-commits, and its finished files are deleted with one folder fsync.
+two folder fsyncs, its files are journaled one after another in name order (SPEC §4.2: the
+order they are stored in), and its finished files are deleted with one folder fsync.
 A crash leaves the adopted file, and the next start resumes it after the last journaled chunk
 (chunk boundaries depend only on the file and where the chunk starts) or deletes it when the
 journal says it is finished. So no entry is ingested twice or lost.
@@ -136,10 +136,10 @@ class SpoolIntake:
                 step, size = [], 0
 
     async def _ingest_step(self, adopted: list[str], *, wait: bool) -> None:
-        """Journal a step's adopted files side by side, so their records share group commits,
-        then delete the finished ones with one folder fsync."""
-        done = await asyncio.gather(*(self._ingest_or_wait(a, wait=wait) for a in adopted))
-        finished = [a for a, fin in zip(adopted, done, strict=True) if fin]
+        """Journal a step's adopted files in name order, then delete the finished ones with
+        one folder fsync. One at a time: side by side, their records would share group commits
+        but reach the journal in whatever order their reads finished."""
+        finished = [a for a in adopted if await self._ingest_or_wait(a, wait=wait)]
         if finished:
             for name in await asyncio.to_thread(self._delete, finished):
                 self._progress.pop(name, None)

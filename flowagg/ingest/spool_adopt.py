@@ -23,8 +23,8 @@ from flowagg.ingest.spool_read import file_kind, is_spool_name, not_regular_reas
 
 log = logging.getLogger("flowagg.spool")
 
-# Files adopted per step: they share the folder fsyncs, then their journal records share group
-# commits. The byte bound keeps the chunks a step holds in memory at once small.
+# Files adopted per step: they share the folder fsyncs, and their deletions share one. The
+# byte bound keeps what a step adopts (and a crash leaves to resume) small.
 STEP_FILES = 64
 STEP_BYTES = 4 << 20
 JUNK = "\0junk"  # what take says of a file that is not a spool file (no file name has a NUL)

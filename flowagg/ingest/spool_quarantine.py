@@ -85,7 +85,7 @@ class SpoolQuarantine:
             shown = display_name(str(path))
             log.error("spool file %s should go to errors/ (%s) but cannot: %s", shown, reason, exc)
             return False
-        with self._counting:  # files of one intake step are opened, so moved, side by side
+        with self._counting:  # moves run on worker threads (junk at adoption, refused opens)
             self.files_quarantined += 1
         self.rotation_due = True
         shown = display_name(target.name)
