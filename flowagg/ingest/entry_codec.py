@@ -10,7 +10,7 @@ answers are the validator's, only cheaper; tests/ingest/test_entry_codec.py hold
 What it leaves to the validator without deciding:
 - any `\\u0000` in the line (no string may hold U+0000; an escaped backslash before `u0000`
   is sent there too, harmlessly);
-- any integer in metadata outside int64 (|n| <= 2**63 - 1): orjson reads those past 64 bits
+- any integer in metadata outside int64 (-2**63 to 2**63 - 1): orjson reads those past 64 bits
   as floats, msgspec as ints, and the rules bound checked integers to int64;
 - anything msgspec refuses, from malformed JSON to a wrong type or another top-level key.
 """
@@ -25,15 +25,15 @@ import orjson
 
 from flowagg.core.entries import (
     _GOOD_ACTIONS,
+    _NUL_ESCAPE,
     MAX_FUTURE_MS,
+    MAX_INT64,
     MAX_METADATA_DEPTH,
     MIN_TIMESTAMP_MS,
     _remember_action,
 )
 from flowagg.ingest.dedupe_gate import Valid
 
-_NUL = b"\\u0000"
-INT64_MAX = 2**63 - 1
 _ID = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
@@ -72,7 +72,7 @@ class DecodedEntries(list[_Entry]):
 
 def decode_add(line: bytes) -> DecodedEntries | None:
     """The entries of an `add` line whose static rules all hold, else None (any other line)."""
-    if _NUL in line:
+    if _NUL_ESCAPE in line:
         return None
     try:
         request = _DECODER.decode(line)
@@ -141,7 +141,7 @@ def _metadata_ok(metadata: dict[str, Any]) -> bool:
     for value in metadata.values():
         kind = type(value)
         if kind is int:
-            if not -INT64_MAX <= value <= INT64_MAX:
+            if not -MAX_INT64 - 1 <= value <= MAX_INT64:
                 return False
         elif kind is dict or kind is list:
             return _nested_ok(metadata)
@@ -158,7 +158,7 @@ def _nested_ok(metadata: dict[str, Any]) -> bool:
         for child in node.values() if type(node) is dict else node:
             kind = type(child)
             if kind is int:
-                if not -INT64_MAX <= child <= INT64_MAX:
+                if not -MAX_INT64 - 1 <= child <= MAX_INT64:
                     return False
             elif kind is dict or kind is list:
                 stack.append((child, depth + 1))
