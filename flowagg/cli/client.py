@@ -28,7 +28,7 @@ from flowagg.core.errors import (
     NotRunningError,
     RootUnusableError,
 )
-from flowagg.core.fsutil import fsync_dir
+from flowagg.core.fsutil import fsync_dir, is_disk_full
 from flowagg.core.layout import Layout
 from flowagg.core.redact import Redactor
 
@@ -221,7 +221,7 @@ def _readable_by(fd: int, uid: int, gid: int) -> None:
 
 
 def _spool_error(layout: Layout, exc: OSError) -> RootUnusableError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return RootUnusableError(
             f"cannot write a spool file in {layout.inbox}: disk full ({exc.strerror});"
             " nothing was spooled: free space and add again"

@@ -1,10 +1,11 @@
 """Failures of the environment rather than of a batch (SPEC §6): they pause the recovery loop.
 
-ENOSPC or EACCES on a folder, an open breaker, a sink that is down: every batch would meet the
-same failure, so none of them is charged a retry (`batchRetryLimit`), and the loop stops
-trying until a backoff of its own has passed (`retryBaseMs * 2^n`, capped at
-`retryMaxDelayMs`, n the passes in a row that met the cause). A failure of one batch (EIO on
-its file, a sink that took other batches but not this one) still counts.
+ENOSPC or EACCES on a folder, a process out of file descriptors, an open breaker, a sink that
+is down: every batch would meet the same failure, so none of them is charged a retry
+(`batchRetryLimit`), and the loop stops trying until a backoff of its own has passed
+(`retryBaseMs * 2^n`, capped at `retryMaxDelayMs`, n the passes in a row that met the cause).
+A failure of one batch (EIO on its file, a sink that took other batches but not this one)
+still counts.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ FOLDER_ERRNOS = {
     errno.EROFS: "EROFS",
     errno.ENOTDIR: "ENOTDIR",
 }
+# The process (or the system) out of file descriptors: no folder to blame, and no batch either.
+PROCESS_ERRNOS = {errno.EMFILE: "EMFILE", errno.ENFILE: "ENFILE"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,8 @@ class Cause:
 
     @property
     def needs_disk(self) -> bool:
-        return self.folder is not None
+        """Whether every batch's retry would meet it, not only those that still need the sink."""
+        return self.folder is not None or self.cause in PROCESS_ERRNOS.values()
 
     def describe(self) -> str:
         where = f" on {self.folder}" if self.folder else ""
@@ -55,6 +59,8 @@ def environment_cause(exc: BaseException, root: Path, default_folder: str) -> Ca
         return Cause("sinkDown", None, error)
     if isinstance(exc, OSError) and exc.errno in FOLDER_ERRNOS:
         return Cause(FOLDER_ERRNOS[exc.errno], _folder(exc.filename, root, default_folder), error)
+    if isinstance(exc, OSError) and exc.errno in PROCESS_ERRNOS:
+        return Cause(PROCESS_ERRNOS[exc.errno], None, error)
     return None
 
 

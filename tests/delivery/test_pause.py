@@ -138,3 +138,24 @@ def test_the_cause_names_the_folder_of_the_file_that_failed(tmp_path: Path) -> N
     cause = environment_cause(nameless, root, "aggregated/")
     assert cause is not None and (cause.cause, cause.folder) == ("EROFS", "aggregated/")
     assert environment_cause(OSError(errno.EIO, "I/O error"), root, "aggregated/") is None
+
+
+def test_running_out_of_file_descriptors_pauses_and_charges_no_batch(tmp_path: Path) -> None:
+    layout = make_layout(tmp_path)
+    clock = FakeClock(now_ms=10_000)
+    store = FlakyStore(layout)
+    recovery = Recovery(layout, clock, random.Random(1), POLICY, store=store)
+    put_failed(layout, failed_doc(B1, failedAt=1))
+    put_failed(layout, failed_doc(B2, failedAt=2))
+    for code, name in ((errno.EMFILE, "EMFILE"), (errno.ENFILE, "ENFILE")):
+        store.error = OSError(code, "Too many open files")
+        for _ in range(3 * POLICY.limit):
+            calls = store.calls
+            report = recovery.run_once(force=True)
+            assert report.paused is not None and report.paused["cause"] == name
+            assert report.paused["folder"] is None and report.abandoned == []
+            # One try per pass: the other batch would only meet the same limit.
+            assert store.calls == calls + 1 and report.waiting == 2
+    assert retry_count(layout, B1) == retry_count(layout, B2) == 0
+    store.error = None
+    assert sorted(recovery.run_once(force=True).recovered) == [B1, B2]
