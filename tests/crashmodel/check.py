@@ -15,20 +15,21 @@ import shutil
 import signal
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from flowagg.batches.storage import CorruptBatch, decode_batch, iter_batch_files, read_batch
 from flowagg.core.layout import Layout
 from tests.crashmodel.model import DIR, State, materialize
-from tests.harness import DaemonProc, request, wait_for
+from tests.harness import DaemonProc, entry, request, wait_for
 
 START_DEADLINE_S = 20.0
 SINK_LOG = "sink.log"
 ANONYMOUS_MARK = "sessionId"  # in the metadata of an entry sent without an entryId
 SINK_FAILS = "sink-fails"  # beside the sink script: it refuses every batch
 SINK_HOLDS = "sink-holds"  # beside the sink script: it waits before taking a batch
+RESEND_CHUNK = 50
 VISIBLE_DIRS = ("aggregated/", "recovery/")
 
 
@@ -101,14 +102,22 @@ def short_run_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def start_and_stop(work: Path, root: Path, settings: dict[str, Any]) -> str:
+def start_and_stop(
+    work: Path, root: Path, settings: dict[str, Any], resend: Sequence[str] = ()
+) -> str:
     """Start a daemon on `root`, let it take in its inbox, flush and stop it: "" when it did,
-    else why the start was blocked."""
+    else why the start was blocked. `resend`: entryIds a client sends again once the daemon
+    is up, as one that never saw its answers would (other content: the id is what counts)."""
     daemon = DaemonProc(root, settings, log_path=work / "daemon.log")
     try:
         daemon.wait_ready(START_DEADLINE_S)
         layout = Layout(root, Path(settings["runDir"]))
         wait_for(lambda: not any(layout.inbox.glob("*.json*")), timeout=START_DEADLINE_S)
+        for at in range(0, len(resend), RESEND_CHUNK):
+            chunk = resend[at : at + RESEND_CHUNK]
+            entries = [entry(10_000 + at + k, entryId=i) for k, i in enumerate(chunk)]
+            reply = request(layout.socket, {"op": "add", "entries": entries})
+            assert reply.get("ok") and not reply.get("rejected"), f"resend: {reply}"
         assert request(layout.socket, {"op": "flush"}).get("ok")
         code = daemon.stop(signal.SIGTERM, timeout=START_DEADLINE_S)
         assert code == 0, f"exit {code}"
@@ -124,6 +133,7 @@ def check_state(
     external: dict[str, bytes],
     acked: set[str],
     settings: dict[str, Any],
+    resend: Sequence[str] = (),
 ) -> Verdict:
     root = work / "data"
     materialize(state, root)
@@ -134,7 +144,7 @@ def check_state(
         settings["sinkCommand"] = f"{sink_script(work)} {sink_log}"
     verdict = Verdict()
     with short_run_dir() as run_dir:
-        verdict.blocked = start_and_stop(work, root, {**settings, "runDir": str(run_dir)})
+        verdict.blocked = start_and_stop(work, root, {**settings, "runDir": str(run_dir)}, resend)
     if verdict.blocked:
         return verdict
     stored = []

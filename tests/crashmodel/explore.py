@@ -134,6 +134,7 @@ def check_all(
     label: str = "",
     first: int = 0,
     check: bool = True,
+    resend: bool = False,
 ) -> None:
     subsets, found = distinct_states(Fs.from_state(rec.base), ops, points)
     summary.subsets += subsets
@@ -144,7 +145,9 @@ def check_all(
 
     def one(f: Found, case: Path) -> Verdict:
         acked = acked_ids(rec.replies, f.replies, rec.upfront)
-        return check_state(case, f.state, f.external, acked, settings)
+        # Every id the run sent, answered by the crash or not: a client retries them all.
+        again = sorted(acked_ids(rec.replies, len(rec.replies), ())) if resend else []
+        return check_state(case, f.state, f.external, acked, settings, again)
 
     with concurrent.futures.ThreadPoolExecutor(CHECK_WORKERS) as pool:
         verdicts = list(pool.map(one, picked, cases))
@@ -214,14 +217,16 @@ def explore_one(
     settings = {**settings, **w.check_settings}
     if not w.restart:
         points = crash_points(rec.ops)
-        check_all(work, summary, rec, rec.ops, points, settings, budget, log, check=check)
+        check_all(
+            work, summary, rec, rec.ops, points, settings, budget, log, check=check, resend=w.resend
+        )
         return summary
     kills = kill_points(rec, budget)
     for k, directory in kills:
         ops = restarted(work / f"kill-{k}", rec, settings, k)
         points = [p for p in crash_points(ops) if p > k]
         label = f"killed before op {k} (fsync of {directory}/), restarted, "
-        check_all(work, summary, rec, ops, points, settings, budget, log, label, k, check)
+        check_all(work, summary, rec, ops, points, settings, budget, log, label, k, check, w.resend)
     return summary
 
 

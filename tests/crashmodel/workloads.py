@@ -108,6 +108,10 @@ class Workload:
     # Settings the daemon is started with on each crash state (an operator's change).
     check_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     maintenance_s: float | None = None  # run journal maintenance this often while recorded
+    # On each crash state, once started, a client sends every id of the run again (their
+    # answers lost to the crash): the dedupe index, committed only every so often, may have
+    # lost them too, yet none may be stored twice.
+    resend: bool = False
 
     @property
     def key(self) -> str:
@@ -119,6 +123,7 @@ SINK_RUN = {**BASE, "sinkType": "command", "flushWriters": 4}
 
 WORKLOADS = [
     Workload("adds", BASE, [adds(4, 3, 5)]),
+    Workload("resend", BASE, [], recording="adds", resend=True),
     Workload("manual", BASE, [adds(2, 1, 4, flush_after=(0, 1))]),
     # A run's batches set aside behind a lost one are cut again; with another batchSize a cut
     # that differs from what readers saw shows (SPEC §5: a batch id names one set forever).
