@@ -235,19 +235,12 @@ class Flusher:
             functools.partial(self._inline, self._deliver, p.batch.batch_id, p.data, p.delivery)
             for p in pendings
         ]
-        sent = self._senders.run(jobs, width)
-        taken = next((n for n, s in enumerate(sent) if s.error is not None), len(run))
-        rest = []
-        for pending, outcome in zip(pendings[taken:], sent[taken:], strict=True):
-            if not outcome.begun:
-                pending = Pending(pending.batch, b"")
-            elif isinstance(outcome.error, Exception):
-                pending.error = outcome.error
-            elif outcome.error is not None:
-                raise outcome.error
-            # A later batch the sink accepted keeps its bytes: only its write is left.
-            rest.append(pending)
-        return pendings[:taken], rest
+        # A later batch the sink accepted keeps its bytes (only its write is left); a failed
+        # one is parked with its error; one not begun is delivered when its turn comes.
+        for pending, error in zip(pendings, self._senders.run(jobs, width), strict=True):
+            pending.error = error
+        taken = next((n for n, p in enumerate(pendings) if p.error is not None), len(run))
+        return pendings[:taken], pendings[taken:]
 
     def _write_run(
         self,

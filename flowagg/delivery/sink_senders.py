@@ -14,7 +14,6 @@ flusher.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import queue
 import threading
 from collections.abc import Callable
@@ -24,14 +23,6 @@ from flowagg.core.supervise import Spawn
 Job = tuple[Callable[[], None], "concurrent.futures.Future[None]"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Sent:
-    """What became of one job: not begun (a job before it failed), or done with `error`."""
-
-    begun: bool
-    error: BaseException | None = None
-
-
 class Senders:
     def __init__(self, spawn: Spawn) -> None:
         self._spawn = spawn
@@ -39,10 +30,11 @@ class Senders:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def run(self, jobs: list[Callable[[], None]], width: int) -> list[Sent]:
+    def run(self, jobs: list[Callable[[], None]], width: int) -> list[Exception | None]:
         """Run `jobs` on up to `width` threads; once one fails, those not begun are not run.
 
-        Returns when every job begun has ended, what became of each, in order.
+        Returns when every job begun has ended: each one's error, or None (done, or not
+        begun because one before it failed), in order.
         """
         self._grow(width)
         futures = []
@@ -50,16 +42,18 @@ class Senders:
             future: concurrent.futures.Future[None] = concurrent.futures.Future()
             self._jobs.put((job, future))
             futures.append(future)
-        sent: list[Sent] = []
+        errors: list[Exception | None] = []
         failed = False
         for future in futures:
             if failed and future.cancel():
-                sent.append(Sent(begun=False))
+                errors.append(None)
                 continue
             error = future.exception()
+            if error is not None and not isinstance(error, Exception):
+                raise error  # an interpreter exit, not a delivery's failure
             failed = failed or error is not None
-            sent.append(Sent(begun=True, error=error))
-        return sent
+            errors.append(error)
+        return errors
 
     def stop(self) -> None:
         """Let the threads return once the jobs queued before this are done."""
