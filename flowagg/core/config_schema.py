@@ -105,6 +105,9 @@ SETTINGS: dict[str, Setting] = {
     ),
     "sinkTable": Setting("flowagg_entries", str, help="postgres sink: table (or schema.table)"),
     "sinkTimeoutMs": Setting(10_000, int, 1, 3_600_000, "sink call timeout"),
+    "sinkConnections": Setting(
+        4, int, 1, 32, "postgres sink: batches delivered at once, each on its own connection"
+    ),
     "breakerFailures": Setting(5, int, 1, 1_000_000, "consecutive sink failures that open"),
     "breakerCooldownMs": Setting(30_000, int, 1, DAY_MS, "open breaker's wait before a trial"),
     "socketGroup": Setting(

@@ -14,7 +14,9 @@ ambiguous one re-sent at once would likely reach the collector twice.
 
 Without a sink, batches that queue up are written as a run (batch_runs): side by side,
 published in order. A batch that fails there takes the one-at-a-time path above, and so
-does every batch behind it in that run.
+does every batch behind it in that run. With a sink, the run is delivered first, in order
+or, for a sink that takes several batches at once, by the senders (sink_senders); the
+batches before the first one not accepted are then written as a run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -43,6 +46,7 @@ from flowagg.core.supervise import Spawn, plain_thread
 from flowagg.delivery.failed_format import Delivery
 from flowagg.delivery.flush_parking import Parking
 from flowagg.delivery.sink import as_completer
+from flowagg.delivery.sink_senders import Senders
 
 log = logging.getLogger("flowagg.flusher")
 
@@ -109,8 +113,10 @@ class Flusher:
         self._sleep = sleep or self._stop.wait
         self._thread = spawn("flusher", self._run)
         self._stager = Stager(writers, spawn)
+        self._senders = Senders(spawn)
         self.stalled_error: str | None = None
         self.failed_batches = 0
+        self._retries_lock = threading.Lock()  # senders retry inline side by side
         self.inline_retries = 0
         self.found_at_start = 0
         self.outcomes = Outcomes()
@@ -142,6 +148,7 @@ class Flusher:
                     return
         finally:
             self._stager.stop()
+            self._senders.stop()
 
     def _next_run(self) -> tuple[list[Batch], bool]:
         """The next batch and those queued behind it; True when the stop marker followed."""
@@ -162,9 +169,9 @@ class Flusher:
     def _store_run(self, run: list[Batch]) -> bool:
         """Store `run` in order; False when a stop gave up on a batch (it stays journaled).
 
-        With a sink, the run is delivered batch by batch first (each with its inline
-        retries), then the accepted ones are written as a run; the first batch the sink
-        did not take, and every one after it, go one at a time.
+        With a sink, the run is delivered first (each batch with its inline retries), then
+        the accepted ones are written as a run; the first batch the sink did not take, and
+        every one after it, go one at a time.
         """
         started = self.clock.monotonic()
         if run[0].look_first:
@@ -175,13 +182,9 @@ class Flusher:
         if not self.completer.has_sink():
             stored = self._write_run(run, files, started)
             return self._store_each([(batch, None) for batch in run[stored:]], started)
-        accepted, refused = self._deliver_run(run)
+        accepted, rest = self._deliver_run(run)
         stored = self._write_run([a.batch for a in accepted], files, started, accepted)
-        rest: list[tuple[Batch, Pending | None]] = [(a.batch, a) for a in accepted[stored:]]
-        if refused is not None:
-            rest.append((refused.batch, refused))
-            rest += [(batch, None) for batch in run[len(accepted) + 1 :]]
-        return self._store_each(rest, started)
+        return self._store_each([(p.batch, p) for p in accepted[stored:] + rest], started)
 
     def _store_replayed(self, run: list[Batch], started: float) -> bool:
         """Batches rebuilt at start that may be stored already: stored ones are only reported,
@@ -207,18 +210,37 @@ class Flusher:
             self._on_stored([(batch, path, self.clock.monotonic() - started)])
         return True
 
-    def _deliver_run(self, run: list[Batch]) -> tuple[list[Pending], Pending | None]:
-        """Deliver in order until one is not taken: (the accepted, the first refused)."""
+    def _deliver_run(self, run: list[Batch]) -> tuple[list[Pending], list[Pending]]:
+        """Deliver until one is not taken: (the accepted, the first refused and those after
+        it, each with what its delivery did)."""
+        width = self.completer.parallel()
+        if width > 1 and len(run) > 1:
+            return self._deliver_at_once(run, width)
         accepted: list[Pending] = []
-        for batch in run:
+        for n, batch in enumerate(run):
             pending = Pending(batch, batch.encode(self.clock.now_ms()))
             try:
                 self._inline(self._deliver, batch.batch_id, pending.data, pending.delivery)
             except Exception as exc:
                 pending.error = exc
-                return accepted, pending
+                return accepted, [pending, *(Pending(later, b"") for later in run[n + 1 :])]
             accepted.append(pending)
-        return accepted, None
+        return accepted, []
+
+    def _deliver_at_once(self, run: list[Batch], width: int) -> tuple[list[Pending], list[Pending]]:
+        """The senders deliver up to `width` batches of the run at a time."""
+        now_ms = self.clock.now_ms()
+        pendings = [Pending(batch, batch.encode(now_ms)) for batch in run]
+        jobs = [
+            functools.partial(self._inline, self._deliver, p.batch.batch_id, p.data, p.delivery)
+            for p in pendings
+        ]
+        # A later batch the sink accepted keeps its bytes (only its write is left); a failed
+        # one is parked with its error; one not begun is delivered when its turn comes.
+        for pending, error in zip(pendings, self._senders.run(jobs, width), strict=True):
+            pending.error = error
+        taken = next((n for n, p in enumerate(pendings) if p.error is not None), len(run))
+        return pendings[:taken], pendings[taken:]
 
     def _write_run(
         self,
@@ -332,7 +354,8 @@ class Flusher:
             except (CircuitOpenError, AmbiguousDelivery):
                 raise
             except OSError:
-                self.inline_retries += 1
+                with self._retries_lock:
+                    self.inline_retries += 1
                 self._sleep(delay)
         return step(batch_id, data, d)
 

@@ -111,6 +111,8 @@ class GuardedSink:
     """A sink behind its breaker, with counters for status and health.
 
     `refused`: where entries the sink refused one by one are parked (SPEC §6a).
+    Several threads may deliver at once (the flusher's senders, the recovery loop): the
+    counters are kept under a lock, the breaker has its own.
     """
 
     def __init__(
@@ -119,6 +121,9 @@ class GuardedSink:
         self.sink = sink
         self.breaker = breaker
         self.refused = refused
+        # A sink that takes several batches at once says how many (the postgres sink).
+        self.parallel: int = getattr(sink, "parallel", 1)
+        self._lock = threading.Lock()
         self.delivered = 0
         self.failures = 0
         self.resends = 0
@@ -131,19 +136,18 @@ class GuardedSink:
         """`resend`: the last attempt with this batch was ambiguous, so this may be a copy."""
         trial = self.breaker.before_call()
         if resend:
-            self.resends += 1
+            with self._lock:
+                self.resends += 1
         try:
             outcome = self.sink.deliver(batch_id, data) or Delivered()
         except PermanentError as exc:
             # The sink is up and said no to this batch: not a reason to stop calling it.
             self.breaker.success()
-            self.failures += 1
-            self.last_error = f"{exc} (permanent)"
+            self._failed(f"{exc} (permanent)")
             raise
         except OSError as exc:
             self.breaker.failure()
-            self.failures += 1
-            self.last_error = str(exc)
+            self._failed(str(exc))
             # An ambiguous trial stays ambiguous: the batch must remember it may be delivered.
             if trial and not isinstance(exc, AmbiguousDelivery):
                 # The sink is still down: that is the sink's failure, not this batch's, so it
@@ -159,11 +163,16 @@ class GuardedSink:
             park = self.refused.park if self.refused is not None else _no_refusals
             park(batch_id, data, list(outcome.refused), self.breaker.clock.now_ms())
         self.breaker.success()
-        self.delivered += 1
-        self.last_delivery_at = self.breaker.clock.now_ms()
-        self.last_error = None
-        self.entries_refused += len(outcome.refused)
-        self.collisions += outcome.collisions
+        with self._lock:
+            self.delivered += 1
+            self.last_delivery_at = self.breaker.clock.now_ms()
+            self.last_error = None
+            self.entries_refused += len(outcome.refused)
+            self.collisions += outcome.collisions
+            if outcome.already_held and not resend:
+                # An idempotent receiver saw rows it had: a copy nothing here knew was one (a
+                # crash after the receiver committed, before the local write).
+                self.resends += 1
         if outcome.refused:
             log.warning(
                 "batch %s: the sink refused %d entries (parked in recovery/refused/): %s",
@@ -171,24 +180,29 @@ class GuardedSink:
                 len(outcome.refused),
                 outcome.refused[0].reason,
             )
-        if outcome.already_held and not resend:
-            # An idempotent receiver saw rows it had: a copy nothing here knew was one (a
-            # crash after the receiver committed, before the local write).
-            self.resends += 1
+
+    def _failed(self, error: str) -> None:
+        with self._lock:
+            self.failures += 1
+            self.last_error = error
 
     def snapshot(self) -> dict[str, Any]:
         details = getattr(self.sink, "snapshot", None)
+        with self._lock:
+            counters = {
+                "delivered": self.delivered,
+                "failures": self.failures,
+                "resends": self.resends,
+                "collisions": self.collisions,
+                "entriesRefused": self.entries_refused,
+                "lastDeliveryAt": self.last_delivery_at,
+                "lastError": self.last_error,
+            }
         return {
             "type": self.sink.name,
             **self.breaker.snapshot(),
-            "delivered": self.delivered,
-            "failures": self.failures,
-            "resends": self.resends,
-            "collisions": self.collisions,
-            "entriesRefused": self.entries_refused,
+            **counters,
             "refusedWaiting": self.refused.count() if self.refused is not None else 0,
-            "lastDeliveryAt": self.last_delivery_at,
-            "lastError": self.last_error,
             **(details() if details else {}),
         }
 
@@ -204,7 +218,9 @@ def build_sink(config: Config, clock: Clock) -> GuardedSink | None:
     elif kind == "postgres":
         from flowagg.delivery.sink_postgres import PostgresSink
 
-        sink = PostgresSink(config.sink_dsn, config.sink_table, timeout_s)
+        sink = PostgresSink(
+            config.sink_dsn, config.sink_table, timeout_s, parallel=config.sink_connections
+        )
     else:
         return None
     breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_ms / 1000, clock)
@@ -237,6 +253,11 @@ class Completer:
 
     def has_sink(self) -> bool:
         return self._sink() is not None
+
+    def parallel(self) -> int:
+        """How many batches may be delivered at once (1 without a sink)."""
+        sink = self._sink()
+        return sink.parallel if sink is not None else 1
 
     def deliver(self, batch_id: str, data: bytes, *, resend: bool = False) -> bool:
         """True when a sink accepted the batch; False when there is no sink to accept it."""

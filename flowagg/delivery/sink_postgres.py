@@ -1,23 +1,34 @@
 """The PostgreSQL sink: every acknowledged entry in one table, exactly once.
 
-One transaction per batch, one statement: the batch document is sent as it is, the server
-turns its entries into rows (`jsonb_to_recordset`) and inserts them with
-`ON CONFLICT (entry_id) DO NOTHING`. A batch sent again after any crash (of flowagg before
-its local write, of the connection during COMMIT, of the server) adds nothing, so every
-failure is safe to retry: none is ambiguous. (COPY into a temporary table, then an
-insert-select, was measured slower: two more round trips and per-row work in the daemon.)
+One statement per batch: the batch document is sent as it is, the server turns its entries
+into rows (`jsonb_to_recordset`) and inserts them with `ON CONFLICT (entry_id) DO NOTHING`.
+The connection is in autocommit, so that statement is its own transaction: one round trip
+per batch, where BEGIN, the insert and COMMIT took three (COPY into a temporary table, then
+an insert-select, was measured slower still). Its answer arrives once the commit is durable,
+and only then does the batch count as delivered. A batch sent again after any crash (of
+flowagg before its local write, of the connection during the commit, of the server) adds
+nothing, so every failure is safe to retry: none is ambiguous.
 
 When some rows were already there, a second statement compares them with the batch: the same
 content is a re-send (counted, silent); other content under the same entry_id is a collision
 (two clients used one id): the batch's row is kept in `<table>_collisions` with both batch ids.
+Were the connection lost between the two statements, the batch is sent again and compared
+then, so no collision goes unrecorded.
+
+Several deliveries may run at once (the flusher's senders, the recovery loop), each on a
+connection of its own, taken from a pool that grows to the deliveries under way
+(`sinkConnections` bounds the flusher's; sink_senders). ON CONFLICT makes the order in which
+concurrent batches commit irrelevant: a row is stored once whichever commits first, and a
+collision between two batches in flight is seen by the one that commits second.
 
 Errors fall in four kinds (classify_error). Connection failures, admin shutdown, serialization
 failures, lack of resources and timeouts are transient. A table-level error (a missing table,
 column or schema, a revoked grant, a NOT NULL column flowagg does not fill) means the sink is
 down, not the batch: the connection is dropped, so the next one checks the table again, and
-the batch waits (SinkDownError). A data error (22xxx, 23xxx) is tied to entries: the batch is
-split in savepoints until the refused entries stand alone; the rest is stored, the refused
-ones are reported for parking (sink_refused). Anything else refuses the batch (permanent).
+the batch waits (SinkDownError). A data error (22xxx, 23xxx) is tied to entries: nothing of
+the batch was stored, so it is split in savepoints, in one transaction, until the refused
+entries stand alone; the rest is stored, the refused ones are reported for parking
+(sink_refused). Anything else refuses the batch (permanent).
 psycopg is imported only when this sink is configured (the `postgres` extra).
 """
 
@@ -36,83 +47,21 @@ import orjson
 
 from flowagg.core.errors import PermanentError, SinkDownError, TransientError
 from flowagg.core.pg_settings import check_table, first_line, import_psycopg, redact_dsn
+from flowagg.delivery.sink_deadline import Watchdog
+from flowagg.delivery.sink_postgres_sql import (
+    DDL_LOCK_KEY,
+    batch_statements,
+    classify_error,
+    collisions_table,
+    ddl_statements,
+    quote_table,
+)
 from flowagg.delivery.sink_refused import Delivered, Refused
 
 if TYPE_CHECKING:
     import psycopg
 
 log = logging.getLogger("flowagg.sink")
-
-DEFAULT_TABLE = "flowagg_entries"
-# Serialises table creation between daemons that find it missing at the same moment.
-DDL_LOCK_KEY = 0x666C6F77616767
-
-
-def quote_table(table: str) -> str:
-    return ".".join(f'"{part}"' for part in table.split("."))
-
-
-def collisions_table(table: str) -> str:
-    """`<table>_collisions`, within PostgreSQL's 63-byte names."""
-    *schema, name = table.split(".")
-    return ".".join([*schema, f"{name[:52]}_collisions"])
-
-
-def ddl_statements(table: str) -> list[str]:
-    """The statements that create the table, its indexes and its collisions table (each
-    idempotent)."""
-    q = quote_table(table)
-    name = table.split(".")[-1][:50]
-    return [
-        f"CREATE TABLE IF NOT EXISTS {q} (\n"
-        "    entry_id    text PRIMARY KEY,\n"
-        "    user_id     text NOT NULL,\n"
-        "    action      text NOT NULL,\n"
-        "    ts          timestamptz NOT NULL,\n"
-        "    metadata    jsonb NOT NULL DEFAULT '{}',\n"
-        "    batch_id    text NOT NULL,\n"
-        "    host        text NOT NULL,\n"
-        "    received_at timestamptz NOT NULL DEFAULT now()\n"
-        ")",
-        f'CREATE INDEX IF NOT EXISTS "{name}_user_ts" ON {q} (user_id, ts)',
-        f'CREATE INDEX IF NOT EXISTS "{name}_batch" ON {q} (batch_id)',
-        # An entry whose id the table held with other content: the row it would have been,
-        # and the batch whose row holds the id (stored_batch_id).
-        f"CREATE TABLE IF NOT EXISTS {quote_table(collisions_table(table))} (\n"
-        "    entry_id        text NOT NULL,\n"
-        "    batch_id        text NOT NULL,\n"
-        "    stored_batch_id text NOT NULL,\n"
-        "    user_id         text NOT NULL,\n"
-        "    action          text NOT NULL,\n"
-        "    ts              timestamptz NOT NULL,\n"
-        "    metadata        jsonb NOT NULL DEFAULT '{}',\n"
-        "    host            text NOT NULL,\n"
-        "    received_at     timestamptz NOT NULL DEFAULT now(),\n"
-        "    PRIMARY KEY (entry_id, batch_id)\n"
-        ")",
-    ]
-
-
-# SQLSTATEs that are about the table, not the batch: class 42 (a missing table or column, a
-# revoked grant, a changed type), 3F (a missing schema), and a NOT NULL column flowagg does
-# not fill (every validated entry has the columns flowagg fills).
-TABLE_CLASSES = ("42", "3F")
-TABLE_STATES = frozenset({"23502"})
-# A value a column refuses (22xxx) or a constraint one row breaks (23xxx): tied to entries.
-ENTRY_CLASSES = ("22", "23")
-
-
-def classify_error(psycopg: Any, exc: BaseException) -> str:
-    """'table' (the sink is down), 'entry' (some entries are refused), 'permanent' (the batch
-    is refused) or 'transient' (anything else: try again)."""
-    state = getattr(exc, "sqlstate", None) or ""
-    if state[:2] in TABLE_CLASSES or state in TABLE_STATES:
-        return "table"
-    if state[:2] in ENTRY_CLASSES:
-        return "entry"
-    if isinstance(exc, psycopg.ProgrammingError | psycopg.NotSupportedError):
-        return "permanent"
-    return "transient"
 
 
 @dataclasses.dataclass
@@ -129,61 +78,69 @@ class _Counts:
         self.collided += other.collided
 
 
-class PostgresSink:
-    """Deliveries over one reused connection, re-established after a failure.
+class _Link:
+    """One connection (None until made, or after a failure dropped it)."""
 
-    The flusher and the recovery loop may deliver at the same moment: a lock keeps the
-    connection to one batch at a time.
+    def __init__(self) -> None:
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def drop(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+    def cut(self) -> None:
+        """Shut the connection's socket, so a call blocked on it returns (never blocks)."""
+        conn = self.conn
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            finally:
+                sock.close()
+
+
+class PostgresSink:
+    """Deliveries over reused connections, one per delivery under way.
+
+    `parallel`: how many batches the flusher may deliver at once (`sinkConnections`).
     """
 
-    def __init__(self, dsn: str, table: str, timeout_s: float, host: str | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        table: str,
+        timeout_s: float,
+        host: str | None = None,
+        *,
+        parallel: int = 1,
+    ) -> None:
         self._psycopg = import_psycopg()
         self.dsn = dsn
         self.table = check_table(table)
         self.timeout_s = timeout_s
         self.host = host or socket.gethostname()
+        self.parallel = parallel
         self.name = f"postgres {redact_dsn(dsn)} table {table}"
-        self._conn: psycopg.Connection[Any] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the idle links and the counters
+        self._links: list[_Link] = []  # as many as deliveries ever ran at once
+        self._idle: list[_Link] = []  # the last one returned is the next one taken
+        self._watchdog = Watchdog("sink-deadline")
         self.rows_written = 0
         self.rows_already_there = 0
         self.rows_refused = 0
         self.collisions = 0
         self.connects = 0
-        q = quote_table(self.table)
-        qc = quote_table(collisions_table(self.table))
-        entries = (
-            "e AS (SELECT * FROM jsonb_to_recordset(%(doc)s::jsonb -> 'entries') AS e("
-            '"entryId" text, "userId" text, action text, "timestamp" bigint, metadata jsonb))'
-        )
-        ts = "timestamptz 'epoch' + e.\"timestamp\" * interval '1 millisecond'"
-        # The batch document goes to the server as it is, one parameter: the rows are made
-        # there, so the daemon spends no per-row work (it shares the machine's cores with
-        # its clients) and a batch costs one round trip plus the COMMIT.
-        self._insert = (
-            f"WITH {entries},"
-            f" ins AS (INSERT INTO {q} (entry_id, user_id, action, ts, metadata, batch_id, host)"
-            f' SELECT e."entryId", e."userId", e.action, {ts},'
-            " coalesce(e.metadata, '{}'), %(batch)s, %(host)s FROM e"
-            " ON CONFLICT (entry_id) DO NOTHING RETURNING 1)"
-            " SELECT (SELECT count(*) FROM e), (SELECT count(*) FROM ins)"
-        )
-        # Run in the same transaction after the insert (a new snapshot under READ COMMITTED,
-        # so a row another daemon committed meanwhile is seen): rows of this batch just
-        # inserted and true re-sends have the same content; the rest are collisions.
-        differs = (
-            f'FROM e JOIN {q} s ON s.entry_id = e."entryId" WHERE (s.user_id, s.action, s.ts,'
-            f' s.metadata) IS DISTINCT FROM (e."userId", e.action, {ts},'
-            " coalesce(e.metadata, '{}'))"
-        )
-        self._collide = (
-            f"WITH {entries},"
-            f" c AS (INSERT INTO {qc} (entry_id, batch_id, stored_batch_id, user_id, action, ts,"
-            f' metadata, host) SELECT e."entryId", %(batch)s, s.batch_id, e."userId", e.action,'
-            f" {ts}, coalesce(e.metadata, '{{}}'), %(host)s {differs}"
-            " ON CONFLICT (entry_id, batch_id) DO NOTHING RETURNING 1)"
-            f" SELECT (SELECT count(*) {differs}), (SELECT count(*) FROM c)"
-        )
+        self._sql = batch_statements(self.table)
+
+    @property
+    def _conn(self) -> psycopg.Connection[Any] | None:
+        """The connection the next delivery takes, if one is idle."""
+        with self._lock:
+            return self._idle[-1].conn if self._idle else None
 
     # -- connection ---------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
@@ -211,59 +168,32 @@ class PostgresSink:
                     conn.execute(statement)
                 log.info("created table %s (or its collisions table) in PostgreSQL", self.table)
             conn.commit()
+            conn.autocommit = True
         except BaseException:
             conn.close()
             raise
-        self.connects += 1
-        return conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-
-    def close(self) -> None:
         with self._lock:
-            self._drop()
+            self.connects += 1
+        return conn
 
     # -- delivery -----------------------------------------------------------------------------
     def deliver(self, batch_id: str, data: bytes) -> Delivered:
         """Store the batch's rows but those refused one by one, and say what was found."""
         with self._lock:
-            return self._deliver_locked(batch_id, data)
-
-    def _deliver_locked(self, batch_id: str, data: bytes) -> Delivered:
-        psycopg = self._psycopg
-        expired = threading.Event()
-        timer = threading.Timer(self.timeout_s, self._cut, args=(expired,))
-        timer.daemon = True
-        stage = "connecting"
+            if not self._idle:
+                self._links.append(_Link())
+                self._idle.append(self._links[-1])
+            link = self._idle.pop()
         try:
-            timer.start()
-            if self._conn is None or self._conn.closed:
-                self._drop()
-                self._conn = self._connect()
-            conn = self._conn
-            stage = "sending"
-            refused: list[Refused] = []
-            try:
-                counts = self._insert_chunk(conn, batch_id, data.decode())
-            except psycopg.Error as exc:
-                if classify_error(psycopg, exc) != "entry" or expired.is_set():
-                    raise
-                conn.rollback()
-                counts, refused = self._split(conn, batch_id, orjson.loads(data)["entries"])
-            stage = "committing"
-            conn.commit()
-        except psycopg.Error as exc:
-            raise self._failure(exc, stage, expired) from None
+            counts, refused = self._deliver_on(link, batch_id, data)
         finally:
-            timer.cancel()
-        self.rows_written += counts.inserted
-        self.rows_already_there += counts.same
-        self.rows_refused += len(refused)
-        self.collisions += counts.collided
+            with self._lock:
+                self._idle.append(link)
+        with self._lock:
+            self.rows_written += counts.inserted
+            self.rows_already_there += counts.same
+            self.rows_refused += len(refused)
+            self.collisions += counts.collided
         if counts.same:
             log.info(
                 "batch %s: %d of %d rows were already in PostgreSQL (a re-send)",
@@ -281,13 +211,42 @@ class PostgresSink:
             )
         return Delivered(counts.same > 0, tuple(refused), counts.collided)
 
+    def _deliver_on(self, link: _Link, batch_id: str, data: bytes) -> tuple[_Counts, list[Refused]]:
+        psycopg = self._psycopg
+        deadline = self._watchdog.arm(self.timeout_s, link.cut)
+        stage = "connecting"
+        try:
+            if link.conn is None or link.conn.closed:
+                link.drop()
+                link.conn = self._connect()
+            conn = link.conn
+            stage = "sending"
+            refused: list[Refused] = []
+            try:
+                counts = self._insert_chunk(conn, batch_id, data.decode())
+            except psycopg.Error as exc:
+                if classify_error(psycopg, exc) != "entry" or deadline.expired:
+                    raise
+                # The statement failed whole, so nothing of the batch is stored: its entries
+                # are tried again in halves, in one transaction.
+                conn.execute("BEGIN")
+                counts, refused = self._split(conn, batch_id, orjson.loads(data)["entries"])
+            stage = "committing"
+            # The split's transaction; a batch stored by its one statement has none open.
+            conn.commit()
+        except psycopg.Error as exc:
+            raise self._failure(link, exc, stage, deadline.expired) from None
+        finally:
+            self._watchdog.disarm(deadline)
+        return counts, refused
+
     def _insert_chunk(self, conn: psycopg.Connection[Any], batch_id: str, doc: str) -> _Counts:
         params = {"batch": batch_id, "host": self.host, "doc": doc}
         with conn.cursor() as cur:
-            total, inserted = cur.execute(self._insert, params).fetchone() or (0, 0)
+            total, inserted = cur.execute(self._sql.insert, params).fetchone() or (0, 0)
             counts = _Counts(total, inserted)
             if total > inserted:
-                differing, collided = cur.execute(self._collide, params).fetchone() or (0, 0)
+                differing, collided = cur.execute(self._sql.collide, params).fetchone() or (0, 0)
                 counts.same = total - inserted - differing
                 counts.collided = collided
         return counts
@@ -324,32 +283,18 @@ class PostgresSink:
         refused.sort(key=lambda item: item.index)
         return counts, refused
 
-    def _cut(self, expired: threading.Event) -> None:
-        """At the deadline: shut the connection's socket, so a call blocked on it returns."""
-        expired.set()
-        conn = self._conn
-        if conn is None:
-            return
-        with contextlib.suppress(Exception):
-            fd = conn.pgconn.socket
-            sock = socket.socket(fileno=os.dup(fd))
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            finally:
-                sock.close()
-
-    def _failure(self, exc: BaseException, stage: str, expired: threading.Event) -> Exception:
-        conn = self._conn
+    def _failure(self, link: _Link, exc: BaseException, stage: str, expired: bool) -> Exception:
+        conn = link.conn
         broken = conn is None or conn.closed or conn.broken
         if not broken and conn is not None:
             with contextlib.suppress(Exception):
                 conn.rollback()
         else:
-            self._drop()
+            link.drop()
         sqlstate = getattr(exc, "sqlstate", None)
         detail = first_line(exc) + (f" (SQLSTATE {sqlstate})" if sqlstate else "")
-        if expired.is_set():
-            self._drop()
+        if expired:
+            link.drop()
             return TransientError(
                 f"PostgreSQL did not answer within sinkTimeoutMs ({self.timeout_s:g} s) while"
                 f" {stage}; the batch is sent again (safe: rows are stored once)"
@@ -358,7 +303,7 @@ class PostgresSink:
         if kind == "table":
             # The table, a column or a grant is not what flowagg needs: every batch would
             # fail alike. The next connection checks the tables again (and makes missing ones).
-            self._drop()
+            link.drop()
             return SinkDownError(
                 f"PostgreSQL sink is down: {detail}; fix table {self.table} (or run"
                 " `flowagg sink init --apply` as its owner); batches wait, none is lost"
@@ -375,17 +320,15 @@ class PostgresSink:
         return TransientError(f"PostgreSQL unavailable while {stage}: {detail}")
 
     def snapshot(self) -> dict[str, Any]:
-        return {
-            "table": self.table,
-            "connected": self._conn is not None and not self._conn.closed,
-            "connects": self.connects,
-            "rowsWritten": self.rows_written,
-            "rowsAlreadyThere": self.rows_already_there,
-            "rowsRefused": self.rows_refused,
-            "collisionsTable": collisions_table(self.table),
-        }
-
-
-def ddl_text(table: str) -> str:
-    """`flowagg sink init`: the DDL as a DBA would run it."""
-    return "".join(f"{s};\n" for s in ddl_statements(table))
+        with self._lock:
+            return {
+                "table": self.table,
+                "connected": any(
+                    link.conn is not None and not link.conn.closed for link in self._links
+                ),
+                "connects": self.connects,
+                "rowsWritten": self.rows_written,
+                "rowsAlreadyThere": self.rows_already_there,
+                "rowsRefused": self.rows_refused,
+                "collisionsTable": collisions_table(self.table),
+            }

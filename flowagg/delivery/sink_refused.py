@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ class Refused:
 class RefusedStore:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        # Batches are parked from several delivering threads: the one that finds the folder
+        # made by another must not write into it before its name is durable.
+        self._made = threading.Lock()
 
     def park(self, batch_id: str, data: bytes, refused: list[Refused], now_ms: int) -> None:
         """Write one file per refused entry, durable before the caller reports the batch
@@ -65,11 +69,12 @@ class RefusedStore:
 
     def _ensure_folder(self) -> None:
         # Made on first use: a root whose sink never refused an entry has no such folder.
-        try:
-            os.mkdir(self.folder, 0o700)
-        except FileExistsError:
-            return
-        fsync_dir(self.folder.parent)
+        with self._made:
+            try:
+                os.mkdir(self.folder, 0o700)
+            except FileExistsError:
+                return
+            fsync_dir(self.folder.parent)
 
 
 @dataclasses.dataclass(frozen=True)

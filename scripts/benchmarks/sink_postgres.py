@@ -177,8 +177,9 @@ def sink_notes(b: Bench) -> str:
             " 8 client processes send 100-entry adds; delivered = entries / (first add ->"
             " the daemon's sink.rowsWritten equals every entry), then a count(*) confirms it."
             " Each batch: one INSERT ... SELECT FROM jsonb_to_recordset(batch JSON) ON CONFLICT"
-            " DO NOTHING, then COMMIT, one batch after another; batches queued meanwhile are"
-            " delivered in order, then their local files written as a run.",
+            " DO NOTHING in autocommit (one round trip, its own transaction); batches queued"
+            " meanwhile are delivered sinkConnections (default 4) at a time, each on its own"
+            " connection, then the accepted ones' local files written as a run, in order.",
             "flowagg without a sink: the same run with no sink, timed until every entry is in"
             " a batch file: the ceiling the local store (file fsync, rename, directory fsync per"
             " batch) sets for any sink at that batchSize.",
