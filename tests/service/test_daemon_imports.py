@@ -10,7 +10,14 @@ from pathlib import Path
 from tests.harness import DaemonProc, entry, request, stored_id_counts
 
 # Top-level packages, or flowagg subpackages, that such a run never needs.
-NOT_FOR_A_PLAIN_RUN = ("prometheus_client", "psycopg", "pyarrow", "rich", "flowagg.read")
+NOT_FOR_A_PLAIN_RUN = (
+    "http.client",
+    "prometheus_client",
+    "psycopg",
+    "pyarrow",
+    "rich",
+    "flowagg.read",
+)
 
 
 def _imported(log: str) -> set[str]:
