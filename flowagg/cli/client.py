@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psutil
 
 from flowagg.core.clock import EntryIdFactory, SystemClock
 from flowagg.core.config import load_config
@@ -82,6 +81,8 @@ def _gone_socket(socket_path: Path) -> str | None:
         pid = int((socket_path.parent / "flowagg.pid").read_text().strip())
     except (OSError, ValueError):
         return None
+    import psutil  # only on this error path: `flowagg add` starts faster without it
+
     if not psutil.pid_exists(pid):
         return None
     return f"pid {pid} runs but its socket {socket_path} is gone; send it SIGHUP or restart it"

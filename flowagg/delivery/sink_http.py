@@ -11,7 +11,6 @@ sink stay there.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import socket
 import ssl
 import threading
@@ -39,6 +38,10 @@ class HttpSink:
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     def deliver(self, batch_id: str, data: bytes) -> None:
+        # Here, not at the top: a daemon without an http sink starts without http.client and
+        # the email package it pulls in.
+        import http.client
+
         conn: http.client.HTTPConnection
         if self._https:
             conn = http.client.HTTPSConnection(

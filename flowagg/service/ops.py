@@ -21,7 +21,7 @@ from flowagg.ingest.entry_codec import DecodedEntries
 from flowagg.ingest.peers import privileged
 from flowagg.ingest.ratelimit import add_limited
 from flowagg.ingest.server import Peer, stopping_reply
-from flowagg.service.metrics import render, snapshot
+from flowagg.service.metrics import snapshot
 from flowagg.service.reloading import RESTART_ONLY
 
 if TYPE_CHECKING:
@@ -93,6 +93,8 @@ async def handle_request(daemon: DaemonHost, request: dict[str, Any], peer: Peer
     if op == "reload":
         return daemon.reload(peer)
     if op == "metrics":
+        from flowagg.service.metrics_families import render
+
         text = render(
             snapshot(daemon, daemon_status(daemon)),
             # promtool and older scrapers read only the Prometheus text format.
