@@ -75,7 +75,7 @@ def outcome_of_codec(line: bytes) -> tuple[bool, list[tuple[Any, ...]] | None]:
         now_ms=NOW,
         max_entry_bytes=MAX_BYTES,
         new_id=lambda: f"gen-{next(ids)}",
-        redact=Redactor().metadata,
+        redact=Redactor().metadata_many,
     )
     if valid is None:
         return False, validate_all(decoded.plain())
