@@ -234,7 +234,7 @@ class Pipeline:
         now = self.window_clock.arrival_ms()
         client_ids = screened.client_ids
         # Counted before the await, so concurrent requests cannot all pass the busy check.
-        size = sum(len(d) + 1 for d in datas)
+        size = sum(map(len, datas)) + len(datas)
         self.aggregator.acknowledge(len(datas), size)
         done: asyncio.Future[BaseException | None] = self.loop.create_future()
         first_seq = 0
