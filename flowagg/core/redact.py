@@ -120,6 +120,21 @@ class Redactor:
             self.entries += 1
             self.values += hits
 
+    def metadata_many(self, metadatas: list[dict[str, Any]], flat: bool) -> None:
+        """Redact each of `metadatas` in place; `flat` when none holds an object or array.
+
+        Flat metadata without patterns can only hold a secret under one of its own keys, and a
+        request repeats the same few keys: they are judged once per request, not per entry.
+        """
+        if flat and self._subn is None:
+            verdicts, verdict = self._verdicts, self._verdict
+            keys = set().union(*metadatas)
+            if not any(verdict(k) if (v := verdicts.get(k)) is None else v for k in keys):
+                return
+        for metadata in metadatas:
+            if metadata:
+                self.metadata(metadata)
+
     def _walk(self, root: dict[str, Any]) -> int:
         verdicts, verdict = self._verdicts, self._verdict
         sub = self._sub if self._subn is not None else None

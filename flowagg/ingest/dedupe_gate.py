@@ -15,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable
+from itertools import compress
+from operator import itemgetter
 from typing import Any
 
 from flowagg.journal.dedupe import DedupeIndex, LookupBusy
 from flowagg.journal.dedupe_filter import Key
 
 Valid = tuple[dict[str, Any], bool, bytes]  # entry, client-supplied id?, compact JSON
+_ENTRY_ID = itemgetter("entryId")
 
 
 @dataclasses.dataclass
@@ -30,14 +33,11 @@ class Screened:
     datas: list[bytes]
     ids: list[str]
     client_idx: list[int]  # positions in `datas` of the entries with a client id
+    client_ids: list[str]  # their ids
     duplicates: int
     claim: asyncio.Future[bool]
     claimed: list[str]  # every id the claim holds: the new ones and those found stored
     keys: dict[str, Key]  # filter keys of new ids, worked out by the screen, reused to add
-
-    @property
-    def client_ids(self) -> list[str]:
-        return [self.ids[i] for i in self.client_idx]
 
 
 class DedupeGate:
@@ -53,7 +53,9 @@ class DedupeGate:
         The caller must `release` the claim once the entries are durable or refused.
         """
         known: set[str] = set()  # settled by a claim this add waited for
-        ids = [entry["entryId"] for entry, client_id, _ in valid if client_id]
+        entries, client, datas = zip(*valid, strict=True) if valid else ((), (), ())
+        all_ids = list(map(_ENTRY_ID, entries))
+        ids = all_ids if all(client) else list(compress(all_ids, client))
         while True:
             claims = self.claims
             # A set operation, not a lookup per id: other adds' claims are many under load.
@@ -76,6 +78,10 @@ class DedupeGate:
                     self.release(claim, new, known=False)
                     raise
                 verdicts.update((i, True) for i in found)
+            if len(verdicts) == len(ids) and not any(verdicts.values()):
+                # Every client id is new and named once: nothing to drop (the usual add).
+                client_idx = list(range(len(ids))) if ids is all_ids else _where(client)
+                return Screened(list(datas), all_ids, client_idx, ids, 0, claim, new, keys)
             return self._split(valid, verdicts, claim, new, keys)
 
     @staticmethod
@@ -101,13 +107,18 @@ class DedupeGate:
                 client_idx.append(len(datas))
             datas.append(data)
             ids.append(entry_id)
-        return Screened(datas, ids, client_idx, duplicates, claim, claimed, keys)
+        client_ids = [ids[i] for i in client_idx]
+        return Screened(datas, ids, client_idx, client_ids, duplicates, claim, claimed, keys)
 
     def release(self, claim: asyncio.Future[bool], ids: list[str], *, known: bool) -> None:
         """End a claim: `known` when its ids are now remembered (stored or found stored)."""
         for entry_id in ids:
             del self.claims[entry_id]
         claim.set_result(known)
+
+
+def _where(flags: tuple[bool, ...]) -> list[int]:
+    return list(compress(range(len(flags)), flags))
 
 
 __all__ = ["DedupeGate", "LookupBusy", "Screened", "Valid"]

@@ -23,6 +23,8 @@ class EntryRules:
     max_entry_bytes: int
     new_id: Callable[[], str]
     redact: Callable[[dict[str, Any]], None] | None
+    # The same redaction over a whole request's metadata at once (the compiled path's).
+    redact_many: Callable[[list[dict[str, Any]], bool], None] | None = None
 
 
 def validate_entries(
@@ -63,7 +65,7 @@ def check_add(
             now_ms=rules.clock.now_ms(),
             max_entry_bytes=rules.max_entry_bytes,
             new_id=rules.new_id,
-            redact=rules.redact,
+            redact=rules.redact_many,
         )
         if valid is None:  # some entry breaks a rule: the validator words why
             raw_entries = raw_entries.plain()

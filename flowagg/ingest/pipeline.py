@@ -179,8 +179,14 @@ class Pipeline:
         return validate_entries(raw_entries, self._rules(), max_listed=max_listed)
 
     def _rules(self) -> EntryRules:
-        redact = self.redactor.metadata if self.redactor.active else None
-        return EntryRules(self.clock, self.config.max_entry_bytes, self.ids.new, redact)
+        active = self.redactor.active
+        return EntryRules(
+            self.clock,
+            self.config.max_entry_bytes,
+            self.ids.new,
+            self.redactor.metadata if active else None,
+            self.redactor.metadata_many if active else None,
+        )
 
     async def add(self, raw_entries: list[Any]) -> AddResult:
         valid, rejected, rejected_count = check_add(
@@ -228,7 +234,7 @@ class Pipeline:
         now = self.window_clock.arrival_ms()
         client_ids = screened.client_ids
         # Counted before the await, so concurrent requests cannot all pass the busy check.
-        size = sum(len(d) + 1 for d in datas)
+        size = sum(map(len, datas)) + len(datas)
         self.aggregator.acknowledge(len(datas), size)
         done: asyncio.Future[BaseException | None] = self.loop.create_future()
         first_seq = 0

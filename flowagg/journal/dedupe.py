@@ -27,8 +27,10 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Container, Iterable
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
 import orjson
@@ -42,6 +44,7 @@ from flowagg.journal.dedupe_filter import (
     Key,
     filter_chunks,
     key_of,
+    keys_of,
     merge,
     read_filters,
 )
@@ -195,18 +198,17 @@ class DedupeIndex:
             self.gens.add(gen)
             flt = self.filters.get(gen) or self._new_filter(gen)
             words = self.words
-            for entry_id in ids:
-                key = keys.get(entry_id) if keys else None
-                flt.add(key or key_of(entry_id, words))
+            if keys:
+                flt.add_all([keys.get(i) or key_of(i, words) for i in ids])
+            else:
+                flt.add_all(keys_of(ids, words))
         with self._lock:
             # Under the lock the writer's thread takes to forget committed ids: its check and
             # delete must not fall between a re-add's write, or the re-added id is forgotten.
-            recent = self.recent
-            for entry_id in ids:
-                recent[entry_id] = t_ms
+            self.recent.update(zip(ids, repeat(t_ms)))
             self.seq = max(self.seq, last_seq)
         if ids:
-            self._writer.put(gen, last_seq, [(i, t_ms) for i in ids])
+            self._writer.put(gen, last_seq, list(zip(ids, repeat(t_ms))))
         else:
             self._writer.checkpoint(last_seq)
 
@@ -246,32 +248,35 @@ class DedupeIndex:
         return self.check_many([entry_id], now_ms)[0][entry_id]
 
     def check_many(
-        self, ids: Iterable[str], now_ms: int, known: Container[str] = ()
+        self, ids: Iterable[str], now_ms: int, known: AbstractSet[str] = frozenset()
     ) -> tuple[dict[str, bool | None], dict[str, Key]]:
         """`check` for the ids of one add (those in `known` are True), and the filter keys it
         worked out on the way, for `add` to reuse: hashing is most of the cost, and the
         window and the live filters are looked up once per add, not per id."""
-        verdicts: dict[str, bool | None] = {}
-        keys: dict[str, Key] = {}
         if self.window_ms <= 0:
-            return {i: i in known for i in ids}, keys
+            return {i: i in known for i in ids}, {}
+        verdicts: dict[str, bool | None] = dict.fromkeys(ids, False)
         horizon = now_ms - self.window_ms
         low = self.generation(max(0, horizon))
         live = [flt for gen, flt in self.filters.items() if gen >= low]
-        recent, words = self.recent, self.words
-        for entry_id in ids:
-            if entry_id in verdicts:
-                continue
-            if entry_id in known:
-                verdicts[entry_id] = True
-                continue
-            t = recent.get(entry_id)
-            if t is not None:
-                verdicts[entry_id] = t >= horizon
-                continue
-            key = keys[entry_id] = key_of(entry_id, words)
-            verdicts[entry_id] = None if any(key in flt for flt in live) else False
-        return verdicts, keys
+        recent = self.recent
+        # Set operations, not a lookup per id: almost every id of an add is in neither.
+        settled = verdicts.keys() & known
+        for entry_id in settled:
+            verdicts[entry_id] = True
+        remembered = (verdicts.keys() & recent.keys()) - settled if recent else ()
+        for entry_id in remembered:
+            verdicts[entry_id] = recent[entry_id] >= horizon
+        if settled or remembered:
+            open_ids = [i for i in verdicts if i not in settled and i not in remembered]
+        else:
+            open_ids = list(verdicts)
+        found = keys_of(open_ids, self.words)
+        for flt in live:
+            for entry_id, hit in zip(open_ids, flt.holds(found), strict=True):
+                if hit:
+                    verdicts[entry_id] = None
+        return verdicts, dict(zip(open_ids, found, strict=True))
 
     def live_gens(self, now_ms: int) -> list[int]:
         """The generations a lookup at `now_ms` reads, newest first (taken on the loop thread)."""

@@ -48,7 +48,7 @@ log = logging.getLogger("flowagg.journal")
 
 @dataclasses.dataclass
 class Append:
-    line: bytes
+    line: bytes  # the framed record; for `entries`, framed by the writer thread
     callback: Callable[[BaseException | None, Position], None] | None
     first_seq: int = 0
     count: int = 0
@@ -58,6 +58,18 @@ class Append:
     src: str | None = None
     off: int | None = None
     fin: bool = False
+    # An add record not framed yet: its entries' JSON and the indexes of client ids.
+    entries: list[bytes] | None = None
+    client_idx: list[int] | None = None
+
+    def frame(self) -> None:
+        """Encode and frame an add record queued unframed (on the writer thread: the crc and
+        the copies of a large record are no work for the loop that queued it)."""
+        if self.entries is not None:
+            assert self.client_idx is not None
+            head = (self.first_seq, self.max_t, self.entries, self.client_idx)
+            self.line = encode_add(*head, self.src, self.off, self.fin)
+            self.entries = self.client_idx = None
 
 
 class JournalWriter:
@@ -138,10 +150,17 @@ class JournalWriter:
             for n, (start, end, idx) in enumerate(pieces):
                 mark = n == len(pieces) - 1
                 spool: dict[str, Any] = {"src": src, "off": off, "fin": fin} if mark else {}
-                line = encode_add(first + start, t_ms, entries[start:end], idx, **spool)
+                part = entries if len(pieces) == 1 else entries[start:end]
                 self._queue.append(
                     Append(
-                        line, callback if mark else None, first + start, end - start, t_ms, **spool
+                        b"",
+                        callback if mark else None,
+                        first + start,
+                        end - start,
+                        t_ms,
+                        **spool,
+                        entries=part,
+                        client_idx=idx,
                     )
                 )
             self._cond.notify()
@@ -266,6 +285,8 @@ class JournalWriter:
         assert self._fd is not None
         seg = self.segments[-1]
         start = seg.size
+        for append in group:
+            append.frame()
         data = b"".join(a.line for a in group)
         # Done records only save work at the next start, and their batches are already
         # durable: they ride on the next fsync instead of paying for one of their own. Spool

@@ -75,7 +75,7 @@ def outcome_of_codec(line: bytes) -> tuple[bool, list[tuple[Any, ...]] | None]:
         now_ms=NOW,
         max_entry_bytes=MAX_BYTES,
         new_id=lambda: f"gen-{next(ids)}",
-        redact=Redactor().metadata,
+        redact=Redactor().metadata_many,
     )
     if valid is None:
         return False, validate_all(decoded.plain())
@@ -246,3 +246,54 @@ def test_a_broken_rule_is_worded_by_the_validator() -> None:
     assert not accepted  # ... the action rule does not: the validator answers
     assert answer == outcome_of_validator(line)
     assert answer is not None and answer[0][0] == "rejected" and "action" in answer[0][1]
+
+
+def test_flat_requests_are_written_byte_for_byte_as_the_validator_writes_them() -> None:
+    """Flat metadata without floats is encoded by msgspec, not orjson: every character class,
+    the int64 edges, booleans, null and drawn ids must come out as the validator's bytes."""
+    texts = ["".join(map(chr, range(n or 1, n + 64))) for n in range(0, 0x800, 64)]  # no NUL
+    texts += ['\u2028\u2029\ufeff\U0001f600"\\/', "\x7f\x1f\t\n\r\b\f", "é" * 40]
+    entries = [
+        {
+            "userId": text[:128] or "u",
+            "action": "code_edit",
+            "timestamp": NOW - n,
+            "metadata": {
+                text[:20] or "k": text,
+                "sessionId": text[-10:],
+                "duration": n,
+                "edges": [-INT64 - 1, INT64][n % 2],
+                "flag": n % 3 == 0 or None,
+            },
+            **({"entryId": f"id-{n}"} if n % 3 else {}),
+        }
+        for n, text in enumerate(texts)
+    ]
+    line = orjson.dumps({"op": "add", "entries": entries})
+    accepted, answer = outcome_of_codec(line)
+    assert accepted
+    assert answer == outcome_of_validator(line)
+
+
+def test_one_secret_key_among_many_entries_is_redacted_and_counted() -> None:
+    """Redaction judges a request's keys once: the one entry holding a secret must still be
+    caught, and only it counted."""
+    entries = [
+        {"userId": "u", "action": "a", "timestamp": NOW, "metadata": {"note": f"n{n}"}}
+        for n in range(50)
+    ]
+    entries[17]["metadata"]["Access-Token"] = "s3cr3t"
+    decoded = decode_add(orjson.dumps({"op": "add", "entries": entries}))
+    assert decoded is not None
+    redactor = Redactor()
+    valid = check_decoded(
+        decoded,
+        now_ms=NOW,
+        max_entry_bytes=MAX_BYTES,
+        new_id=lambda: "gen",
+        redact=redactor.metadata_many,
+    )
+    assert valid is not None
+    assert [n for n, (_, _, data) in enumerate(valid) if b"s3cr3t" in data] == []
+    assert valid[17][0]["metadata"]["Access-Token"] == "[REDACTED]"
+    assert (redactor.entries, redactor.values) == (1, 1)
