@@ -81,6 +81,7 @@ class SpoolIntake:
         self._stop_event = asyncio.Event()
         self._stopping = False
         self._watch = InboxWatch(layout.inbox, self._wake)
+        self._folder = layout.journal_spool  # built once: a Path per file is not free
         self._task: asyncio.Task[None] | None = None
         self._adopter = Adopter(layout, pipeline.clock, self._quarantine)
         self._progress: dict[str, Progress] = {}  # the records', kept up to date by them
@@ -111,7 +112,7 @@ class SpoolIntake:
         Never waits: a file that cannot be journaled now (a full disk) stays adopted and is
         tried again at the next rescan.
         """
-        present = set(os.listdir(self.layout.journal_spool))
+        present = set(os.listdir(self._folder))
         self._progress.clear()
         self._progress.update((name, p) for name, p in journaled.items() if name in present)
         # New adopted names sort after every name the journal or the folder knows, even if
@@ -122,7 +123,7 @@ class SpoolIntake:
 
     async def _finish_adopted(self, *, wait: bool) -> None:
         """Finished adopted files are deleted; any other is resumed where the journal ends."""
-        names = [n for n in sorted(os.listdir(self.layout.journal_spool)) if n[:1] != "."]
+        names = [n for n in sorted(os.listdir(self._folder)) if n[:1] != "."]
         # Left by a step whose folder fsync failed: durable first (see sync_folders).
         unjournaled = any(n not in self._progress for n in names)
         if unjournaled and not await asyncio.to_thread(self._adopter.sync_folders):
@@ -131,7 +132,7 @@ class SpoolIntake:
         size = 0
         for name in names:
             with contextlib.suppress(OSError):  # gone: the step finds that out
-                size += os.lstat(self.layout.journal_spool / name).st_size
+                size += os.lstat(self._folder / name).st_size
             step.append(name)
             if len(step) >= STEP_FILES or size >= STEP_BYTES or name == names[-1]:
                 if self._stopping:
@@ -149,7 +150,7 @@ class SpoolIntake:
         fresh = [a for a in adopted if a not in self._progress and self._adoptable(a)]
         opened = await asyncio.to_thread(
             open_step,
-            self.layout.journal_spool,
+            self._folder,
             fresh,
             self.max_line,
             self._droppers,
@@ -173,7 +174,7 @@ class SpoolIntake:
         gone = []
         for name in adopted:
             try:
-                (self.layout.journal_spool / name).unlink(missing_ok=True)
+                (self._folder / name).unlink(missing_ok=True)
                 gone.append(name)
             except OSError as exc:
                 log.error(
@@ -185,7 +186,7 @@ class SpoolIntake:
         try:
             # Durable before compaction drops the journal records naming them: back after a
             # power cut, with no record, a file would be ingested twice.
-            fsync_dir(self.layout.journal_spool)
+            fsync_dir(self._folder)
         except OSError as exc:
             log.error(
                 "spool files %s to %s are stored but their deletion is not durable (%s); trying"
@@ -201,7 +202,7 @@ class SpoolIntake:
         """Queue what is left of one adopted file; settled, it says whether it can be deleted."""
         if self._progress.get(adopted, (0, False))[1]:
             return Pending(adopted, finished=True)
-        path = self.layout.journal_spool / adopted
+        path = self._folder / adopted
         try:
             return await self._ingest(adopted, opened, wait=wait)
         except OSError as exc:
@@ -289,7 +290,7 @@ class SpoolIntake:
 
     async def _ingest(self, adopted: str, opened: Opened | None, *, wait: bool) -> Pending:
         """Queue what is left of one adopted file (`opened` ahead of its turn, or not yet)."""
-        path = self.layout.journal_spool / adopted
+        path = self._folder / adopted
         if not self._adoptable(adopted):
             moved = self._quarantine.move(path, "not a name flowagg adopts; spool it again")
             return Pending(adopted, finished=moved)
@@ -357,7 +358,7 @@ class SpoolIntake:
         """A .json file: one entry or an array, read whole, so only up to max_file_bytes."""
         read = await asyncio.to_thread(read_document, fd, self.max_file_bytes)
         if isinstance(read, str):
-            path = self.layout.journal_spool / adopted
+            path = self._folder / adopted
             moved = await asyncio.to_thread(self._quarantine.move, path, read)
             return Pending(adopted, finished=moved)
         doc, data = read
