@@ -207,8 +207,13 @@ class Pipeline:
         off: int | None = None,
         fin: bool = False,
         wait_for_space: bool,
+        queued: Callable[[], None] | None = None,
     ) -> AddResult:
-        """Dedupe, journal (one record, one group commit) and buffer validated entries."""
+        """Dedupe, journal (one record, one group commit) and buffer validated entries.
+
+        `queued` runs once the record is queued for the journal (never when the add ends
+        without one): the caller may queue another behind it, in order, and await both.
+        """
         started = self.clock.monotonic()
         if not await self._room(wait_for_space):
             return self._busy()
@@ -261,6 +266,8 @@ class Pipeline:
             self.gate.release(claim, claimed, known=False)
             self.aggregator.acknowledge(-len(datas), -size)
             return self._journal_failure(exc)
+        if queued is not None:
+            queued()
         error = await done
         if error is not None:
             return self._journal_failure(error)

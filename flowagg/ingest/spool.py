@@ -12,8 +12,9 @@ Intake of one file:
     where the chunk ends; the last chunk's record is marked finished;
  5. delete the adopted file (and fsync journal/spool/).
 Files go through these steps a step of files at a time (spool_adopt): a step's renames share
-two folder fsyncs, its files are journaled one after another in name order (SPEC §4.2: the
-order they are stored in), and its finished files are deleted with one folder fsync.
+two folder fsyncs, its files' records are queued for the journal in name order (SPEC §4.2:
+the order they are stored in) and share group commits, and its finished files are deleted
+with one folder fsync.
 A crash leaves the adopted file, and the next start resumes it after the last journaled chunk
 (chunk boundaries depend only on the file and where the chunk starts) or deletes it when the
 journal says it is finished. So no entry is ingested twice or lost.
@@ -30,13 +31,11 @@ import contextlib
 import logging
 import os
 
-import orjson
-
 from flowagg.core.fsutil import display_name, fsync_dir
 from flowagg.core.layout import Layout
 from flowagg.ingest.pipeline import Pipeline, Valid
 from flowagg.ingest.spool_adopt import STEP_BYTES, STEP_FILES, Adopter
-from flowagg.ingest.spool_open import open_adopted
+from flowagg.ingest.spool_open import Opened, open_adopted, open_step
 from flowagg.ingest.spool_quarantine import SpoolQuarantine
 from flowagg.ingest.spool_read import (
     Chunk,
@@ -45,9 +44,10 @@ from flowagg.ingest.spool_read import (
     count_lines,
     is_spool_name,
     parse_lines,
-    read_at_most,
     read_chunk,
+    read_document,
 )
+from flowagg.ingest.spool_records import Pending, Progress, SpoolRecords
 from flowagg.ingest.spool_trust import Droppers
 from flowagg.ingest.spool_watch import InboxWatch
 
@@ -57,8 +57,6 @@ log = logging.getLogger("flowagg.spool")
 JUNK_PER_SCAN = 64
 JUNK_PAUSE_S = 0.5
 STOP_GRACE_S = 5.0
-
-Progress = tuple[int, bool]  # journaled end offset, finished
 
 
 class SpoolIntake:
@@ -83,12 +81,18 @@ class SpoolIntake:
         self._stop_event = asyncio.Event()
         self._stopping = False
         self._watch = InboxWatch(layout.inbox, self._wake)
+        self._folder = layout.journal_spool  # built once: a Path per file is not free
         self._task: asyncio.Task[None] | None = None
         self._adopter = Adopter(layout, pipeline.clock, self._quarantine)
-        # Adopted files still in journal/spool/ -> how far the journal holds them.
-        self._progress: dict[str, Progress] = {}
+        self._progress: dict[str, Progress] = {}  # the records', kept up to date by them
+        self._records = SpoolRecords(
+            pipeline, self._progress, rescan_s=rescan_s, stop_event=self._stop_event
+        )
         self._droppers = Droppers(layout.group)
-        self.files_ingested = 0
+
+    @property
+    def files_ingested(self) -> int:
+        return self._records.files_ingested
 
     @property
     def files_quarantined(self) -> int:
@@ -108,8 +112,9 @@ class SpoolIntake:
         Never waits: a file that cannot be journaled now (a full disk) stays adopted and is
         tried again at the next rescan.
         """
-        present = set(os.listdir(self.layout.journal_spool))
-        self._progress = {name: p for name, p in journaled.items() if name in present}
+        present = set(os.listdir(self._folder))
+        self._progress.clear()
+        self._progress.update((name, p) for name, p in journaled.items() if name in present)
         # New adopted names sort after every name the journal or the folder knows, even if
         # the clock went back, so none can take an old name.
         floor = max((adopted_ms(n) for n in [*journaled, *present]), default=-1) + 1
@@ -118,7 +123,7 @@ class SpoolIntake:
 
     async def _finish_adopted(self, *, wait: bool) -> None:
         """Finished adopted files are deleted; any other is resumed where the journal ends."""
-        names = [n for n in sorted(os.listdir(self.layout.journal_spool)) if n[:1] != "."]
+        names = [n for n in sorted(os.listdir(self._folder)) if n[:1] != "."]
         # Left by a step whose folder fsync failed: durable first (see sync_folders).
         unjournaled = any(n not in self._progress for n in names)
         if unjournaled and not await asyncio.to_thread(self._adopter.sync_folders):
@@ -127,7 +132,7 @@ class SpoolIntake:
         size = 0
         for name in names:
             with contextlib.suppress(OSError):  # gone: the step finds that out
-                size += os.lstat(self.layout.journal_spool / name).st_size
+                size += os.lstat(self._folder / name).st_size
             step.append(name)
             if len(step) >= STEP_FILES or size >= STEP_BYTES or name == names[-1]:
                 if self._stopping:
@@ -136,10 +141,28 @@ class SpoolIntake:
                 step, size = [], 0
 
     async def _ingest_step(self, adopted: list[str], *, wait: bool) -> None:
-        """Journal a step's adopted files in name order, then delete the finished ones with
-        one folder fsync. One at a time: side by side, their records would share group commits
-        but reach the journal in whatever order their reads finished."""
-        finished = [a for a in adopted if await self._ingest_or_wait(a, wait=wait)]
+        """Journal a step's adopted files, then delete the finished ones with one folder fsync.
+
+        A file's records are queued in name order, each file's once the one before it has
+        queued its last (side by side, they would reach the journal in whatever order their
+        reads finished); the step then awaits them together, so they share group commits.
+        """
+        fresh = [a for a in adopted if a not in self._progress and self._adoptable(a)]
+        opened = await asyncio.to_thread(
+            open_step,
+            self._folder,
+            fresh,
+            self.max_line,
+            self._droppers,
+            self._quarantine,
+            STEP_BYTES,
+        )
+        try:
+            turns = [await self._ingest_or_wait(a, opened.get(a), wait=wait) for a in adopted]
+        finally:
+            for entry in opened.values():
+                entry.close()
+        finished = [turn.adopted for turn in turns if await self._records.settle(turn)]
         if finished:
             for name in await asyncio.to_thread(self._delete, finished):
                 self._progress.pop(name, None)
@@ -151,7 +174,7 @@ class SpoolIntake:
         gone = []
         for name in adopted:
             try:
-                (self.layout.journal_spool / name).unlink(missing_ok=True)
+                (self._folder / name).unlink(missing_ok=True)
                 gone.append(name)
             except OSError as exc:
                 log.error(
@@ -163,7 +186,7 @@ class SpoolIntake:
         try:
             # Durable before compaction drops the journal records naming them: back after a
             # power cut, with no record, a file would be ingested twice.
-            fsync_dir(self.layout.journal_spool)
+            fsync_dir(self._folder)
         except OSError as exc:
             log.error(
                 "spool files %s to %s are stored but their deletion is not durable (%s); trying"
@@ -175,26 +198,26 @@ class SpoolIntake:
             return []
         return gone
 
-    async def _ingest_or_wait(self, adopted: str, *, wait: bool) -> bool:
-        """Journal what is left of one adopted file; True once it can be deleted."""
+    async def _ingest_or_wait(self, adopted: str, opened: Opened | None, *, wait: bool) -> Pending:
+        """Queue what is left of one adopted file; settled, it says whether it can be deleted."""
         if self._progress.get(adopted, (0, False))[1]:
-            return True
-        path = self.layout.journal_spool / adopted
+            return Pending(adopted, finished=True)
+        path = self._folder / adopted
         try:
-            finished = await self._ingest(adopted, wait=wait)
+            return await self._ingest(adopted, opened, wait=wait)
         except OSError as exc:
             # The file stays adopted; the next rescan tries again (a full disk, say).
             log.error("spool file %s: %s; trying again at the next rescan", adopted, exc)
-            return False
+            return Pending(adopted)
         except Exception:
             log.exception("spool file %s: intake failed; moving it to recovery/errors/", adopted)
             off = self._progress.get(adopted, (0, False))[0]
-            finished = self._quarantine.move(
+            moved = self._quarantine.move(
                 path,
                 f"intake failed unexpectedly (see aggregation.log); the entries before byte"
                 f" {off} are stored, fix the rest and spool it again",
             )
-        return finished
+            return Pending(adopted, finished=moved)
 
     async def start(self) -> None:
         """Watch inbox/ (events plus a periodic rescan); the first scan runs at once."""
@@ -261,42 +284,65 @@ class SpoolIntake:
             await asyncio.to_thread(self._quarantine.rotate, self.max_error_files)
         return count
 
-    async def _ingest(self, adopted: str, *, wait: bool) -> bool:
-        """Journal what is left of one adopted file; True once it needs nothing more."""
-        path = self.layout.journal_spool / adopted
-        if not is_spool_name(adopted) or display_name(adopted) != adopted:
-            return self._quarantine.move(path, "not a name flowagg adopts; spool it again")
-        fd = await asyncio.to_thread(open_adopted, path, self._droppers, self._quarantine)
+    @staticmethod
+    def _adoptable(adopted: str) -> bool:
+        return is_spool_name(adopted) and display_name(adopted) == adopted
+
+    async def _ingest(self, adopted: str, opened: Opened | None, *, wait: bool) -> Pending:
+        """Queue what is left of one adopted file (`opened` ahead of its turn, or not yet)."""
+        path = self._folder / adopted
+        if not self._adoptable(adopted):
+            moved = self._quarantine.move(path, "not a name flowagg adopts; spool it again")
+            return Pending(adopted, finished=moved)
+        if opened is None:
+            fd = await asyncio.to_thread(open_adopted, path, self._droppers, self._quarantine)
+        elif opened.error is not None:
+            raise opened.error
+        else:
+            fd, opened.fd = opened.fd, None  # closed here, like one opened now
         if fd is None:
-            return not os.path.lexists(path)  # gone or quarantined; else tried again later
+            # Gone or quarantined; else tried again later.
+            return Pending(adopted, finished=not os.path.lexists(path))
         try:
             if adopted.endswith(".jsonl"):
-                return await self._ingest_lines(adopted, fd, wait=wait)
+                first = opened.first if opened is not None else None
+                return await self._ingest_lines(adopted, fd, first, wait=wait)
             return await self._ingest_document(adopted, fd, wait=wait)
         finally:
             os.close(fd)
 
-    async def _ingest_lines(self, adopted: str, fd: int, *, wait: bool) -> bool:
-        off, fin = self._progress.get(adopted, (0, False))
-        line_no = 1 + (await asyncio.to_thread(count_lines, fd, off) if off and not fin else 0)
-        first = True
-        while not fin:
+    async def _ingest_lines(
+        self, adopted: str, fd: int, first: Chunk | None, *, wait: bool
+    ) -> Pending:
+        """Queue the file's chunks from where the journal ends (`first`: the one at byte 0).
+
+        Every chunk before the last is awaited before the next is read: a later chunk durable
+        without an earlier one would move the file's progress past entries never stored.
+        """
+        off = self._progress.get(adopted, (0, False))[0]
+        line_no = 1 + (await asyncio.to_thread(count_lines, fd, off) if off else 0)
+        started = False
+        while True:
             # A stop lets a file it finds taken in get its first chunk journaled: a small file
             # renamed out of inbox/ is then stored, as a client watching inbox/ would expect.
-            if self._stopping and not first:
-                return False
-            first = False
-            chunk = await asyncio.to_thread(read_chunk, fd, off, self.max_line, line_no)
+            if self._stopping and started:
+                return Pending(adopted)
+            started = True
+            if first is None:
+                chunk = await asyncio.to_thread(read_chunk, fd, off, self.max_line, line_no)
+            else:
+                chunk, first = first, None
             line_no += len(chunk.lines)
             valid, problems = self._check_lines(chunk)
             if problems:
                 # Written before the journal record: once that exists, the lines are gone.
                 self._quarantine.reject_lines(adopted, chunk, problems)
-            if not await self._journal(adopted, valid, chunk.end, chunk.final, wait=wait):
-                return False
-            off, fin = chunk.end, chunk.final
-        self.files_ingested += 1
-        return True
+            turn = await self._records.queue(adopted, valid, chunk.end, chunk.final, wait=wait)
+            if chunk.final or turn.added is None:
+                return turn
+            if not await self._records.journaled(turn):
+                return Pending(adopted)
+            off = chunk.end
 
     def _check_lines(self, chunk: Chunk) -> tuple[list[Valid], list[Problem]]:
         items, sources, problems = parse_lines(chunk.lines, self.max_line)
@@ -308,70 +354,16 @@ class SpoolIntake:
         problems.sort(key=lambda p: p.offset)
         return valid, problems
 
-    async def _ingest_document(self, adopted: str, fd: int, *, wait: bool) -> bool:
+    async def _ingest_document(self, adopted: str, fd: int, *, wait: bool) -> Pending:
         """A .json file: one entry or an array, read whole, so only up to max_file_bytes."""
-        path = self.layout.journal_spool / adopted
-        too_big = (
-            f"a .json spool file over {self.max_file_bytes} bytes; use .jsonl (one entry per"
-            " line), which is streamed"
-        )
-        if os.fstat(fd).st_size > self.max_file_bytes:
-            return await asyncio.to_thread(self._quarantine.move, path, too_big)
-        data = await asyncio.to_thread(read_at_most, fd, self.max_file_bytes + 1)
-        if len(data) > self.max_file_bytes:  # it grew after the check
-            return await asyncio.to_thread(self._quarantine.move, path, too_big)
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            return await asyncio.to_thread(
-                self._quarantine.move,
-                path,
-                f"not valid JSON ({exc}); fix the file and spool it again",
-            )
+        read = await asyncio.to_thread(read_document, fd, self.max_file_bytes)
+        if isinstance(read, str):
+            path = self._folder / adopted
+            moved = await asyncio.to_thread(self._quarantine.move, path, read)
+            return Pending(adopted, finished=moved)
+        doc, data = read
         items = doc if isinstance(doc, list) else [doc]
         valid, rejected = self.pipeline.validate(items)
         if rejected:
             self._quarantine.reject_document(adopted, data, rejected)
-        if not await self._journal(adopted, valid, len(data), True, wait=wait):
-            return False
-        self.files_ingested += 1
-        return True
-
-    async def _journal(
-        self, adopted: str, valid: list[Valid], off: int, fin: bool, *, wait: bool
-    ) -> bool:
-        """Journal one chunk; False (logged) when it has to wait for the next rescan."""
-        while True:
-            if wait and self.pipeline.aggregator.is_busy():
-                if not await self._space_or_stop():
-                    return False
-                continue
-            # Shielded: a cancelled stop must not cut an append the journal writer will report.
-            result = await asyncio.shield(
-                self.pipeline.add_valid(valid, src=adopted, off=off, fin=fin, wait_for_space=False)
-            )
-            if result.error == "busy" and wait and not self._stopping:
-                continue
-            break
-        if result.error is not None:
-            log.error(
-                "spool file %s waits in journal/spool/ (%s); trying again at the next rescan",
-                adopted,
-                result.error,
-            )
-            return False
-        self._progress[adopted] = (off, fin)
-        return True
-
-    async def _space_or_stop(self) -> bool:
-        """Wait until the buffer has room (or a rescan's time); False when stopping."""
-        space = asyncio.ensure_future(self.pipeline.flushing.wait_for_space())
-        stopping = asyncio.ensure_future(self._stop_event.wait())
-        try:
-            await asyncio.wait(
-                {space, stopping}, timeout=self.rescan_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            space.cancel()
-            stopping.cancel()
-        return not self._stopping
+        return await self._records.queue(adopted, valid, len(data), True, wait=wait)

@@ -42,6 +42,7 @@ class Adopter:
     def __init__(self, layout: Layout, clock: Clock, quarantine: SpoolQuarantine) -> None:
         self.layout = layout
         self.clock = clock
+        self._inbox, self._folder = layout.inbox, layout.journal_spool  # built once, not per file
         self._quarantine = quarantine
         self._counter = itertools.count()
         # New adopted names sort after every name this floor was raised past (see recover).
@@ -57,7 +58,7 @@ class Adopter:
                 break
             step.seen += 1
             try:
-                adopted, file_size = self._take(self.layout.inbox / name, junk_left > step.junk)
+                adopted, file_size = self._take(self._inbox / name, junk_left > step.junk)
             except Exception:
                 # One file must not stop the others: it stays in inbox/ for the next rescan.
                 log.exception("spool file %s cannot be taken from inbox/", display_name(name))
@@ -113,7 +114,7 @@ class Adopter:
         # The journal names the file in JSON, so the name must be text: odd bytes become \xNN.
         adopted = fit_name(f"{ms:013d}-{next(self._counter):06d}-{display_name(path.name)}")
         try:
-            os.rename(path, self.layout.journal_spool / adopted)
+            os.rename(path, self._folder / adopted)
         except FileNotFoundError:
             return None  # its client or another scan took it away
         except OSError as exc:

@@ -142,6 +142,23 @@ def read_at_most(fd: int, limit: int) -> bytes:
     return b"".join(parts)
 
 
+def read_document(fd: int, max_bytes: int) -> tuple[Any, bytes] | str:
+    """A .json file's value and bytes, read whole, or why it is refused (too big, not JSON)."""
+    too_big = (
+        f"a .json spool file over {max_bytes} bytes; use .jsonl (one entry per line), which is"
+        " streamed"
+    )
+    if os.fstat(fd).st_size > max_bytes:
+        return too_big
+    data = read_at_most(fd, max_bytes + 1)
+    if len(data) > max_bytes:  # it grew after the check
+        return too_big
+    try:
+        return orjson.loads(data), data
+    except orjson.JSONDecodeError as exc:
+        return f"not valid JSON ({exc}); fix the file and spool it again"
+
+
 def parse_lines(lines: list[Line], max_line: int) -> tuple[list[Any], list[Line], list[Problem]]:
     """JSON values of the lines (and the line of each), plus the lines that are not JSON."""
     items: list[Any] = []
