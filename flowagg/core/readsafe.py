@@ -56,7 +56,13 @@ def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
     """All bytes of the regular file at `path`; TooLarge past `limit` (nothing more is read)."""
     with open_regular(path) as file:
         size = os.fstat(file.fileno()).st_size
-        data = b"" if size > limit else file.read(limit + 1)
+        data = b""
+        if size <= limit:
+            # read(limit + 1) would allocate the whole bound for every file, however small:
+            # ask for the size, and for more only when the file grew since the fstat.
+            data = file.read(size + 1)
+            if len(data) > size:
+                data += file.read(limit + 1 - len(data))
     if size > limit or len(data) > limit:
         raise TooLarge(f"holds {max(size, len(data)):,} bytes, past {limit:,}")
     return data
