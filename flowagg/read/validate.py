@@ -10,9 +10,10 @@ does not grow with the number of files or entries.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from flowagg.read.batchread import (
     Unread,
     iter_batch_bytes,
 )
+from flowagg.read.fanout import map_chunks
 
 _NO_ID = "\x00"  # what the validator's new_id hands back: a stored entry must bring its own
 
@@ -121,6 +123,32 @@ class FileChecker:
         files: list[BatchPath],
         on_good: Callable[[GoodBatch], None] | None = None,
         on_file: Callable[[], None] | None = None,
+    ) -> Summary:
+        """Every file checked, findings reported in file order. Without `on_good` the files
+        are checked in worker processes (`fanout`): only findings and counts come back."""
+        if on_good is None:
+            self._check_in_workers(files, on_file)
+            return self.summary
+        return self.check_files(files, on_good, on_file)
+
+    def _check_in_workers(self, files: list[BatchPath], on_file: Callable[[], None] | None) -> None:
+        settings = (self.root, self.now_ms, self.max_entry_bytes, self.limit)
+        summary = self.summary
+        for part, (counted, found) in map_chunks(functools.partial(check_chunk, settings), files):
+            summary.files.update(counted.files)
+            summary.entries += counted.entries
+            summary.skipped.extend(counted.skipped)
+            for finding in found:
+                self.report(finding)
+            if on_file is not None:
+                for _ in part:
+                    on_file()
+
+    def check_files(
+        self,
+        files: Sequence[BatchPath],
+        on_good: Callable[[GoodBatch], None] | None,
+        on_file: Callable[[], None] | None,
     ) -> Summary:
         for bp, data in iter_batch_bytes(files, self.limit):
             if on_file is not None:
@@ -278,3 +306,15 @@ class FileChecker:
 
 def _no_id() -> str:
     return _NO_ID
+
+
+def check_chunk(
+    settings: tuple[Path, int, int, int], files: Sequence[BatchPath]
+) -> tuple[Summary, list[Finding]]:
+    """One worker's share: the counts of these files and their findings, in order."""
+    root, now_ms, max_entry_bytes, limit = settings
+    found: list[Finding] = []
+    checker = FileChecker(
+        root, now_ms=now_ms, max_entry_bytes=max_entry_bytes, limit=limit, report=found.append
+    )
+    return checker.check_files(files, None, None), found
