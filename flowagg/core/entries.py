@@ -23,7 +23,7 @@ MAX_METADATA_DEPTH = 8
 MAX_INT64 = (1 << 63) - 1
 # How orjson writes U+0000; the bytes may also come from a backslash before "u0000", so a
 # hit is confirmed on the values themselves (nul_field) before an entry is refused.
-_NUL_ESCAPE = b"\\u0000"
+NUL_ESCAPE = b"\\u0000"
 FIELDS = ("userId", "action", "timestamp", "metadata", "entryId")
 _FIELD_SET = frozenset(FIELDS)
 _ACTION_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -255,7 +255,7 @@ def validate_entry_json(
         raise EntryError(
             f"entry {index}: holds a value JSON cannot carry ({exc}); remove it"
         ) from None
-    if _NUL_ESCAPE in data:
+    if NUL_ESCAPE in data:
         field = nul_field(entry)
         if field is not None:
             raise nul_error(index, field)
@@ -265,6 +265,46 @@ def validate_entry_json(
             f" maxEntryBytes={max_entry_bytes}; shrink metadata"
         )
     return entry, client_id, data
+
+
+def plainly_valid(raw: Any, now_ms: int) -> bool:
+    """True when `validate_entry_json` accepts `raw` as it stands and finds an entryId in it,
+    as far as the entry's own fields tell. The rest is for the caller to know from the compact
+    JSON it already made of `raw` (a reader makes a whole batch's at once): that there is one
+    (orjson carries every value), its size, and that it holds no U+0000. False says nothing:
+    the validator then words the fault, if any. Keep in step with validate_entry_json."""
+    if type(raw) is not dict or not raw.keys() <= _FIELD_SET:
+        return False
+    user, action, ts, entry_id = (
+        raw.get("userId"),
+        raw.get("action"),
+        raw.get("timestamp"),
+        raw.get("entryId"),
+    )
+    if not (
+        type(user) is str
+        and 1 <= len(user) <= 128
+        and type(entry_id) is str
+        and 1 <= len(entry_id) <= 128
+        and type(action) is str
+        and action in _GOOD_ACTIONS
+        and type(ts) is int
+        and MIN_TIMESTAMP_MS <= ts <= now_ms + MAX_FUTURE_MS
+    ):
+        return False
+    metadata = raw.get("metadata", {})
+    if type(metadata) is not dict:
+        return False
+    nested = False
+    for key, value in metadata.items():
+        known = _KNOWN_METADATA.get(key)
+        if known is not None:
+            kind = known[0]
+            if type(value) is not kind or (kind is int and not 0 <= value <= MAX_INT64):
+                return False
+        elif type(value) is dict or type(value) is list:
+            nested = True
+    return not nested or not _depth_exceeds(metadata, MAX_METADATA_DEPTH)
 
 
 def parse_entries_text(data: bytes) -> list[Any]:
