@@ -214,7 +214,7 @@ def report(
     """
     from flowagg.read.batchread import list_batch_files
     from flowagg.read.readout import progress, report_output
-    from flowagg.read.report import Totals, parse_by, totals_of_batches
+    from flowagg.read.report import SHARE_BATCHES, Totals, parse_by, totals_of_batches
     from flowagg.read.selection import Skipped, map_batches
 
     try:
@@ -229,7 +229,8 @@ def report(
     with progress(len(files), "reading") as advance:
         result = Totals(by, {})
         work = functools.partial(totals_of_batches, (by, selection, limit))
-        for share in map_batches(work, files, skipped, on_file=advance):
+        shares = map_batches(work, files, skipped, on_file=advance, most=SHARE_BATCHES)
+        for share in shares:
             result.merge(share)
     code = 1 if skipped.unreadable else 0
     with quiet_when_stdout_closes(lambda: code):

@@ -47,15 +47,17 @@ def map_chunks(
     items: Sequence[T],
     *,
     workers: int | None = None,
+    most: int | None = None,
 ) -> Iterator[tuple[Sequence[T], R]]:
-    """(chunk, work(chunk)) for consecutive chunks of `items`, in order.
+    """(chunk, work(chunk)) for consecutive chunks of `items`, in order; a chunk holds at
+    most `most` items (default CHUNK_FILES).
 
     `work` must pickle (a module-level function, or a partial of one) and so must its answer.
     """
     workers = cores() if workers is None else workers
     # Even a few files are spread over every worker, a few tasks each; many go in tasks of
-    # CHUNK_FILES.
-    size = max(1, min(CHUNK_FILES, -(-len(items) // (workers * IN_FLIGHT_PER_WORKER))))
+    # `most`.
+    size = max(1, min(most or CHUNK_FILES, -(-len(items) // (workers * IN_FLIGHT_PER_WORKER))))
     bounds = [(i, min(i + size, len(items))) for i in range(0, len(items), size)]
     workers = min(workers, len(bounds))
     # Imported here: `flowagg add` loads the read modules' names, never a pool.

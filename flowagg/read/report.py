@@ -157,6 +157,9 @@ def totals(lists: Iterable[list[dict[str, Any]]], by: tuple[str, ...]) -> Totals
     return Totals(by, groups, count, duration_sum)
 
 
+# A report's share holds a sum per group, not per entry: the more batches one worker sums, the
+# less there is to send and merge (the answer stays as small as the groups are few).
+SHARE_BATCHES = 512
 # A report's share as plain tuples: a worker's answer pickles in C, a Group would not.
 Share = tuple[dict[tuple[str, ...], tuple[int, int]], int, int]
 

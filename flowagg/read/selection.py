@@ -163,12 +163,14 @@ def map_batches(
     skipped: Skipped,
     *,
     on_file: Callable[[], None] | None = None,
+    most: int | None = None,
 ) -> Iterator[R]:
     """`work`'s answers over consecutive runs of the files' batches, in stored order, computed
     in worker processes (`fanout`); what each run did not count is added to `skipped` in the
-    same order, so the lists read as if one process had read every file in turn."""
+    same order, so the lists read as if one process had read every file in turn. `most`:
+    batches in one run at most (fanout.map_chunks)."""
     batches = list(enumerate(copies_by_batch(files)))
-    for part, (answer, got) in map_chunks(work, batches):
+    for part, (answer, got) in map_chunks(work, batches, most=most):
         skipped.unreadable.extend(got.unreadable)
         skipped.copies.extend(got.copies)
         if on_file is not None:
