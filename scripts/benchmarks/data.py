@@ -3,14 +3,16 @@
 A root of N entries in N/50 batch files is written directly in the SPEC batch format (with
 correct entriesSha256), timestamps shuffled so export has to sort across batches. Each
 command runs as a `python -m flowagg` subprocess (the snapshot of the run), timed from spawn
-to exit, its RSS polled every 20 ms; beside it, in the same repeat, a bare loop of
-`orjson.loads` over the same files in this process: the floor of any reader in Python.
+to exit, its RSS with its worker processes' polled every 20 ms; beside it, in the same repeat,
+a bare loop of `orjson.loads` over the same files in this process: the floor of any reader in
+Python.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import random
 import subprocess
 import sys
@@ -118,7 +120,7 @@ def run_command(root: Path, cmd: Command) -> tuple[float, float]:
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env()
     )
-    sampler = RssSampler(psutil.Process(proc.pid), interval=0.02)
+    sampler = RssSampler(psutil.Process(proc.pid), interval=0.02, tree=True)
     sampler.start()
     _, err = proc.communicate(timeout=1800)
     seconds = time.perf_counter() - started
@@ -153,6 +155,15 @@ def data_figures(b: Bench) -> None:
             b.record(f"data.{cmd.key}.ratio", rate / base_rate)
             b.record(f"data.{cmd.key}.rss", peak)
     b.notes["data_entries"] = entries
+    b.notes["data_cores"] = cores()
+
+
+def cores() -> int:
+    """The cores the read commands may use: one worker process per core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def data_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
@@ -185,9 +196,12 @@ def data_notes(b: Bench) -> str:
             f"root: written directly in the batch format (50 entries a file, ids in arrival"
             f" order, timestamps shuffled over 90 days, unique entryIds) in"
             f" {b.notes.get('data_build_s', 0)} s; no daemon runs, the journal is empty.",
+            f"cores: {b.notes.get('data_cores', cores())}; the read commands read files in"
+            " one worker process per core, the bare loop in one.",
             "flowagg: `python -m flowagg --root R <command>` as a subprocess from spawn to"
             " exit (interpreter start included), output to a file or /dev/null; peak RSS"
-            " polled every 20 ms. export uses the default exportRunEntries.",
+            " of the command and its worker processes together, polled every 20 ms. export"
+            " uses the default exportRunEntries.",
             "bare loop: in this process, list aggregated/, read and orjson.loads every file,"
             " count its entries; timed right before each command, page cache warm for both.",
         ]
