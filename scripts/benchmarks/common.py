@@ -359,12 +359,7 @@ class RssSampler(threading.Thread):
     """
 
     def __init__(
-        self,
-        ps: psutil.Process,
-        interval: float = 0.02,
-        kill_above: int | None = None,
-        *,
-        tree: bool = False,
+        self, ps: psutil.Process, interval: float = 0.02, kill_above: int | None = None
     ) -> None:
         super().__init__(name="rss-sampler", daemon=True)
         self.ps = ps
@@ -372,21 +367,12 @@ class RssSampler(threading.Thread):
         self.kill_above = kill_above
         self.killed = False
         self.peak = 0
-        self.tree = tree  # the process and its children (worker processes) together
         self._stop_event = threading.Event()
-
-    def _rss(self) -> int:
-        rss = self.ps.memory_info().rss
-        if self.tree:
-            for child in self.ps.children(recursive=True):
-                with contextlib.suppress(psutil.Error):  # ended between listing and reading
-                    rss += child.memory_info().rss
-        return rss
 
     def run(self) -> None:
         while True:
             try:
-                self.peak = max(self.peak, self._rss())
+                self.peak = max(self.peak, self.ps.memory_info().rss)
                 if self.kill_above is not None and self.peak > self.kill_above:
                     self.ps.kill()
                     self.killed = True
@@ -401,7 +387,7 @@ class RssSampler(threading.Thread):
         self._stop_event.set()
         self.join()
         with contextlib.suppress(psutil.Error):
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self.ps.memory_info().rss)
         return self.peak / MB
 
 
