@@ -42,11 +42,17 @@ _MAX_TS = (1 << 63) - 1
 
 @dataclasses.dataclass
 class Lines:
-    """Some batches' entries as sortable lines, and what was left out of them."""
+    """Some batches' entries as sortable lines, sorted, and what was left out of them."""
 
-    lines: list[bytes]
+    # The lines joined (each ends with a newline): one bytes object pickles as one copy, where
+    # a list of lines pickled and unpickled object by object in the parent (a seventh of its
+    # samples under py-spy). A line holds no other newline: JSON escapes it in strings.
+    block: bytes
     skipped: int  # entries without an integer timestamp: they cannot be placed
     metadata: MetadataColumns | None
+
+    def lines(self) -> list[bytes]:
+        return self.block.splitlines(keepends=True)
 
 
 def lines_of_batches(
@@ -74,7 +80,10 @@ def lines_of_batches(
             # The concatenation is also an exact-size copy: orjson's own buffer keeps
             # kilobytes of slack per object.
             lines.append(_KEY % (ts + _TS_OFFSET, number, place) + dumps(entry) + b"\n")
-    return Lines(lines, left_out, columns), skipped
+    # Sorted here, in parallel: the parent's sort of a run then merges sorted shares, the
+    # most of its work that a worker can take (its run.sort was 13% of export's samples).
+    lines.sort()
+    return Lines(b"".join(lines), left_out, columns), skipped
 
 
 class Sorter:
@@ -96,14 +105,14 @@ class Sorter:
             self.metadata.merge(share.metadata)
         run = self.run
         room = self.run_entries - len(run)
-        lines = share.lines
+        lines = share.lines()
+        self.count += len(lines)
         while len(lines) >= room:
             run.extend(lines[:room])
             lines = lines[room:]
             self._spill()
             room = self.run_entries
         run.extend(lines)
-        self.count += len(share.lines)
 
     def _spill(self) -> None:
         self.run.sort()
