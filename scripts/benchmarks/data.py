@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import resource
 import subprocess
 import sys
 import threading
@@ -111,13 +112,22 @@ def build_root(root: Path, entries: int) -> None:
         seq += PER_FILE
 
 
-def bare_loop(root: Path) -> tuple[float, int]:
-    """(seconds, entries): list the folder, read and parse every file, count its entries."""
+def bare_loop(root: Path) -> tuple[float, float, int]:
+    """(seconds, CPU seconds, entries): list the folder, read and parse every file, count its
+    entries."""
     started = time.perf_counter()
+    cpu = time.process_time()
     count = 0
     for path in sorted((root / "aggregated").iterdir()):
         count += len(orjson.loads(path.read_bytes())["entries"])
-    return time.perf_counter() - started, count
+    return time.perf_counter() - started, time.process_time() - cpu, count
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of the ended children waited for, theirs included (a
+    command's workers are waited for by the command)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 class TreeMemory(threading.Thread):
@@ -160,9 +170,11 @@ class TreeMemory(threading.Thread):
         return self.peak_pss / MB, self.peak_rss / MB
 
 
-def run_command(root: Path, cmd: Command) -> tuple[float, float, float]:
-    """(seconds from spawn to exit, peak PSS and peak RSS in MB) of one `flowagg` command."""
+def run_command(root: Path, cmd: Command) -> tuple[float, float, float, float]:
+    """(seconds from spawn to exit, CPU seconds, peak PSS and peak RSS in MB) of one `flowagg`
+    command with its workers."""
     args = [sys.executable, "-m", "flowagg", "--root", str(root), *cmd.args]
+    cpu = children_cpu()
     started = time.perf_counter()
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env()
@@ -174,7 +186,7 @@ def run_command(root: Path, cmd: Command) -> tuple[float, float, float]:
     pss, rss = sampler.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"flowagg {' '.join(cmd.args)} exited {proc.returncode}: {err[-500:]!r}")
-    return seconds, pss, rss
+    return seconds, children_cpu() - cpu, pss, rss
 
 
 def data_figures(b: Bench) -> None:
@@ -190,13 +202,15 @@ def data_figures(b: Bench) -> None:
     for rep in range(1, b.args.repeats + 1):
         for cmd in commands(out_dir):
             b.progress(f"--data run {rep}: {cmd.label}")
-            seconds, count = bare_loop(root)
+            seconds, cpu, count = bare_loop(root)
             if count != entries:
                 raise RuntimeError(f"the root holds {count} entries, not {entries}")
             base_rate = entries / seconds
             b.record(f"data.{cmd.key}.bare", base_rate)
+            b.record(f"data.{cmd.key}.bare_cpu_us", cpu / entries * 1e6)
             b.record("data.bare", base_rate)
-            cmd_seconds, pss, rss = run_command(root, cmd)
+            cmd_seconds, cmd_cpu, pss, rss = run_command(root, cmd)
+            b.record(f"data.{cmd.key}.cpu_us", cmd_cpu / entries * 1e6)
             rate = entries / cmd_seconds
             b.record(f"data.{cmd.key}.rate", rate)
             b.record(f"data.{cmd.key}.ratio", rate / base_rate)
@@ -229,8 +243,10 @@ def data_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
             (
                 f"flowagg {cmd.label}\n{entries:,} entries in {entries // PER_FILE:,} files",
                 f"{fmt_rate(m(f'data.{cmd.key}.rate'))}\npeak PSS {fmt(pss, ' MB', 1)}"
-                f" (RSS sum {fmt(m(f'data.{cmd.key}.rss'), ' MB', 1)})",
-                f"bare orjson.loads loop:\n{fmt_rate(m(f'data.{cmd.key}.bare'))}",
+                f" (RSS sum {fmt(m(f'data.{cmd.key}.rss'), ' MB', 1)})\n"
+                f"CPU {fmt(m(f'data.{cmd.key}.cpu_us'), ' us', 2)}/entry (all processes)",
+                f"bare orjson.loads loop:\n{fmt_rate(m(f'data.{cmd.key}.bare'))}\n"
+                f"CPU {fmt(m(f'data.{cmd.key}.bare_cpu_us'), ' us', 2)}/entry",
                 f"ratio {fmt(ratio)} (goal >= {RATIO_GOAL})\nPSS goal < {MEMORY_GOAL_MB:.0f} MB",
                 f"{verdict(ok)}\nratio {verdict(ok_ratio)}, PSS {verdict(ok_pss)}",
             )
@@ -246,12 +262,15 @@ def data_notes(b: Bench) -> str:
             f" order, timestamps shuffled over 90 days, unique entryIds) in"
             f" {b.notes.get('data_build_s', 0)} s; no daemon runs, the journal is empty.",
             f"cores: {b.notes.get('data_cores', cores())}; the read commands read files in"
-            " one worker process per core, the bare loop in one.",
+            " one worker process per core, at most 3 (flowagg.read.fanout.MAX_WORKERS: the"
+            " memory goal), the bare loop in one.",
             "flowagg: `python -m flowagg --root R <command>` as a subprocess from spawn to"
             " exit (interpreter start included), output to a file or /dev/null; peak PSS"
             " of the command and its worker processes summed (pages shared after fork counted"
             " once), polled every 20 ms; beside it the RSS sum, which counts them once per"
-            " process. export uses the default exportRunEntries.",
+            " process; CPU: user + system seconds of the command and its workers per entry"
+            " (getrusage of waited children), steadier than a rate on a shared machine."
+            " export uses the default exportRunEntries.",
             "bare loop: in this process, list aggregated/, read and orjson.loads every file,"
             " count its entries; timed right before each command, page cache warm for both.",
         ]

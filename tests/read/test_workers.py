@@ -77,7 +77,7 @@ def test_workers_answer_as_one_process(
     root = tmp_path / "root"
     faulty_root(root)
     monkeypatch.setattr(fanout, "CHUNK_FILES", 2)
-    monkeypatch.setattr(fanout, "cores", lambda: 1)
+    monkeypatch.setattr(fanout, "worker_count", lambda: 1)
     alone = run(root, *args)
     pools: list[int] = []
 
@@ -87,10 +87,16 @@ def test_workers_answer_as_one_process(
             super().__init__(workers, **kwargs)
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountedPool)
-    monkeypatch.setattr(fanout, "cores", lambda: 3)
+    monkeypatch.setattr(fanout, "worker_count", lambda: 3)
     assert run(root, *args) == alone
     assert pools == [3]  # the answer above came from three workers
     assert alone[0] == 1  # the faults were found, not skipped over
+
+
+def test_one_worker_per_core_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores, workers in ((1, 1), (2, 2), (fanout.MAX_WORKERS + 5, fanout.MAX_WORKERS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)))
+        assert fanout.worker_count() == workers
 
 
 def _chunk_with_pid(items: Sequence[int]) -> tuple[list[int], int]:
