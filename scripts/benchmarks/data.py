@@ -176,8 +176,14 @@ def run_command(root: Path, cmd: Command) -> tuple[float, float, float, float]:
     args = [sys.executable, "-m", "flowagg", "--root", str(root), *cmd.args]
     cpu = children_cpu()
     started = time.perf_counter()
+    # Run from outside the repository: `-m` puts the working directory first on sys.path,
+    # before the snapshot (PYTHONPATH), so a run from the checkout measured its own flowagg.
     proc = subprocess.Popen(
-        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=clean_env()
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd=root.parent,
     )
     sampler = TreeMemory(psutil.Process(proc.pid), interval=0.02)
     sampler.start()
