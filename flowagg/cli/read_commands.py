@@ -4,6 +4,7 @@ change a file under the root."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
 from collections.abc import Callable
@@ -126,12 +127,13 @@ def export(
     from flowagg.read.export import (
         Sorter,
         atomic_output,
+        lines_of_batches,
         parquet_modules,
         write_jsonl,
         write_parquet,
     )
     from flowagg.read.readout import progress
-    from flowagg.read.selection import Skipped, iter_entry_lists
+    from flowagg.read.selection import Skipped, map_batches
 
     config = get_config(ctx)
     layout = Layout.for_config(config)
@@ -149,10 +151,10 @@ def export(
         sorter = Sorter(config.values["exportRunEntries"], Path(tmp))
         metadata = sorter.metadata = MetadataColumns() if fmt == "csv" else None
         with progress(len(files), "reading") as advance:
-            lists = iter_entry_lists(
-                files, selection, skipped, limit=inflate_limit(config.values), on_file=advance
-            )
-            sorter.add_all(lists)
+            limit = inflate_limit(config.values)
+            work = functools.partial(lines_of_batches, (selection, limit, fmt == "csv"))
+            for share in map_batches(work, files, skipped, on_file=advance):
+                sorter.add(share)
         code = 1 if skipped.unreadable or sorter.skipped else 0
 
         def write(out: Any) -> None:
@@ -212,8 +214,8 @@ def report(
     """
     from flowagg.read.batchread import list_batch_files
     from flowagg.read.readout import progress, report_output
-    from flowagg.read.report import parse_by, totals
-    from flowagg.read.selection import Skipped, iter_entry_lists
+    from flowagg.read.report import SHARE_BATCHES, Totals, parse_by, totals_of_batches
+    from flowagg.read.selection import Skipped, map_batches
 
     try:
         by = parse_by(by_text)
@@ -225,8 +227,11 @@ def report(
     skipped = Skipped()
     limit = _inflate_limit(ctx)
     with progress(len(files), "reading") as advance:
-        lists = iter_entry_lists(files, selection, skipped, limit=limit, on_file=advance)
-        result = totals(lists, by)
+        result = Totals(by, {})
+        work = functools.partial(totals_of_batches, (by, selection, limit))
+        shares = map_batches(work, files, skipped, on_file=advance, most=SHARE_BATCHES)
+        for share in shares:
+            result.merge(share)
     code = 1 if skipped.unreadable else 0
     with quiet_when_stdout_closes(lambda: code):
         report_output(result, top, as_json, skipped)

@@ -303,6 +303,58 @@ def validate_entry_json(
     return entry, client_id, data
 
 
+def plain_json(data: bytes) -> bool:
+    """True when compact JSON `data` holds no U+0000: the one value check `validate_entry_json`
+    makes on an entry's bytes, ruled out at once for any number of entries."""
+    return _NUL_ESCAPE not in data
+
+
+def plainly_valid(raw: Any, now_ms: int) -> bool:
+    """True when `validate_entry_json` accepts `raw` as it stands and finds an entryId in it,
+    as far as the entry's own fields tell. The rest is for the caller to know from the compact
+    JSON it already made of `raw` (a reader makes a whole batch's at once): that there is one
+    (orjson carries every value), its size, and `plain_json` of it. False says nothing:
+    the validator then words the fault, if any. Keep in step with validate_entry_json."""
+    if type(raw) is not dict or not raw.keys() <= _FIELD_SET:
+        return False
+    user, action, ts, entry_id = (
+        raw.get("userId"),
+        raw.get("action"),
+        raw.get("timestamp"),
+        raw.get("entryId"),
+    )
+    if not (
+        type(user) is str
+        and 1 <= len(user) <= 128
+        and type(entry_id) is str
+        and 1 <= len(entry_id) <= 128
+        and type(action) is str
+        and action in _GOOD_ACTIONS
+        and type(ts) is int
+        and MIN_TIMESTAMP_MS <= ts <= now_ms + MAX_FUTURE_MS
+    ):
+        return False
+    metadata = raw.get("metadata", {})
+    if type(metadata) is not dict:
+        return False
+    nested = False
+    for key, value in metadata.items():
+        known = _KNOWN_METADATA.get(key)
+        if known is not None:
+            kind = known[0]
+            if type(value) is not kind or (kind is int and not 0 <= value <= MAX_INT64):
+                return False
+        elif type(value) is dict or type(value) is list:
+            nested = True
+        elif type(value) is int and not -MAX_INT64 - 1 <= value <= MAX_INT64:
+            return False
+    # A search of the bytes for long numbers (as the validator makes) costs a reader more than
+    # its JSON parse; only nested values are walked.
+    return not nested or (
+        not _depth_exceeds(metadata, MAX_METADATA_DEPTH) and wide_int_field(metadata) is None
+    )
+
+
 def parse_entries_text(data: bytes) -> list[Any]:
     """Parse a JSON object, a JSON array, or JSON lines (used by the spool and `flowagg add`).
 

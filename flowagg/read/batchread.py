@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,7 @@ def read_batch_bytes(path: Path, limit: int) -> bytes:
 
 
 def iter_batch_bytes(
-    files: list[BatchPath], limit: int
+    files: Sequence[BatchPath], limit: int
 ) -> Iterator[tuple[BatchPath, bytes | Unread]]:
     """Each file's JSON text, or why it was not read (one bad file must not stop a reader
     from reporting or exporting the rest)."""

@@ -72,6 +72,19 @@ class MetadataColumns:
             else:
                 self.untracked = True
 
+    def merge(self, later: MetadataColumns) -> None:
+        """Add the counts of the entries after these. A key is tracked when fewer than
+        TRACKED_KEYS others were seen before its first entry, as if counted in one pass:
+        `later` holds its keys in the order first seen, and one untracked there was preceded
+        by TRACKED_KEYS others there already."""
+        counts = self.counts
+        for name, n in later.counts.items():
+            if name in counts or len(counts) < TRACKED_KEYS:
+                counts[name] += n
+            else:
+                self.untracked = True
+        self.untracked = self.untracked or later.untracked
+
     def chosen(self) -> list[str]:
         ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         return sorted(name for name, _ in ranked[:MAX_METADATA_COLUMNS])

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from flowagg.read.selection import Batch, Selection, Skipped, read_batch
 
 DIMENSIONS = ("user", "action", "task", "day")
 NO_TASK = "(none)"
@@ -81,6 +83,21 @@ class Totals:
     entries: int = 0
     duration_ms: int = 0
 
+    def merge(self, share: Share) -> None:
+        """Add a worker's share of the same report (`totals_of_batches`); sums do not depend
+        on the order."""
+        shares, entries, duration_ms = share
+        groups = self.groups
+        for key, (n, ms) in shares.items():
+            group = groups.get(key)
+            if group is None:
+                groups[key] = Group(n, ms)
+            else:
+                group.entries += n
+                group.duration_ms += ms
+        self.entries += entries
+        self.duration_ms += duration_ms
+
     def ranked(self, top: int | None) -> list[tuple[tuple[str, ...], Group]]:
         """Longest time first, then most entries, then by name: the same data, the same list."""
         ordered = sorted(
@@ -138,3 +155,23 @@ def totals(lists: Iterable[list[dict[str, Any]]], by: tuple[str, ...]) -> Totals
             duration_sum += duration
         count += len(entries)
     return Totals(by, groups, count, duration_sum)
+
+
+# A report's share holds a sum per group, not per entry: the more batches one worker sums, the
+# less there is to send and merge (the answer stays as small as the groups are few).
+SHARE_BATCHES = 512
+# A report's share as plain tuples: a worker's answer pickles in C, a Group would not.
+Share = tuple[dict[tuple[str, ...], tuple[int, int]], int, int]
+
+
+def totals_of_batches(
+    params: tuple[tuple[str, ...], Selection, int], batches: Sequence[Batch]
+) -> tuple[Share, Skipped]:
+    """One worker's share of a report (`map_batches`): the totals of these batches."""
+    by, selection, limit = params
+    match = selection.matcher()
+    skipped = Skipped()
+    lists = (read_batch(group, match, limit, skipped) for _, group in batches)
+    part = totals((entries for entries in lists if entries is not None), by)
+    groups = {key: (g.entries, g.duration_ms) for key, g in part.groups.items()}
+    return (groups, part.entries, part.duration_ms), skipped

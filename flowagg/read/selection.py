@@ -5,16 +5,20 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import re
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import orjson
 
 from flowagg.core.durations import parse_duration_ms
 from flowagg.core.errors import EXIT_USAGE, FlowaggError
 from flowagg.read.batchread import BatchPath, Unread, copies_by_batch, iter_batch_bytes
+from flowagg.read.fanout import map_chunks
 
+R = TypeVar("R")
+Matcher = Callable[[dict[str, Any]], bool]
 _RELATIVE_RE = re.compile(r"\d+\s*(ms|s|m|h|d)")
 
 
@@ -46,7 +50,7 @@ class Selection:
     users: frozenset[str] = frozenset()
     actions: frozenset[str] = frozenset()
 
-    def matcher(self) -> Callable[[dict[str, Any]], bool] | None:
+    def matcher(self) -> Matcher | None:
         """A test for one entry, or None when every entry is selected (the fast path)."""
         if self.since_ms is None and self.until_ms is None and not self.users and not self.actions:
             return None
@@ -118,43 +122,58 @@ def _entries(data: bytes | Unread, *, whole: bool) -> list[Any] | str:
     return entries
 
 
-def iter_entry_lists(
-    files: list[BatchPath],
-    selection: Selection,
-    skipped: Skipped,
-    *,
-    limit: int,
-    on_file: Callable[[], None] | None = None,
-) -> Iterator[list[dict[str, Any]]]:
-    """The selected entries of every batch, one list per batch, each in stored order.
+def read_batch(
+    group: Sequence[BatchPath], match: Matcher | None, limit: int, skipped: Skipped
+) -> list[dict[str, Any]] | None:
+    """The selected entries of one batch, in stored order; None when none of its files can be
+    read or parsed (they go to `skipped.unreadable`: `flowagg validate` says why in detail; its
+    entries are not guessed at).
 
     A batch stored in several files is read from one (`copies_by_batch` says in which order
-    they are tried; with several, the first whole one); the others go to `skipped.copies`. A
-    batch none of whose files can be read or parsed goes to `skipped.unreadable` (`flowagg
-    validate` says why in detail); its entries are not guessed at.
+    they are tried; with several, the first whole one); the others go to `skipped.copies`.
     """
-    match = selection.matcher()
-    for group in copies_by_batch(files):
-        tried: list[tuple[BatchPath, str]] = []
-        entries: list[Any] | None = None
-        taken = group[0]
-        for bp, data in iter_batch_bytes(group, limit):
-            if on_file is not None:
-                on_file()
-            if entries is not None:
-                skipped.copies.append(Copy(str(bp.path), bp.name_id, str(taken.path)))
-                continue
-            got = _entries(data, whole=len(group) > 1)
-            if isinstance(got, str):
-                tried.append((bp, got))
-                continue
-            entries, taken = got, bp
-            for early, reason in tried:
-                skipped.copies.append(Copy(str(early.path), bp.name_id, str(bp.path), reason))
-        if entries is None:
-            skipped.unreadable.extend(Unreadable(str(bp.path), reason) for bp, reason in tried)
+    tried: list[tuple[BatchPath, str]] = []
+    entries: list[Any] | None = None
+    taken = group[0]
+    for bp, data in iter_batch_bytes(group, limit):
+        if entries is not None:
+            skipped.copies.append(Copy(str(bp.path), bp.name_id, str(taken.path)))
             continue
-        if match is None:
-            yield [e for e in entries if type(e) is dict]
-        else:
-            yield [e for e in entries if type(e) is dict and match(e)]
+        got = _entries(data, whole=len(group) > 1)
+        if isinstance(got, str):
+            tried.append((bp, got))
+            continue
+        entries, taken = got, bp
+        for early, reason in tried:
+            skipped.copies.append(Copy(str(early.path), bp.name_id, str(bp.path), reason))
+    if entries is None:
+        skipped.unreadable.extend(Unreadable(str(bp.path), reason) for bp, reason in tried)
+        return None
+    if match is None:
+        return [e for e in entries if type(e) is dict]
+    return [e for e in entries if type(e) is dict and match(e)]
+
+
+Batch = tuple[int, list[BatchPath]]  # a batch's files, numbered in stored order
+
+
+def map_batches(
+    work: Callable[[Sequence[Batch]], tuple[R, Skipped]],
+    files: list[BatchPath],
+    skipped: Skipped,
+    *,
+    on_file: Callable[[], None] | None = None,
+    most: int | None = None,
+) -> Iterator[R]:
+    """`work`'s answers over consecutive runs of the files' batches, in stored order, computed
+    in worker processes (`fanout`); what each run did not count is added to `skipped` in the
+    same order, so the lists read as if one process had read every file in turn. `most`:
+    batches in one run at most (fanout.map_chunks)."""
+    batches = list(enumerate(copies_by_batch(files)))
+    for part, (answer, got) in map_chunks(work, batches, most=most):
+        skipped.unreadable.extend(got.unreadable)
+        skipped.copies.extend(got.copies)
+        if on_file is not None:
+            for _ in itertools.chain.from_iterable(group for _, group in part):
+                on_file()
+        yield answer

@@ -13,7 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from flowagg.read.export import Sorter
+from flowagg.read.batchread import AGGREGATED, BatchPath
+from flowagg.read.export import Sorter, lines_of_batches
+from flowagg.read.selection import Selection, Skipped
 from tests.harness import cli
 from tests.readfixture import BASE_TS, Root, make_entry, standard_root
 
@@ -113,10 +115,24 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
 
 def test_sorter_spills_runs_and_merges_in_order(tmp_path: Path) -> None:
     entries = [make_entry(i) for i in range(5000)]
-    sorter = Sorter(run_entries=1000, tmp_dir=tmp_path)
-    sorter.add_all([entries[:2500], entries[2500:]])
+    for e in entries[::7]:
+        e["timestamp"] = BASE_TS  # ties across batches keep the stored order
+    halves = []
+    for n, part in enumerate((entries[:2500], entries[2500:])):
+        path = tmp_path / f"batch_{n}.json"
+        path.write_bytes(orjson.dumps({"entries": part}))
+        halves.append((n, [BatchPath(path, AGGREGATED, str(n))]))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    sorter = Sorter(run_entries=1000, tmp_dir=runs)
+    # Two shares of 2500 lines: a run is cut inside each, and one spans both.
+    for share in (halves[:1], halves[1:]):
+        lines, skipped = lines_of_batches((Selection(), 1 << 30, False), share)
+        assert skipped == Skipped() and lines.skipped == 0
+        sorter.add(lines)
     merged = [orjson.loads(x) for x in sorter.sorted()]
-    assert len(list(tmp_path.glob("run-*"))) == 5
+    assert len(list(runs.glob("run-*"))) == 5
+    assert sorter.count == 5000
     assert merged == sorted(entries, key=lambda e: e["timestamp"])
 
 
