@@ -27,7 +27,7 @@ from pathlib import Path
 
 from flowagg.batches.storage import Batch
 from flowagg.core.fsutil import write_temp
-from flowagg.core.supervise import Spawn
+from flowagg.core.supervise import Spawn, serve_jobs
 
 STAGE_WORKERS = 4  # flushWriters' default: enough for the disk to merge the files' fsyncs
 MAX_RUN = 64  # batches taken from the queue at once (at most 64 x maxBatchBytes in memory)
@@ -78,14 +78,4 @@ class Stager:
             self._jobs.put(None)
 
     def _work(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            job, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(job())
-            except BaseException as exc:
-                future.set_exception(exc)
+        serve_jobs(self._jobs)

@@ -16,11 +16,16 @@ import concurrent.futures
 import contextlib
 import ctypes
 import logging
+import queue
 import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+# A job and the future its result or error goes to; None tells the thread to return.
+JobQueue = queue.SimpleQueue[tuple[Callable[[], T], "concurrent.futures.Future[T]"] | None]
 
 log = logging.getLogger("flowagg.supervise")
 
@@ -49,6 +54,24 @@ def named(name: str, target: Target) -> Target:
         target()
 
     return run
+
+
+def serve_jobs(jobs: JobQueue[Any]) -> None:
+    """A worker thread's loop: run each job into its future until told to return. A job
+    cancelled before it began is skipped; any exception, even an exit, goes to its future."""
+    while True:
+        item = jobs.get()
+        if item is None:
+            return
+        job, future = item
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            result = job()
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
 
 def plain_thread(name: str, target: Target) -> threading.Thread:

@@ -18,7 +18,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from flowagg.core.supervise import Spawn
+from flowagg.core.supervise import Spawn, serve_jobs
 
 Job = tuple[Callable[[], None], "concurrent.futures.Future[None]"]
 
@@ -69,16 +69,4 @@ class Senders:
                 thread.start()
 
     def _work(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            job, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                job()
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(None)
+        serve_jobs(self._jobs)
