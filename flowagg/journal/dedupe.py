@@ -264,9 +264,14 @@ class DedupeIndex:
         settled = verdicts.keys() & known
         for entry_id in settled:
             verdicts[entry_id] = True
-        remembered = (verdicts.keys() & recent.keys()) - settled if recent else ()
-        for entry_id in remembered:
-            verdicts[entry_id] = recent[entry_id] >= horizon
+        remembered: dict[str, int] = {}
+        if recent:
+            # The SQLite thread may forget an id between the set operation and its lookup
+            # (it takes no lock here): a forgotten id is committed, and the filter holds it.
+            for entry_id in (verdicts.keys() & recent.keys()) - settled:
+                if (t := recent.get(entry_id)) is not None:
+                    remembered[entry_id] = t
+                    verdicts[entry_id] = t >= horizon
         if settled or remembered:
             open_ids = [i for i in verdicts if i not in settled and i not in remembered]
         else:

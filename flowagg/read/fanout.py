@@ -15,6 +15,8 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
+from flowagg.core.errors import FlowaggError
+
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
@@ -69,6 +71,7 @@ def map_chunks(
     # Imported here: `flowagg add` loads the read modules' names, never a pool.
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # Workers are forked, so they start at once with the modules and settings already loaded
     # (a spawned worker would import flowagg again, a third of a second per core).
@@ -97,5 +100,12 @@ def map_chunks(
                 # rest.
                 for _, future in pending:
                     future.cancel()
+    except BrokenProcessPool:
+        # Killed from outside (the kernel's OOM killer, say): its files' answers are lost, so
+        # the command cannot finish, but it says so in one line, not a traceback.
+        raise FlowaggError(
+            "a worker process of this command was killed before it answered (out of memory?);"
+            " run the command again"
+        ) from None
     finally:
         _ITEMS = ()

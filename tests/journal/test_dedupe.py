@@ -174,3 +174,27 @@ def test_the_filter_is_rewritten_only_when_it_has_news(indexes: Indexes) -> None
     index.add([], NOW, 2)
     index.save()
     assert path.stat().st_ino != first
+
+
+class _ForgottenOnLookup(dict[str, int]):
+    """`recent` as the loop thread meets it when the SQLite thread commits in the middle of a
+    check: the set operation saw the ids, the lookup after it finds them forgotten."""
+
+    def __getitem__(self, entry_id: str) -> int:
+        wait_until(lambda: not dict.__contains__(self, entry_id))
+        return dict.__getitem__(self, entry_id)
+
+
+def test_ids_committed_during_a_check_are_still_found(indexes: Indexes) -> None:
+    # The SQLite thread forgets committed ids under the lock, while check_many reads `recent`
+    # on the loop thread without it: a resend checked as its first add commits must still be
+    # a duplicate, and the check must not fail.
+    index = indexes.open()
+    ids = [f"r{i}" for i in range(50)]
+    index.add(ids, NOW, 1)
+    assert set(index.recent) == set(ids)
+    index.recent = _ForgottenOnLookup(index.recent)
+    verdicts, _ = index.check_many(ids, NOW)
+    assert set(verdicts.values()) <= {True, None}, verdicts
+    unsure = [i for i, seen in verdicts.items() if seen is None]
+    assert index.confirm_later(unsure, NOW).result(timeout=20) == set(unsure)

@@ -7,6 +7,7 @@ import concurrent.futures
 import gzip
 import os
 import shutil
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,28 @@ def test_validate_reports_every_planted_fault(tmp_path: Path) -> None:
         "(a FIFO)",
     ):
         assert fault.encode() in out, fault
+
+
+_PARENT = os.getpid()
+
+
+def _killed_in_a_worker(work: Any, start: int, stop: int) -> Any:
+    if os.getpid() != _PARENT:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer ends a process
+    return work(fanout._ITEMS[start:stop])
+
+
+@pytest.mark.parametrize("args", [COMMANDS[0], COMMANDS[2], COMMANDS[4]], ids=" ".join)
+def test_a_worker_killed_is_one_line_and_an_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]
+) -> None:
+    root = tmp_path / "root"
+    faulty_root(root)
+    monkeypatch.setattr(fanout, "CHUNK_FILES", 2)
+    monkeypatch.setattr(fanout, "worker_count", lambda: 2)
+    monkeypatch.setattr(fanout, "_run", _killed_in_a_worker)
+    code, _, err = run(root, *args)
+    lines = err.decode().splitlines()
+    assert code != 0
+    assert lines and lines[-1].startswith("flowagg: ") and "worker" in lines[-1], lines
+    assert not any(line.startswith("Traceback") for line in lines), lines
