@@ -71,17 +71,22 @@ class CircuitBreaker:
                 return True
             return False
 
-    def success(self) -> None:
+    # `trial`: what before_call returned for this call. Deliveries run side by side, so a call
+    # begun while the breaker was closed may end during another's trial: only the trial's own
+    # end lets the next trial through.
+    def success(self, trial: bool = False) -> None:
         with self._lock:
             if self.state != "closed":
                 log.info("sink circuit breaker closed")
             self.state = "closed"
             self.consecutive_failures = 0
-            self._trial_running = False
+            if trial:
+                self._trial_running = False
 
-    def failure(self) -> None:
+    def failure(self, trial: bool = False) -> None:
         with self._lock:
-            self._trial_running = False
+            if trial:
+                self._trial_running = False
             self.consecutive_failures += 1
             if self.state == "half-open" or self.consecutive_failures >= self.threshold:
                 if self.state != "open":
@@ -142,11 +147,11 @@ class GuardedSink:
             outcome = self.sink.deliver(batch_id, data) or Delivered()
         except PermanentError as exc:
             # The sink is up and said no to this batch: not a reason to stop calling it.
-            self.breaker.success()
+            self.breaker.success(trial)
             self._failed(f"{exc} (permanent)")
             raise
         except OSError as exc:
-            self.breaker.failure()
+            self.breaker.failure(trial)
             self._failed(str(exc))
             # An ambiguous trial stays ambiguous: the batch must remember it may be delivered.
             if trial and not isinstance(exc, AmbiguousDelivery):
@@ -162,7 +167,7 @@ class GuardedSink:
             # between re-sends the batch, which stores nothing twice and rewrites these files.
             park = self.refused.park if self.refused is not None else _no_refusals
             park(batch_id, data, list(outcome.refused), self.breaker.clock.now_ms())
-        self.breaker.success()
+        self.breaker.success(trial)
         with self._lock:
             self.delivered += 1
             self.last_delivery_at = self.breaker.clock.now_ms()

@@ -142,8 +142,24 @@ def test_half_open_lets_one_trial_through() -> None:
     assert breaker.before_call() is True
     with pytest.raises(CircuitOpenError):
         breaker.before_call()  # a second caller while the trial runs
-    breaker.success()
+    breaker.success(trial=True)
     assert breaker.before_call() is False and breaker.state == "closed"
+
+
+def test_a_call_begun_before_the_breaker_opened_does_not_end_the_trial() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(1, 1.0, clock)
+    assert breaker.before_call() is False  # a delivery begun while closed, still running
+    assert breaker.before_call() is False
+    breaker.failure()  # another delivery's failure opens the breaker
+    clock.advance(1_000)
+    assert breaker.before_call() is True  # the half-open trial begins
+    breaker.failure()  # the delivery begun while closed now fails: the trial still runs
+    clock.advance(1_000)
+    with pytest.raises(CircuitOpenError, match="a trial is running"):
+        breaker.before_call()
+    breaker.success(trial=True)
+    assert breaker.state == "closed" and breaker.before_call() is False
 
 
 def test_permanent_refusals_do_not_open_the_breaker() -> None:
