@@ -58,6 +58,9 @@ SHUTDOWN_FLUSH_TIMEOUT_S = 60.0
 # Rejections listed in a reply; the rest are only counted (`rejectedCount`).
 MAX_LISTED_REJECTIONS = 100
 DEDUPE_SAVE_INTERVAL_S = 600.0
+# A start that replayed this many journal seqs into the filter saves it at once: daemons
+# killed sooner than DEDUPE_SAVE_INTERVAL_S made every start replay the whole window again.
+DEDUPE_SAVE_AFTER_REPLAY = 20_000
 
 
 class Pipeline:
@@ -108,6 +111,8 @@ class Pipeline:
         )
         self.dedupe.expire(self.window_clock.now_ms())
         self._dedupe_saved_at = self.clock.monotonic()
+        if self.dedupe.seq - self.dedupe.saved_seq >= DEDUPE_SAVE_AFTER_REPLAY:
+            self._dedupe_saving = self.loop.run_in_executor(None, self._save_dedupe)
         self.flushing.done_seq = scan.done_seq
         self.last_acked_seq = scan.next_seq - 1
         self.aggregator.last_seq_loaded = scan.done_seq

@@ -12,8 +12,10 @@ The journal is the truth: the index is written off the ack path, in grouped comm
 rollback journal with synchronous=FULL keeps it consistent across a power cut, perhaps a
 little behind), and each store records the journal seq up to which it holds every client id.
 At start the records after the older of the two checkpoints (filter file, SQLite) are
-replayed into both; a missing, damaged or foreign-version index file is
-simply rebuilt from the journal (it is derived data, so it is never refused).
+replayed, each into the stores that lack it: after kill -9 the filter file is usually far
+behind (it is saved now and then) while SQLite is not, and re-inserting every id SQLite
+already held made a start wait on its commits. A missing, damaged or foreign-version index
+file is simply rebuilt from the journal (it is derived data, so it is never refused).
 
 Here: the screen in memory, the lookups and the filter file. The filter itself is
 `dedupe_filter`'s, the SQLite file's layout `dedupe_sqlite`'s, its thread `dedupe_writer`'s.
@@ -76,6 +78,7 @@ class DedupeIndex:
         self.recent: dict[str, int] = {}  # handed to SQLite, not yet committed: id -> t
         self.seq = 0  # every client id of a journal record up to this seq is in the filter
         self.checkpoint = 0  # ... and in the filter and SQLite both, as found at open
+        self.db_checkpoint = 0  # ... and in SQLite, as found at open
         self.saved_seq = 0  # the seq the filter file on disk covers
         # Guards `filters` and `seq`: `save` takes them together from another thread.
         self._lock = threading.Lock()
@@ -102,6 +105,7 @@ class DedupeIndex:
         db_seq = self._open_db()
         filter_seq = self._load_filter()
         self.checkpoint = min(db_seq, filter_seq)
+        self.db_checkpoint = db_seq
         self.seq = self.checkpoint
         assert self._db is not None
         self._writer.start(self._db, frozenset(self.gens))
@@ -202,6 +206,11 @@ class DedupeIndex:
                 flt.add_all([keys.get(i) or key_of(i, words) for i in ids])
             else:
                 flt.add_all(keys_of(ids, words))
+        if last_seq <= self.db_checkpoint:
+            # Replayed into the filter only: SQLite held these ids when it was opened.
+            with self._lock:
+                self.seq = max(self.seq, last_seq)
+            return
         with self._lock:
             # Under the lock the writer's thread takes to forget committed ids: its check and
             # delete must not fall between a re-add's write, or the re-added id is forgotten.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from flowagg.journal import dedupe_sqlite
 from flowagg.journal.dedupe import FILTER_NAME, DedupeIndex
 from flowagg.journal.dedupe_sqlite import DB_NAME
 
@@ -105,6 +106,30 @@ def test_a_crash_before_the_filter_is_saved_replays_from_the_older_checkpoint(
     assert second.checkpoint == 3
     second.add(["c2"], NOW, 7)  # what the start-up replay does
     assert second.contains("c1", NOW) and second.contains("c2", NOW)
+
+
+def test_the_start_up_replay_stores_in_sqlite_only_what_it_lacks(
+    indexes: Indexes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = indexes.open()
+    index.add([f"old{i}" for i in range(50)], NOW, 50)
+    committed(index)
+    # kill -9 here: SQLite holds seq 50, no filter file was ever saved.
+    stored: list[tuple[str, int]] = []
+    insert_rows = dedupe_sqlite.insert_rows
+
+    def counting(db: sqlite3.Connection, table: str, rows: list[tuple[str, int]]) -> None:
+        stored.extend(rows)
+        insert_rows(db, table, rows)
+
+    monkeypatch.setattr(dedupe_sqlite, "insert_rows", counting)
+    second = indexes.open()
+    assert second.checkpoint == 0
+    second.add([f"old{i}" for i in range(50)], NOW, 50)  # what the start-up replay does
+    second.add(["new"], NOW, 51)
+    committed(second)
+    assert stored == [("new", NOW)]
+    assert second.contains("old7", NOW) and second.contains("new", NOW)
 
 
 def test_damaged_or_foreign_files_are_rebuilt_not_trusted(indexes: Indexes) -> None:
