@@ -186,6 +186,11 @@ class DedupeIndex:
     def generation(self, t_ms: int) -> int:
         return t_ms // self.window_ms
 
+    def end_replay(self) -> None:
+        """The start-up replay is over: from here on every record goes to SQLite too, even
+        one whose seq is not above SQLite's checkpoint (a damaged journal tail set aside)."""
+        self.db_checkpoint = 0
+
     def add(
         self, ids: list[str], t_ms: int, last_seq: int, keys: dict[str, Key] | None = None
     ) -> None:

@@ -40,7 +40,9 @@ def scan_root(layout: Layout, config: Config, *, now_ms: int) -> ScanResult:
         window_ms=config.dedupe_window_ms,
         max_ids=config.dedupe_max_ids,
     )
-    return scan(layout.journal, layout.errors, now_ms=now_ms, dedupe=dedupe)
+    result = scan(layout.journal, layout.errors, now_ms=now_ms, dedupe=dedupe)
+    dedupe.end_replay()
+    return result
 
 
 __all__ = [

@@ -130,6 +130,12 @@ def test_the_start_up_replay_stores_in_sqlite_only_what_it_lacks(
     committed(second)
     assert stored == [("new", NOW)]
     assert second.contains("old7", NOW) and second.contains("new", NOW)
+    # After the replay, a record at or below SQLite's old checkpoint (a damaged journal tail
+    # set aside, its seqs used again) is new to SQLite and goes there too.
+    second.end_replay()
+    second.add(["again"], NOW, 40)
+    committed(second)
+    assert stored[-1] == ("again", NOW)
 
 
 def test_damaged_or_foreign_files_are_rebuilt_not_trusted(indexes: Indexes) -> None:
