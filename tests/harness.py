@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 from flowagg.batches.storage import iter_batch_files, read_batch
 from flowagg.core.layout import Layout
@@ -100,16 +101,36 @@ class DaemonProc:
         DaemonProc.started.append(self)
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> DaemonProc:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Ready within `timeout` of the last sign of progress, and within 10 times `timeout` in
+        all: a start that replays a large backlog on a loaded machine keeps using CPU and is
+        waited for; one that hangs (no CPU for `timeout`) fails."""
+        started = time.monotonic()
+        deadline = started + timeout
+        spent = self._cpu_seconds()
+        while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.log()}")
             if ping(self.layout.socket, timeout=1.0):
                 return self
+            now = time.monotonic()
+            if now >= deadline:
+                progress = self._cpu_seconds()
+                if progress - spent < 0.05 or now - started >= 10 * timeout:
+                    break
+                spent, deadline = progress, now + timeout
             # Short: the suite waits for hundreds of starts, and a ping with no socket yet
             # fails at once.
             time.sleep(0.005)
-        raise TimeoutError(f"daemon not ready within {timeout}s: {self.log()}")
+        raise TimeoutError(
+            f"daemon not ready after {time.monotonic() - started:.0f} s: {self.log()}"
+        )
+
+    def _cpu_seconds(self) -> float:
+        try:
+            times = psutil.Process(self.proc.pid).cpu_times()
+        except psutil.Error:
+            return 0.0
+        return float(times.user + times.system)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
