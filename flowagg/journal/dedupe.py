@@ -79,6 +79,7 @@ class DedupeIndex:
         self.seq = 0  # every client id of a journal record up to this seq is in the filter
         self.checkpoint = 0  # ... and in the filter and SQLite both, as found at open
         self.db_checkpoint = 0  # ... and in SQLite, as found at open
+        self.top_checkpoint = 0  # the newer of the two: no new record may take a seq up to it
         self.saved_seq = 0  # the seq the filter file on disk covers
         # Guards `filters` and `seq`: `save` takes them together from another thread.
         self._lock = threading.Lock()
@@ -106,6 +107,7 @@ class DedupeIndex:
         filter_seq = self._load_filter()
         self.checkpoint = min(db_seq, filter_seq)
         self.db_checkpoint = db_seq
+        self.top_checkpoint = max(db_seq, filter_seq)
         self.seq = self.checkpoint
         assert self._db is not None
         self._writer.start(self._db, frozenset(self.gens))

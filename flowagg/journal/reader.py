@@ -91,6 +91,10 @@ def scan(
                 state.skip(info, next_seq)
                 continue
         state.parse(path, is_last=index == len(paths) - 1)
+    # A damaged tail set aside can take records the stores already hold: were their seqs
+    # given again, a later start would replay none of the new records (each store replays
+    # only above its checkpoint) and forget their client ids.
+    state.next_seq = max(state.next_seq, dedupe.top_checkpoint + 1)
     return state.result()
 
 

@@ -59,7 +59,7 @@ class RecordingIndex:
 
     def __init__(self, window_ms: int, checkpoint: int = 0) -> None:
         self.window_ms = window_ms
-        self.checkpoint = checkpoint
+        self.checkpoint = self.top_checkpoint = checkpoint
         self.ids: dict[str, int] = {}
 
     def open(self) -> None:

@@ -154,3 +154,35 @@ def test_copy_of_a_root_restarts_to_the_same_stored_set(root: Path, tmp_path: Pa
     assert cli(copy, "flush").returncode == 0
     assert daemon.stop() == 0
     assert stored_id_counts(copy) == {f"c{i}": 1 for i in range(23)}
+
+
+def test_ids_added_after_a_damaged_journal_tail_are_remembered_by_later_starts(
+    root: Path,
+) -> None:
+    """The journal's tail is damaged below the seqs the dedupe stores hold (SQLite's
+    checkpoint, the saved filter's): the ids added after it must still reach both."""
+    layout = Layout(root)
+    first = [entry(i, entryId=f"a{i}") for i in range(10)]
+    daemon = start_daemon(root, SETTINGS)
+    add(root, first[:5])
+    assert daemon.stop() == 0
+    [segment] = list_segments(layout.journal)
+    good = segment.stat().st_size
+    daemon = start_daemon(root, SETTINGS)  # appends to the same segment
+    add(root, first[5:])
+    assert daemon.stop() == 0
+    # Stored, and both stores hold every id up to seq 10; the second run's records (seqs 6
+    # to 10: their add, cut and done records) are damaged.
+    with segment.open("r+b") as fh:
+        fh.truncate(good)
+        fh.seek(good)
+        fh.write(b'deadbeef {"k":"a","q":')
+    daemon = start_daemon(root, SETTINGS)
+    later = [entry(20 + i, entryId=f"b{i}") for i in range(5)]
+    add(root, later)
+    daemon.kill()  # before the filter is saved again
+    daemon = start_daemon(root, SETTINGS)
+    add(root, first + later)
+    assert cli(root, "flush").returncode == 0
+    assert daemon.stop() == 0
+    assert stored_id_counts(root) == {e["entryId"]: 1 for e in first + later}
