@@ -13,6 +13,7 @@ from typing import Any
 
 from flowagg.core.clock import Clock
 from flowagg.core.entries import EntryError, validate_entry_json
+from flowagg.core.redact import Redactor
 from flowagg.ingest.dedupe_gate import Valid
 from flowagg.ingest.entry_codec import DecodedEntries, check_decoded
 
@@ -22,9 +23,7 @@ class EntryRules:
     clock: Clock
     max_entry_bytes: int
     new_id: Callable[[], str]
-    redact: Callable[[dict[str, Any]], None] | None
-    # The same redaction over a whole request's metadata at once (the compiled path's).
-    redact_many: Callable[[list[dict[str, Any]], bool], None] | None = None
+    redactor: Redactor | None  # None when it has nothing to redact
 
 
 def validate_entries(
@@ -37,7 +36,7 @@ def validate_entries(
     now = rules.clock.now_ms()
     limit = rules.max_entry_bytes
     new_id = rules.new_id
-    redact = rules.redact
+    redact = rules.redactor.metadata if rules.redactor is not None else None
     valid: list[Valid] = []
     rejected: list[dict[str, Any]] = []
     for index, raw in enumerate(raw_entries):
@@ -60,15 +59,21 @@ def check_add(
     valid: list[Valid] | None = None
     rejected: list[dict[str, Any]] = []
     if isinstance(raw_entries, DecodedEntries):
+        redactor = rules.redactor
+        counted = (redactor.entries, redactor.values) if redactor is not None else (0, 0)
         valid = check_decoded(
             raw_entries,
             now_ms=rules.clock.now_ms(),
             max_entry_bytes=rules.max_entry_bytes,
             new_id=rules.new_id,
-            redact=rules.redact_many,
+            redact=redactor.metadata_many if redactor is not None else None,
         )
         if valid is None:  # some entry breaks a rule: the validator words why
             raw_entries = raw_entries.plain()
+            if redactor is not None:
+                # The validator redacts its fresh parse again and counts that: the compiled
+                # path's count of the same values (made before the size rule) is undone.
+                redactor.entries, redactor.values = counted
     if valid is None:
         valid, rejected = validate_entries(raw_entries, rules, max_listed=max_listed)
     return valid, rejected, len(raw_entries) - len(valid)

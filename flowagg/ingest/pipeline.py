@@ -184,13 +184,11 @@ class Pipeline:
         return validate_entries(raw_entries, self._rules(), max_listed=max_listed)
 
     def _rules(self) -> EntryRules:
-        active = self.redactor.active
         return EntryRules(
             self.clock,
             self.config.max_entry_bytes,
             self.ids.new,
-            self.redactor.metadata if active else None,
-            self.redactor.metadata_many if active else None,
+            self.redactor if self.redactor.active else None,
         )
 
     async def add(self, raw_entries: list[Any]) -> AddResult:

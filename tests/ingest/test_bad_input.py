@@ -279,6 +279,20 @@ def test_bad_entries_are_rejected_by_index_and_field(
     still_serving(sock)
 
 
+def test_a_redaction_is_counted_once_when_another_entry_is_too_large(sock: Path) -> None:
+    """The compiled path redacts, then finds an entry over maxEntryBytes and hands the
+    request to the validator, which redacts its own parse again: counted once, not twice."""
+    secret = good_entry(entryId=f"bad-input-secret-{next(_unique)}")
+    secret["metadata"]["password"] = "hunter2"
+    large = good_entry(metadata={"note": "x" * MAX_ENTRY})
+    before = counters(sock)
+    reply = exchange(sock, add_line([orjson.dumps(secret), orjson.dumps(large)]))
+    assert reply["accepted"] == 1 and [r["index"] for r in reply["rejected"]] == [1], reply
+    after = counters(sock)
+    assert after["redactedEntries"] - before["redactedEntries"] == 1
+    assert after["redactedValues"] - before["redactedValues"] == 1
+
+
 @EXAMPLES
 @given(value=json_values.filter(lambda v: not isinstance(v, list)))
 def test_entries_must_be_a_list(sock: Path, value: Any) -> None:
