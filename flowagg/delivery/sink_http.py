@@ -17,6 +17,7 @@ import threading
 import urllib.parse
 
 from flowagg.core.errors import AmbiguousDelivery, PermanentError, SinkDownError, TransientError
+from flowagg.delivery.sink_deadline import Watchdog
 
 RETRYABLE_HTTP = {408, 429}
 # Answers that speak for the service rather than the batch: a gateway without its backend.
@@ -36,6 +37,7 @@ class HttpSink:
         self._host = parts.hostname or ""
         self._port = parts.port
         self._path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._watchdog = Watchdog("sink-deadline")
 
     def deliver(self, batch_id: str, data: bytes) -> None:
         # Here, not at the top: a daemon without an http sink starts without http.client and
@@ -50,7 +52,7 @@ class HttpSink:
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
         # A socket timeout bounds each read, not the call: a server trickling a byte a second
-        # would hold the flusher forever. The timer cuts the connection at the deadline.
+        # would hold the flusher forever. The watchdog cuts the connection at the deadline.
         expired = threading.Event()
         sock: socket.socket | None = None
         # Once the whole request is out, the collector may store the batch whatever happens
@@ -63,9 +65,7 @@ class HttpSink:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
-        timer = threading.Timer(self.timeout_s, cut)
-        timer.daemon = True
-        timer.start()
+        deadline = self._watchdog.arm(self.timeout_s, cut)
         try:
             conn.connect()
             sock = conn.sock  # the response keeps using it after the connection lets go
@@ -89,7 +89,7 @@ class HttpSink:
                     raise AmbiguousDelivery(message) from None
                 raise SinkDownError(f"sink unreachable: {exc}") from None
         finally:
-            timer.cancel()
+            self._watchdog.disarm(deadline)
             conn.close()
         if expired.is_set():
             message = f"sink did not answer within sinkTimeoutMs ({self.timeout_s:g} s)"

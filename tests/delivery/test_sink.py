@@ -181,6 +181,25 @@ def test_http_redirects_are_never_followed(receiver: Receiver, status: str) -> N
     assert receiver.calls[status] == 1 and not receiver.batches
 
 
+def test_http_deliveries_share_one_deadline_thread(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread per delivery (a Timer) cost the flusher a thread start and join each time."""
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(thread: threading.Thread) -> None:
+        if threading.current_thread() is threading.main_thread():  # not the receiver's own
+            started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    sink = HttpSink(receiver.url, 5)
+    for _ in range(20):
+        sink.deliver("1_1", BATCH)
+    assert len(started) <= 1, started
+
+
 def test_http_timeout_is_a_total_deadline(receiver: Receiver) -> None:
     receiver.mode = "trickle"  # every read gets a byte in time; the whole reply never comes
     started = time.monotonic()
