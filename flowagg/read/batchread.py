@@ -50,12 +50,21 @@ class BatchPath:
     name_id: str  # the batch id its name claims
     special: str | None = None  # what the name is when not a regular file ("a FIFO")
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str, str, str | None]]:
+        # Read commands send their files to worker processes: the path as one string pickles
+        # in a fraction of a Path's parts.
+        return _batch_path, (str(self.path), self.kind, self.name_id, self.special)
+
     def shown(self, root: Path) -> str:
         """The path as findings and progress show it: relative to the root."""
         try:
             return str(self.path.relative_to(root))
         except ValueError:
             return str(self.path)
+
+
+def _batch_path(path: str, kind: str, name_id: str, special: str | None) -> BatchPath:
+    return BatchPath(Path(path), kind, name_id, special)
 
 
 def folders(layout: Layout, *, include_failed: bool) -> list[tuple[str, Path]]:

@@ -268,8 +268,8 @@ def data_notes(b: Bench) -> str:
             f" order, timestamps shuffled over 90 days, unique entryIds) in"
             f" {b.notes.get('data_build_s', 0)} s; no daemon runs, the journal is empty.",
             f"cores: {b.notes.get('data_cores', cores())}; the read commands read files in"
-            " one worker process per core, at most 3 (flowagg.read.fanout.MAX_WORKERS: the"
-            " memory goal), the bare loop in one.",
+            " one worker process per core, at most flowagg.read.fanout.MAX_WORKERS (derived"
+            " from the memory goal), the bare loop in one.",
             "flowagg: `python -m flowagg --root R <command>` as a subprocess from spawn to"
             " exit (interpreter start included), output to a file or /dev/null; peak PSS"
             " of the command and its worker processes summed (pages shared after fork counted"
