@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flowagg.core.layout import Layout
-from tests.torture import run_torture, wait_for_intake
+from tests.torture import flush_all, run_torture, wait_for_intake
 
 # 200 kills in CI (SPEC §12); raise it locally with TORTURE_KILLS or use scripts/torture.
 KILLS = int(os.environ.get("TORTURE_KILLS", "200"))
@@ -41,3 +41,24 @@ def test_the_final_wait_fails_while_adopted_files_stay_in_journal_spool(tmp_path
     (layout.journal_spool / "0000000000001-000000-a.jsonl").write_bytes(b"")
     with pytest.raises(TimeoutError, match=r"0 left in inbox/, 1 in journal/spool/"):
         wait_for_intake(layout, stall_s=0.2)
+
+
+STILL_RUNNING = {"ok": False, "error": "the flush is still running after 45 s; it goes on"}
+
+
+def test_the_final_flush_lasts_as_long_as_batch_files_appear(tmp_path: Path) -> None:
+    replies = iter([STILL_RUNNING, STILL_RUNNING, STILL_RUNNING, {"ok": True, "batches": 9}])
+    counts = iter([0, 3, 6, 9])
+    flush_all(Layout(tmp_path), 0.0, lambda layout: next(replies), lambda layout: next(counts))
+    assert next(replies, None) is None
+
+
+def test_the_final_flush_fails_once_no_batch_file_appears(tmp_path: Path) -> None:
+    with pytest.raises(TimeoutError, match="no batch file stored"):
+        flush_all(Layout(tmp_path), 0.0, lambda layout: STILL_RUNNING, lambda layout: 5)
+
+
+def test_the_final_flush_fails_on_a_stalled_flusher(tmp_path: Path) -> None:
+    stalled = {"ok": False, "error": "disk_full: [Errno 28] No space left on device"}
+    with pytest.raises(AssertionError, match="disk_full"):
+        flush_all(Layout(tmp_path), 60.0, lambda layout: stalled, lambda layout: 0)
