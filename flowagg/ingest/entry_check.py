@@ -53,6 +53,18 @@ def validate_entries(
     return valid, rejected
 
 
+def check_compiled(entries: list[Any], rules: EntryRules) -> list[Valid] | None:
+    """Every entry's `validate_entries` answer when all of `entries` (decoded by entry_codec)
+    are valid, else None: the validator then goes over a plain parse and words why."""
+    return check_decoded(
+        entries,
+        now_ms=rules.clock.now_ms(),
+        max_entry_bytes=rules.max_entry_bytes,
+        new_id=rules.new_id,
+        redact=rules.redact_many,
+    )
+
+
 def check_add(
     raw_entries: list[Any], rules: EntryRules, *, max_listed: int
 ) -> tuple[list[Valid], list[dict[str, Any]], int]:
@@ -60,13 +72,7 @@ def check_add(
     valid: list[Valid] | None = None
     rejected: list[dict[str, Any]] = []
     if isinstance(raw_entries, DecodedEntries):
-        valid = check_decoded(
-            raw_entries,
-            now_ms=rules.clock.now_ms(),
-            max_entry_bytes=rules.max_entry_bytes,
-            new_id=rules.new_id,
-            redact=rules.redact_many,
-        )
+        valid = check_compiled(raw_entries, rules)
         if valid is None:  # some entry breaks a rule: the validator words why
             raw_entries = raw_entries.plain()
     if valid is None:
