@@ -3,15 +3,18 @@
 - a chunk of valid lines takes the compiled decode (entry_codec), and its answer is the
   validator's (hypothesis: any lines, the validator's answer whenever the compiled path
   accepts them);
-- a step's deletions overlap on the disk instead of waiting for each other.
+- a step's deletions overlap on the disk instead of waiting for each other;
+- a burst of inbox/ events wakes the loop once, not once per event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flowagg.core.redact import Redactor
-from flowagg.ingest import entry_check
+from flowagg.ingest import entry_check, spool_watch
 from flowagg.ingest.entry_codec import check_decoded, decode_lines
 from tests.ingest.test_entry_codec import (
     DAY,
@@ -34,6 +37,7 @@ from tests.ingest.test_entry_codec import (
 from tests.ingest.test_spool import Rig, line, run
 
 OVERLAP_WAIT_S = 2.0  # how long an unlink waits for a second one to be in flight
+EVENTS_WAIT_S = 10.0
 
 
 def compiled(lines: list[bytes]) -> list[tuple[Any, ...]] | None:
@@ -164,3 +168,52 @@ def test_a_steps_deletions_overlap(root: Path, monkeypatch: Any) -> None:
     run(root, scenario)
     assert in_flight[1] >= 2
     assert Rig(root).stored() == {f"e{i}": 1 for i in range(4)}
+
+
+class CountingEvent(asyncio.Event):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+def test_a_burst_of_inbox_events_wakes_the_loop_once(tmp_path: Path, monkeypatch: Any) -> None:
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    files = 50
+    for i in range(files):
+        (staging / f"{i}.jsonl").write_bytes(b"{}\n")
+    delivered = [0]
+    real = spool_watch._Kick.on_any_event
+
+    def on_any_event(self: Any, event: Any) -> None:
+        real(self, event)
+        delivered[0] += 1  # after the handler's work: counted means done (a move in from
+        # outside inbox/ is a "created" event)
+
+    monkeypatch.setattr(spool_watch._Kick, "on_any_event", on_any_event)
+
+    async def scenario() -> None:
+        wake = CountingEvent()
+        watch = spool_watch.InboxWatch(inbox, wake)
+        watch.start()
+        try:
+            # The loop is busy (blocked here) while the events arrive, as during a scan.
+            for i in range(files):
+                os.rename(staging / f"{i}.jsonl", inbox / f"{i}.jsonl")
+            deadline = time.monotonic() + EVENTS_WAIT_S
+            while delivered[0] < files:
+                assert time.monotonic() < deadline, f"{delivered[0]} of {files} events seen"
+                time.sleep(0.01)
+            for _ in range(3):  # let the loop run what the watch thread scheduled
+                await asyncio.sleep(0)
+            assert wake.is_set()
+            assert wake.sets == 1
+        finally:
+            await watch.stop()
+
+    asyncio.run(scenario())
