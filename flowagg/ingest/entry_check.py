@@ -52,6 +52,25 @@ def validate_entries(
     return valid, rejected
 
 
+def check_compiled(entries: list[Any], rules: EntryRules) -> list[Valid] | None:
+    """Every entry's `validate_entries` answer when all of `entries` (decoded by entry_codec)
+    are valid, else None: the validator then goes over a plain parse and words why."""
+    redactor = rules.redactor
+    counted = (redactor.entries, redactor.values) if redactor is not None else (0, 0)
+    valid = check_decoded(
+        entries,
+        now_ms=rules.clock.now_ms(),
+        max_entry_bytes=rules.max_entry_bytes,
+        new_id=rules.new_id,
+        redact=redactor.metadata_many if redactor is not None else None,
+    )
+    if valid is None and redactor is not None:
+        # The validator redacts its fresh parse again and counts that: this path's count of
+        # the same values (made before the size rule) is undone.
+        redactor.entries, redactor.values = counted
+    return valid
+
+
 def check_add(
     raw_entries: list[Any], rules: EntryRules, *, max_listed: int
 ) -> tuple[list[Valid], list[dict[str, Any]], int]:
@@ -59,21 +78,9 @@ def check_add(
     valid: list[Valid] | None = None
     rejected: list[dict[str, Any]] = []
     if isinstance(raw_entries, DecodedEntries):
-        redactor = rules.redactor
-        counted = (redactor.entries, redactor.values) if redactor is not None else (0, 0)
-        valid = check_decoded(
-            raw_entries,
-            now_ms=rules.clock.now_ms(),
-            max_entry_bytes=rules.max_entry_bytes,
-            new_id=rules.new_id,
-            redact=redactor.metadata_many if redactor is not None else None,
-        )
+        valid = check_compiled(raw_entries, rules)
         if valid is None:  # some entry breaks a rule: the validator words why
             raw_entries = raw_entries.plain()
-            if redactor is not None:
-                # The validator redacts its fresh parse again and counts that: the compiled
-                # path's count of the same values (made before the size rule) is undone.
-                redactor.entries, redactor.values = counted
     if valid is None:
         valid, rejected = validate_entries(raw_entries, rules, max_listed=max_listed)
     return valid, rejected, len(raw_entries) - len(valid)

@@ -57,6 +57,7 @@ class _AddRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _DECODER = msgspec.json.Decoder(_AddRequest)
+_ENTRY_DECODER = msgspec.json.Decoder(_Entry)
 _ENCODE = msgspec.json.Encoder().encode
 _TIMESTAMP = attrgetter("timestamp")
 _ACTION = attrgetter("action")
@@ -93,8 +94,18 @@ def decode_add(line: bytes) -> DecodedEntries | None:
     return DecodedEntries(request.entries, line)
 
 
+def decode_lines(lines: list[bytes]) -> list[_Entry] | None:
+    """One entry per line (a spool chunk's) when every line's static rules hold, else None."""
+    if any(_NUL_ESCAPE in line for line in lines):
+        return None
+    try:
+        return list(map(_ENTRY_DECODER.decode, lines))
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
 def check_decoded(
-    entries: DecodedEntries,
+    entries: list[_Entry],
     *,
     now_ms: int,
     max_entry_bytes: int,

@@ -33,7 +33,7 @@ from flowagg.core.supervise import Spawn, plain_thread
 from flowagg.delivery.flusher import Flusher
 from flowagg.ingest.add_result import AddResult
 from flowagg.ingest.dedupe_gate import DedupeGate, LookupBusy, Valid
-from flowagg.ingest.entry_check import EntryRules, check_add, validate_entries
+from flowagg.ingest.entry_check import EntryRules, check_add, check_compiled, validate_entries
 from flowagg.ingest.flush_driver import FlushDriver
 from flowagg.ingest.pipeline_status import (
     buffered_status,
@@ -182,6 +182,10 @@ class Pipeline:
     ) -> tuple[list[Valid], list[dict[str, Any]]]:
         """Check entries against §3 (`validate_entries`): (valid entries, rejections)."""
         return validate_entries(raw_entries, self._rules(), max_listed=max_listed)
+
+    def validate_compiled(self, entries: list[Any]) -> list[Valid] | None:
+        """`validate`'s valid entries when entry_codec decoded `entries` and all are valid."""
+        return check_compiled(entries, self._rules())
 
     def _rules(self) -> EntryRules:
         return EntryRules(

@@ -14,14 +14,15 @@ Intake of one file:
 Files go through these steps a step of files at a time (spool_adopt): a step's renames share
 two folder fsyncs, its files' records are queued for the journal in name order (SPEC §4.2:
 the order they are stored in) and share group commits, and its finished files are deleted
-with one folder fsync.
+with one folder fsync, while the next step goes on.
 A crash leaves the adopted file, and the next start resumes it after the last journaled chunk
 (chunk boundaries depend only on the file and where the chunk starts) or deletes it when the
 journal says it is finished. So no entry is ingested twice or lost.
 
 This module is the intake itself (scan, journal, resume); adopting files is spool_adopt's,
-reading a file spool_read's, opening it spool_open's, what goes to recovery/errors/
-spool_quarantine's, and the inbox/ events that wake a scan are spool_watch's.
+reading a file spool_read's, opening it spool_open's, deleting it spool_delete's, what goes
+to recovery/errors/ spool_quarantine's, and the inbox/ events that wake a scan are
+spool_watch's.
 """
 
 from __future__ import annotations
@@ -29,12 +30,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 
 from flowagg.core.fsutil import display_name, fsync_dir
 from flowagg.core.layout import Layout
+from flowagg.ingest.entry_codec import decode_lines
 from flowagg.ingest.pipeline import Pipeline, Valid
 from flowagg.ingest.spool_adopt import STEP_BYTES, STEP_FILES, Adopter
+from flowagg.ingest.spool_delete import unlink_side_by_side
 from flowagg.ingest.spool_open import Opened, open_adopted, open_step
 from flowagg.ingest.spool_quarantine import SpoolQuarantine
 from flowagg.ingest.spool_read import (
@@ -57,6 +61,8 @@ log = logging.getLogger("flowagg.spool")
 JUNK_PER_SCAN = 64
 JUNK_PAUSE_S = 0.5
 STOP_GRACE_S = 5.0
+_LENGTH = operator.attrgetter("length")
+_DATA = operator.attrgetter("data")
 
 
 class SpoolIntake:
@@ -83,6 +89,7 @@ class SpoolIntake:
         self._watch = InboxWatch(layout.inbox, self._wake)
         self._folder = layout.journal_spool  # built once: a Path per file is not free
         self._task: asyncio.Task[None] | None = None
+        self._deleting: asyncio.Future[None] | None = None  # a step's deletion, still running
         self._adopter = Adopter(layout, pipeline.clock, self._quarantine)
         self._progress: dict[str, Progress] = {}  # the records', kept up to date by them
         self._records = SpoolRecords(
@@ -120,6 +127,7 @@ class SpoolIntake:
         floor = max((adopted_ms(n) for n in [*journaled, *present]), default=-1) + 1
         self._adopter.floor_ms = floor
         await self._finish_adopted(wait=False)
+        await self._deleted()
 
     async def _finish_adopted(self, *, wait: bool) -> None:
         """Finished adopted files are deleted; any other is resumed where the journal ends."""
@@ -163,26 +171,27 @@ class SpoolIntake:
             for entry in opened.values():
                 entry.close()
         finished = [turn.adopted for turn in turns if await self._records.settle(turn)]
+        await self._deleted()
         if finished:
-            for name in await asyncio.to_thread(self._delete, finished):
-                self._progress.pop(name, None)
-                self._quarantine.forget(name)
+            # The next step goes on meanwhile: deleting waits on the disk, not on the CPU.
+            self._deleting = asyncio.ensure_future(self._delete(finished))
 
-    def _delete(self, adopted: list[str]) -> list[str]:
+    async def _deleted(self) -> None:
+        """Wait for the deletion a step left running; shielded, so that a cancelled scan
+        still ends it with its folder fsync."""
+        if self._deleting is not None:
+            await asyncio.shield(self._deleting)
+            self._deleting = None
+
+    async def _delete(self, adopted: list[str]) -> None:
+        for name in await asyncio.to_thread(self._delete_durably, adopted):
+            self._progress.pop(name, None)
+            self._quarantine.forget(name)
+
+    def _delete_durably(self, adopted: list[str]) -> list[str]:
         """Delete adopted files that need nothing more; returns those now durably gone (only
         their progress may be forgotten)."""
-        gone = []
-        for name in adopted:
-            try:
-                (self._folder / name).unlink(missing_ok=True)
-                gone.append(name)
-            except OSError as exc:
-                log.error(
-                    "spool file %s is stored but cannot be deleted (%s); trying again at the"
-                    " next rescan",
-                    name,
-                    exc,
-                )
+        gone = unlink_side_by_side(self._folder, adopted)
         try:
             # Durable before compaction drops the journal records naming them: back after a
             # power cut, with no record, a file would be ingested twice.
@@ -275,6 +284,7 @@ class SpoolIntake:
                 break  # the step's files wait in journal/spool/ for the next rescan
             await self._ingest_step(step.adopted, wait=True)
             count += len(step.adopted)
+        await self._deleted()
         if junk_left < 0:
             # More junk than a scan moves: the rest waits a while, so that a flood's renames
             # and fsyncs come at a bounded rate and the journal's fsyncs keep the disk.
@@ -345,7 +355,16 @@ class SpoolIntake:
             off = chunk.end
 
     def _check_lines(self, chunk: Chunk) -> tuple[list[Valid], list[Problem]]:
-        items, sources, problems = parse_lines(chunk.lines, self.max_line)
+        lines = chunk.lines
+        # The compiled decode answers when every line holds a valid entry; a blank, overlong
+        # or invalid line sends the chunk to orjson and the validator, which word each reason.
+        if lines and max(map(_LENGTH, lines)) <= self.max_line:
+            decoded = decode_lines(list(map(_DATA, lines)))
+            if decoded is not None:
+                valid = self.pipeline.validate_compiled(decoded)
+                if valid is not None:
+                    return valid, []
+        items, sources, problems = parse_lines(lines, self.max_line)
         valid, rejected = self.pipeline.validate(items)
         for r in rejected:
             line = sources[r["index"]]

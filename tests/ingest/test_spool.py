@@ -413,14 +413,20 @@ def test_stop_cancels_intake_stuck_on_the_disk(root: Path, monkeypatch: pytest.M
 def test_an_unexpected_failure_quarantines_only_that_file(root: Path) -> None:
     async def scenario(rig: Rig) -> None:
         assert rig.pipeline is not None
-        real = rig.pipeline.validate
+        real, real_compiled = rig.pipeline.validate, rig.pipeline.validate_compiled
 
         def validate(items: list[Any]) -> Any:
             if items and items[0].get("entryId") == "e1":
                 raise RuntimeError("a bug")
             return real(items)
 
+        def validate_compiled(items: list[Any]) -> Any:  # the path valid lines take
+            if items and items[0].entryId == "e1":
+                raise RuntimeError("a bug")
+            return real_compiled(items)
+
         rig.pipeline.validate = validate  # type: ignore[method-assign]
+        rig.pipeline.validate_compiled = validate_compiled  # type: ignore[method-assign]
         (rig.layout.inbox / "a.jsonl").write_bytes(line(1))
         (rig.layout.inbox / "b.jsonl").write_bytes(line(2))
         await rig.scan()
