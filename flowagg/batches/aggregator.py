@@ -14,16 +14,8 @@ import dataclasses
 from collections import deque
 
 from flowagg.batches.storage import Batch, make_batch_id
+from flowagg.batches.window import Buffered, Run, Window
 from flowagg.journal.format import Cut
-
-
-@dataclasses.dataclass(slots=True)
-class Buffered:
-    seq: int
-    t_ms: int
-    arrival: float  # monotonic seconds, for the age trigger
-    data: bytes  # the entry as compact JSON
-    entry_id: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +42,10 @@ class FlushPolicy:
         )
 
 
-def _cost(item: Buffered) -> int:
-    return len(item.data) + 1  # the comma (or bracket) it adds to the entries array
-
-
 class Aggregator:
     def __init__(self, policy: FlushPolicy) -> None:
         self.policy = policy
-        self.window: deque[Buffered] = deque()
-        self.window_bytes = 0
+        self.window = Window()
         self.inflight_entries = 0
         self.unflushed_entries = 0
         self.unflushed_bytes = 0
@@ -94,13 +81,16 @@ class Aggregator:
         """Every durable record is loaded, yet the head cut lacks entries: cut it short."""
         self._short_cut = self.replay[0].batch_id
 
+    @property
+    def window_bytes(self) -> int:
+        return self.window.bytes
+
     def load(self, item: Buffered) -> bool:
         """Put a durable entry in the window; False if it was loaded before (a re-read)."""
         if item.seq <= self.last_seq_loaded:
             return False
         self.last_seq_loaded = item.seq
-        self.window.append(item)
-        self.window_bytes += _cost(item)
+        self.window.append(Run(item.seq, item.t_ms, item.arrival, [item.data], [item.entry_id]))
         return True
 
     def load_run(
@@ -110,13 +100,7 @@ class Aggregator:
         skip = max(0, self.last_seq_loaded - first_seq + 1)
         if skip >= len(datas):
             return
-        window = self.window
-        size = 0
-        for i in range(skip, len(datas)):
-            data = datas[i]
-            window.append(Buffered(first_seq + i, t_ms, arrival, data, ids[i]))
-            size += len(data) + 1
-        self.window_bytes += size
+        self.window.append(Run(first_seq, t_ms, arrival, datas, ids, skip))
         self.last_seq_loaded = first_seq + len(datas) - 1
 
     def is_busy(self) -> bool:
@@ -134,7 +118,7 @@ class Aggregator:
         self._drop_passed_cuts()
         if self.replay:
             cut = self.replay[0]
-            if self.window[0].seq >= cut.first_seq:
+            if self.window.head_seq >= cut.first_seq:
                 return None if self.replay_waits() else cut.trigger
             if self.last_seq_loaded >= cut.first_seq:
                 # Entries before a journaled cut whose own cut was never durable (its journal
@@ -146,7 +130,7 @@ class Aggregator:
             return "size"
         if self.window_bytes >= p.threshold_bytes:
             return "threshold"
-        if now - self.window[0].arrival >= p.max_age_s:
+        if now - self.window.head_arrival >= p.max_age_s:
             return "age"
         return None
 
@@ -154,7 +138,7 @@ class Aggregator:
         """Monotonic time at which the age trigger fires, if anything is buffered."""
         if not self.window:
             return None
-        return self.window[0].arrival + self.policy.max_age_s
+        return self.window.head_arrival + self.policy.max_age_s
 
     def cut(self, trigger: str, now_ms: int | None = None) -> Batch:
         """Take the next batch from the head of the window (at least one entry).
@@ -166,7 +150,7 @@ class Aggregator:
         self._drop_passed_cuts()
         replayed = self.replay[0] if self.replay else None
         limit = None
-        if replayed is not None and self.window and self.window[0].seq >= replayed.first_seq:
+        if replayed is not None and self.window and self.window.head_seq >= replayed.first_seq:
             if self.replay_waits():
                 raise ValueError("a journaled cut is not in the window yet")
             self.replay.popleft()
@@ -176,52 +160,39 @@ class Aggregator:
             if replayed is not None:
                 limit = replayed.first_seq - 1
             max_entries, max_bytes, replayed = p.batch_size, p.max_batch_bytes, None
-        taken: list[Buffered] = []
-        size = 1
-        while self.window and len(taken) < max_entries:
-            head = self.window[0]
-            if limit is not None and head.seq > limit:
-                break
-            cost = _cost(head)
-            if taken and max_bytes is not None and size + cost > max_bytes:
-                break
-            self.window.popleft()
-            self.window_bytes -= cost
-            size += cost
-            taken.append(head)
-        if not taken:
+        taken = self.window.take(max_entries, max_bytes, limit)
+        if taken is None:
             raise ValueError("cut from an empty window")
-        self.inflight_entries += len(taken)
-        first = taken[0]
+        self.inflight_entries += len(taken.datas)
         if replayed is not None:
             # The cut's own seqs, not those found: a batch short of entries the journal lost
             # still settles its whole cut, and may find a stored copy that holds them all.
             return Batch(
                 batch_id=replayed.batch_id,
                 trigger=replayed.trigger,
-                entries=[t.data for t in taken],
+                entries=taken.datas,
                 first_seq=replayed.first_seq,
                 last_seq=replayed.last_seq,
-                entry_ids=[t.entry_id for t in taken],
+                entry_ids=taken.ids,
                 timestamp_ms=replayed.timestamp_ms,
                 replayed=True,
                 look_first=True,
             )
         return Batch(
-            batch_id=make_batch_id(first.t_ms, first.seq),
+            batch_id=make_batch_id(taken.first_t_ms, taken.first_seq),
             trigger=trigger,
-            entries=[t.data for t in taken],
-            first_seq=first.seq,
-            last_seq=taken[-1].seq,
-            entry_ids=[t.entry_id for t in taken],
+            entries=taken.datas,
+            first_seq=taken.first_seq,
+            last_seq=taken.last_seq,
+            entry_ids=taken.ids,
             timestamp_ms=now_ms,
-            look_first=first.seq <= self.look_until,
+            look_first=taken.first_seq <= self.look_until,
         )
 
     def _drop_passed_cuts(self) -> None:
         """Forget journaled cuts whose entries are all behind the window (found stored)."""
         while self.replay and self.replay[0].last_seq < (
-            self.window[0].seq if self.window else self.last_seq_loaded + 1
+            self.window.head_seq if self.window else self.last_seq_loaded + 1
         ):
             self.replay.popleft()
 
@@ -236,7 +207,7 @@ class Aggregator:
         batches = []
         while self.window:
             self._drop_passed_cuts()
-            head_is_replayed = self.replay and self.window[0].seq >= self.replay[0].first_seq
+            head_is_replayed = self.replay and self.window.head_seq >= self.replay[0].first_seq
             if head_is_replayed and self.replay_waits():
                 break
             batches.append(self.cut(trigger, now_ms))
@@ -245,7 +216,7 @@ class Aggregator:
     def stored(self, batch: Batch) -> None:
         """A batch reached disk (aggregated/ or recovery/): its entries leave the buffer."""
         self.inflight_entries -= batch.count
-        self._forget(batch.count, sum(len(d) + 1 for d in batch.entries))
+        self._forget(batch.count, sum(map(len, batch.entries)) + batch.count)
 
     def found_stored(self, count: int) -> None:
         """At start: `count` backlog entries turned out to be in a batch stored before."""

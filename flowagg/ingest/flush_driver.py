@@ -104,12 +104,13 @@ class FlushDriver:
 
     def batches_stored(self, stored: list[Stored]) -> None:
         """Batches reached disk, in order: one done record for the last covers them all."""
+        aggregated = self.layout.aggregated  # a new Path per access: once per delivery
         for batch, path, seconds in stored:
             self.aggregator.stored(batch)
             self.batches_by_trigger[batch.trigger] += 1
             self.stored_batches += 1
             self.stored_entries += batch.count
-            if path.parent != self.layout.aggregated:
+            if path.parent != aggregated:
                 self.parked_batches += 1
                 self.parked_entries += batch.count
             self.flush_latency.append(seconds)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import struct
 import zlib
 from collections.abc import Iterable, Iterator
 from hashlib import blake2b
@@ -20,6 +22,11 @@ _LOW64 = (1 << 64) - 1
 _PAIRS = [(1 << (v & 63)) | (1 << (v >> 6)) for v in range(4096)]
 _SINGLES = [1 << v for v in range(64)]
 assert PROBES == 7  # the tables' layout: 2 + 2 + 2 + 1 probes of 6 bits
+
+# hash_id's two halves, little-endian, for many digests at once.
+_HALVES = struct.Struct("<QQ").iter_unpack
+_BLAKE2B_16 = functools.partial(blake2b, digest_size=16)
+_DIGEST = blake2b.digest
 
 Key = tuple[int, int]  # (word index, probe mask): an id's place in every filter of one size
 
@@ -45,16 +52,24 @@ def key_of(entry_id: str, words: int) -> Key:
 
 
 def keys_of(entry_ids: Iterable[str], words: int) -> list[Key]:
-    """`key_of` for many ids, written out in one loop: on the loop thread for every client id,
-    the two calls per id cost as much as the hash."""
-    pairs, singles, low64 = _PAIRS, _SINGLES, _LOW64
-    keys: list[Key] = []
-    for entry_id in entry_ids:
-        both = int.from_bytes(blake2b(entry_id.encode(), digest_size=16).digest(), "little")
-        h2 = both >> 64
-        mask = pairs[h2 & 4095] | pairs[(h2 >> 12) & 4095] | pairs[(h2 >> 24) & 4095]
-        keys.append(((both & low64) % words, mask | singles[(h2 >> 36) & 63]))
-    return keys
+    """`key_of` for many ids at once: on the loop thread for every client id.
+
+    The hashing runs in C over the whole list (map, one join, one unpack): the two 64-bit
+    halves come from `struct`, not from a 128-bit int cut apart in Python, which cost five
+    times as much as the hash itself.
+    """
+    pairs, singles = _PAIRS, _SINGLES
+    digests = b"".join(map(_DIGEST, map(_BLAKE2B_16, map(str.encode, entry_ids))))
+    return [
+        (
+            h1 % words,
+            pairs[h2 & 4095]
+            | pairs[(h2 >> 12) & 4095]
+            | pairs[(h2 >> 24) & 4095]
+            | singles[(h2 >> 36) & 63],
+        )
+        for h1, h2 in _HALVES(digests)
+    ]
 
 
 def inflate(fh: BinaryIO, bufs: list[bytearray]) -> None:

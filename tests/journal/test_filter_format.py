@@ -8,7 +8,7 @@ import hashlib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flowagg.journal.dedupe_filter import PROBES, Filter, key_of
+from flowagg.journal.dedupe_filter import PROBES, Filter, key_of, keys_of
 
 WORDS = 97  # not a power of two: the word index is a modulo
 
@@ -35,3 +35,10 @@ def test_filter_bits_match_the_written_format(ids: list[str]) -> None:
         expected[word] |= mask
     assert list(flt.words) == expected
     assert all(key_of(i, WORDS) in flt for i in ids)
+
+
+@given(st.lists(st.text(min_size=1, max_size=128), max_size=50))
+def test_keys_of_many_ids_match_the_written_format(ids: list[str]) -> None:
+    """keys_of hashes a whole add at once (the loop's path): the same keys, one by one."""
+    assert keys_of(ids, WORDS) == [reference_bits(i, WORDS) for i in ids]
+    assert keys_of(ids, 1 << 20) == [reference_bits(i, 1 << 20) for i in ids]
