@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError("\n".join(errors))
     # Only an xdist worker's order matters: the controller hands out units in that order.
     if hasattr(config, "workerinput"):
-        scheduling.slow_units_first(items)
+        scheduling.longest_first(items)
 
 
 @pytest.hookimpl(optionalhook=True)

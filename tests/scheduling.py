@@ -4,7 +4,7 @@ it).
 Each test module is one unit of work, so its module-scoped fixtures (a daemon, throwaway
 accounts, a PostgreSQL database) are set up once, on one worker. The modules of a unit in
 SERIAL_UNITS change state the whole host shares: they run one after the other on one worker.
-Units holding a test marked `slow` are handed out first, so that none of them is left to run
+The units in FIRST are handed out first, longest first, so that none of them is left to run
 alone at the end while the other worker idles.
 
 Units go by module path rather than by xdist_group marks: pytest-xdist's `loadgroup` marks
@@ -30,6 +30,18 @@ SERIAL_UNITS = {
         "tests/service/test_restrict_suid_sgid.py",
     ),
 }
+# The longest units, longest first (pytest --durations, on two cores): the crash torture, the
+# power-loss one, the crash explorer, the accounts above... The rest follow in collection order.
+FIRST = (
+    "tests/system/test_torture.py",
+    "tests/system/test_powerloss.py",
+    "tests/system/test_crash_explorer.py",
+    "host-accounts",
+    "tests/delivery/test_sink_postgres_faults.py",
+    "tests/batches/test_attack_runs.py",
+    "tests/service/test_install_walk.py",
+    "tests/ingest/test_entry_codec.py",
+)
 # A module that uses one of these fixtures belongs in that unit.
 SERIAL_FIXTURES = {"accounts": "host-accounts"}
 UNIT_OF_MODULE = {module: unit for unit, modules in SERIAL_UNITS.items() for module in modules}
@@ -59,10 +71,10 @@ def misplaced(items: list[pytest.Item]) -> list[str]:
     ]
 
 
-def slow_units_first(items: list[pytest.Item]) -> None:
-    slow = {unit_of(item.nodeid) for item in items if item.get_closest_marker("slow")}
+def longest_first(items: list[pytest.Item]) -> None:
+    rank = {unit: n for n, unit in enumerate(FIRST)}
     # Stable: the rest keeps the collection order.
-    items.sort(key=lambda item: unit_of(item.nodeid) not in slow)
+    items.sort(key=lambda item: rank.get(unit_of(item.nodeid), len(FIRST)))
 
 
 def make_scheduler(config: pytest.Config, log: Any) -> Any:

@@ -26,7 +26,6 @@ def lazyfs(tmp_path: Path) -> Iterator[LazyFS]:
         yield fs
 
 
-@pytest.mark.slow
 def test_power_cuts_lose_and_duplicate_nothing(lazyfs: LazyFS, tmp_path: Path) -> None:
     # The socket cannot be bound on FUSE, so runDir stays on the ordinary tmp dir.
     result = run_powerloss(lazyfs, tmp_path / "run", cuts=CUTS, seed=20261126)

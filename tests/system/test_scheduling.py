@@ -18,13 +18,9 @@ TESTS = Path(__file__).resolve().parent.parent
 class Item:
     """What tests/scheduling.py reads of a collected test."""
 
-    def __init__(self, nodeid: str, *fixtures: str, slow: bool = False) -> None:
+    def __init__(self, nodeid: str, *fixtures: str) -> None:
         self.nodeid = nodeid
         self.fixturenames = ["request", *fixtures]
-        self.slow = slow
-
-    def get_closest_marker(self, name: str) -> object | None:
-        return object() if name == "slow" and self.slow else None
 
 
 def test_a_module_is_a_unit_and_the_accounts_modules_share_one() -> None:
@@ -65,25 +61,32 @@ def test_every_module_listed_in_a_unit_exists_and_uses_its_fixture() -> None:
             assert fixture in args, f"{module} does not use {fixture!r}"
 
 
-def test_units_with_a_slow_test_go_first_and_the_rest_keep_their_order() -> None:
+def test_the_longest_units_go_first_longest_first_and_the_rest_keep_their_order() -> None:
     accounts = scheduling.SERIAL_UNITS["host-accounts"]
     items = [
         Item("tests/a.py::t1"),
         Item(f"{accounts[0]}::t2"),
         Item("tests/b.py::t3"),
-        Item("tests/b.py::t4", slow=True),
+        Item("tests/system/test_powerloss.py::t4"),
         Item("tests/c.py::t5"),
-        Item(f"{accounts[1]}::t6", slow=True),
+        Item(f"{accounts[1]}::t6"),
+        Item("tests/system/test_torture.py::t7"),
     ]
-    scheduling.slow_units_first(items)  # type: ignore[arg-type]
+    scheduling.longest_first(items)  # type: ignore[arg-type]
     assert [item.nodeid.rpartition("::")[2] for item in items] == [
-        "t2",
-        "t3",
+        "t7",
         "t4",
+        "t2",
         "t6",
         "t1",
+        "t3",
         "t5",
     ]
+
+
+def test_every_unit_named_first_exists() -> None:
+    for unit in scheduling.FIRST:
+        assert unit in scheduling.SERIAL_UNITS or (TESTS.parent / unit).is_file(), unit
 
 
 def test_the_lazyfs_build_runs_under_its_lock_and_once(

@@ -14,7 +14,6 @@ from tests.torture import run_torture, wait_for_intake
 KILLS = int(os.environ.get("TORTURE_KILLS", "200"))
 
 
-@pytest.mark.slow
 def test_sigkill_torture_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     result = run_torture(tmp_path / "data", kills=KILLS, seed=20261125)
     assert result.acknowledged > 0
