@@ -2,12 +2,30 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests import scheduling
 from tests.accounts import accounts, shared_root  # noqa: F401  (fixtures shared by modules)
 from tests.harness import DaemonProc
 from tests.pgserver import PgServer, pg_server, unavailable_reason
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    errors = scheduling.misplaced(items)
+    if errors:
+        raise pytest.UsageError("\n".join(errors))
+    # Only an xdist worker's order matters: the controller hands out units in that order.
+    if hasattr(config, "workerinput"):
+        scheduling.longest_first(items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadfile":
+        return None
+    return scheduling.make_scheduler(config, log)
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from filelock import FileLock
+
 REPO = Path(__file__).resolve().parent.parent
 VENDORED = REPO / "third_party" / "lazyfs"
 BUILD_DIR = Path(os.environ.get("LAZYFS_BUILD_DIR", REPO / ".cache" / "lazyfs"))
@@ -36,29 +38,46 @@ def ensure_lazyfs() -> Path:
     """The lazyfs binary, built from the vendored source on first use."""
     if not Path("/dev/fuse").exists():
         raise LazyFSUnavailable("/dev/fuse is missing: FUSE (and so LazyFS) cannot run here")
-    binary = BUILD_DIR / "bin" / "lazyfs"
-    if not binary.exists() or not patches_built_in():
-        # A fresh copy of the source, so that a changed patch applies too (CMake then
-        # rebuilds in place).
-        shutil.rmtree(BUILD_DIR / "src", ignore_errors=True)
-        try:
-            proc = subprocess.run(
-                [str(VENDORED / "build.sh"), str(BUILD_DIR)],
-                capture_output=True,
-                timeout=BUILD_TIMEOUT_S,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise LazyFSUnavailable(f"LazyFS cannot be built: {exc}") from None
-        if proc.returncode != 0 or not binary.exists():
-            tail = (proc.stdout + proc.stderr).decode(errors="replace").strip()[-800:]
-            raise LazyFSUnavailable(
-                f"LazyFS cannot be built (third_party/lazyfs/build.sh exited"
-                f" {proc.returncode}; run .ci/run as root to install its packages): {tail}"
-            )
+    binary = build_once()
     if shutil.which("fusermount3") is None:
         raise LazyFSUnavailable("fusermount3 is missing (Debian package fuse3): cannot unmount")
     return binary
+
+
+def build_lock() -> FileLock:
+    return FileLock(BUILD_DIR.with_name(BUILD_DIR.name + ".lock"))
+
+
+def build_once() -> Path:
+    """The binary, built first if missing or stale; test workers side by side (pytest-xdist)
+    build it once: the others wait for the lock and find it built."""
+    binary = BUILD_DIR / "bin" / "lazyfs"
+    BUILD_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock():
+        if not binary.exists() or not patches_built_in():
+            _build(binary)
+    return binary
+
+
+def _build(binary: Path) -> None:
+    # A fresh copy of the source, so that a changed patch applies too (CMake then
+    # rebuilds in place).
+    shutil.rmtree(BUILD_DIR / "src", ignore_errors=True)
+    try:
+        proc = subprocess.run(
+            [str(VENDORED / "build.sh"), str(BUILD_DIR)],
+            capture_output=True,
+            timeout=BUILD_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LazyFSUnavailable(f"LazyFS cannot be built: {exc}") from None
+    if proc.returncode != 0 or not binary.exists():
+        tail = (proc.stdout + proc.stderr).decode(errors="replace").strip()[-800:]
+        raise LazyFSUnavailable(
+            f"LazyFS cannot be built (third_party/lazyfs/build.sh exited"
+            f" {proc.returncode}; run .ci/run as root to install its packages): {tail}"
+        )
 
 
 def patches_built_in() -> bool:
