@@ -123,7 +123,8 @@ def export(
     2 usage.
     """
     from flowagg.read.batchread import inflate_limit, list_batch_files
-    from flowagg.read.csv_export import MetadataColumns, write_csv
+    from flowagg.read.csv_export import MetadataColumns
+    from flowagg.read.csv_rows import write_csv
     from flowagg.read.export import (
         Sorter,
         atomic_output,
@@ -158,13 +159,12 @@ def export(
         code = 1 if skipped.unreadable or sorter.skipped else 0
 
         def write(out: Any) -> None:
-            rows = sorter.sorted()
             if metadata is not None:
-                write_csv(rows, out, metadata)
+                write_csv(sorter.blocks(), out, metadata)
             elif fmt == "jsonl":
-                write_jsonl(rows, out)
+                write_jsonl(sorter.sorted(), out)
             else:
-                write_parquet(rows, out)
+                write_parquet(sorter.sorted(), out)
 
         if output:
             with atomic_output(Path(output)) as fh:

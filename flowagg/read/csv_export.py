@@ -15,23 +15,24 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import io
 from collections import Counter
-from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
+KEY_BYTES = 36  # export's sort key before each line's JSON (export.KEY_BYTES)
 BASE_COLUMNS = ("entryId", "userId", "action", "timestamp", "time")
 OTHER_COLUMN = "otherMetadata"
 PREFIX = "metadata."
 MAX_METADATA_COLUMNS = 64
 TRACKED_KEYS = 10_000  # distinct keys counted; memory stays bounded whatever the metadata
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
-def _escape_key(key: str) -> str:
+def escape_key(key: str) -> str:
     return key.replace("\\", "\\\\").replace(".", "\\.")
 
 
@@ -39,7 +40,7 @@ def flatten(metadata: dict[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
     """Nested objects as dotted columns; arrays and empty objects as JSON text."""
     out: dict[str, Any] = {}
     for key, value in metadata.items():
-        name = prefix + _escape_key(key)
+        name = prefix + escape_key(key)
         kind = type(value)
         if kind is dict and value:
             out.update(flatten(value, name + "."))
@@ -52,7 +53,7 @@ def flatten(metadata: dict[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
 
 def cell(value: Any) -> Any:
     """A value as a spreadsheet may open it safely (see the module's notes)."""
-    if type(value) is str and value.startswith(_FORMULA_STARTS):
+    if type(value) is str and value.startswith(FORMULA_STARTS):
         return "'" + value
     return value
 
@@ -99,36 +100,24 @@ def iso(ms: int) -> str:
     )
 
 
-def write_csv(rows: Iterator[bytes], out: IO[bytes], metadata: MetadataColumns) -> None:
-    chosen = metadata.chosen()
-    other = metadata.overflow()
-    columns = [*BASE_COLUMNS, *chosen, *([OTHER_COLUMN] if other else [])]
-    position = {name: i for i, name in enumerate(columns)}
-    blank = [""] * len(columns)
-    text = io.TextIOWrapper(out, encoding="utf-8", newline="", write_through=False)
-    writer = csv.writer(text)
-    writer.writerow(columns)
-    loads = orjson.loads
-    for data in rows:
-        entry = loads(data)
-        row = blank.copy()
-        ts = entry["timestamp"]
-        row[0] = cell(entry.get("entryId", ""))
-        row[1] = cell(entry.get("userId", ""))
-        row[2] = cell(entry.get("action", ""))
-        row[3] = ts
-        row[4] = iso(ts)
-        fields = entry.get("metadata")
-        if type(fields) is dict:
-            rest: dict[str, Any] = {}
-            for name, value in flatten(fields).items():
-                at = position.get(name)
-                if at is None:
-                    rest[name[len(PREFIX) :]] = value
-                else:
-                    row[at] = cell(value)
-            if rest:
-                row[-1] = orjson.dumps(rest).decode()
-        writer.writerow(row)
-    text.flush()
-    text.detach()
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The CSV's columns, known once every entry's metadata is counted."""
+
+    columns: tuple[str, ...]
+    other: bool  # the last column is otherMetadata
+
+    @classmethod
+    def of(cls, metadata: MetadataColumns) -> Layout:
+        other = metadata.overflow()
+        columns = (*BASE_COLUMNS, *metadata.chosen(), *([OTHER_COLUMN] if other else []))
+        return cls(columns, other)
+
+    def header(self) -> bytes:
+        return self.rows_text([list(self.columns)])
+
+    @staticmethod
+    def rows_text(rows: list[list[Any]]) -> bytes:
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows(rows)
+        return text.getvalue().encode()

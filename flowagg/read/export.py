@@ -22,7 +22,7 @@ import orjson
 
 from flowagg.core.errors import EXIT_USAGE, FlowaggError
 from flowagg.core.fsutil import FILE_MODE, TEMP_MARK, fsync_dir
-from flowagg.read.csv_export import MetadataColumns
+from flowagg.read.csv_export import KEY_BYTES, MetadataColumns
 from flowagg.read.selection import Batch, Selection, Skipped, read_batch
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -35,8 +35,7 @@ WRITE_BLOCK_LINES = 4096
 # Stored order is (batch number, place in the batch), so a worker that reads some batches
 # makes their lines without knowing how many entries the batches before them hold.
 _TS_OFFSET = 1 << 63  # timestamps below zero still sort first
-_KEY = b"%016x%012x%08x"
-KEY_BYTES = 36
+_KEY = b"%016x%012x%08x"  # KEY_BYTES long
 _MAX_TS = (1 << 63) - 1
 
 
@@ -127,17 +126,26 @@ class Sorter:
 
     def sorted(self) -> Iterator[bytes]:
         """Entry JSON lines (newline-terminated), in order."""
+        for line in self.keyed():
+            yield line[KEY_BYTES:]
+
+    def keyed(self) -> Iterator[bytes]:
+        """The lines in order, each still behind its sort key."""
         if not self.runs:
             self.run.sort()
-            for line in self.run:
-                yield line[KEY_BYTES:]
+            yield from self.run
             return
         if self.run:
             self._spill()
         with contextlib.ExitStack() as stack:
             files = [stack.enter_context(p.open("rb")) for p in self.runs]
-            for line in heapq.merge(*files):
-                yield line[KEY_BYTES:]
+            yield from heapq.merge(*files)
+
+    def blocks(self) -> Iterator[bytes]:
+        """The keyed lines in order, joined in blocks of WRITE_BLOCK_LINES."""
+        lines = self.keyed()
+        while block := b"".join(itertools.islice(lines, WRITE_BLOCK_LINES)):
+            yield block
 
 
 def write_jsonl(rows: Iterator[bytes], out: IO[bytes]) -> None:

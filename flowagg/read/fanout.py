@@ -11,15 +11,16 @@ runs in this process.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from flowagg.core.errors import FlowaggError
 
 if TYPE_CHECKING:
-    from concurrent.futures import Future
+    from concurrent.futures import Future, ProcessPoolExecutor
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -46,6 +47,30 @@ def worker_count() -> int:
     return min(count, MAX_WORKERS)
 
 
+def map_stream(
+    work: Callable[[T], R], items: Iterable[T], *, workers: int | None = None
+) -> Iterator[R]:
+    """work(item) for each item, in order, computed in worker processes; at most
+    IN_FLIGHT_PER_WORKER items per worker are out at a time, so `items` may be an endless
+    stream (made as the answers are taken)."""
+    workers = worker_count() if workers is None else workers
+    with _pool(workers) as pool:
+        if pool is None:
+            yield from map(work, items)
+            return
+        pending: collections.deque[Future[R]] = collections.deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(work, item))
+                if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def _run(work: Callable[[Sequence[T]], R], part: Sequence[T]) -> R:
     return work(part)
 
@@ -68,6 +93,32 @@ def map_chunks(
     size = max(1, min(most or CHUNK_FILES, -(-len(items) // (workers * IN_FLIGHT_PER_WORKER))))
     bounds = [(i, min(i + size, len(items))) for i in range(0, len(items), size)]
     workers = min(workers, len(bounds))
+    with _pool(workers) as pool:
+        if pool is None:
+            for start, stop in bounds:
+                part = items[start:stop]
+                yield part, work(part)
+            return
+        pending: collections.deque[tuple[Sequence[T], Future[R]]] = collections.deque()
+        try:
+            for start, stop in bounds:
+                part = items[start:stop]
+                pending.append((part, pool.submit(_run, work, part)))
+                if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                    part, future = pending.popleft()
+                    yield part, future.result()
+            while pending:
+                part, future = pending.popleft()
+                yield part, future.result()
+        finally:
+            # A reader that stops early (an error, a closed stdout) does not wait for the rest.
+            for _, future in pending:
+                future.cancel()
+
+
+@contextlib.contextmanager
+def _pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """A pool of `workers` forked processes, or None: the work is done in this process."""
     # Imported here: `flowagg add` loads the read modules' names, never a pool.
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -76,9 +127,7 @@ def map_chunks(
     # Workers are forked, so they start at once with the modules and settings already loaded
     # (a spawned worker would import flowagg again, a third of a second per core).
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        for start, stop in bounds:
-            part = items[start:stop]
-            yield part, work(part)
+        yield None
         return
     context = multiprocessing.get_context("fork")
     # A task carries its own items (a few kB pickled) and a worker never touches the parent's
@@ -89,24 +138,9 @@ def map_chunks(
     gc.freeze()
     try:
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            pending: collections.deque[tuple[Sequence[T], Future[R]]] = collections.deque()
-            try:
-                for start, stop in bounds:
-                    part = items[start:stop]
-                    pending.append((part, pool.submit(_run, work, part)))
-                    if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                        part, future = pending.popleft()
-                        yield part, future.result()
-                while pending:
-                    part, future = pending.popleft()
-                    yield part, future.result()
-            finally:
-                # A reader that stops early (an error, a closed stdout) does not wait for the
-                # rest.
-                for _, future in pending:
-                    future.cancel()
+            yield pool
     except BrokenProcessPool:
-        # Killed from outside (the kernel's OOM killer, say): its files' answers are lost, so
+        # Killed from outside (the kernel's OOM killer, say): its items' answers are lost, so
         # the command cannot finish, but it says so in one line, not a traceback.
         raise FlowaggError(
             "a worker process of this command was killed before it answered (out of memory?);"
