@@ -34,6 +34,7 @@ from .common import BASE_TS, MB, Bench, clean_env
 
 PER_FILE = 50
 RATIO_GOAL = 0.5
+CSV_RATIO_GOAL = 0.3  # issue #26: CSV formats every cell, so its goal is lower
 MEMORY_GOAL_MB = 100.0
 SPAN_MS = 90 * 86_400_000  # timestamps spread over 90 days
 
@@ -43,6 +44,7 @@ class Command:
     key: str
     label: str
     args: tuple[str, ...]
+    goal: float = RATIO_GOAL  # the least ratio to the bare loop that meets the goal
 
 
 def commands(out_dir: Path) -> list[Command]:
@@ -58,6 +60,7 @@ def commands(out_dir: Path) -> list[Command]:
             "export_csv",
             "export csv",
             ("export", "--format", "csv", "-o", str(out_dir / "out.csv")),
+            CSV_RATIO_GOAL,
         ),
         Command("report", "report --by user,day", ("report", "--by", "user,day", "--json")),
     ]
@@ -243,7 +246,7 @@ def data_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
     for cmd in commands(Path("out")):
         ratio = m(f"data.{cmd.key}.ratio")
         pss = m(f"data.{cmd.key}.pss")
-        ok_ratio, ok_pss = at_least(ratio, RATIO_GOAL), below(pss, MEMORY_GOAL_MB)
+        ok_ratio, ok_pss = at_least(ratio, cmd.goal), below(pss, MEMORY_GOAL_MB)
         ok = None if ok_ratio is None or ok_pss is None else ok_ratio and ok_pss
         rows.append(
             (
@@ -253,7 +256,7 @@ def data_rows(b: Bench) -> list[tuple[str, str, str, str, str]]:
                 f"CPU {fmt(m(f'data.{cmd.key}.cpu_us'), ' us', 2)}/entry (all processes)",
                 f"bare orjson.loads loop:\n{fmt_rate(m(f'data.{cmd.key}.bare'))}\n"
                 f"CPU {fmt(m(f'data.{cmd.key}.bare_cpu_us'), ' us', 2)}/entry",
-                f"ratio {fmt(ratio)} (goal >= {RATIO_GOAL})\nPSS goal < {MEMORY_GOAL_MB:.0f} MB",
+                f"ratio {fmt(ratio)} (goal >= {cmd.goal})\nPSS goal < {MEMORY_GOAL_MB:.0f} MB",
                 f"{verdict(ok)}\nratio {verdict(ok_ratio)}, PSS {verdict(ok_pss)}",
             )
         )
