@@ -82,7 +82,7 @@ entries = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(st.lists(entries, max_size=8), st.integers(0, 6))
 @example([{"timestamp": 0, "userId": "a,b", "metadata": {"x": 'q"'}}], 1)
 def test_block_rows_are_the_csv_modules_rows(batch: list[dict[str, Any]], kept: int) -> None:
