@@ -60,11 +60,14 @@ class Selection:
 
         def match(entry: dict[str, Any]) -> bool:
             ts = entry.get("timestamp")
+            user, action = entry.get("userId"), entry.get("action")
+            # A damaged file's userId or action can be a list or an object: never selected,
+            # and no `in` on a set, where it is unhashable.
             return (
                 isinstance(ts, int)
                 and since <= ts < until
-                and (not users or entry.get("userId") in users)
-                and (not actions or entry.get("action") in actions)
+                and (not users or (isinstance(user, str) and user in users))
+                and (not actions or (isinstance(action, str) and action in actions))
             )
 
         return match

@@ -290,3 +290,14 @@ def test_csv_with_thousands_of_distinct_keys_stays_proportional(tmp_path: Path) 
         value = row[column] if column in row else orjson.loads(row["otherMetadata"])[column[9:]]
         assert int(value) == i
         assert row["metadata.duration"] == "60"
+
+
+def test_a_selection_skips_entries_whose_user_or_action_is_not_text() -> None:
+    # A damaged file's list or object here made `report --action` die with a TypeError.
+    match = Selection(users=frozenset({"u"}), actions=frozenset({"a"})).matcher()
+    assert match is not None
+    good = {"timestamp": 1, "userId": "u", "action": "a"}
+    assert match(good)
+    for odd in ([], ["u"], {"x": 1}, None, 5):
+        assert not match({**good, "userId": odd})
+        assert not match({**good, "action": odd})
