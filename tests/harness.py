@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import psutil
 
 from flowagg.batches.storage import iter_batch_files, read_batch
 from flowagg.core.layout import Layout
+from flowagg.service.ops import FLUSH_REPLY_WAIT_S
 
 READY_TIMEOUT_S = 30.0
 BASE_TS = 1_704_067_200_000
@@ -189,3 +191,35 @@ def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.02) -> A
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         time.sleep(interval)
+
+
+def flush_request(layout: Layout) -> dict[str, Any]:
+    return request(layout.socket, {"op": "flush"}, timeout=FLUSH_REPLY_WAIT_S + 30)
+
+
+def stored_files(layout: Layout) -> int:
+    return len(iter_batch_files(layout))
+
+
+def flush_all(
+    layout: Layout,
+    stall_s: float = 60.0,
+    flush: Callable[[Layout], dict[str, Any]] = flush_request,
+    stored: Callable[[Layout], int] = stored_files,
+) -> None:
+    """Flush until the daemon answers that every acknowledged entry is stored, however long
+    that takes: --kills 1000 leaves tens of thousands buffered, more than one flush reply
+    waits for. A "still running" answer is fine while batch files keep appearing; the wait
+    fails once none appeared for `stall_s`, or on any other answer."""
+    count = stored(layout)
+    deadline = time.monotonic() + stall_s
+    while True:
+        reply = flush(layout)
+        if reply.get("ok"):
+            return
+        assert "still running" in str(reply.get("error")), reply
+        now = stored(layout)
+        if now > count:
+            count, deadline = now, time.monotonic() + stall_s
+        elif time.monotonic() > deadline:
+            raise TimeoutError(f"no batch file stored in {stall_s} s of flushing: {reply}")

@@ -34,8 +34,7 @@ from flowagg.batches.storage import CorruptBatch, iter_batch_files, read_batch
 from flowagg.cli.client import write_spool_file
 from flowagg.core.layout import Layout
 from flowagg.journal.public import list_segments
-from flowagg.service.ops import FLUSH_REPLY_WAIT_S
-from tests.harness import BASE_TS, DaemonProc, request
+from tests.harness import BASE_TS, DaemonProc, flush_all
 
 SETTINGS = {
     "batchSize": 7,
@@ -333,38 +332,6 @@ def wait_for_intake(
         if now[0] < left[0] or now[1] < left[1]:
             deadline = time.monotonic() + stall_s
         left = now
-
-
-def flush_request(layout: Layout) -> dict[str, Any]:
-    return request(layout.socket, {"op": "flush"}, timeout=FLUSH_REPLY_WAIT_S + 30)
-
-
-def stored_files(layout: Layout) -> int:
-    return len(iter_batch_files(layout))
-
-
-def flush_all(
-    layout: Layout,
-    stall_s: float = 60.0,
-    flush: Callable[[Layout], dict[str, Any]] = flush_request,
-    stored: Callable[[Layout], int] = stored_files,
-) -> None:
-    """Flush until the daemon answers that every acknowledged entry is stored, however long
-    that takes: --kills 1000 leaves tens of thousands buffered, more than one flush reply
-    waits for. A "still running" answer is fine while batch files keep appearing; the wait
-    fails once none appeared for `stall_s`, or on any other answer."""
-    count = stored(layout)
-    deadline = time.monotonic() + stall_s
-    while True:
-        reply = flush(layout)
-        if reply.get("ok"):
-            return
-        assert "still running" in str(reply.get("error")), reply
-        now = stored(layout)
-        if now > count:
-            count, deadline = now, time.monotonic() + stall_s
-        elif time.monotonic() > deadline:
-            raise TimeoutError(f"no batch file stored in {stall_s} s of flushing: {reply}")
 
 
 def run_torture(

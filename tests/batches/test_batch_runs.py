@@ -36,7 +36,7 @@ from flowagg.core.layout import Layout
 from flowagg.delivery.flusher import Flusher, Stored
 from flowagg.delivery.sink import CircuitBreaker, Completer, GuardedSink
 from tests.faults import FaultInjector
-from tests.harness import DaemonProc, entry, request, stored_id_counts, wait_for
+from tests.harness import DaemonProc, entry, flush_all, request, stored_id_counts, wait_for
 
 WAIT_S = 20.0
 RUN = 40
@@ -290,8 +290,7 @@ def test_killing_a_daemon_while_runs_are_written(tmp_path: Path) -> None:
         daemon.kill()
     daemon = DaemonProc(root, settings).wait_ready()
     try:
-        reply = request(daemon.layout.socket, {"op": "flush"})
-        assert reply["ok"], reply
+        flush_all(daemon.layout)  # thousands of 3-entry batches: longer than one reply waits
     finally:
         assert daemon.stop() == 0
     counts = stored_id_counts(root)

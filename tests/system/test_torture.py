@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from flowagg.core.layout import Layout
-from tests.torture import flush_all, run_torture, wait_for_intake
+from tests.harness import flush_all
+from tests.torture import run_torture, wait_for_intake
 
 # 200 kills in CI (SPEC §12); raise it locally with TORTURE_KILLS or use scripts/torture.
 KILLS = int(os.environ.get("TORTURE_KILLS", "200"))
