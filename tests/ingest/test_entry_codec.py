@@ -69,6 +69,15 @@ def outcome_of_codec(line: bytes) -> tuple[bool, list[tuple[Any, ...]] | None]:
     decoded = decode_add(line)
     if decoded is None:
         return False, outcome_of_validator(line)
+    valid = compiled_answer(decoded)
+    if valid is None:
+        return False, validate_all(decoded.plain())
+    return True, valid
+
+
+def compiled_answer(decoded: list[Any]) -> list[tuple[Any, ...]] | None:
+    """The compiled checks' answer for decoded entries, None when they leave them to the
+    validator."""
     ids = itertools.count()
     valid = check_decoded(
         decoded,
@@ -77,9 +86,7 @@ def outcome_of_codec(line: bytes) -> tuple[bool, list[tuple[Any, ...]] | None]:
         new_id=lambda: f"gen-{next(ids)}",
         redact=Redactor().metadata_many,
     )
-    if valid is None:
-        return False, validate_all(decoded.plain())
-    return True, list(valid)
+    return None if valid is None else list(valid)
 
 
 # -- inputs: mostly near-valid entries, with every rule's edge in reach ----------------------

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import threading
@@ -22,14 +21,13 @@ import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from flowagg.core.redact import Redactor
 from flowagg.ingest import entry_check, spool_watch
-from flowagg.ingest.entry_codec import check_decoded, decode_lines
+from flowagg.ingest.entry_codec import decode_lines
 from tests.ingest.test_entry_codec import (
     DAY,
-    MAX_BYTES,
     META_KEYS,
     NOW,
+    compiled_answer,
     entries,
     json_values,
     validate_all,
@@ -44,17 +42,7 @@ def compiled(lines: list[bytes]) -> list[tuple[Any, ...]] | None:
     """The compiled path's answer for a chunk's lines, None when it leaves them to the
     validator."""
     decoded = decode_lines(lines)
-    if decoded is None:
-        return None
-    ids = itertools.count()
-    valid = check_decoded(
-        decoded,
-        now_ms=NOW,
-        max_entry_bytes=MAX_BYTES,
-        new_id=lambda: f"gen-{next(ids)}",
-        redact=Redactor().metadata_many,
-    )
-    return None if valid is None else list(valid)
+    return None if decoded is None else compiled_answer(decoded)
 
 
 # Entries whose rules hold apart from their metadata's, so that whole chunks of them reach
