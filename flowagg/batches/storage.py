@@ -186,12 +186,26 @@ def common_prefix(a: list[str], b: list[str]) -> int:
     return n
 
 
-def named_on_disk(layout: Layout, batch_id: str) -> bool:
-    """Whether any place a batch with this id may lie holds a name (a link or odd file too).
+@dataclasses.dataclass(frozen=True)
+class BatchNames:
+    """The folders a batch may lie in, as text: the flusher looks up every fresh batch's
+    names, and Path objects cost more than the five lstats (find_completed)."""
 
-    Checked before every fresh batch is delivered or written, so text, as find_completed.
-    """
-    return any(os.path.lexists(name) for name in _location_names(layout, batch_id))
+    aggregated: str
+    recovery: str
+    abandoned: str
+
+    @classmethod
+    def of(cls, layout: Layout) -> BatchNames:
+        return cls(str(layout.aggregated), str(layout.recovery), str(layout.abandoned))
+
+    def taken(self, batch_id: str) -> bool:
+        """Whether any place a batch with this id may lie holds a name (odd files too)."""
+        stem = f"{self.aggregated}/batch_{batch_id}"
+        return any(os.path.lexists(stem + suffix) for suffix in SUFFIXES.values()) or (
+            os.path.lexists(f"{self.recovery}/{batch_id}.failed.json")
+            or os.path.lexists(f"{self.abandoned}/{batch_id}.abandoned.json")
+        )
 
 
 def _location_names(layout: Layout, batch_id: str) -> list[str]:

@@ -37,7 +37,7 @@ from typing import TypeVar
 
 from flowagg.batches.batch_runs import MAX_RUN, STAGE_WORKERS, Staged, Stager, stage
 from flowagg.batches.replayed import find_stored
-from flowagg.batches.storage import Batch, CompletedFiles, named_on_disk
+from flowagg.batches.storage import Batch, BatchNames, CompletedFiles
 from flowagg.core.clock import Clock
 from flowagg.core.errors import AmbiguousDelivery, CircuitOpenError
 from flowagg.core.fsutil import fsync_dir
@@ -102,7 +102,7 @@ class Flusher:
         spawn: Spawn = plain_thread,
         writers: int = STAGE_WORKERS,
     ) -> None:
-        self.layout = layout
+        self.layout, self._names = layout, BatchNames.of(layout)
         self.clock = clock
         self.immediate_retries = immediate_retries
         self.parking = Parking(layout, next_retry_at)
@@ -172,9 +172,9 @@ class Flusher:
         A batch that may be stored already, or whose name is on disk (a damaged journal lost
         the cut that named it), is looked for first, alone: a batch file is never replaced.
         """
-        started, root = self.clock.monotonic(), self.layout
+        started, names = self.clock.monotonic(), self._names
         while run:
-            look = (n for n, b in enumerate(run) if b.look_first or named_on_disk(root, b.batch_id))
+            look = (n for n, b in enumerate(run) if b.look_first or names.taken(b.batch_id))
             n = next(look, len(run))
             if n and not self._store_fresh(run[:n], started):
                 return False
