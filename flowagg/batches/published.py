@@ -1,8 +1,12 @@
-"""At start, for journals an older flowagg wrote: batches stored without a journaled cut.
+"""At start: batches stored without a journaled cut.
 
 Version 1 journals hold no cut records, so where such a batch ended is guessed from the
-files found. Journals of version 2 never need this: every batch's cut is on record before
-the batch leaves the daemon, and a start rebuilds exactly those (aggregator.replay).
+files found. In journals of version 2 every batch's cut is on record before the batch leaves
+the daemon, and a start rebuilds exactly those (aggregator.replay); a batch stored beyond
+them means a damaged tail took its cut, its done record and perhaps entries that only the
+batch still holds. Every start looks (one name per suffix when nothing is there): the start
+that set the damage aside may end before its findings are journaled, and a later one must
+decide the same, or it would cut the survivors anew under the stored batch's id.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from flowagg.batches.aggregator import Aggregator
 from flowagg.batches.storage import (
     CorruptBatch,
+    common_prefix,
     existing_locations,
     find_completed,
     make_batch_id,
@@ -37,13 +42,19 @@ def skip_uncut(
     scan: ScanResult,
     append_done: Callable[[int, str], None],
 ) -> tuple[int, int]:
-    """`skip_published` over the backlog an older flowagg journaled without cuts, if any."""
-    until = scan.uncut_until
-    if scan.cuts:
-        until = min(until, scan.cuts[0].first_seq - 1)
+    """`skip_published` over the backlog before the first journaled cut, if any."""
+    until = scan.cuts[0].first_seq - 1 if scan.cuts else scan.next_seq - 1
     if scan.backlog is None or until <= scan.done_seq:
         return 0, scan.done_seq
-    return skip_published(layout, clock, aggregator, scan.backlog, append_done, until_seq=until)
+    return skip_published(
+        layout,
+        clock,
+        aggregator,
+        scan.backlog,
+        append_done,
+        until_seq=until,
+        guess_until=min(until, scan.uncut_until),
+    )
 
 
 def skip_published(
@@ -54,14 +65,20 @@ def skip_published(
     append_done: Callable[[int, str], None],
     *,
     until_seq: int,
+    guess_until: int | None = None,
 ) -> tuple[int, int]:
     """Find batches stored after the last durable done record; their entries are done.
 
     Batch ids follow from the journal (first entry's arrival ms and seq), so each check is
-    one lookup by name. A stored batch found here is trusted only if its entryIds are
-    exactly the next entries of the journal. Only entries up to `until_seq` (those no cut
-    covers) are looked at. Returns (batches found, last seq they hold).
+    one lookup by name. A stored batch found here is trusted only if its entryIds begin with
+    the next entries of the journal, and any others are ones the journal lost. Only entries
+    up to `until_seq` (those no cut covers) are looked at. Up to `guess_until` (journaled
+    without cuts) a bad or missing batch also sets aside the stored ones after it; beyond,
+    the flusher deals with it when it cuts the batch (None: `until_seq`). Returns
+    (batches found, last seq they hold).
     """
+    if guess_until is None:
+        guess_until = until_seq
     skipped = 0
     done_seq = 0
     pending: deque[tuple[int, int, str]] = deque()  # seq, t, entryId
@@ -98,6 +115,8 @@ def skip_published(
             if ids is not None:
                 break
             bad.append((path, reason))
+        if ids is None and seq > guess_until:
+            break  # the flusher looks again before it writes, and moves a bad copy aside
         if ids is None and bad:
             # The batches behind go first (this consumes `pending`): killed half way, the bad
             # one is still found at the next start.
@@ -138,6 +157,16 @@ def _matching_ids(
     # An empty one would mark nothing stored yet seem to: flowagg never writes one.
     if ids and journal_ids == ids:
         return ids, ""
+    held = common_prefix(ids, journal_ids)
+    if held and set(ids[held:]).isdisjoint(journal_ids[held:]):
+        # The rest are entries a damaged tail took from the journal: this file is their only
+        # copy, so it stays, and the journal's entries it holds are done.
+        log.warning(
+            "stored batch %s holds %d entries the journal lost; kept as it is",
+            path.name,
+            len(ids) - held,
+        )
+        return ids[:held], ""
     log.error("stored batch %s does not match the journal; leaving it", path.name)
     return None, "stored batch does not match the journal entries it is named after"
 

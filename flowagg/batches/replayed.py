@@ -5,15 +5,28 @@ lie on disk under its id (written, not yet marked done), or not (a hole: never w
 rename a power cut took). Found whole, it counts as stored; a copy that is damaged or holds
 other entries is moved to errors/ and the batch written again under its own id, from its own
 cut, with the same bytes. Batches after a hole stay where they are.
+
+The flusher also comes here for a fresh cut whose id is already on disk: a damaged journal
+tail lost the cut that named it. A batch file is never replaced by other entries: a copy
+that begins with the batch's entries keeps them (and those the journal lost), and the
+batch's entries it lacks are stored under the id the first of them gives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
-from flowagg.batches.storage import Batch, CorruptBatch, existing_locations, read_batch
+from flowagg.batches.storage import (
+    Batch,
+    CorruptBatch,
+    common_prefix,
+    existing_locations,
+    make_batch_id,
+    read_batch,
+)
 from flowagg.core.clock import Clock
 from flowagg.core.formats import NewerFormatError
 from flowagg.core.fsutil import fsync_dir, quarantine_file
@@ -40,8 +53,11 @@ def sync_folders(layout: Layout) -> None:
         fsync_dir(directory)
 
 
-def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
-    """Where the batch is stored whole, or None after moving every bad copy aside."""
+Found = tuple[Path, Batch | None]  # where the batch lies, and its entries the copy lacks
+
+
+def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Found | None:
+    """Where the batch is stored, or None after moving every bad copy aside."""
     while True:
         # A copy moved meanwhile (the recovery loop completed or abandoned a failed one) went
         # to a place perhaps looked at already: look everywhere again.
@@ -49,14 +65,14 @@ def find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
             return _find_stored(layout, clock, batch)
 
 
-def _find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
+def _find_stored(layout: Layout, clock: Clock, batch: Batch) -> Found | None:
     for path in existing_locations(layout, batch.batch_id):
         try:
             ids = [entry["entryId"] for entry in read_batch(path)["entries"]]
         except NewerFormatError:
             # A newer flowagg stored this batch: writing it again would replace its file.
             log.warning("batch %s: %s is of a newer format; taken as stored", batch.batch_id, path)
-            return path
+            return path, None
         except FileNotFoundError:
             raise
         except (CorruptBatch, OSError, KeyError, TypeError) as exc:
@@ -64,7 +80,20 @@ def _find_stored(layout: Layout, clock: Clock, batch: Batch) -> Path | None:
         else:
             if ids == batch.entry_ids or _holds_lost_entries(batch, ids):
                 log.info("batch %s was stored before the last stop", batch.batch_id)
-                return path
+                return path, None
+            held = common_prefix(ids, batch.entry_ids)
+            if held:
+                # Cut before a damaged journal tail took the cut record: entries only this
+                # copy holds may be among the rest, so it stays as it is.
+                log.error(
+                    "batch %s: %s holds %d of its %d entries and %d others; kept",
+                    batch.batch_id,
+                    path.name,
+                    held,
+                    batch.count,
+                    len(ids) - held,
+                )
+                return path, _rest(batch, held, set(ids))
             reason = "stored batch does not hold the entries its journaled cut names"
         log.error("batch %s: %s: %s", batch.batch_id, path.name, reason)
         try:
@@ -87,3 +116,25 @@ def _holds_lost_entries(batch: Batch, ids: list[str]) -> bool:
         return False
     stored = iter(ids)
     return all(entry_id in stored for entry_id in batch.entry_ids)  # in order
+
+
+def _rest(batch: Batch, held: int, stored: set[str]) -> Batch | None:
+    """The batch's entries after the first `held` that are not `stored`, as a batch of
+    their own, or None.
+
+    Its id is the batch's arrival ms with the seq `held` past the batch's first: the same at
+    every start (a crash before the batch's done record comes here again and finds it), and
+    inside the batch's journaled span, which no other cut may start in.
+    """
+    kept = [n for n in range(held, batch.count) if batch.entry_ids[n] not in stored]
+    if not kept:
+        return None
+    first_ms = int(batch.batch_id.split("_", 1)[0])
+    return dataclasses.replace(
+        batch,
+        batch_id=make_batch_id(first_ms, batch.first_seq + held),
+        entries=[batch.entries[n] for n in kept],
+        first_seq=batch.first_seq + held,
+        entry_ids=[batch.entry_ids[n] for n in kept],
+        look_first=True,
+    )

@@ -176,13 +176,50 @@ def find_completed(layout: Layout, batch_id: str) -> Path | None:
     return None
 
 
+def common_prefix(a: list[str], b: list[str]) -> int:
+    """How many entryIds two batches share from their first on."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNames:
+    """The folders a batch may lie in, as text: the flusher looks up every fresh batch's
+    names, and Path objects cost more than the five lstats (find_completed)."""
+
+    aggregated: str
+    recovery: str
+    abandoned: str
+
+    @classmethod
+    def of(cls, layout: Layout) -> BatchNames:
+        return cls(str(layout.aggregated), str(layout.recovery), str(layout.abandoned))
+
+    def taken(self, batch_id: str) -> bool:
+        """Whether any place a batch with this id may lie holds a name (odd files too)."""
+        stem = f"{self.aggregated}/batch_{batch_id}"
+        return any(os.path.lexists(stem + suffix) for suffix in SUFFIXES.values()) or (
+            os.path.lexists(f"{self.recovery}/{batch_id}.failed.json")
+            or os.path.lexists(f"{self.abandoned}/{batch_id}.abandoned.json")
+        )
+
+
+def _location_names(layout: Layout, batch_id: str) -> list[str]:
+    stem = os.path.join(layout.aggregated, f"batch_{batch_id}")
+    return [
+        *(stem + suffix for suffix in SUFFIXES.values()),
+        os.path.join(layout.recovery, f"{batch_id}.failed.json"),
+        os.path.join(layout.abandoned, f"{batch_id}.abandoned.json"),
+    ]
+
+
 def batch_locations(layout: Layout, batch_id: str) -> list[Path]:
     """Every place a batch with this id may lie once stored."""
-    return [
-        *(layout.aggregated / batch_file_name(batch_id, c) for c in SUFFIXES),
-        layout.recovery / f"{batch_id}.failed.json",
-        layout.abandoned / f"{batch_id}.abandoned.json",
-    ]
+    return [Path(name) for name in _location_names(layout, batch_id)]
 
 
 def find_batch(layout: Layout, batch_id: str) -> Path | None:

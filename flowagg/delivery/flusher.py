@@ -37,7 +37,7 @@ from typing import TypeVar
 
 from flowagg.batches.batch_runs import MAX_RUN, STAGE_WORKERS, Staged, Stager, stage
 from flowagg.batches.replayed import find_stored
-from flowagg.batches.storage import Batch, CompletedFiles
+from flowagg.batches.storage import Batch, BatchNames, CompletedFiles
 from flowagg.core.clock import Clock
 from flowagg.core.errors import AmbiguousDelivery, CircuitOpenError
 from flowagg.core.fsutil import fsync_dir
@@ -102,7 +102,7 @@ class Flusher:
         spawn: Spawn = plain_thread,
         writers: int = STAGE_WORKERS,
     ) -> None:
-        self.layout = layout
+        self.layout, self._names = layout, BatchNames.of(layout)
         self.clock = clock
         self.immediate_retries = immediate_retries
         self.parking = Parking(layout, next_retry_at)
@@ -169,13 +169,26 @@ class Flusher:
     def _store_run(self, run: list[Batch]) -> bool:
         """Store `run` in order; False when a stop gave up on a batch (it stays journaled).
 
-        With a sink, the run is delivered first (each batch with its inline retries), then
-        the accepted ones are written as a run; the first batch the sink did not take, and
-        every one after it, go one at a time.
+        A batch that may be stored already, or whose name is on disk (a damaged journal lost
+        the cut that named it), is looked for first, alone: a batch file is never replaced.
         """
-        started = self.clock.monotonic()
-        if run[0].look_first:
-            return self._store_replayed(run, started)
+        started, names = self.clock.monotonic(), self._names
+        while run:
+            look = (n for n, b in enumerate(run) if b.look_first or names.taken(b.batch_id))
+            n = next(look, len(run))
+            if n and not self._store_fresh(run[:n], started):
+                return False
+            if n == len(run):
+                return True
+            if self._store_looked(run[n], started) is None:
+                return False
+            run = run[n + 1 :]
+        return True
+
+    def _store_fresh(self, run: list[Batch], started: float) -> bool:
+        """With a sink, the run is delivered first (each batch with its inline retries), then
+        the accepted ones are written as a run; the first batch the sink did not take, and
+        every one after it, go one at a time."""
         files = self.completer.files
         if files is None:
             return self._store_each([(batch, None) for batch in run], started)
@@ -186,21 +199,25 @@ class Flusher:
         stored = self._write_run([a.batch for a in accepted], files, started, accepted)
         return self._store_each([(p.batch, p) for p in accepted[stored:] + rest], started)
 
-    def _store_replayed(self, run: list[Batch], started: float) -> bool:
-        """Batches rebuilt at start that may be stored already: stored ones are only reported,
-        the others stored one at a time (a sink may have taken them before the crash)."""
-        for n, batch in enumerate(run):
-            if not batch.look_first:
-                return self._store_run(run[n:])
-            path = find_stored(self.layout, self.clock, batch)
-            if path is not None:
-                self.found_at_start += 1
-                self._on_stored([(batch, path, 0.0)])
-                continue
-            pending = Pending(batch, b"", Delivery(possibly_delivered=self.completer.has_sink()))
-            if not self._store_each([(batch, pending)], started):
-                return False
-        return True
+    def _store_looked(self, batch: Batch, started: float, *, part: bool = False) -> Path | None:
+        """A batch that may be stored already is only reported; one not stored is stored alone
+        (a sink may have taken it before the crash). None when a stop gave up on it. `part`:
+        entries a copy under another batch's id lacked, stored but not reported."""
+        found, seconds = find_stored(self.layout, self.clock, batch), 0.0
+        if found is None:
+            delivery = Delivery(possibly_delivered=self.completer.has_sink())
+            path = self._store(batch, Pending(batch, b"", delivery))
+            seconds = self.clock.monotonic() - started
+        else:
+            path, rest = found
+            # The entries a copy under the batch's id lacks go under an id of their own first:
+            # the batch counts as stored (its done record) only once they are.
+            if rest is not None and self._store_looked(rest, started, part=True) is None:
+                return None
+            self.found_at_start += not part
+        if path is not None and not part:
+            self._on_stored([(batch, path, seconds)])
+        return path
 
     def _store_each(self, items: list[tuple[Batch, Pending | None]], started: float) -> bool:
         for batch, pending in items:

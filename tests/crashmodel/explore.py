@@ -102,6 +102,7 @@ class Recordings:
                 source.steps,
                 source.spool,
                 source.maintenance_s,
+                source.before,
             )
         return self._made[w.key]
 

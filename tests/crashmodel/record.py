@@ -152,9 +152,12 @@ def record(
     steps: list[Step],
     spool: list[list[dict[str, Any]]] = [],  # noqa: B006 - read only
     maintenance_s: float | None = None,
+    before: Callable[[Path], list[str]] | None = None,
 ) -> tuple[Recording, dict[str, Any]]:
     with short_run_dir() as run_dir:
         layout, settings, upfront = prepare_root(work, run_dir, template, settings, spool)
+        if before is not None:
+            upfront += before(layout.root)
         base = snapshot(layout.root, IGNORED)
         text, replies = traced_run(work, layout, settings, steps, maintenance_s)
     fs = Fs.from_state(base)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flowagg.journal.format import SEGMENT_PREFIX, SEGMENT_SUFFIX
-from tests.crashmodel.check import ANONYMOUS_MARK, SINK_FAILS, SINK_HOLDS
+from flowagg.core.layout import Layout
+from flowagg.journal.format import SEGMENT_PREFIX, SEGMENT_SUFFIX, list_segments
+from tests.crashmodel.check import ANONYMOUS_MARK, SINK_FAILS, SINK_HOLDS, short_run_dir
 from tests.crashmodel.record import Driver, Step
-from tests.harness import entry, request, wait_for
+from tests.harness import DaemonProc, entry, request, wait_for
 
 BASE = {"batchSize": 3, "maxAgeMs": 3_600_000, "spoolRescanMs": 50}
 # Directories whose unsynced names a start-up after a kill must cope with (SPEC §1.3, §4.2).
@@ -97,6 +99,35 @@ def compacted(d: Driver) -> None:
     wait_for(lambda: first not in segments(d.layout.journal), timeout=30)
 
 
+DAMAGED = {**BASE, "batchSize": 10}
+
+
+def stored_then_damaged(root: Path) -> list[str]:
+    """Before the recorded run, untraced: a0..a4 added by a run killed unflushed, a5..a9 by
+    the next one, whose size cut stores a0..a9 as one batch; then the journal loses that
+    run's records (adds, cut, done) to a torn tail. The stored batch is the only copy of
+    a5..a9, and the survivors a0..a4 would be cut anew under its id. Returns the ids the
+    runs had acknowledged."""
+    ids = [f"a{i}" for i in range(10)]
+    first = [entry(200 + i, entryId=key) for i, key in enumerate(ids)]
+    with short_run_dir() as run_dir:
+        settings = {**DAMAGED, "runDir": str(run_dir)}
+        log = root.parent / "before.log"
+        daemon = DaemonProc(root, settings, log_path=log).wait_ready()
+        assert request(daemon.layout.socket, {"op": "add", "entries": first[:5]})["ok"]
+        daemon.kill()
+        [segment] = list_segments(Layout(root).journal)
+        good = segment.stat().st_size
+        daemon = DaemonProc(root, settings, log_path=log).wait_ready()
+        assert request(daemon.layout.socket, {"op": "add", "entries": first[5:]})["ok"]
+        assert daemon.stop() == 0
+    with segment.open("r+b") as fh:
+        fh.truncate(good)
+        fh.seek(good)
+        fh.write(b'deadbeef {"k":"a","q":')
+    return ids
+
+
 @dataclasses.dataclass
 class Workload:
     name: str
@@ -112,6 +143,9 @@ class Workload:
     # answers lost to the crash): the dedupe index, committed only every so often, may have
     # lost them too, yet none may be stored twice.
     resend: bool = False
+    # Run on the root before the recorded run (untraced); returns the ids it acknowledged.
+    before: Callable[[Path], list[str]] | None = None
+    in_ci: bool = True  # False: only `scripts/torture --crash-states` explores it
 
     @property
     def key(self) -> str:
@@ -142,6 +176,16 @@ WORKLOADS = [
         {**BASE, "journalSegmentBytes": 4096, "dedupeWindowMs": 0},
         [adds(9, 9, 9, 9, 9), compacted],
         maintenance_s=0.2,
+    ),
+    # A damaged tail took a stored batch's cut: the batch must stay, with all it holds. Its
+    # two daemon runs before the recording cost CI seconds it has not got; the same sequence
+    # runs there in tests/system/test_crash_states.py.
+    Workload(
+        "damaged-tail",
+        DAMAGED,
+        [adds(5, 3, flush_after=(0,))],
+        before=stored_then_damaged,
+        in_ci=False,
     ),
     Workload("start-runs", {**BASE, "flushWriters": 4}, RUNS, restart=True, recording="runs"),
     Workload("start-spool", BASE, [], restart=True, recording="spool"),

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import orjson
+import pytest
 
 from flowagg.batches.storage import iter_batch_files, read_batch
 from flowagg.core.layout import Layout
@@ -186,3 +187,50 @@ def test_ids_added_after_a_damaged_journal_tail_are_remembered_by_later_starts(
     assert cli(root, "flush").returncode == 0
     assert daemon.stop() == 0
     assert stored_id_counts(root) == {e["entryId"]: 1 for e in first + later}
+
+
+DAMAGED = {**SETTINGS, "batchSize": 10}
+FIRST = [entry(i, entryId=f"a{i}") for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def damaged_tail(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One batch holding a0..a9 (the first run's a0..a4, killed unflushed, and the second
+    run's a5..a9) is stored; then the journal loses the second run's records: its adds, the
+    batch's cut and its done record. The stored file is the only copy of a5..a9."""
+    root = tmp_path_factory.mktemp("damaged") / "data"
+    layout = Layout(root)
+    daemon = start_daemon(root, DAMAGED)
+    add(root, FIRST[:5])
+    daemon.kill()
+    [segment] = list_segments(layout.journal)
+    good = segment.stat().st_size
+    daemon = start_daemon(root, DAMAGED)  # appends to the same segment
+    add(root, FIRST[5:])  # the size trigger cuts a0..a9 into one batch
+    assert daemon.stop() == 0
+    assert stored_id_counts(root) == {e["entryId"]: 1 for e in FIRST}
+    with segment.open("r+b") as fh:
+        fh.truncate(good)
+        fh.seek(good)
+        fh.write(b'deadbeef {"k":"a","q":')
+    return root
+
+
+@pytest.mark.parametrize("later", [3, 5], ids=["nothing-cut", "cut-at-the-damaged-start"])
+def test_a_stored_batch_holding_entries_a_damaged_tail_lost_is_kept(
+    damaged_tail: Path, root: Path, later: int
+) -> None:
+    """The start that finds the damage adds b0.., then is killed: with 3 nothing is cut, and
+    the next start re-cut a0..a4 under the stored batch's id and wrote it over the stored
+    file; with 5 that start cut a0..a4 and b0..b4 under it and moved the stored file aside.
+    Either way a5..a9, which only the stored file holds, must stay, and nothing be twice."""
+    shutil.copytree(damaged_tail, root, ignore=shutil.ignore_patterns("*.sock", "*.lock"))
+    more = [entry(20 + i, entryId=f"b{i}") for i in range(later)]
+    daemon = start_daemon(root, DAMAGED)
+    add(root, more)
+    daemon.kill()
+    daemon = start_daemon(root, DAMAGED)
+    add(root, FIRST + more)
+    assert cli(root, "flush").returncode == 0
+    assert daemon.stop() == 0
+    assert stored_id_counts(root) == {e["entryId"]: 1 for e in FIRST + more}
