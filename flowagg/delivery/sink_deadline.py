@@ -41,12 +41,14 @@ class Watchdog:
         deadline = Deadline(on_expiry)
         at = time.monotonic() + seconds
         with self._cond:
+            if not self._running:
+                # Running only once started: a start that failed (no thread left) fails this
+                # call, and the next one tries again rather than arm a deadline nobody keeps.
+                threading.Thread(target=self._run, name=self.name, daemon=True).start()
+                self._running = True
             earliest = not self._heap or at < self._heap[0][0]
             heapq.heappush(self._heap, (at, next(self._order), deadline))
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._run, name=self.name, daemon=True).start()
-            elif earliest:
+            if earliest:
                 self._cond.notify()
         return deadline
 

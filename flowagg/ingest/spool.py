@@ -179,9 +179,15 @@ class SpoolIntake:
     async def _deleted(self) -> None:
         """Wait for the deletion a step left running; shielded, so that a cancelled scan
         still ends it with its folder fsync."""
-        if self._deleting is not None:
-            await asyncio.shield(self._deleting)
-            self._deleting = None
+        deleting = self._deleting
+        if deleting is not None:
+            try:
+                await asyncio.shield(deleting)
+            finally:
+                # Failed, it is reported once: kept, it would fail every scan after it, and
+                # its files are adopted still, for the next rescan to delete.
+                if deleting.done():
+                    self._deleting = None
 
     async def _delete(self, adopted: list[str]) -> None:
         for name in await asyncio.to_thread(self._delete_durably, adopted):

@@ -95,9 +95,13 @@ class MetadataColumns:
 
 
 def iso(ms: int) -> str:
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(
-        timespec="milliseconds"
-    )
+    """The time cell; empty for a timestamp no date can show (before the year 1 or after
+    9999, found in a damaged file): the timestamp cell beside it still holds the number."""
+    try:
+        moment = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    except (ValueError, OverflowError, OSError):
+        return ""
+    return moment.isoformat(timespec="milliseconds")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ from flowagg.read.selection import Batch, Selection, Skipped, read_batch
 
 DIMENSIONS = ("user", "action", "task", "day")
 NO_TASK = "(none)"
+NO_TIME = "(no time)"
 
 
 def parse_by(text: str) -> tuple[str, ...]:
@@ -34,13 +35,16 @@ def _day_key() -> Callable[[dict[str, Any]], str]:
     def day(entry: dict[str, Any]) -> str:
         ts = entry.get("timestamp")
         if type(ts) is not int:
-            return "(no time)"
+            return NO_TIME
         index = ts // 86_400_000
         name = days.get(index)
         if name is None:
-            name = days[index] = (
-                datetime.datetime.fromtimestamp(index * 86_400, datetime.UTC).date().isoformat()
-            )
+            try:
+                moment = datetime.datetime.fromtimestamp(index * 86_400, datetime.UTC)
+                name = moment.date().isoformat()
+            except (ValueError, OverflowError, OSError):
+                name = NO_TIME  # before the year 1 or after 9999: no day can name it
+            days[index] = name
         return name
 
     return day

@@ -17,6 +17,7 @@ from flowagg.core.clock import FakeClock
 from flowagg.core.errors import AmbiguousDelivery, CircuitOpenError, PermanentError, TransientError
 from flowagg.delivery.sink import CircuitBreaker, GuardedSink
 from flowagg.delivery.sink_command import CommandSink
+from flowagg.delivery.sink_deadline import Watchdog
 from flowagg.delivery.sink_http import HttpSink
 from tests.sinkserver import Receiver
 
@@ -198,6 +199,29 @@ def test_http_deliveries_share_one_deadline_thread(
     for _ in range(20):
         sink.deliver("1_1", BATCH)
     assert len(started) <= 1, started
+
+
+def test_deadlines_are_kept_after_the_watchdog_thread_failed_to_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its thread could not start once (no thread left, say): that delivery fails, but later
+    deadlines must still be kept, or a hung sink holds the flusher for good."""
+    start = threading.Thread.start
+    refused: list[str] = []
+
+    def start_or_refuse(thread: threading.Thread) -> None:
+        if thread.name == "test-deadline" and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_refuse)
+    watchdog = Watchdog("test-deadline")
+    with pytest.raises(RuntimeError):
+        watchdog.arm(0.01, lambda: None)
+    expired = threading.Event()
+    watchdog.arm(0.01, expired.set)
+    assert expired.wait(5.0)
 
 
 def test_http_timeout_is_a_total_deadline(receiver: Receiver) -> None:

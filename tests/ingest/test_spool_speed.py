@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -21,7 +22,7 @@ import orjson
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from flowagg.ingest import entry_check, spool_watch
+from flowagg.ingest import entry_check, spool, spool_watch
 from flowagg.ingest.entry_codec import decode_lines
 from tests.ingest.test_entry_codec import (
     DAY,
@@ -205,3 +206,32 @@ def test_a_burst_of_inbox_events_wakes_the_loop_once(tmp_path: Path, monkeypatch
             await watch.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_failed_deletion_is_tried_again_and_the_intake_goes_on(
+    root: Path, monkeypatch: Any
+) -> None:
+    """A step's deletion that fails outright (no thread can be started, say) leaves its files
+    adopted for the next rescan: it must not fail every scan after it."""
+    real = spool.unlink_side_by_side
+    calls = [0]
+
+    def unlink_side_by_side(folder: Path, adopted: list[str]) -> list[str]:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("can't start new thread")
+        return real(folder, adopted)
+
+    monkeypatch.setattr(spool, "unlink_side_by_side", unlink_side_by_side)
+
+    async def scenario(rig: Rig) -> None:
+        (rig.layout.inbox / "a.jsonl").write_bytes(line(0) + b"\n")
+        with contextlib.suppress(RuntimeError):  # the scan it happened in may say so
+            await rig.scan()
+        assert calls[0] == 1
+        (rig.layout.inbox / "b.jsonl").write_bytes(line(1) + b"\n")
+        await rig.scan()
+        assert rig.left() == []
+
+    run(root, scenario)
+    assert Rig(root).stored() == {"e0": 1, "e1": 1}

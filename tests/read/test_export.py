@@ -12,7 +12,10 @@ from typing import Any
 
 import orjson
 import pytest
+from click.testing import CliRunner
 
+from flowagg.cli.main import main
+from flowagg.read import fanout
 from flowagg.read.batchread import AGGREGATED, BatchPath
 from flowagg.read.export import Sorter, lines_of_batches
 from flowagg.read.selection import Selection, Skipped
@@ -301,3 +304,31 @@ def test_a_selection_skips_entries_whose_user_or_action_is_not_text() -> None:
     for odd in ([], ["u"], {"x": 1}, None, 5):
         assert not match({**good, "userId": odd})
         assert not match({**good, "action": odd})
+
+
+def test_a_timestamp_no_date_can_show_is_exported_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A damaged file's integer timestamp past the year 9999 or before the year 1 passes
+    # export's check; csv's time cell and report's day died on it with a ValueError.
+    monkeypatch.setattr(fanout, "worker_count", lambda: 1)  # in this process: cheap
+    r = Root(tmp_path / "root")
+    entries = [make_entry(i) for i in range(3)]
+    entries[1]["timestamp"] = 10**15
+    entries[2]["timestamp"] = -(10**15)
+    r.batch(entries)
+    r.write_journal()
+    runner = CliRunner()
+    root = ["--root", str(r.layout.root)]
+    result = runner.invoke(main, [*root, "export", "--format", "csv"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [(row["timestamp"], row["time"]) for row in rows] == [
+        (str(-(10**15)), ""),
+        (str(entries[0]["timestamp"]), "2024-01-01T00:00:00.000+00:00"),
+        (str(10**15), ""),
+    ]
+    result = runner.invoke(main, [*root, "report", "--by", "day", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    groups = orjson.loads(result.stdout)["groups"]
+    assert {g["key"]["day"]: g["entries"] for g in groups} == {"2024-01-01": 1, "(no time)": 2}
