@@ -89,10 +89,16 @@ def size(count: int | None) -> str:
     return f"{count} B"
 
 
-def iso(ms: int | None) -> str:
-    if ms is None:
+def iso(ms: object) -> str:
+    """A time from a file read back (a health snapshot may be damaged): "unknown" unless it
+    is a number of milliseconds a date can show."""
+    if not isinstance(ms, int | float) or isinstance(ms, bool):
         return "unknown"
-    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(timespec="seconds")
+    try:
+        when = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+    except (ValueError, OverflowError, OSError):
+        return "unknown"
+    return when.isoformat(timespec="seconds")
 
 
 def ms_text(value: float | None) -> str:

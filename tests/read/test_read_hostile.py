@@ -17,6 +17,7 @@ import pytest
 from flowagg.batches.storage import make_batch_id
 from flowagg.core.compression import decompress
 from flowagg.journal.format import segment_name
+from flowagg.read.readout import iso
 from tests.harness import clean_env, cli, flowagg_cmd
 from tests.readfixture import Root, make_entry, standard_root
 
@@ -193,3 +194,10 @@ def test_a_closed_stdout_is_a_quiet_exit(tmp_path: Path) -> None:
     assert stderr == b"" and code == 1, (code, stderr)  # findings were reported before
     code, stderr = read_one_line_then_close(r.layout.root, "export")
     assert stderr == b"" and code == 0, (code, stderr)  # every file was read
+
+
+def test_a_damaged_snapshot_time_is_shown_as_unknown() -> None:
+    assert iso(1_704_067_200_000) == "2024-01-01T00:00:00+00:00"
+    # A health snapshot is read back from disk: any of these made `status` die.
+    for odd in (None, "2024", [], True, 10**20, -(10**20), float("nan"), float("inf")):
+        assert iso(odd) == "unknown"
