@@ -90,9 +90,11 @@ def test_outcomes_read_while_another_thread_records() -> None:
     assert outcomes.success_rate(time.monotonic() + 60) == 1.0  # nothing that recent
 
 
-def _batch(n: int = 2) -> Batch:
-    entries = [orjson.dumps(entry(i, entryId=f"e{i}")) for i in range(n)]
-    return Batch(BATCH_ID, "manual", entries, 1, n, [f"e{i}" for i in range(n)])
+def _batch(n: int = 2, first: int = 1) -> Batch:
+    seqs = range(first, first + n)
+    entries = [orjson.dumps(entry(i, entryId=f"e{i}")) for i in seqs]
+    batch_id = f"1704067200000_{first:012d}"
+    return Batch(batch_id, "manual", entries, first, first + n - 1, [f"e{i}" for i in seqs])
 
 
 def test_flusher_parks_a_batch_whose_store_raises_anything(
@@ -123,10 +125,12 @@ def test_flusher_parks_a_batch_whose_store_raises_anything(
     with caplog.at_level(logging.ERROR, logger="flowagg.flusher"):
         flusher.submit(_batch())
         assert done.acquire(timeout=10)
-        flusher.submit(_batch())
+        # Another batch: the same one again would be found parked already, and not stored.
+        flusher.submit(_batch(first=3))
         assert done.acquire(timeout=10)
     assert flusher.stop(give_up=True, timeout=10)
-    assert stored == [layout.recovery / f"{BATCH_ID}.failed.json"] * 2
+    second = "1704067200000_000000000003"
+    assert stored == [layout.recovery / f"{b}.failed.json" for b in (BATCH_ID, second)]
     parked = orjson.loads(stored[0].read_bytes())
     assert parked["lastError"] == "ValueError: Invalid IPv6 URL" and parked["entryCount"] == 2
     assert flusher.parking.unexpected_errors == 2
