@@ -199,10 +199,14 @@ class BatchNames:
     def of(cls, layout: Layout) -> BatchNames:
         return cls(str(layout.aggregated), str(layout.recovery), str(layout.abandoned))
 
+    def completed(self, batch_id: str) -> bool:
+        """Whether aggregated/ holds a name for this id (odd files too)."""
+        stem = f"{self.aggregated}/batch_{batch_id}"
+        return any(os.path.lexists(stem + suffix) for suffix in SUFFIXES.values())
+
     def taken(self, batch_id: str) -> bool:
         """Whether any place a batch with this id may lie holds a name (odd files too)."""
-        stem = f"{self.aggregated}/batch_{batch_id}"
-        return any(os.path.lexists(stem + suffix) for suffix in SUFFIXES.values()) or (
+        return self.completed(batch_id) or (
             os.path.lexists(f"{self.recovery}/{batch_id}.failed.json")
             or os.path.lexists(f"{self.abandoned}/{batch_id}.abandoned.json")
         )

@@ -43,6 +43,7 @@ from flowagg.delivery.recovery_format import ABANDONED_SUFFIX, FAILED_SUFFIX, co
 from flowagg.delivery.recovery_reconcile import Reconciler
 from flowagg.delivery.recovery_report import RecoveryReport
 from flowagg.delivery.recovery_requeue import requeue_abandoned
+from flowagg.delivery.recovery_taken import stored_apart
 from flowagg.delivery.retry_policy import RetryPolicy
 from flowagg.delivery.sink import as_completer
 
@@ -200,9 +201,14 @@ class Recovery:
             self.pause.clear()
         report.paused = self.pause.snapshot()
 
-    def _complete(self, batch_id: str, doc: dict[str, Any], now: int) -> None:
+    def _complete(self, path: Path, doc: dict[str, Any], now: int) -> None:
         """Deliver unless the sink already has the batch, then write it; `doc` keeps what the
         delivery learnt (accepted, or possibly delivered) for its failed file."""
+        batch_id = doc["batchId"]
+        # Neither sent nor written when its id names another copy: a batch file is never
+        # replaced, and a receiver dedupes by batch id.
+        if stored_apart(self.layout, self.clock, path, doc):
+            return
         data = completed_document(doc)
         accepted = doc.get("sinkAcceptedAt", self._accepted.get(batch_id))
         if accepted is None:
@@ -226,7 +232,7 @@ class Recovery:
         now = self.clock.now_ms()
         learnt = [doc.get(key) for key in DELIVERY_FIELDS]
         try:
-            self._complete(batch_id, doc, now)
+            self._complete(path, doc, now)
         except Exception as exc:
             cause = environment_cause(exc, self.layout.root, "aggregated/")
             if cause is not None:
