@@ -21,13 +21,10 @@ batches before the first one not accepted are then written as a run.
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import functools
 import itertools
 import logging
-import os
 import queue
 import threading
 from collections import deque
@@ -35,16 +32,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from flowagg.batches.batch_runs import MAX_RUN, STAGE_WORKERS, Staged, Stager, stage
+from flowagg.batches.batch_runs import MAX_RUN, STAGE_WORKERS, Staged, Stager
 from flowagg.batches.replayed import find_stored
-from flowagg.batches.storage import Batch, BatchNames, CompletedFiles
+from flowagg.batches.storage import Batch, BatchNames
 from flowagg.core.clock import Clock
 from flowagg.core.errors import AmbiguousDelivery, CircuitOpenError
-from flowagg.core.fsutil import fsync_dir
 from flowagg.core.layout import Layout
 from flowagg.core.supervise import Spawn, plain_thread
 from flowagg.delivery.failed_format import Delivery
 from flowagg.delivery.flush_parking import Parking
+from flowagg.delivery.flush_runs import RunWriter
 from flowagg.delivery.sink import as_completer
 from flowagg.delivery.sink_senders import Senders
 
@@ -113,6 +110,7 @@ class Flusher:
         self._sleep = sleep or self._stop.wait
         self._thread = spawn("flusher", self._run)
         self._stager = Stager(writers, spawn)
+        self._runs = RunWriter(self._stager, clock, self._report)
         self._senders = Senders(spawn)
         self.stalled_error: str | None = None
         self.failed_batches = 0
@@ -193,10 +191,11 @@ class Flusher:
         if files is None:
             return self._store_each([(batch, None) for batch in run], started)
         if not self.completer.has_sink():
-            stored = self._write_run(run, files, started)
+            stored = self._runs.write(run, files, started)
             return self._store_each([(batch, None) for batch in run[stored:]], started)
         accepted, rest = self._deliver_run(run)
-        stored = self._write_run([a.batch for a in accepted], files, started, accepted)
+        fixed = {a.batch.batch_id: a.data for a in accepted}
+        stored = self._runs.write([a.batch for a in accepted], files, started, fixed)
         return self._store_each([(p.batch, p) for p in accepted[stored:] + rest], started)
 
     def _store_looked(self, batch: Batch, started: float, *, part: bool = False) -> Path | None:
@@ -258,82 +257,6 @@ class Flusher:
             pending.error = error
         taken = next((n for n, p in enumerate(pendings) if p.error is not None), len(run))
         return pendings[:taken], pendings[taken:]
-
-    def _write_run(
-        self,
-        run: list[Batch],
-        files: CompletedFiles,
-        started: float,
-        accepted: list[Pending] | None = None,
-    ) -> int:
-        """Write the run's files side by side and publish them in order, one directory fsync
-        for the names renamed while the next file was still being written.
-
-        Returns how many batches were stored; the rest go one at a time.
-        """
-        if not run:
-            return 0
-        now_ms = self.clock.now_ms()
-
-        # What a sink accepted is what gets written: those bytes are fixed.
-        fixed = {a.batch.batch_id: a.data for a in accepted or []}
-
-        def job(batch: Batch) -> Callable[[], Staged]:
-            def make() -> Staged:
-                data = fixed.get(batch.batch_id) or batch.encode(now_ms)
-                return stage(batch, files.path(batch.batch_id), files.file_bytes(data))
-
-            return make
-
-        if len(run) == 1:
-            done: concurrent.futures.Future[Staged] = concurrent.futures.Future()
-            try:
-                done.set_result(job(run[0])())
-            except Exception as exc:
-                done.set_exception(exc)
-            futures = [done]
-        else:
-            self._stager.start()
-            futures = [self._stager.submit(job(batch)) for batch in run]
-        renamed: list[Staged] = []  # published, not yet durable: one directory fsync each group
-        stored, end = 0, len(run)
-        for n, future in enumerate(futures):
-            if renamed and not future.done():
-                if not self._publish(renamed, started):
-                    end, renamed = n, []
-                    break
-                stored, renamed = n, []
-            try:
-                staged = future.result()
-            except Exception as exc:
-                log.warning("batch %s: run write failed (%s); retried alone", run[n].batch_id, exc)
-                end = n
-                break
-            try:
-                os.rename(staged.tmp, staged.target)
-            except OSError as exc:
-                staged.discard()
-                log.warning("batch %s: rename failed (%s); retried alone", run[n].batch_id, exc)
-                end = n
-                break
-            renamed.append(staged)
-        if renamed and self._publish(renamed, started):
-            stored += len(renamed)
-        for future in futures[end:]:
-            with contextlib.suppress(Exception):
-                future.result().discard()
-        return stored
-
-    def _publish(self, renamed: list[Staged], started: float) -> bool:
-        """Make the renamed files' names durable, then report them stored, in order."""
-        try:
-            fsync_dir(renamed[0].target.parent)
-        except OSError as exc:
-            # Visible but perhaps not durable: the one-at-a-time path writes them again.
-            log.warning("run of %d batch files: directory fsync failed (%s)", len(renamed), exc)
-            return False
-        self._report(renamed, started)
-        return True
 
     def _report(self, published: list[Staged], started: float) -> None:
         now = self.clock.monotonic()

@@ -164,7 +164,7 @@ def test_every_report_comes_after_the_directory_fsync_of_its_renames(
             events.append(("fsync_dir", path.name))
 
     monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr("flowagg.delivery.flusher.fsync_dir", fsync_dir)
+    monkeypatch.setattr("flowagg.delivery.flush_runs.fsync_dir", fsync_dir)
     batches = make_batches(RUN)
     run = Run(layout)
     original = run._on_stored
@@ -247,7 +247,7 @@ def test_a_failed_directory_fsync_writes_the_run_again(
             raise OSError(errno.EIO, "Input/output error", str(path))
         real(path)
 
-    monkeypatch.setattr("flowagg.delivery.flusher.fsync_dir", fsync_dir)
+    monkeypatch.setattr("flowagg.delivery.flush_runs.fsync_dir", fsync_dir)
     batches = make_batches(RUN)
     run = Run(layout)
     run.store(batches)
