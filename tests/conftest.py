@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from flowagg.core.layout import Layout
 from tests import scheduling
 from tests.accounts import accounts, shared_root  # noqa: F401  (fixtures shared by modules)
 from tests.harness import DaemonProc
@@ -31,6 +32,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    """A prepared data root's layout, for tests that drive one stage without a daemon."""
+    layout = Layout(tmp_path / "data")
+    layout.prepare()
+    return layout
 
 
 @pytest.fixture

@@ -64,13 +64,6 @@ OPS = {
 }
 
 
-@pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    layout = Layout(tmp_path / "data")
-    layout.prepare()
-    return layout
-
-
 class StepFaults:
     """Breaks one step (op) of writing the files of one batch, `times` times (None: for good).
 

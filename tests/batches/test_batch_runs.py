@@ -43,13 +43,6 @@ RUN = 40
 
 
 @pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    layout = Layout(tmp_path / "data")
-    layout.prepare()
-    return layout
-
-
-@pytest.fixture
 def writers(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """The names of the threads that write batch files' temp copies."""
     names: set[str] = set()

@@ -10,10 +10,8 @@ entries it lacks, under an id of their own.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import orjson
-import pytest
 
 from flowagg.batches.storage import (
     Batch,
@@ -28,13 +26,6 @@ from flowagg.delivery.flusher import Flusher, Stored
 from flowagg.delivery.sink import Completer
 
 WAIT_S = 20.0
-
-
-@pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    layout = Layout(tmp_path / "data")
-    layout.prepare()
-    return layout
 
 
 def batch(first_seq: int, ids: list[str], *, ms: int = 1_000) -> Batch:

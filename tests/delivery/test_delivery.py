@@ -59,13 +59,6 @@ class FailingWrite:
 
 
 @pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    layout = Layout(tmp_path / "data")
-    layout.prepare()
-    return layout
-
-
-@pytest.fixture
 def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r

@@ -30,13 +30,6 @@ POLICY = RetryPolicy(base_ms=1000, max_delay_ms=300_000, limit=5)
 BATCH_ID = f"{1_000:013d}_{1:012d}"
 
 
-@pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    layout = Layout(tmp_path / "data")
-    layout.prepare()
-    return layout
-
-
 def batch(ids: list[str]) -> Batch:
     entries = [orjson.dumps({"userId": "u", "entryId": i}) for i in ids]
     return Batch(BATCH_ID, "size", entries, 1, len(ids), ids)

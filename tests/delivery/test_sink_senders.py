@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import orjson
 import pytest
@@ -98,13 +97,6 @@ class Run:
         with self._done:
             assert self._done.wait_for(lambda: len(self.reports) == len(batches), WAIT_S)
         assert self.flusher.stop(give_up=True, timeout=WAIT_S)
-
-
-@pytest.fixture
-def layout(tmp_path: Path) -> Layout:
-    layout = Layout(tmp_path / "data")
-    layout.prepare()
-    return layout
 
 
 def stored_entries(layout: Layout) -> list[str]:
