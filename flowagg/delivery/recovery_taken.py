@@ -21,7 +21,7 @@ import orjson
 from flowagg.batches.replayed import find_stored
 from flowagg.batches.storage import Batch, BatchNames, CorruptBatch
 from flowagg.core.clock import Clock
-from flowagg.core.fsutil import atomic_write
+from flowagg.core.fsutil import atomic_write, fsync_dir
 from flowagg.core.layout import Layout
 from flowagg.delivery.failed_format import Delivery, failed_document
 from flowagg.delivery.recovery_format import FAILED_SUFFIX
@@ -64,6 +64,10 @@ def stored_apart(layout: Layout, clock: Clock, path: Path, doc: dict[str, Any]) 
     # The failed file itself: every copy in aggregated/ was moved aside.
     if found is None or found[0] == path:
         return False
+    # The failed file goes once this returns: the copy kept instead must be durable first
+    # (its rename may not be: a failed directory fsync parked the batch). An OSError here
+    # counts as a failed retry, as a failed write would.
+    fsync_dir(found[0].parent)
     rest = found[1]
     while rest is not None:
         again = find_stored(layout, clock, rest)
