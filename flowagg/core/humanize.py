@@ -6,13 +6,21 @@ import datetime
 from typing import Any
 
 
+def utc_moment(seconds: float) -> datetime.datetime | None:
+    """Epoch seconds as a UTC datetime; None where no date can show it (before the year 1,
+    after 9999, not finite): times read back from files may be anything."""
+    try:
+        return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
 def iso_ms(ms: Any) -> str:
     """Epoch milliseconds as ISO 8601 UTC; what is not an integer is 'an unknown time'."""
     if not isinstance(ms, int) or isinstance(ms, bool):
         return "an unknown time"
-    try:
-        moment = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
-    except (OverflowError, OSError, ValueError):
+    moment = utc_moment(ms / 1000)
+    if moment is None:
         return f"{ms} ms since the epoch"
     return moment.isoformat(timespec="milliseconds")
 

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime
 import io
 from collections import Counter
 from typing import Any
 
 import orjson
+
+from flowagg.core.humanize import utc_moment
 
 KEY_BYTES = 36  # export's sort key before each line's JSON (export.KEY_BYTES)
 BASE_COLUMNS = ("entryId", "userId", "action", "timestamp", "time")
@@ -97,11 +98,8 @@ class MetadataColumns:
 def iso(ms: int) -> str:
     """The time cell; empty for a timestamp no date can show (before the year 1 or after
     9999, found in a damaged file): the timestamp cell beside it still holds the number."""
-    try:
-        moment = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
-    except (ValueError, OverflowError, OSError):
-        return ""
-    return moment.isoformat(timespec="milliseconds")
+    moment = utc_moment(ms / 1000)
+    return "" if moment is None else moment.isoformat(timespec="milliseconds")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,6 @@ piped. `rich` is imported only here, inside the functions that draw, so the daem
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -13,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
+
+from flowagg.core.humanize import utc_moment
 
 if TYPE_CHECKING:
     from flowagg.read.report import Totals
@@ -94,11 +95,8 @@ def iso(ms: object) -> str:
     is a number of milliseconds a date can show."""
     if not isinstance(ms, int | float) or isinstance(ms, bool):
         return "unknown"
-    try:
-        when = datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
-    except (ValueError, OverflowError, OSError):
-        return "unknown"
-    return when.isoformat(timespec="seconds")
+    when = utc_moment(ms / 1000)
+    return "unknown" if when is None else when.isoformat(timespec="seconds")
 
 
 def ms_text(value: float | None) -> str:

@@ -6,10 +6,10 @@ One pass over the stored entries; memory grows with the number of groups, not of
 from __future__ import annotations
 
 import dataclasses
-import datetime
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from flowagg.core.humanize import utc_moment
 from flowagg.read.selection import Batch, Selection, Skipped, read_batch
 
 DIMENSIONS = ("user", "action", "task", "day")
@@ -39,11 +39,9 @@ def _day_key() -> Callable[[dict[str, Any]], str]:
         index = ts // 86_400_000
         name = days.get(index)
         if name is None:
-            try:
-                moment = datetime.datetime.fromtimestamp(index * 86_400, datetime.UTC)
-                name = moment.date().isoformat()
-            except (ValueError, OverflowError, OSError):
-                name = NO_TIME  # before the year 1 or after 9999: no day can name it
+            moment = utc_moment(index * 86_400)
+            # Before the year 1 or after 9999: no day can name it.
+            name = NO_TIME if moment is None else moment.date().isoformat()
             days[index] = name
         return name
 
