@@ -72,14 +72,20 @@ COMMANDS = [
 ]
 
 
+def faulty_root_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> Path:
+    """A root with every fault kind, read in chunks of 2 files by `workers` workers."""
+    root = tmp_path / "root"
+    faulty_root(root)
+    monkeypatch.setattr(fanout, "CHUNK_FILES", 2)
+    monkeypatch.setattr(fanout, "worker_count", lambda: workers)
+    return root
+
+
 @pytest.mark.parametrize("args", COMMANDS, ids=" ".join)
 def test_workers_answer_as_one_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]
 ) -> None:
-    root = tmp_path / "root"
-    faulty_root(root)
-    monkeypatch.setattr(fanout, "CHUNK_FILES", 2)
-    monkeypatch.setattr(fanout, "worker_count", lambda: 1)
+    root = faulty_root_in_chunks(tmp_path, monkeypatch, workers=1)
     alone = run(root, *args)
     pools: list[int] = []
 
@@ -257,10 +263,7 @@ def _killed_in_a_worker(work: Any, part: Any) -> Any:
 def test_a_worker_killed_is_one_line_and_an_exit_code(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]
 ) -> None:
-    root = tmp_path / "root"
-    faulty_root(root)
-    monkeypatch.setattr(fanout, "CHUNK_FILES", 2)
-    monkeypatch.setattr(fanout, "worker_count", lambda: 2)
+    root = faulty_root_in_chunks(tmp_path, monkeypatch, workers=2)
     monkeypatch.setattr(fanout, "_run", _killed_in_a_worker)
     code, _, err = run(root, *args)
     lines = err.decode().splitlines()
