@@ -199,31 +199,27 @@ class BatchNames:
     def of(cls, layout: Layout) -> BatchNames:
         return cls(str(layout.aggregated), str(layout.recovery), str(layout.abandoned))
 
+    def names(self, batch_id: str) -> list[str]:
+        """Every place a batch with this id may lie once stored: aggregated/'s names first."""
+        stem = f"{self.aggregated}/batch_{batch_id}"
+        return [
+            *(stem + suffix for suffix in SUFFIXES.values()),
+            f"{self.recovery}/{batch_id}.failed.json",
+            f"{self.abandoned}/{batch_id}.abandoned.json",
+        ]
+
     def completed(self, batch_id: str) -> bool:
         """Whether aggregated/ holds a name for this id (odd files too)."""
-        stem = f"{self.aggregated}/batch_{batch_id}"
-        return any(os.path.lexists(stem + suffix) for suffix in SUFFIXES.values())
+        return any(map(os.path.lexists, self.names(batch_id)[: len(SUFFIXES)]))
 
     def taken(self, batch_id: str) -> bool:
         """Whether any place a batch with this id may lie holds a name (odd files too)."""
-        return self.completed(batch_id) or (
-            os.path.lexists(f"{self.recovery}/{batch_id}.failed.json")
-            or os.path.lexists(f"{self.abandoned}/{batch_id}.abandoned.json")
-        )
-
-
-def _location_names(layout: Layout, batch_id: str) -> list[str]:
-    stem = os.path.join(layout.aggregated, f"batch_{batch_id}")
-    return [
-        *(stem + suffix for suffix in SUFFIXES.values()),
-        os.path.join(layout.recovery, f"{batch_id}.failed.json"),
-        os.path.join(layout.abandoned, f"{batch_id}.abandoned.json"),
-    ]
+        return any(map(os.path.lexists, self.names(batch_id)))
 
 
 def batch_locations(layout: Layout, batch_id: str) -> list[Path]:
     """Every place a batch with this id may lie once stored."""
-    return [Path(name) for name in _location_names(layout, batch_id)]
+    return [Path(name) for name in BatchNames.of(layout).names(batch_id)]
 
 
 def find_batch(layout: Layout, batch_id: str) -> Path | None:
