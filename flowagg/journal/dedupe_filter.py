@@ -16,14 +16,13 @@ PROBES = 7
 CHUNK = 1 << 20
 
 
-_LOW64 = (1 << 64) - 1
 # Probe masks by table: two probes per 12 bits of h2, so a mask is four lookups, not seven
 # shifts (the filter ran on the loop thread for every client id, twice).
 _PAIRS = [(1 << (v & 63)) | (1 << (v >> 6)) for v in range(4096)]
 _SINGLES = [1 << v for v in range(64)]
 assert PROBES == 7  # the tables' layout: 2 + 2 + 2 + 1 probes of 6 bits
 
-# hash_id's two halves, little-endian, for many digests at once.
+# A digest's two 64-bit halves, little-endian, for many digests at once.
 _HALVES = struct.Struct("<QQ").iter_unpack
 _BLAKE2B_16 = functools.partial(blake2b, digest_size=16)
 _DIGEST = blake2b.digest
@@ -31,28 +30,13 @@ _DIGEST = blake2b.digest
 Key = tuple[int, int]  # (word index, probe mask): an id's place in every filter of one size
 
 
-def hash_id(entry_id: str) -> tuple[int, int]:
-    both = int.from_bytes(blake2b(entry_id.encode(), digest_size=16).digest(), "little")
-    return both & _LOW64, both >> 64
-
-
-def probe_mask(h2: int) -> int:
-    """PROBES bits of one 64-bit word, picked by consecutive 6-bit fields of h2."""
-    return (
-        _PAIRS[h2 & 4095]
-        | _PAIRS[(h2 >> 12) & 4095]
-        | _PAIRS[(h2 >> 24) & 4095]
-        | _SINGLES[(h2 >> 36) & 63]
-    )
-
-
 def key_of(entry_id: str, words: int) -> Key:
-    h1, h2 = hash_id(entry_id)
-    return h1 % words, probe_mask(h2)
+    return keys_of((entry_id,), words)[0]
 
 
 def keys_of(entry_ids: Iterable[str], words: int) -> list[Key]:
-    """`key_of` for many ids at once: on the loop thread for every client id.
+    """Each id's key: blake2b's 16-byte digest, little-endian, split into h1 (the word) and
+    h2 (the probes: consecutive 6-bit fields). On the loop thread for every client id.
 
     The hashing runs in C over the whole list (map, one join, one unpack): the two 64-bit
     halves come from `struct`, not from a 128-bit int cut apart in Python, which cost five
