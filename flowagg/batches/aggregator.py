@@ -89,8 +89,7 @@ class Aggregator:
         """Put a durable entry in the window; False if it was loaded before (a re-read)."""
         if item.seq <= self.last_seq_loaded:
             return False
-        self.last_seq_loaded = item.seq
-        self.window.append(Run(item.seq, item.t_ms, item.arrival, [item.data], [item.entry_id]))
+        self.load_run(item.seq, item.t_ms, item.arrival, [item.data], [item.entry_id])
         return True
 
     def load_run(
